@@ -1,0 +1,1 @@
+"""Conversion of dense MLA checkpoints into DSA checkpoints."""

@@ -1,0 +1,273 @@
+"""Multi-head Latent Attention with DeepSeek Sparse Attention: projections, the two attention modes, top-k.
+
+Shapes: B batch, S new tokens (queries), T cached + new tokens (keys), H heads, R `kv_lora_rank`,
+dn/dr/dv `qk_nope_head_dim`/`qk_rope_head_dim`/`v_head_dim`, k the number of selected keys per query.
+
+- MHA mode: `kv_b_proj` expands every latent row into per-head keys [nope ; rope] and values, then scaled dot-product
+  attention under a boolean mask (causal, padding and, with DSA, the top-k selection). Cheapest for short prefills
+  and for training.
+- Absorbed (MQA) mode: W_UK is folded into the query, `q_lat = q_nope W_UK` [B, S, H, R], so every head scores the
+  shared latent row `[c_KV ; k_R]` directly; values are the latent `c_KV`, and W_UV is applied after attention.
+  With DSA only the k selected latent rows per query are gathered: cost O(S * k), never an S x T score matrix for
+  the main heads. This is the decode path and the long-prefill path.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .indexer_mla_dsa import MlaDsaIndexer, index_scores, select_topk
+from .rope_mla_dsa import apply_rotary_half_split, apply_rotary_interleaved, yarn_softmax_scale
+
+# Largest block of gathered latent rows [B, queries, k, R + dr] the sparse path materialises at once (128 MiB fp32).
+_GATHER_BLOCK_ELEMENTS = 1 << 25
+
+
+class MlaDsaRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class MlaDsaAttention(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.scaling = yarn_softmax_scale(config)
+        bias = config.attention_bias
+
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = MlaDsaRMSNorm(self.q_lora_rank)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = MlaDsaRMSNorm(self.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=bias)
+        self.indexer = MlaDsaIndexer(config, layer_idx)
+        self._absorbed_cache: tuple | None = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        key_padding_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """hidden_states [B, S, hidden]; key_padding_mask [B, T] bool (True = real token) or None."""
+        batch_size, seq_len, _ = hidden_states.shape
+        cos, sin = position_embeddings
+
+        query_latent, q_nope, q_rope = self._project_queries(hidden_states)
+        kv = self.kv_a_proj_with_mqa(hidden_states)
+        c_kv, k_rope = torch.split(kv, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        q_rope, k_rope = self._rotate(q_rope, cos.unsqueeze(2), sin.unsqueeze(2)), self._rotate(k_rope, cos, sin)
+        latent = torch.cat([self.kv_a_layernorm(c_kv), k_rope], dim=-1)  # [B, S, R + dr]
+
+        index_queries, index_weights = self.indexer.project_queries(hidden_states, query_latent, cos, sin)
+        index_keys = self.indexer.project_keys(hidden_states, cos, sin)  # [B, S, Di]
+        if past_key_values is not None:
+            latent, index_keys = past_key_values.update(latent, index_keys, self.layer_idx)  # [B, T, ...]
+
+        num_keys = latent.shape[1]
+        keys = _KeyLayout(num_keys - seq_len, seq_len, num_keys, key_padding_mask, hidden_states.device)
+        sparse = self.config.use_sparse_attention and self.config.index_topk < num_keys
+        selector = None
+        if sparse:
+            selector = _TopkSelector(
+                self.indexer, index_queries, index_weights, index_keys, keys, self.config.index_topk
+            )
+        if self._use_absorbed_mode(seq_len, num_keys, sparse):
+            attn_output = self._absorbed_attention(q_nope, q_rope, latent, keys, selector)
+        else:
+            attn_output = self._mha_attention(q_nope, q_rope, latent, keys, selector)
+        return self.o_proj(attn_output.reshape(batch_size, seq_len, self.num_heads * self.v_head_dim))
+
+    def _project_queries(self, hidden_states: torch.Tensor):
+        batch_size, seq_len, _ = hidden_states.shape
+        if self.q_lora_rank is None:
+            query_latent = hidden_states
+            q = self.q_proj(hidden_states)
+        else:
+            query_latent = self.q_a_layernorm(self.q_a_proj(hidden_states))  # c_Q, also the indexer's input
+            q = self.q_b_proj(query_latent)
+        q = q.view(batch_size, seq_len, self.num_heads, self.qk_head_dim)
+        q_nope, q_rope = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return query_latent, q_nope, q_rope
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.config.rope_interleave:
+            return apply_rotary_interleaved(x, cos, sin)
+        return apply_rotary_half_split(x, cos, sin)
+
+    def _use_absorbed_mode(self, seq_len: int, num_keys: int, sparse: bool) -> bool:
+        mode = self.config.attention_mode
+        if mode != "auto":
+            return mode == "absorbed"
+        # Expanding T latents costs T*R*H*(dn+dv); absorbed scoring costs S*T*H*(2R+dr): absorbed wins for few queries.
+        few_queries = 2 * seq_len <= self.qk_nope_head_dim + self.v_head_dim
+        return few_queries or (sparse and num_keys > self.config.mha_max_length)
+
+    # ----------------------------------------------------------------------------------------------- MHA mode
+    def _mha_attention(self, q_nope, q_rope, latent, keys: "_KeyLayout", selector) -> torch.Tensor:
+        batch_size, seq_len, num_heads, _ = q_nope.shape
+        c_kv, k_rope = torch.split(latent, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(batch_size, -1, num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, value = torch.split(kv, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)  # [B, T, H, *]
+        key = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, num_heads, -1)], dim=-1)
+        query = torch.cat([q_nope, q_rope], dim=-1)
+
+        mask = keys.valid(0, seq_len)  # [B, S, T]
+        if selector is not None:
+            mask = mask & selector.selection_mask(0, seq_len)
+        has_key = mask.any(dim=-1, keepdim=True)  # padded queries have none: let them attend anywhere, zero them after
+        mask = mask | ~has_key
+        out = F.scaled_dot_product_attention(
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            attn_mask=mask.unsqueeze(1),
+            dropout_p=self.config.attention_dropout if self.training else 0.0,
+            scale=self.scaling,
+        )  # [B, H, S, dv]
+        return out.transpose(1, 2) * has_key.unsqueeze(-1)  # [B, S, H, dv]
+
+    # ------------------------------------------------------------------------------------------ absorbed mode
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, dn, R] and W_UV [H, dv, R] from `kv_b_proj`, viewed as [H, dn + dv, R].
+
+        A plain Linear gives views of its weight (free, and differentiable). A wrapped one (LoRA, quantized) is
+        evaluated on the identity, so its effective weight is used; outside autograd that result is kept until the
+        module's parameters change (their version counters), or the dtype/device does."""
+        module = self.kv_b_proj
+        if type(module) is nn.Linear:
+            weight = module.weight
+        elif torch.is_grad_enabled():
+            weight = _effective_weight(module, self.kv_lora_rank)
+        else:
+            key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in module.parameters())
+            if self._absorbed_cache is None or self._absorbed_cache[0] != key:
+                self._absorbed_cache = (key, _effective_weight(module, self.kv_lora_rank))
+            weight = self._absorbed_cache[1]
+        weight = weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return weight[:, : self.qk_nope_head_dim], weight[:, self.qk_nope_head_dim :]
+
+    def _absorbed_attention(self, q_nope, q_rope, latent, keys: "_KeyLayout", selector) -> torch.Tensor:
+        batch_size, seq_len, num_heads, _ = q_nope.shape
+        w_uk, w_uv = self.absorbed_weights()
+        q_latent = torch.einsum("bshn,hnr->bshr", q_nope, w_uk.to(q_nope.dtype))
+        query = torch.cat([q_latent, q_rope], dim=-1)  # [B, S, H, R + dr]: scores the latent row [c_KV ; k_R]
+        if selector is None:
+            out = self._absorbed_dense(query, latent, keys)
+        else:
+            out = self._absorbed_sparse(query, latent, selector)
+        return torch.einsum("bshr,hvr->bshv", out, w_uv.to(out.dtype))  # [B, S, H, dv]
+
+    def _absorbed_dense(self, query, latent, keys: "_KeyLayout") -> torch.Tensor:
+        batch_size, seq_len, num_heads, _ = query.shape
+        scores_per_query = batch_size * num_heads * latent.shape[1]
+        chunk = max(1, min(self.config.query_chunk_size, _GATHER_BLOCK_ELEMENTS // scores_per_query))
+        outputs = []
+        for start in range(0, seq_len, chunk):
+            end = min(seq_len, start + chunk)
+            scores = torch.einsum("bshc,btc->bsht", query[:, start:end], latent)  # [B, s, H, T]
+            valid = keys.valid(start, end).unsqueeze(2)  # [B, s, 1, T]
+            probs = _masked_softmax(scores * self.scaling, valid)
+            outputs.append(torch.einsum("bsht,btr->bshr", probs, latent[..., : self.kv_lora_rank]))
+        return torch.cat(outputs, dim=1)
+
+    def _absorbed_sparse(self, query, latent, selector: "_TopkSelector") -> torch.Tensor:
+        batch_size, seq_len = query.shape[:2]
+        row_size = latent.shape[-1]
+        k = min(self.config.index_topk, latent.shape[1])
+        chunk = max(1, min(self.config.query_chunk_size, _GATHER_BLOCK_ELEMENTS // (batch_size * k * row_size)))
+        outputs = []
+        for start in range(0, seq_len, chunk):
+            end = min(seq_len, start + chunk)
+            indices, selected_valid = selector.topk(start, end)  # [B, s, k]
+            rows = torch.gather(
+                latent.unsqueeze(1).expand(-1, end - start, -1, -1),
+                2,
+                indices.unsqueeze(-1).expand(-1, -1, -1, row_size),
+            )  # [B, s, k, R + dr]: only the selected latent rows
+            scores = torch.einsum("bshc,bskc->bshk", query[:, start:end], rows)
+            probs = _masked_softmax(scores * self.scaling, selected_valid.unsqueeze(2))
+            outputs.append(torch.einsum("bshk,bskr->bshr", probs, rows[..., : self.kv_lora_rank]))
+        return torch.cat(outputs, dim=1)
+
+
+class _KeyLayout:
+    """Which keys each query may see: causal by cache position, and not padding."""
+
+    def __init__(self, past_len: int, seq_len: int, num_keys: int, key_padding_mask, device):
+        self.past_len, self.num_keys = past_len, num_keys
+        self.key_padding_mask = key_padding_mask
+        self.device = device
+
+    def valid(self, start: int, end: int) -> torch.Tensor:
+        """[B or 1, end - start, T] bool for queries start..end-1 of this forward."""
+        query_pos = torch.arange(self.past_len + start, self.past_len + end, device=self.device)
+        causal = torch.arange(self.num_keys, device=self.device) <= query_pos[:, None]  # [s, T]
+        if self.key_padding_mask is None:
+            return causal.unsqueeze(0)
+        return causal.unsqueeze(0) & self.key_padding_mask[:, None, :]
+
+
+class _TopkSelector:
+    """The indexer's top-k keys for a range of queries, computed chunk by chunk."""
+
+    def __init__(self, indexer, queries, weights, keys, layout: _KeyLayout, k: int):
+        self.indexer, self.queries, self.weights, self.keys = indexer, queries, weights, keys
+        self.layout, self.k = layout, k
+
+    def topk(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = index_scores(
+            self.queries[:, start:end], self.weights[:, start:end], self.keys, self.indexer.softmax_scale
+        )  # [B, s, T]
+        valid = self.layout.valid(start, end).expand(scores.shape[0], -1, -1)
+        return select_topk(scores, valid, self.k)
+
+    def selection_mask(self, start: int, end: int) -> torch.Tensor:
+        """[B, s, T] bool: True at the selected keys."""
+        indices, _ = self.topk(start, end)
+        mask = torch.zeros(indices.shape[0], end - start, self.layout.num_keys, dtype=torch.bool, device=indices.device)
+        return mask.scatter_(-1, indices, True)
+
+
+def _masked_softmax(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Softmax in float32 over the last dim; a row with no valid entry gives zeros, not NaN."""
+    dtype = scores.dtype
+    probs = torch.softmax(scores.float().masked_fill(~valid, float("-inf")), dim=-1)
+    return probs.nan_to_num(0.0).to(dtype)
+
+
+def _effective_weight(module: nn.Module, in_features: int) -> torch.Tensor:
+    """The weight [out, in] a (possibly wrapped) linear module applies, bias excluded."""
+    param = next(module.parameters())
+    eye = torch.eye(in_features, dtype=param.dtype, device=param.device)
+    zero = torch.zeros(1, in_features, dtype=param.dtype, device=param.device)
+    return (module(eye) - module(zero)).T
+
+
+__all__ = ["MlaDsaAttention", "MlaDsaRMSNorm"]

@@ -1,0 +1,165 @@
+"""The MLA+DSA cache: per layer, only the compressed latent `[c_KV ; k_R]` and the indexer keys.
+
+Per token and layer it holds `kv_lora_rank + qk_rope_head_dim` latent numbers and `index_head_dim` indexer-key
+numbers, instead of the `2 * heads * head_dim` of a multi-head cache. Buffers grow by doubling, so appending a token
+is amortized O(1) and `update` returns views, never a concatenation of the whole history.
+"""
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+_MIN_CAPACITY = 64
+
+
+class MlaDsaCacheLayer(CacheLayerMixin):
+    """One layer's latent rows `[batch, capacity, kv_lora_rank + qk_rope_head_dim]` and indexer keys
+    `[batch, capacity, index_head_dim]`; the first `length` positions along dim 1 are filled."""
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.latent: torch.Tensor | None = None
+        self.index_keys: torch.Tensor | None = None
+        self.length = 0
+
+    def lazy_initialization(self, latent: torch.Tensor, index_keys: torch.Tensor) -> None:
+        batch_size = latent.shape[0]
+        capacity = max(_MIN_CAPACITY, latent.shape[1])
+        self.latent = latent.new_zeros(batch_size, capacity, latent.shape[-1])
+        self.index_keys = index_keys.new_zeros(batch_size, capacity, index_keys.shape[-1])
+        self.dtype, self.device = latent.dtype, latent.device
+        self.length = 0
+        self.is_initialized = True
+
+    def update(
+        self, latent: torch.Tensor, index_keys: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends `latent` [B, S, R + rope] and `index_keys` [B, S, Di]; returns views of everything cached."""
+        if not self.is_initialized:
+            self.lazy_initialization(latent, index_keys)
+        if latent.shape[0] != self.latent.shape[0]:
+            raise ValueError(
+                f"MlaDsaCache holds a batch of {self.latent.shape[0]} but got {latent.shape[0]} new rows; "
+                "use batch_select_indices / batch_repeat_interleave to change the batch"
+            )
+        new_length = self.length + latent.shape[1]
+        if new_length > self.latent.shape[1]:
+            self._grow(new_length)
+        self.latent[:, self.length : new_length] = latent
+        self.index_keys[:, self.length : new_length] = index_keys
+        self.length = new_length
+        return self.latent[:, :new_length], self.index_keys[:, :new_length]
+
+    def _grow(self, min_capacity: int) -> None:
+        capacity = max(min_capacity, 2 * self.latent.shape[1])
+        self.latent = _resized(self.latent, capacity, self.length)
+        self.index_keys = _resized(self.index_keys, capacity, self.length)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.latent = self.index_keys = None
+        self.length = 0
+        self.is_initialized = False
+
+    def crop(self, max_length: int) -> None:
+        """Keeps the first `max_length` tokens; a negative value removes that many from the end."""
+        if max_length < 0:
+            max_length = self.length + max_length
+        self.length = max(0, min(self.length, max_length))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            indices = indices.to(self.latent.device)
+            self.latent = self.latent.index_select(0, indices)
+            self.index_keys = self.index_keys.index_select(0, indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.latent = self.latent.repeat_interleave(repeats, dim=0)
+            self.index_keys = self.index_keys.repeat_interleave(repeats, dim=0)
+
+    def offload(self) -> None:
+        if self.is_initialized:
+            self.latent = self.latent.to("cpu", non_blocking=True)
+            self.index_keys = self.index_keys.to("cpu", non_blocking=True)
+
+    def prefetch(self) -> None:
+        if self.is_initialized and self.latent.device != self.device:
+            self.latent = self.latent.to(self.device, non_blocking=True)
+            self.index_keys = self.index_keys.to(self.device, non_blocking=True)
+
+    def bytes_per_token(self) -> int:
+        """Bytes one cached token costs in this layer (latent row plus indexer key)."""
+        if not self.is_initialized:
+            return 0
+        return _row_bytes(self.latent) + _row_bytes(self.index_keys)
+
+
+class MlaDsaCache(Cache):
+    """Latent KV + indexer-key cache for `MlaDsaForCausalLM`, one `MlaDsaCacheLayer` per decoder layer.
+
+    >>> cache = MlaDsaCache(model.config)
+    >>> out = model(input_ids, past_key_values=cache, use_cache=True)
+    """
+
+    def __init__(self, config=None, num_hidden_layers: int | None = None, **kwargs):
+        if num_hidden_layers is None:
+            if config is None:
+                raise ValueError("MlaDsaCache needs the model config (or num_hidden_layers)")
+            num_hidden_layers = config.num_hidden_layers
+        super().__init__(layers=[MlaDsaCacheLayer() for _ in range(num_hidden_layers)])
+        self.config = config
+
+    def update(self, latent: torch.Tensor, index_keys: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self.layers[layer_idx].update(latent, index_keys)
+
+    def bytes_per_token_per_layer(self) -> int:
+        """Exact bytes one token costs in one layer, read off the tensors held (0 before the first update).
+
+        Equals `(kv_lora_rank + qk_rope_head_dim + index_head_dim) * itemsize` for one dtype throughout."""
+        sizes = {layer.bytes_per_token() for layer in self.layers if layer.is_initialized}
+        if not sizes:
+            return 0
+        if len(sizes) > 1:
+            raise ValueError(f"cache layers differ in bytes per token: {sorted(sizes)}")
+        return sizes.pop()
+
+    def memory_bytes(self) -> int:
+        """Bytes of the cached tokens (not of the spare capacity) over all layers and the batch."""
+        return sum(
+            layer.bytes_per_token() * layer.length * layer.latent.shape[0]
+            for layer in self.layers
+            if layer.is_initialized
+        )
+
+    @property
+    def batch_size(self) -> int:
+        sizes = {layer.latent.shape[0] for layer in self.layers if layer.is_initialized}
+        return sizes.pop() if len(sizes) == 1 else -1
+
+
+def _resized(buffer: torch.Tensor, capacity: int, length: int) -> torch.Tensor:
+    grown = buffer.new_zeros(buffer.shape[0], capacity, buffer.shape[2])
+    grown[:, :length] = buffer[:, :length]
+    return grown
+
+
+def _row_bytes(buffer: torch.Tensor) -> int:
+    return buffer.shape[-1] * buffer.element_size()
+
+
+__all__ = ["MlaDsaCache", "MlaDsaCacheLayer"]

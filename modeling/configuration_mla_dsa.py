@@ -1,0 +1,263 @@
+"""Configuration of an MLA model with DeepSeek Sparse Attention (DSA).
+
+Field names and meanings follow transformers' DeepseekV2/V3/V32 configs, so a `config.json` written for any of them
+reads into `MlaDsaConfig` unchanged (see `MlaDsaConfig.from_dict`). This file is part of the trust_remote_code
+payload: it imports only torch, transformers and its siblings.
+"""
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+ATTENTION_MODES = ("auto", "mha", "absorbed")
+SCORING_FUNCS = ("softmax", "sigmoid")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+
+# Files of the payload, as `auto_map` names them; `save_pretrained` copies them beside the weights.
+AUTO_MAP = {
+    "AutoConfig": "configuration_mla_dsa.MlaDsaConfig",
+    "AutoModel": "modeling_mla_dsa.MlaDsaModel",
+    "AutoModelForCausalLM": "modeling_mla_dsa.MlaDsaForCausalLM",
+}
+
+
+class MlaDsaConfig(PreTrainedConfig):
+    r"""
+    Multi-head Latent Attention (DeepSeek-V2/V3) with a lightning indexer and top-k token selection (DeepSeek-V3.2).
+
+    Every DeepSeek field keeps its transformers name. The defaults are DeepSeek-V3.2's. Fields of our own:
+
+    use_sparse_attention (`bool`, defaults to `True`):
+        Attend only to the `index_topk` keys the indexer selects. `False`, or `index_topk` >= the context, is
+        exactly dense MLA.
+    scoring_func (`str`, defaults to `"sigmoid"`):
+        MoE router scores: `"softmax"` (DeepSeek-V2) or `"sigmoid"` (DeepSeek-V3).
+    topk_method (`str`, defaults to `"noaux_tc"`):
+        `"greedy"` or `"group_limited_greedy"` (V2, softmax scores) or `"noaux_tc"` (V3, sigmoid scores plus
+        `e_score_correction_bias`).
+    attention_mode (`str`, defaults to `"auto"`):
+        `"mha"`: per-head keys and values expanded from the latent (top-k applied as a mask);
+        `"absorbed"`: MQA over the latent with W_UK folded into the query and W_UV applied after attention
+        (top-k applied by gathering the selected latent rows); `"auto"`: absorbed for decoding and for sparse
+        prefill longer than `mha_max_length`, MHA otherwise.
+    mha_max_length (`int`, defaults to 2048):
+        In `"auto"` mode, the context length up to which a sparse multi-token forward uses masked MHA.
+    query_chunk_size (`int`, defaults to 256):
+        Queries processed together by the indexer and the sparse attention; bounds their memory to
+        O(chunk * context) and O(chunk * index_topk).
+    """
+
+    model_type = "mla_dsa"
+    _auto_class = "AutoConfig"  # save_pretrained copies this file beside config.json
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
+
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    num_key_value_heads: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 163840
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    tie_word_embeddings: bool = False
+    rope_parameters: dict | None = None
+    rope_interleave: bool = True
+    attention_bias: bool = False
+    attention_dropout: float | int = 0.0
+    mlp_bias: bool = False
+    # Multi-head latent attention
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = 1536
+    qk_rope_head_dim: int = 64
+    qk_nope_head_dim: int = 128
+    v_head_dim: int = 128
+    # Mixture of experts
+    n_routed_experts: int | None = 256
+    n_shared_experts: int | None = 1
+    num_experts_per_tok: int | None = 8
+    routed_scaling_factor: float = 2.5
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    n_group: int | None = 8
+    topk_group: int | None = 4
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 3
+    moe_layer_freq: int = 1
+    num_nextn_predict_layers: int = 0
+    # DeepSeek Sparse Attention
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 2048
+    use_sparse_attention: bool = True
+    # Execution
+    attention_mode: str = "auto"
+    mha_max_length: int = 2048
+    query_chunk_size: int = 256
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        # The rotary embedding reads `head_dim`: RoPE covers only the decoupled rope slice.
+        self.head_dim = self.qk_rope_head_dim
+        kwargs.pop("head_dim", None)
+        kwargs.pop("qk_head_dim", None)
+        if "auto_map" not in kwargs:
+            kwargs["auto_map"] = dict(AUTO_MAP)
+        if self.rope_parameters is None and "rope_scaling" not in kwargs and "rope_theta" not in kwargs:
+            self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        super().__post_init__(**kwargs)
+        self._check_fields()
+
+    def _check_fields(self) -> None:
+        """Fail at construction, naming the field, instead of deep inside a forward."""
+        positive = [
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+            "qk_rope_head_dim", "v_head_dim", "index_n_heads", "index_head_dim", "index_topk",
+            "max_position_embeddings", "mha_max_length", "query_chunk_size",
+        ]  # fmt: skip
+        for name in positive:
+            _require(name, getattr(self, name), isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                     "a positive integer")  # fmt: skip
+        _require(
+            "qk_nope_head_dim",
+            self.qk_nope_head_dim,
+            isinstance(self.qk_nope_head_dim, int) and self.qk_nope_head_dim >= 0,
+            "a non-negative integer",
+        )
+        _require(
+            "q_lora_rank",
+            self.q_lora_rank,
+            self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+            "a positive integer or None (no query compression, as DeepSeek-V2-Lite)",
+        )
+        _require("qk_rope_head_dim", self.qk_rope_head_dim, self.qk_rope_head_dim % 2 == 0, "even (RoPE rotates pairs)")
+        _require(
+            "index_head_dim",
+            self.index_head_dim,
+            self.index_head_dim >= self.qk_rope_head_dim,
+            f"at least qk_rope_head_dim={self.qk_rope_head_dim} (the indexer rotates its first rope dims)",
+        )
+        _require(
+            "attention_mode", self.attention_mode, self.attention_mode in ATTENTION_MODES, f"one of {ATTENTION_MODES}"
+        )
+        _require(
+            "first_k_dense_replace",
+            self.first_k_dense_replace,
+            isinstance(self.first_k_dense_replace, int) and self.first_k_dense_replace >= 0,
+            "a non-negative integer",
+        )
+        if self.n_routed_experts:
+            self._check_moe_fields()
+        if not isinstance(self.rope_parameters, dict) or "rope_type" not in self.rope_parameters:
+            raise ValueError(
+                f"MlaDsaConfig: rope_parameters must be a dict with a rope_type, got {self.rope_parameters!r}"
+            )
+
+    def _check_moe_fields(self) -> None:
+        _require("scoring_func", self.scoring_func, self.scoring_func in SCORING_FUNCS, f"one of {SCORING_FUNCS}")
+        _require("topk_method", self.topk_method, self.topk_method in TOPK_METHODS, f"one of {TOPK_METHODS}")
+        experts = self.n_routed_experts
+        _require(
+            "num_experts_per_tok",
+            self.num_experts_per_tok,
+            isinstance(self.num_experts_per_tok, int) and 0 < self.num_experts_per_tok <= experts,
+            f"between 1 and n_routed_experts={experts}",
+        )
+        _require(
+            "moe_intermediate_size",
+            self.moe_intermediate_size,
+            isinstance(self.moe_intermediate_size, int) and self.moe_intermediate_size > 0,
+            "a positive integer",
+        )
+        _require(
+            "moe_layer_freq",
+            self.moe_layer_freq,
+            isinstance(self.moe_layer_freq, int) and self.moe_layer_freq > 0,
+            "a positive integer",
+        )
+        if self.topk_method == "noaux_tc" and self.scoring_func != "sigmoid":
+            raise ValueError("MlaDsaConfig: topk_method='noaux_tc' needs scoring_func='sigmoid' (DeepSeek-V3 routing)")
+        if self.topk_method in ("group_limited_greedy", "noaux_tc"):
+            groups = self.n_group
+            _require(
+                "n_group",
+                groups,
+                isinstance(groups, int) and groups > 0 and experts % groups == 0,
+                f"a positive divisor of n_routed_experts={experts} for topk_method={self.topk_method!r}",
+            )
+            _require(
+                "topk_group",
+                self.topk_group,
+                isinstance(self.topk_group, int) and 0 < self.topk_group <= groups,
+                f"between 1 and n_group={groups}",
+            )
+            if self.topk_method == "noaux_tc":
+                _require(
+                    "n_group",
+                    groups,
+                    experts // groups >= 2,
+                    "at most n_routed_experts / 2 (noaux_tc scores a group by its two best experts)",
+                )
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """DeepSeek's rule: MoE from `first_k_dense_replace` on, every `moe_layer_freq`-th layer."""
+        return (
+            bool(self.n_routed_experts)
+            and layer_idx >= self.first_k_dense_replace
+            and (layer_idx % self.moe_layer_freq == 0)
+        )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> "MlaDsaConfig":
+        """Reads our own config.json and those written for deepseek_v2 / deepseek_v3 / deepseek_v32."""
+        return super().from_dict(config_from_deepseek(config_dict), **kwargs)
+
+
+def config_from_deepseek(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """Maps a DeepSeek config dict onto MlaDsaConfig's fields (a copy; our own configs pass through)."""
+    config = dict(config_dict)
+    source_type = config.pop("model_type", MlaDsaConfig.model_type)
+    if source_type == MlaDsaConfig.model_type:
+        return config
+    if source_type not in DEEPSEEK_MODEL_TYPES:
+        raise ValueError(
+            f"MlaDsaConfig reads model_type 'mla_dsa' or one of {DEEPSEEK_MODEL_TYPES}, got {source_type!r}: "
+            "this is not a Multi-head Latent Attention model"
+        )
+    for name in ("architectures", "auto_map", "quantization_config", "head_dim", "qk_head_dim"):
+        config.pop(name, None)
+    if source_type == "deepseek_v2":
+        # V2 rotates rope pairs as complex numbers: the same math as V3's interleaved layout.
+        config.setdefault("rope_interleave", True)
+        config.setdefault("scoring_func", "softmax")
+        config.setdefault("topk_method", "greedy")
+        config.setdefault("norm_topk_prob", False)
+        config.setdefault("first_k_dense_replace", 0)
+        config.setdefault("routed_scaling_factor", 1.0)
+    else:
+        config.setdefault("scoring_func", "sigmoid")
+        config.setdefault("topk_method", "noaux_tc")
+    for name in ("n_group", "topk_group"):
+        if config.get(name) is None:
+            config[name] = 1
+    # V3 configs count MTP layers; the model never builds them, conversion drops their tensors.
+    config.setdefault("num_nextn_predict_layers", 0)
+    return config
+
+
+def _require(name: str, value: Any, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"MlaDsaConfig: {name} must be {expected}, got {value!r}")
+
+
+__all__ = ["MlaDsaConfig", "config_from_deepseek"]

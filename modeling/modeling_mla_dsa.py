@@ -1,0 +1,384 @@
+"""MLA + DeepSeek Sparse Attention causal language model, loadable with `trust_remote_code=True`.
+
+Decoder layer = MLA attention with a lightning indexer (`attention_mla_dsa.py`), then a dense MLP (layers below
+`first_k_dense_replace`) or DeepSeek MoE. Parameter names are those of the HF DeepSeek checkpoints (per-expert
+`mlp.experts.E.{gate,up,down}_proj`), so deepseek_v2 / v3 / v32 checkpoints load without renaming.
+"""
+
+import logging as logging_std
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
+
+from .attention_mla_dsa import MlaDsaAttention, MlaDsaRMSNorm
+from .cache_mla_dsa import MlaDsaCache
+from .configuration_mla_dsa import MlaDsaConfig
+from .rope_mla_dsa import MlaDsaRotaryEmbedding
+
+logger = logging.get_logger(__name__)
+
+
+class MlaDsaMLP(nn.Module):
+    def __init__(self, config: MlaDsaConfig, intermediate_size: int | None = None):
+        super().__init__()
+        intermediate_size = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MlaDsaRouter(nn.Module):
+    """DeepSeek expert routing: V2 softmax (greedy / group-limited greedy) or V3 sigmoid with bias (noaux_tc)."""
+
+    def __init__(self, config: MlaDsaConfig):
+        super().__init__()
+        self.config = config
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.n_routed_experts
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size))
+        if config.topk_method == "noaux_tc":
+            self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden_states [N, hidden] -> expert indices [N, top_k] and float32 weights [N, top_k]."""
+        logits = F.linear(hidden_states.float(), self.weight.float())  # [N, E]
+        if self.config.scoring_func == "sigmoid":
+            return self._route_sigmoid(logits.sigmoid())
+        return self._route_softmax(logits.softmax(dim=-1))
+
+    def _route_sigmoid(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        choice = scores + self.e_score_correction_bias
+        groups = choice.view(-1, self.config.n_group, self.num_experts // self.config.n_group)
+        group_scores = groups.topk(2, dim=-1).values.sum(dim=-1)  # [N, G]: a group's two best experts
+        choice = choice.masked_fill(~self._group_mask(group_scores), float("-inf"))
+        indices = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, indices)
+        if self.config.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return indices, weights * self.config.routed_scaling_factor
+
+    def _route_softmax(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config.topk_method == "group_limited_greedy":
+            groups = scores.view(-1, self.config.n_group, self.num_experts // self.config.n_group)
+            scores = scores.masked_fill(~self._group_mask(groups.max(dim=-1).values), 0.0)
+        weights, indices = scores.topk(self.top_k, dim=-1, sorted=False)
+        if self.top_k > 1 and self.config.norm_topk_prob:
+            return indices, weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return indices, weights * self.config.routed_scaling_factor
+
+    def _group_mask(self, group_scores: torch.Tensor) -> torch.Tensor:
+        """[N, E] bool: experts of the `topk_group` best groups."""
+        best = group_scores.topk(self.config.topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        return group_mask.repeat_interleave(self.num_experts // self.config.n_group, dim=1)
+
+
+class MlaDsaMoE(nn.Module):
+    """Routed experts (one MLP each, DeepSeek checkpoint names) plus always-on shared experts."""
+
+    def __init__(self, config: MlaDsaConfig):
+        super().__init__()
+        self.experts = nn.ModuleList(
+            [MlaDsaMLP(config, config.moe_intermediate_size) for _ in range(config.n_routed_experts)]
+        )
+        self.gate = MlaDsaRouter(config)
+        if config.n_shared_experts:
+            self.shared_experts = MlaDsaMLP(config, config.moe_intermediate_size * config.n_shared_experts)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        flat = hidden_states.reshape(-1, shape[-1])
+        indices, weights = self.gate(flat)
+        routed = torch.zeros_like(flat)
+        for expert_idx in indices.unique().tolist():
+            token_idx, slot = torch.where(indices == expert_idx)
+            expert_out = self.experts[expert_idx](flat[token_idx]) * weights[token_idx, slot, None]
+            routed.index_add_(0, token_idx, expert_out.to(routed.dtype))
+        routed = routed.view(shape)
+        if hasattr(self, "shared_experts"):
+            routed = routed + self.shared_experts(hidden_states)
+        return routed
+
+
+class MlaDsaDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: MlaDsaConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MlaDsaAttention(config, layer_idx)
+        self.mlp = MlaDsaMoE(config) if config.is_moe_layer(layer_idx) else MlaDsaMLP(config)
+        self.input_layernorm = MlaDsaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = MlaDsaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        key_padding_mask: torch.Tensor | None = None,
+        past_key_values: MlaDsaCache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, key_padding_mask, past_key_values, **kwargs
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class MlaDsaPreTrainedModel(PreTrainedModel):
+    config_class = MlaDsaConfig
+    config: MlaDsaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MlaDsaDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _keep_in_fp32_modules = ["indexer.weights_proj"]
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, MlaDsaRouter):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if hasattr(module, "e_score_correction_bias"):
+                init.zeros_(module.e_score_correction_bias)
+
+
+class MlaDsaModel(MlaDsaPreTrainedModel):
+    _auto_class = "AutoModel"  # save_pretrained copies the payload files beside the weights
+
+    def __init__(self, config: MlaDsaConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([MlaDsaDecoderLayer(config, idx) for idx in range(config.num_hidden_layers)])
+        self.norm = MlaDsaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = MlaDsaRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: MlaDsaCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("MlaDsaModel: pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            _check_input_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        if seq_len == 0:
+            raise ValueError("MlaDsaModel: got an empty sequence (0 new tokens)")
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if past_key_values is not None and not isinstance(past_key_values, MlaDsaCache):
+            raise ValueError(
+                f"MlaDsaModel: past_key_values must be an MlaDsaCache (latent + indexer keys), got "
+                f"{type(past_key_values).__name__}; pass MlaDsaCache(model.config) or None"
+            )
+        if use_cache and past_key_values is None:
+            past_key_values = MlaDsaCache(self.config)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        key_padding_mask = _key_padding_mask(attention_mask, batch_size, past_len + seq_len)
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device).unsqueeze(0)
+        _check_positions(position_ids, self.config.max_position_embeddings)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden_states = () if output_hidden_states else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = layer(
+                hidden_states, position_embeddings, key_padding_mask, past_key_values if use_cache else None, **kwargs
+            )
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+        )
+
+
+class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
+    _auto_class = "AutoModelForCausalLM"  # save_pretrained copies the payload files beside the weights
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MlaDsaConfig):
+        super().__init__(config)
+        # DeepSeek-V3 checkpoints carry multi-token-prediction layers after the last decoder layer: not ours.
+        first_mtp = config.num_hidden_layers
+        self._keys_to_ignore_on_load_unexpected = [
+            rf"model\.layers\.{idx}\." for idx in range(first_mtp, first_mtp + 4)
+        ]
+        self.model = MlaDsaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: MlaDsaCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        for unused in ("return_dict", "output_attentions", "cache_position"):
+            kwargs.pop(unused, None)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
+            )
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        """`generate()` decodes on an MlaDsaCache: latent + indexer keys, nothing expanded per head."""
+        cache = model_kwargs.get("past_key_values")
+        if cache is not None:
+            if not isinstance(cache, MlaDsaCache):
+                raise ValueError(
+                    f"MlaDsaForCausalLM.generate: past_key_values must be an MlaDsaCache, got {type(cache).__name__}"
+                )
+            cache._is_user_defined = True
+            return
+        if generation_config.use_cache is False:
+            return
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"MlaDsaForCausalLM.generate: cache_implementation={generation_config.cache_implementation!r} is not "
+                "supported; the model uses its own MlaDsaCache (leave cache_implementation unset)"
+            )
+        model_kwargs["past_key_values"] = MlaDsaCache(self.config)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Loads our checkpoints and those written for deepseek_v2 / deepseek_v3 / deepseek_v32.
+
+        Indexer weights a dense checkpoint lacks are initialized and reported in one warning (transformers' own
+        load report is kept for any other missing, unexpected or mismatched tensor)."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        with _LoadReportCapture() as capture:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        missing = set(info.get("missing_keys", ()))
+        indexer_missing = {key for key in missing if ".self_attn.indexer." in key}
+        other_problems = (missing - indexer_missing) or info.get("unexpected_keys") or info.get("mismatched_keys")
+        if other_problems:
+            capture.replay()
+        if indexer_missing:
+            layers = {int(m.group(1)) for key in indexer_missing if (m := re.search(r"layers\.(\d+)\.", key))}
+            logger.warning(
+                f"{pretrained_model_name_or_path} has no DSA indexer weights for {len(layers)} layer(s) "
+                f"({len(indexer_missing)} tensors): they were initialized randomly. Train the indexer "
+                "(mla-dsa train-indexer) before relying on sparse attention, or set use_sparse_attention=False."
+            )
+        return (model, info) if wants_info else model
+
+
+class _LoadReportCapture(logging_std.Filter):
+    """Holds back transformers' load report (replayed on request) and its model-type notice for DeepSeek configs."""
+
+    _LOGGERS = ("transformers.modeling_utils", "transformers.configuration_utils")
+
+    def __init__(self):
+        super().__init__()
+        self.reports: list[logging_std.LogRecord] = []
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" in message:
+            self.reports.append(record)
+            return False
+        return "to instantiate a model of type `mla_dsa`" not in message
+
+    def __enter__(self) -> "_LoadReportCapture":
+        for name in self._LOGGERS:
+            logging_std.getLogger(name).addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name in self._LOGGERS:
+            logging_std.getLogger(name).removeFilter(self)
+
+    def replay(self) -> None:
+        for record in self.reports:
+            logging_std.getLogger(record.name).handle(record)
+
+
+def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    if input_ids.dim() != 2:
+        raise ValueError(f"MlaDsaModel: input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"MlaDsaModel: input_ids must be an integer tensor, got {input_ids.dtype}")
+
+
+def _key_padding_mask(attention_mask: torch.Tensor | None, batch_size: int, num_keys: int) -> torch.Tensor | None:
+    """[B, T] bool, True at real tokens; None when nothing is padded."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.shape != (batch_size, num_keys):
+        raise ValueError(
+            f"MlaDsaModel: attention_mask must be 2D [batch, past + new tokens] = ({batch_size}, {num_keys}), "
+            f"got shape {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask.bool()
+    return None if bool(mask.all()) else mask
+
+
+def _check_positions(position_ids: torch.Tensor, max_positions: int) -> None:
+    if position_ids.numel() and int(position_ids.max()) >= max_positions:
+        raise ValueError(
+            f"MlaDsaModel: position {int(position_ids.max())} is beyond max_position_embeddings={max_positions}"
+        )
+
+
+__all__ = ["MlaDsaPreTrainedModel", "MlaDsaModel", "MlaDsaForCausalLM", "MlaDsaConfig", "MlaDsaCache"]
