@@ -144,8 +144,8 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MlaDsaDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
-    _keep_in_fp32_modules = ["indexer.weights_proj"]
-    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+    # The indexer's head weights stay float32 in bf16/fp16 models, as in DeepSeek's inference code.
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "indexer.weights_proj"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

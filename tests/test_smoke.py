@@ -3,6 +3,7 @@
 import torch
 
 import mla_dsa
+
 from peers import left_padded_batch, save_peer
 
 
