@@ -4,6 +4,8 @@
 >>> model = mla_dsa.MlaDsaForCausalLM.from_pretrained("path/to/checkpoint")
 """
 
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
 from .conversion.convert import convert_checkpoint
 from .conversion.source import ConversionError
 from .modeling.cache_mla_dsa import MlaDsaCache, MlaDsaCacheLayer
@@ -11,6 +13,12 @@ from .modeling.configuration_mla_dsa import MlaDsaConfig
 from .modeling.modeling_mla_dsa import MlaDsaForCausalLM, MlaDsaModel, MlaDsaPreTrainedModel
 
 __version__ = "0.1.0"
+
+# With the package imported, the Auto classes know our model type without trust_remote_code (checkpoints still carry
+# the payload and auto_map for machines where mla-dsa is not installed).
+AutoConfig.register(MlaDsaConfig.model_type, MlaDsaConfig, exist_ok=True)
+AutoModel.register(MlaDsaConfig, MlaDsaModel, exist_ok=True)
+AutoModelForCausalLM.register(MlaDsaConfig, MlaDsaForCausalLM, exist_ok=True)
 
 __all__ = [
     "ConversionError",

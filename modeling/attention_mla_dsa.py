@@ -16,7 +16,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .indexer_mla_dsa import MlaDsaIndexer, index_scores, select_topk
+from .indexer_mla_dsa import (
+    IndexerStats,
+    KeyLayout,
+    MlaDsaIndexer,
+    TopkSelector,
+    indexer_kl_loss,
+    masked_softmax,
+)
 from .rope_mla_dsa import apply_rotary_half_split, apply_rotary_interleaved, yarn_softmax_scale
 
 # Largest block of gathered latent rows [B, queries, k, R + dr] the sparse path materialises at once (128 MiB fp32).
@@ -73,9 +80,13 @@ class MlaDsaAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         key_padding_mask: torch.Tensor | None = None,
         past_key_values=None,
+        indexer_loss: str | None = None,
         **kwargs,
-    ) -> torch.Tensor:
-        """hidden_states [B, S, hidden]; key_padding_mask [B, T] bool (True = real token) or None."""
+    ) -> tuple[torch.Tensor, IndexerStats | None]:
+        """hidden_states [B, S, hidden]; key_padding_mask [B, T] bool (True = real token) or None.
+
+        Returns the attention output [B, S, hidden] and, when `indexer_loss` is "dense" or "sparse", the indexer's
+        KL loss and recall for this layer."""
         batch_size, seq_len, _ = hidden_states.shape
         cos, sin = position_embeddings
 
@@ -85,24 +96,35 @@ class MlaDsaAttention(nn.Module):
         q_rope, k_rope = self._rotate(q_rope, cos.unsqueeze(2), sin.unsqueeze(2)), self._rotate(k_rope, cos, sin)
         latent = torch.cat([self.kv_a_layernorm(c_kv), k_rope], dim=-1)  # [B, S, R + dr]
 
-        index_queries, index_weights = self.indexer.project_queries(hidden_states, query_latent, cos, sin)
-        index_keys = self.indexer.project_keys(hidden_states, cos, sin)  # [B, S, Di]
+        # The indexer reads detached inputs: it learns only from its own loss, the main model only from the LM loss.
+        index_queries, index_weights = self.indexer.project_queries(
+            hidden_states.detach(), query_latent.detach(), cos, sin
+        )
+        index_keys = self.indexer.project_keys(hidden_states.detach(), cos, sin)  # [B, S, Di]
         if past_key_values is not None:
             latent, index_keys = past_key_values.update(latent, index_keys, self.layer_idx)  # [B, T, ...]
 
         num_keys = latent.shape[1]
-        keys = _KeyLayout(num_keys - seq_len, seq_len, num_keys, key_padding_mask, hidden_states.device)
+        keys = KeyLayout(num_keys - seq_len, num_keys, key_padding_mask, hidden_states.device)
         sparse = self.config.use_sparse_attention and self.config.index_topk < num_keys
-        selector = None
-        if sparse:
-            selector = _TopkSelector(
-                self.indexer, index_queries, index_weights, index_keys, keys, self.config.index_topk
-            )
+        selector = TopkSelector(index_queries, index_weights, index_keys, keys, self.config.index_topk,
+                                self.indexer.softmax_scale)  # fmt: skip
+        active_selector = selector if sparse else None
         if self._use_absorbed_mode(seq_len, num_keys, sparse):
-            attn_output = self._absorbed_attention(q_nope, q_rope, latent, keys, selector)
+            attn_output = self._absorbed_attention(q_nope, q_rope, latent, keys, active_selector)
         else:
-            attn_output = self._mha_attention(q_nope, q_rope, latent, keys, selector)
-        return self.o_proj(attn_output.reshape(batch_size, seq_len, self.num_heads * self.v_head_dim))
+            attn_output = self._mha_attention(q_nope, q_rope, latent, keys, active_selector)
+        attn_output = self.o_proj(attn_output.reshape(batch_size, seq_len, self.num_heads * self.v_head_dim))
+
+        stats = None
+        if indexer_loss is not None:
+            with torch.no_grad():
+                main_query = self._absorbed_query(q_nope.detach(), q_rope.detach())
+            stats = indexer_kl_loss(
+                selector, main_query, latent.detach(), self.scaling, sparse=indexer_loss == "sparse",
+                chunk_size=self.config.query_chunk_size,
+            )  # fmt: skip
+        return attn_output, stats
 
     def _project_queries(self, hidden_states: torch.Tensor):
         batch_size, seq_len, _ = hidden_states.shape
@@ -130,7 +152,7 @@ class MlaDsaAttention(nn.Module):
         return few_queries or (sparse and num_keys > self.config.mha_max_length)
 
     # ----------------------------------------------------------------------------------------------- MHA mode
-    def _mha_attention(self, q_nope, q_rope, latent, keys: "_KeyLayout", selector) -> torch.Tensor:
+    def _mha_attention(self, q_nope, q_rope, latent, keys: "KeyLayout", selector) -> torch.Tensor:
         batch_size, seq_len, num_heads, _ = q_nope.shape
         c_kv, k_rope = torch.split(latent, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv = self.kv_b_proj(c_kv).view(batch_size, -1, num_heads, self.qk_nope_head_dim + self.v_head_dim)
@@ -138,7 +160,7 @@ class MlaDsaAttention(nn.Module):
         key = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, num_heads, -1)], dim=-1)
         query = torch.cat([q_nope, q_rope], dim=-1)
 
-        mask = keys.valid(0, seq_len)  # [B, S, T]
+        mask = keys.valid(0, seq_len)  # [B or 1, S, T]
         if selector is not None:
             mask = mask & selector.selection_mask(0, seq_len)
         has_key = mask.any(dim=-1, keepdim=True)  # padded queries have none: let them attend anywhere, zero them after
@@ -173,18 +195,21 @@ class MlaDsaAttention(nn.Module):
         weight = weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return weight[:, : self.qk_nope_head_dim], weight[:, self.qk_nope_head_dim :]
 
-    def _absorbed_attention(self, q_nope, q_rope, latent, keys: "_KeyLayout", selector) -> torch.Tensor:
-        batch_size, seq_len, num_heads, _ = q_nope.shape
-        w_uk, w_uv = self.absorbed_weights()
-        q_latent = torch.einsum("bshn,hnr->bshr", q_nope, w_uk.to(q_nope.dtype))
-        query = torch.cat([q_latent, q_rope], dim=-1)  # [B, S, H, R + dr]: scores the latent row [c_KV ; k_R]
+    def _absorbed_query(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
+        """[B, S, H, R + dr]: W_UK folded into the query, so it scores the latent row [c_KV ; k_R] directly."""
+        w_uk, _ = self.absorbed_weights()
+        return torch.cat([torch.einsum("bshn,hnr->bshr", q_nope, w_uk.to(q_nope.dtype)), q_rope], dim=-1)
+
+    def _absorbed_attention(self, q_nope, q_rope, latent, keys: "KeyLayout", selector) -> torch.Tensor:
+        _, w_uv = self.absorbed_weights()
+        query = self._absorbed_query(q_nope, q_rope)
         if selector is None:
             out = self._absorbed_dense(query, latent, keys)
         else:
             out = self._absorbed_sparse(query, latent, selector)
         return torch.einsum("bshr,hvr->bshv", out, w_uv.to(out.dtype))  # [B, S, H, dv]
 
-    def _absorbed_dense(self, query, latent, keys: "_KeyLayout") -> torch.Tensor:
+    def _absorbed_dense(self, query, latent, keys: "KeyLayout") -> torch.Tensor:
         batch_size, seq_len, num_heads, _ = query.shape
         scores_per_query = batch_size * num_heads * latent.shape[1]
         chunk = max(1, min(self.config.query_chunk_size, _GATHER_BLOCK_ELEMENTS // scores_per_query))
@@ -193,11 +218,11 @@ class MlaDsaAttention(nn.Module):
             end = min(seq_len, start + chunk)
             scores = torch.einsum("bshc,btc->bsht", query[:, start:end], latent)  # [B, s, H, T]
             valid = keys.valid(start, end).unsqueeze(2)  # [B, s, 1, T]
-            probs = _masked_softmax(scores * self.scaling, valid)
+            probs = masked_softmax(scores * self.scaling, valid)
             outputs.append(torch.einsum("bsht,btr->bshr", probs, latent[..., : self.kv_lora_rank]))
         return torch.cat(outputs, dim=1)
 
-    def _absorbed_sparse(self, query, latent, selector: "_TopkSelector") -> torch.Tensor:
+    def _absorbed_sparse(self, query, latent, selector: "TopkSelector") -> torch.Tensor:
         batch_size, seq_len = query.shape[:2]
         row_size = latent.shape[-1]
         k = min(self.config.index_topk, latent.shape[1])
@@ -212,54 +237,9 @@ class MlaDsaAttention(nn.Module):
                 indices.unsqueeze(-1).expand(-1, -1, -1, row_size),
             )  # [B, s, k, R + dr]: only the selected latent rows
             scores = torch.einsum("bshc,bskc->bshk", query[:, start:end], rows)
-            probs = _masked_softmax(scores * self.scaling, selected_valid.unsqueeze(2))
+            probs = masked_softmax(scores * self.scaling, selected_valid.unsqueeze(2))
             outputs.append(torch.einsum("bshk,bskr->bshr", probs, rows[..., : self.kv_lora_rank]))
         return torch.cat(outputs, dim=1)
-
-
-class _KeyLayout:
-    """Which keys each query may see: causal by cache position, and not padding."""
-
-    def __init__(self, past_len: int, seq_len: int, num_keys: int, key_padding_mask, device):
-        self.past_len, self.num_keys = past_len, num_keys
-        self.key_padding_mask = key_padding_mask
-        self.device = device
-
-    def valid(self, start: int, end: int) -> torch.Tensor:
-        """[B or 1, end - start, T] bool for queries start..end-1 of this forward."""
-        query_pos = torch.arange(self.past_len + start, self.past_len + end, device=self.device)
-        causal = torch.arange(self.num_keys, device=self.device) <= query_pos[:, None]  # [s, T]
-        if self.key_padding_mask is None:
-            return causal.unsqueeze(0)
-        return causal.unsqueeze(0) & self.key_padding_mask[:, None, :]
-
-
-class _TopkSelector:
-    """The indexer's top-k keys for a range of queries, computed chunk by chunk."""
-
-    def __init__(self, indexer, queries, weights, keys, layout: _KeyLayout, k: int):
-        self.indexer, self.queries, self.weights, self.keys = indexer, queries, weights, keys
-        self.layout, self.k = layout, k
-
-    def topk(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = index_scores(
-            self.queries[:, start:end], self.weights[:, start:end], self.keys, self.indexer.softmax_scale
-        )  # [B, s, T]
-        valid = self.layout.valid(start, end).expand(scores.shape[0], -1, -1)
-        return select_topk(scores, valid, self.k)
-
-    def selection_mask(self, start: int, end: int) -> torch.Tensor:
-        """[B, s, T] bool: True at the selected keys."""
-        indices, _ = self.topk(start, end)
-        mask = torch.zeros(indices.shape[0], end - start, self.layout.num_keys, dtype=torch.bool, device=indices.device)
-        return mask.scatter_(-1, indices, True)
-
-
-def _masked_softmax(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Softmax in float32 over the last dim; a row with no valid entry gives zeros, not NaN."""
-    dtype = scores.dtype
-    probs = torch.softmax(scores.float().masked_fill(~valid, float("-inf")), dim=-1)
-    return probs.nan_to_num(0.0).to(dtype)
 
 
 def _effective_weight(module: nn.Module, in_features: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from transformers import PreTrainedConfig
 
 DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 ATTENTION_MODES = ("auto", "mha", "absorbed")
+INDEXER_LOSSES = (None, "dense", "sparse")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
@@ -46,6 +47,9 @@ class MlaDsaConfig(PreTrainedConfig):
     query_chunk_size (`int`, defaults to 256):
         Queries processed together by the indexer and the sparse attention; bounds their memory to
         O(chunk * context) and O(chunk * index_topk).
+    indexer_loss (`str`, defaults to `None`):
+        `"dense"` (warm-up: KL to the dense attention over all keys) or `"sparse"` (KL over the selected keys):
+        every forward then also computes the indexer's loss (see `MlaDsaCausalLMOutput`).
     """
 
     model_type = "mla_dsa"
@@ -102,6 +106,8 @@ class MlaDsaConfig(PreTrainedConfig):
     attention_mode: str = "auto"
     mha_max_length: int = 2048
     query_chunk_size: int = 256
+    # Indexer training
+    indexer_loss: str | None = None
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -147,6 +153,7 @@ class MlaDsaConfig(PreTrainedConfig):
             self.index_head_dim >= self.qk_rope_head_dim,
             f"at least qk_rope_head_dim={self.qk_rope_head_dim} (the indexer rotates its first rope dims)",
         )
+        _require("indexer_loss", self.indexer_loss, self.indexer_loss in INDEXER_LOSSES, f"one of {INDEXER_LOSSES}")
         _require(
             "attention_mode", self.attention_mode, self.attention_mode in ATTENTION_MODES, f"one of {ATTENTION_MODES}"
         )

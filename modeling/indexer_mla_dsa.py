@@ -10,9 +10,12 @@ FIRST `qk_rope_head_dim` dims of each in the half-split (NeoX) layout: the rever
 (float32) dtype. Unlike transformers' indexer, scores stay differentiable so the indexer can be trained.
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .rope_mla_dsa import apply_rotary_half_split
 
@@ -89,4 +92,144 @@ def select_topk(scores: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[torc
     return indices, valid.gather(-1, indices)
 
 
-__all__ = ["MlaDsaIndexer", "index_scores", "select_topk"]
+class KeyLayout:
+    """Which keys each query may see: causal by cache position, and not padding."""
+
+    def __init__(self, past_len: int, num_keys: int, key_padding_mask: torch.Tensor | None, device: torch.device):
+        self.past_len, self.num_keys = past_len, num_keys
+        self.key_padding_mask = key_padding_mask  # [B, T] bool or None
+        self.device = device
+
+    def valid(self, start: int, end: int) -> torch.Tensor:
+        """[B or 1, end - start, T] bool for queries start..end-1 of this forward."""
+        query_pos = torch.arange(self.past_len + start, self.past_len + end, device=self.device)
+        causal = torch.arange(self.num_keys, device=self.device) <= query_pos[:, None]  # [s, T]
+        if self.key_padding_mask is None:
+            return causal.unsqueeze(0)
+        return causal.unsqueeze(0) & self.key_padding_mask[:, None, :]
+
+
+class TopkSelector:
+    """The indexer's queries, head weights and keys for one forward; scores and top-k for a range of queries."""
+
+    def __init__(self, queries, weights, keys, layout: KeyLayout, k: int, softmax_scale: float):
+        self.queries, self.weights, self.keys = queries, weights, keys  # [B,S,H,D], [B,S,H], [B,T,D]
+        self.layout, self.k, self.softmax_scale = layout, k, softmax_scale
+
+    def scores(self, start: int, end: int) -> torch.Tensor:
+        """Index scores [B, s, T] (float32, differentiable in the indexer's parameters)."""
+        return index_scores(self.queries[:, start:end], self.weights[:, start:end], self.keys, self.softmax_scale)
+
+    def valid(self, start: int, end: int) -> torch.Tensor:
+        return self.layout.valid(start, end).expand(self.queries.shape[0], -1, -1)
+
+    @torch.no_grad()
+    def topk(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Selected key indices [B, s, k] and whether each is a valid key [B, s, k]."""
+        return select_topk(self.scores(start, end), self.valid(start, end), self.k)
+
+    def selection_mask(self, start: int, end: int) -> torch.Tensor:
+        """[B, s, T] bool: True at the selected keys."""
+        indices, _ = self.topk(start, end)
+        mask = torch.zeros(indices.shape[0], end - start, self.layout.num_keys, dtype=torch.bool, device=indices.device)
+        return mask.scatter_(-1, indices, True)
+
+
+def masked_softmax(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Softmax in float32 over the last dim, cast back; a row with no valid entry gives zeros, not NaN."""
+    dtype = scores.dtype
+    probs = torch.softmax(scores.float().masked_fill(~valid, float("-inf")), dim=-1)
+    return probs.nan_to_num(0.0).to(dtype)
+
+
+class IndexerStats(NamedTuple):
+    """One layer's indexer training signal: mean KL over queries (differentiable in the indexer only) and the
+    attention-mass recall of its top-k (NaN when no query has more than k keys, or in the sparse stage)."""
+
+    kl: torch.Tensor
+    recall: torch.Tensor
+
+
+def indexer_kl_loss(
+    selector: TopkSelector, main_query: torch.Tensor, latent: torch.Tensor, scaling: float, sparse: bool,
+    chunk_size: int,
+) -> IndexerStats:  # fmt: skip
+    """DeepSeek-V3.2's indexer loss, mean over queries that have a valid key:
+
+    dense:  KL(p_t || softmax(I_t))            over all causal keys,
+    sparse: KL(p_t[S_t] || softmax(I_t[S_t]))  over the selected keys S_t only,
+
+    p_t = main attention probabilities (absorbed queries [B, S, H, R + dr] against latent rows [B, T, R + dr], under
+    `scaling`) summed over heads and L1-normalised, detached. Query chunks run under activation checkpointing, so no
+    [heads, S, T] tensor is ever alive and peak extra memory is O(chunk * T * max(H, index heads))."""
+    seq_len = main_query.shape[1]
+    kl_total = main_query.new_zeros((), dtype=torch.float32)
+    recall_total = main_query.new_zeros((), dtype=torch.float32)
+    queries = recalled = 0
+    for start in range(0, seq_len, chunk_size):
+        end = min(seq_len, start + chunk_size)
+        args = (selector.queries[:, start:end], selector.weights[:, start:end], selector.keys, main_query[:, start:end])
+        chunk_fn = _sparse_chunk if sparse else _dense_chunk
+        kl_sum, count, recall_sum, recall_count = checkpoint(
+            chunk_fn, *args, latent, selector, start, end, scaling, use_reentrant=False
+        )
+        kl_total = kl_total + kl_sum
+        recall_total = recall_total + recall_sum
+        queries += int(count)
+        recalled += int(recall_count)
+    kl = kl_total / max(1, queries)
+    recall = recall_total / recalled if recalled else torch.full_like(recall_total, float("nan"))
+    return IndexerStats(kl, recall)
+
+
+def _dense_chunk(index_q, index_w, index_k, main_query, latent, selector: TopkSelector, start, end, scaling):
+    valid = selector.valid(start, end)  # [B, s, T]
+    with torch.no_grad():
+        scores = torch.einsum("bshc,btc->bsht", main_query, latent) * scaling  # [B, s, H, T]
+        target = masked_softmax(scores.float(), valid.unsqueeze(2)).mean(dim=2)  # heads summed, L1-normalised
+        del scores
+    index = index_scores(index_q, index_w, index_k, selector.softmax_scale)  # [B, s, T]
+    kl_sum, count = _kl(target, index, valid)
+    with torch.no_grad():
+        long_rows = valid.sum(-1) > selector.k  # recall is only informative where top-k must leave keys out
+        indices, _ = select_topk(index, valid, selector.k)
+        recall = target.gather(-1, indices).sum(-1)
+        recall_sum, recall_count = (recall * long_rows).sum(), long_rows.sum()
+    return kl_sum, count, recall_sum, recall_count
+
+
+def _sparse_chunk(index_q, index_w, index_k, main_query, latent, selector: TopkSelector, start, end, scaling):
+    indices, selected_valid = selector.topk(start, end)  # [B, s, k]
+    with torch.no_grad():
+        rows = torch.gather(
+            latent.unsqueeze(1).expand(-1, end - start, -1, -1), 2,
+            indices.unsqueeze(-1).expand(-1, -1, -1, latent.shape[-1]),
+        )  # [B, s, k, R + dr]  # fmt: skip
+        scores = torch.einsum("bshc,bskc->bshk", main_query, rows) * scaling
+        target = masked_softmax(scores.float(), selected_valid.unsqueeze(2)).mean(dim=2)  # [B, s, k]
+        del rows, scores
+    index = index_scores(index_q, index_w, index_k, selector.softmax_scale).gather(-1, indices)  # [B, s, k]
+    kl_sum, count = _kl(target, index, selected_valid)
+    zero = kl_sum.new_zeros(())
+    return kl_sum, count, zero, zero
+
+
+def _kl(target: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over rows of KL(target || softmax(logits)) restricted to `valid`, and the number of rows with a valid key."""
+    log_probs = torch.log_softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
+    log_probs = torch.where(valid, log_probs, torch.zeros_like(log_probs))
+    per_row = (torch.xlogy(target, target) - target * log_probs).sum(-1)
+    has_key = valid.any(-1)
+    return (per_row * has_key).sum(), has_key.sum()
+
+
+__all__ = [
+    "IndexerStats",
+    "KeyLayout",
+    "MlaDsaIndexer",
+    "TopkSelector",
+    "index_scores",
+    "indexer_kl_loss",
+    "masked_softmax",
+    "select_topk",
+]

@@ -7,6 +7,7 @@ Decoder layer = MLA attention with a lightning indexer (`attention_mla_dsa.py`),
 
 import logging as logging_std
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -20,7 +21,8 @@ from transformers.utils import logging
 
 from .attention_mla_dsa import MlaDsaAttention, MlaDsaRMSNorm
 from .cache_mla_dsa import MlaDsaCache
-from .configuration_mla_dsa import MlaDsaConfig
+from .configuration_mla_dsa import INDEXER_LOSSES, MlaDsaConfig
+from .indexer_mla_dsa import IndexerStats
 from .rope_mla_dsa import MlaDsaRotaryEmbedding
 
 logger = logging.get_logger(__name__)
@@ -126,14 +128,16 @@ class MlaDsaDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         key_padding_mask: torch.Tensor | None = None,
         past_key_values: MlaDsaCache | None = None,
+        indexer_loss: str | None = None,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, IndexerStats | None]:
         residual = hidden_states
-        hidden_states = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, key_padding_mask, past_key_values, **kwargs
-        )
-        hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        attn_output, stats = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, key_padding_mask, past_key_values,
+            indexer_loss=indexer_loss, **kwargs,
+        )  # fmt: skip
+        hidden_states = residual + attn_output
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)), stats
 
 
 class MlaDsaPreTrainedModel(PreTrainedModel):
@@ -154,6 +158,24 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             if hasattr(module, "e_score_correction_bias"):
                 init.zeros_(module.e_score_correction_bias)
+
+
+@dataclass
+class MlaDsaModelOutput(BaseModelOutputWithPast):
+    """`indexer_loss`: mean over layers of the indexer's KL loss (when requested); `indexer_recall`: mean over layers
+    of the attention mass its top-k covers (dense stage; NaN when no query has more than `index_topk` keys)."""
+
+    indexer_loss: torch.FloatTensor | None = None
+    indexer_recall: torch.FloatTensor | None = None
+
+
+@dataclass
+class MlaDsaCausalLMOutput(CausalLMOutputWithPast):
+    """`loss` = `lm_loss` (with labels) + `indexer_loss` (when requested)."""
+
+    lm_loss: torch.FloatTensor | None = None
+    indexer_loss: torch.FloatTensor | None = None
+    indexer_recall: torch.FloatTensor | None = None
 
 
 class MlaDsaModel(MlaDsaPreTrainedModel):
@@ -178,8 +200,9 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        indexer_loss: str | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> MlaDsaModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("MlaDsaModel: pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -203,22 +226,32 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
             position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device).unsqueeze(0)
         _check_positions(position_ids, self.config.max_position_embeddings)
 
+        indexer_loss = indexer_loss if indexer_loss is not None else self.config.indexer_loss
+        if indexer_loss not in INDEXER_LOSSES:
+            raise ValueError(f"MlaDsaModel: indexer_loss must be one of {INDEXER_LOSSES}, got {indexer_loss!r}")
+
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden_states = () if output_hidden_states else None
+        layer_stats = []
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states = layer(
-                hidden_states, position_embeddings, key_padding_mask, past_key_values if use_cache else None, **kwargs
-            )
+            hidden_states, stats = layer(
+                hidden_states, position_embeddings, key_padding_mask, past_key_values if use_cache else None,
+                indexer_loss=indexer_loss, **kwargs,
+            )  # fmt: skip
+            if stats is not None:
+                layer_stats.append(stats)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        return BaseModelOutputWithPast(
+        return MlaDsaModelOutput(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden_states,
+            indexer_loss=torch.stack([s.kl for s in layer_stats]).mean() if layer_stats else None,
+            indexer_recall=torch.stack([s.recall for s in layer_stats]).nanmean() if layer_stats else None,
         )
 
 
@@ -249,8 +282,11 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        indexer_loss: str | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> MlaDsaCausalLMOutput:
+        """Causal LM forward. `indexer_loss` ("dense" | "sparse" | None, default `config.indexer_loss`) adds the
+        DSA indexer's KL loss (DeepSeek-V3.2 warm-up / sparse stage) to the output and to `loss`."""
         for unused in ("return_dict", "output_attentions", "cache_position"):
             kwargs.pop(unused, None)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -262,6 +298,7 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            indexer_loss=indexer_loss,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -270,13 +307,20 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
         elif isinstance(logits_to_keep, torch.Tensor):
             hidden_states = hidden_states[:, logits_to_keep]
         logits = self.lm_head(hidden_states)
-        loss = None
+        lm_loss = None
         if labels is not None:
-            loss = self.loss_function(
+            lm_loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
             )
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        losses = [part for part in (lm_loss, outputs.indexer_loss) if part is not None]
+        return MlaDsaCausalLMOutput(
+            loss=sum(losses[1:], losses[0]) if losses else None,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            lm_loss=lm_loss,
+            indexer_loss=outputs.indexer_loss,
+            indexer_recall=outputs.indexer_recall,
         )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:

@@ -1,0 +1,302 @@
+"""Indexer training (DeepSeek-V3.2 paper, §2.1) on Transformers' Trainer, and the PEFT hooks around it.
+
+- Dense warm-up (`stage="dense"`): everything but the indexer frozen, dense attention, loss = KL(p_t || softmax(I_t))
+  to the head-summed main attention over all causal keys.
+- Sparse stage (`stage="sparse"`): top-k selection on, everything trainable; the indexer learns only from the KL over
+  its selected keys (its inputs are detached inside the model), the main model only from the LM loss.
+
+`mla-dsa train-indexer` runs either stage on a checkpoint and text files; under `accelerate launch` it is
+data-parallel (gloo on CPU, NCCL on GPUs) with no code of ours involved in the distribution.
+"""
+
+import contextlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+STAGES = ("dense", "sparse")
+# Default learning rates: the paper's (dense warm-up 1e-3; sparse stage 7.3e-6 for a 7168-wide model), the sparse
+# one scaled up by sqrt(7168 / hidden_size) for narrower models, which tolerate larger steps.
+DENSE_LR = 1e-3
+SPARSE_LR_AT_V3_WIDTH = 7.3e-6
+V3_HIDDEN_SIZE = 7168
+
+# PEFT `target_modules` patterns (strings are matched with re.fullmatch against module names).
+INDEXER_TARGETS = r".*\.self_attn\.indexer\.(wq_b|wk|weights_proj)"
+ATTENTION_TARGETS = r".*\.self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+MLP_TARGETS = r".*\.mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj)"
+TARGET_PATTERNS = {"indexer": INDEXER_TARGETS, "attention": ATTENTION_TARGETS, "mlp": MLP_TARGETS}
+
+
+def _dsa_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The MlaDsaPreTrainedModel inside `model` (a PeftModel, DDP wrapper, ... or the model itself)."""
+    for module in model.modules():
+        if getattr(getattr(module, "config", None), "model_type", None) == "mla_dsa":
+            return module
+    raise ValueError(f"{type(model).__name__} contains no mla_dsa model")
+
+
+def prepare_indexer_training(model: torch.nn.Module, stage: str) -> torch.nn.Module:
+    """Sets trainability and attention for a stage of the paper's recipe; returns `model`.
+
+    dense: only `*.indexer.*` parameters trainable, dense attention, `indexer_loss="dense"`.
+    sparse: every parameter trainable, top-k attention, `indexer_loss="sparse"`."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    config = _dsa_model(model).config
+    config.use_sparse_attention = stage == "sparse"
+    config.indexer_loss = stage
+    for name, param in model.named_parameters():
+        if stage == "dense":
+            param.requires_grad_(".indexer." in name)
+        elif "lora_" in name or not _is_peft(model):
+            param.requires_grad_(True)
+    return model
+
+
+def finish_indexer_training(model: torch.nn.Module) -> torch.nn.Module:
+    """Back to inference settings (sparse attention, no indexer loss) before saving."""
+    config = _dsa_model(model).config
+    config.use_sparse_attention = True
+    config.indexer_loss = None
+    return model
+
+
+def indexer_lora_config(
+    targets: tuple[str, ...] = ("indexer",),
+    r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    train_indexer_norm: bool = True,
+    **kwargs,
+):
+    """A `peft.LoraConfig` for MLA+DSA models.
+
+    `targets` picks LoRA sites among "indexer" (wq_b, wk, weights_proj), "attention" (q/kv projections, o_proj) and
+    "mlp" (dense MLP, experts, shared experts). With `train_indexer_norm`, the indexer's small LayerNorm `k_norm` is
+    trained in full (`modules_to_save`) when the indexer is targeted."""
+    from peft import LoraConfig
+
+    unknown = set(targets) - set(TARGET_PATTERNS)
+    if unknown or not targets:
+        raise ValueError(f"targets must be a non-empty subset of {sorted(TARGET_PATTERNS)}, got {targets}")
+    pattern = "|".join(f"(?:{TARGET_PATTERNS[t]})" for t in targets)
+    modules_to_save = ["k_norm"] if train_indexer_norm and "indexer" in targets else None
+    return LoraConfig(
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=pattern,
+        modules_to_save=modules_to_save, task_type="CAUSAL_LM", **kwargs,
+    )  # fmt: skip
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    return any("lora_" in name for name, _ in model.named_parameters())
+
+
+@contextlib.contextmanager
+def config_overrides(model: torch.nn.Module, **values) -> Iterator[None]:
+    """Temporarily sets fields of the mla_dsa config of `model`."""
+    config = _dsa_model(model).config
+    saved = {name: getattr(config, name) for name in values}
+    for name, value in values.items():
+        setattr(config, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(config, name, value)
+
+
+@torch.no_grad()
+def evaluate_indexer(
+    model: torch.nn.Module, windows: torch.Tensor, index_topk: int | None = None, batch_size: int = 4
+) -> dict[str, float]:
+    """Dense vs sparse LM loss and the indexer's agreement with dense attention, on token windows [N, L].
+
+    Returns dense_loss, sparse_loss, loss_ratio (sparse / dense), kl (mean over layers and queries of
+    KL(p_t || softmax(I_t)), dense), recall (share of the dense head-summed attention mass inside the indexer's top-k,
+    averaged over layers and over queries with more than k keys), index_topk and seq_len."""
+    dsa = _dsa_model(model)
+    k = index_topk or dsa.config.index_topk
+    was_training = model.training
+    model.eval()
+    totals = {"dense_loss": 0.0, "sparse_loss": 0.0, "kl": 0.0, "recall": 0.0}
+    batches = 0
+    with config_overrides(model, index_topk=k):
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start : start + batch_size]
+            with config_overrides(model, use_sparse_attention=False):
+                dense = model(batch, labels=batch, indexer_loss="dense", use_cache=False)
+            with config_overrides(model, use_sparse_attention=True):
+                sparse = model(batch, labels=batch, use_cache=False)
+            totals["dense_loss"] += dense.lm_loss.item()
+            totals["sparse_loss"] += sparse.lm_loss.item()
+            totals["kl"] += dense.indexer_loss.item()
+            totals["recall"] += dense.indexer_recall.item()
+            batches += 1
+    model.train(was_training)
+    result = {name: value / max(1, batches) for name, value in totals.items()}
+    result["loss_ratio"] = result["sparse_loss"] / result["dense_loss"]
+    result.update(index_topk=k, seq_len=int(windows.shape[1]), windows=int(windows.shape[0]))
+    if math.isnan(result["recall"]):
+        result["recall"] = None  # no query had more than k keys
+    return result
+
+
+def default_learning_rate(stage: str, hidden_size: int) -> float:
+    if stage == "dense":
+        return DENSE_LR
+    return SPARSE_LR_AT_V3_WIDTH * max(1.0, V3_HIDDEN_SIZE / hidden_size) ** 0.5
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """`count` windows of `seq_len` tokens at pseudo-random offsets fixed by (seed, index): the same examples in the
+    same order however many processes read them."""
+
+    def __init__(self, corpus: torch.Tensor, seq_len: int, count: int, seed: int = 0):
+        if len(corpus) <= seq_len:
+            raise ValueError(f"the data has {len(corpus)} tokens, fewer than --seq-len {seq_len} + 1")
+        self.corpus, self.seq_len, self.count = corpus, seq_len, count
+        generator = torch.Generator().manual_seed(seed)
+        self.starts = torch.randint(0, len(corpus) - seq_len, (count,), generator=generator)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        start = int(self.starts[index])
+        ids = self.corpus[start : start + self.seq_len].long()
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def train_indexer(
+    checkpoint: str | Path,
+    stage: str,
+    data_files: list[str | Path],
+    out_dir: str | Path,
+    steps: int = 200,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    learning_rate: float | None = None,
+    index_topk: int | None = None,
+    save_steps: int | None = None,
+    logging_steps: int = 10,
+    resume: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    max_tokens: int | None = None,
+    optim: str = "adamw_torch",
+) -> Path:
+    """One stage of indexer training with transformers' Trainer; saves a loadable DSA checkpoint to `out_dir`.
+
+    Periodic Trainer checkpoints go to `out_dir/checkpoints` (every `save_steps`); `resume=True` continues from the
+    newest. Runs data-parallel unchanged under `accelerate launch`: `batch_size` is per process."""
+    from transformers import AutoTokenizer, TrainingArguments
+
+    from .data import text_files_corpus
+    from .modeling.modeling_mla_dsa import MlaDsaForCausalLM
+
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    out_dir = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = MlaDsaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    if index_topk is not None:
+        model.config.index_topk = index_topk
+    prepare_indexer_training(model, stage)
+    corpus = text_files_corpus(data_files, tokenizer, max_tokens=max_tokens)
+    lr = learning_rate if learning_rate is not None else default_learning_rate(stage, model.config.hidden_size)
+    args = TrainingArguments(
+        output_dir=str(out_dir / "checkpoints"),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=max(1, steps // 20),
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=logging_steps,
+        save_steps=save_steps or max(steps, 1),
+        save_total_limit=2,
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=not progress,
+        ddp_find_unused_parameters=stage == "sparse",
+        use_cpu=not torch.cuda.is_available(),
+        optim=optim,
+    )
+    world = max(1, args.world_size)
+    dataset = WindowDataset(corpus, seq_len, steps * batch_size * world, seed=seed)
+    trainer = IndexerTrainer(model=model, args=args, train_dataset=dataset)
+    has_checkpoint = resume and any((out_dir / "checkpoints").glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
+    finish_indexer_training(model)
+    if trainer.is_world_process_zero():
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+class _ProgressPostfix(TrainerCallback):
+    """Shows the latest loss, KL and recall on the Trainer's progress bar."""
+
+    def __init__(self, progress: ProgressCallback | None):
+        self.progress = progress
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        bar = getattr(self.progress, "training_bar", None)
+        if bar is not None and logs:
+            shown = {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "indexer_kl", "recall")}
+            bar.set_postfix(shown, refresh=False)
+
+
+class IndexerTrainer(Trainer):
+    """Trainer that logs the indexer's KL and recall next to the loss, and keeps the data order fixed so that one
+    process and N processes see the same global batches."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._indexer_logs: dict[str, list[float]] = {"indexer_kl": [], "recall": []}
+        progress = next((c for c in self.callback_handler.callbacks if isinstance(c, ProgressCallback)), None)
+        self.add_callback(_ProgressPostfix(progress))
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        if _dsa_model(model).config.indexer_loss == "dense":
+            inputs = {k: v for k, v in inputs.items() if k != "labels"}  # the LM loss trains nothing in this stage
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+        if outputs.indexer_loss is not None:
+            self._indexer_logs["indexer_kl"].append(outputs.indexer_loss.item())
+        if outputs.indexer_recall is not None and not torch.isnan(outputs.indexer_recall):
+            self._indexer_logs["recall"].append(outputs.indexer_recall.item())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        for name, values in self._indexer_logs.items():
+            if values:
+                logs[name] = sum(values) / len(values)
+                values.clear()
+        super().log(logs, *args, **kwargs)
+
+
+__all__ = [
+    "ATTENTION_TARGETS",
+    "IndexerTrainer",
+    "INDEXER_TARGETS",
+    "MLP_TARGETS",
+    "STAGES",
+    "WindowDataset",
+    "config_overrides",
+    "evaluate_indexer",
+    "finish_indexer_training",
+    "indexer_lora_config",
+    "prepare_indexer_training",
+    "train_indexer",
+]
