@@ -44,17 +44,20 @@ def prepare_indexer_training(model: torch.nn.Module, stage: str) -> torch.nn.Mod
     """Sets trainability and attention for a stage of the paper's recipe; returns `model`.
 
     dense: only `*.indexer.*` parameters trainable, dense attention, `indexer_loss="dense"`.
-    sparse: every parameter trainable, top-k attention, `indexer_loss="sparse"`."""
+    sparse: every parameter trainable, top-k attention, `indexer_loss="sparse"`.
+    On a PEFT model only adapter parameters (LoRA, `modules_to_save`) are ever made trainable: dense trains the
+    indexer's adapters, sparse all adapters."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     config = _dsa_model(model).config
     config.use_sparse_attention = stage == "sparse"
     config.indexer_loss = stage
+    peft = _is_peft(model)
     for name, param in model.named_parameters():
+        trainable = not peft or "lora_" in name or ".modules_to_save." in name
         if stage == "dense":
-            param.requires_grad_(".indexer." in name)
-        elif "lora_" in name or not _is_peft(model):
-            param.requires_grad_(True)
+            trainable = trainable and ".indexer." in name
+        param.requires_grad_(trainable)
     return model
 
 
