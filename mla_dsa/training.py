@@ -264,6 +264,9 @@ class IndexerTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # Trainer's token-count loss scaling (x num_processes, expecting a globally normalised sum) would also scale
+        # the indexer's KL, which is a per-process mean: keep both losses per-process means, which DDP averages.
+        self.model_accepts_loss_kwargs = False
         self._indexer_logs: dict[str, list[float]] = {"indexer_kl": [], "recall": []}
         progress = next((c for c in self.callback_handler.callbacks if isinstance(c, ProgressCallback)), None)
         self.add_callback(_ProgressPostfix(progress))

@@ -1,0 +1,188 @@
+"""The indexer's KL loss inside the model: equal to a plain unchunked reference, chunked in memory, and wired so that
+gradients reach only what the paper says they reach."""
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import mla_dsa
+from mla_dsa.modeling.indexer_mla_dsa import indexer_kl_loss
+from mla_dsa.training import prepare_indexer_training
+
+from peers import VOCAB, save_peer
+
+SEQ = 14
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("v32")
+    save_peer("deepseek_v32", path, index_topk=5)
+    return path
+
+
+def load(checkpoint, **overrides):
+    return mla_dsa.MlaDsaForCausalLM.from_pretrained(checkpoint, **overrides)
+
+
+def batch(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (2, SEQ), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :4] = 0
+    return input_ids, attention_mask
+
+
+def reference_layer_kl(attn, hidden, position_embeddings, key_padding_mask, sparse):
+    """KL(p_t || softmax(I_t)) per query, from scratch: MHA-mode per-head attention over explicit [H, S, S] scores."""
+    config = attn.config
+    cos, sin = position_embeddings
+    bsz, seq, _ = hidden.shape
+    with torch.no_grad():
+        _, q_nope, q_rope = attn._project_queries(hidden)
+        c_kv, k_rope = attn.kv_a_proj_with_mqa(hidden).split([config.kv_lora_rank, config.qk_rope_head_dim], -1)
+        q_rope, k_rope = attn._rotate(q_rope, cos.unsqueeze(2), sin.unsqueeze(2)), attn._rotate(k_rope, cos, sin)
+        kv = attn.kv_b_proj(attn.kv_a_layernorm(c_kv)).view(bsz, seq, config.num_attention_heads, -1)
+        k_nope = kv[..., : config.qk_nope_head_dim]
+        scores = torch.einsum("bshd,bthd->bhst", q_nope, k_nope) + torch.einsum("bshd,btd->bhst", q_rope, k_rope)
+        scores = scores * attn.scaling
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    valid = causal[None] & key_padding_mask[:, None, :]  # [B, S, T]
+    index_q, index_w = attn.indexer.project_queries(hidden, hidden_q_latent(attn, hidden), cos, sin)
+    index_k = attn.indexer.project_keys(hidden, cos, sin)
+    per_head = torch.relu(torch.einsum("bshd,btd->bsht", index_q, index_k) * attn.indexer.softmax_scale)
+    index = (per_head * index_w.unsqueeze(-1)).sum(2)  # [B, S, T]
+    if sparse:
+        masked = index.detach().masked_fill(~valid, float("-inf"))
+        chosen = masked.topk(min(config.index_topk, seq), dim=-1).indices
+        selected = torch.zeros_like(valid).scatter_(-1, chosen, True)
+        valid = valid & selected
+    probs = torch.softmax(scores.masked_fill(~valid[:, None], float("-inf")), dim=-1).nan_to_num(0.0)
+    target = probs.mean(1)  # heads summed, L1-normalised
+    log_q = torch.log_softmax(index.masked_fill(~valid, float("-inf")), dim=-1)
+    kl = torch.where(valid, target * (torch.log(target.clamp_min(1e-30)) - log_q), torch.zeros_like(target)).sum(-1)
+    has_key = valid.any(-1)
+    return kl[has_key].mean()
+
+
+def hidden_q_latent(attn, hidden):
+    return attn._project_queries(hidden)[0]
+
+
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+def test_loss_equals_unchunked_reference(checkpoint, stage):
+    model = load(checkpoint, query_chunk_size=3)
+    input_ids, attention_mask = batch()
+    captured = {}
+
+    def grab(module, args, kwargs, output):
+        captured[module.layer_idx] = (args, kwargs, output)
+
+    hooks = [layer.self_attn.register_forward_hook(grab, with_kwargs=True) for layer in model.model.layers]
+    with torch.no_grad():
+        model.config.use_sparse_attention = stage == "sparse"
+        out = model(input_ids, attention_mask=attention_mask, indexer_loss=stage)
+    for hook in hooks:
+        hook.remove()
+    layer_losses = []
+    for idx, layer in enumerate(model.model.layers):
+        args, kwargs, (_, stats) = captured[idx]
+        hidden, position_embeddings, key_padding_mask = args[0], args[1], args[2]
+        with torch.no_grad():
+            expected = reference_layer_kl(
+                layer.self_attn, hidden, position_embeddings, key_padding_mask, stage == "sparse"
+            )
+        torch.testing.assert_close(stats.kl, expected, atol=1e-7, rtol=1e-4)
+        layer_losses.append(expected)
+    torch.testing.assert_close(out.indexer_loss, torch.stack(layer_losses).mean(), atol=1e-7, rtol=1e-4)
+    assert out.indexer_loss > 0
+
+
+def test_loss_does_not_depend_on_chunk_size(checkpoint):
+    input_ids, attention_mask = batch(1)
+    results = []
+    for chunk in (1, 4, 64):
+        model = load(checkpoint, query_chunk_size=chunk)
+        with torch.no_grad():
+            out = model(input_ids, attention_mask=attention_mask, indexer_loss="dense")
+        results.append((out.indexer_loss, out.indexer_recall))
+    for loss, recall in results[1:]:
+        torch.testing.assert_close(loss, results[0][0])
+        torch.testing.assert_close(recall, results[0][1])
+
+
+class _LargestTensor(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_loss_memory_is_chunked():
+    """No [heads, S, T] tensor: the largest tensor built by the loss is O(chunk * T * heads)."""
+    torch.manual_seed(0)
+    bsz, seq, heads, index_heads, row, chunk = 1, 256, 8, 4, 24, 16
+    main_query = torch.randn(bsz, seq, heads, row)
+    latent = torch.randn(bsz, seq, row)
+    index_q = torch.randn(bsz, seq, index_heads, 16, requires_grad=True)
+    index_w = torch.randn(bsz, seq, index_heads)
+    index_k = torch.randn(bsz, seq, 16)
+    layout = mla_dsa.modeling.indexer_mla_dsa.KeyLayout(0, seq, None, torch.device("cpu"))
+    selector = mla_dsa.modeling.indexer_mla_dsa.TopkSelector(index_q, index_w, index_k, layout, 32, 0.25)
+    recorder = _LargestTensor()
+    with recorder:
+        stats = indexer_kl_loss(selector, main_query, latent, 0.1, sparse=False, chunk_size=chunk)
+        stats.kl.backward()
+    assert index_q.grad is not None and index_q.grad.abs().sum() > 0
+    assert recorder.largest <= bsz * chunk * max(heads, index_heads) * seq
+    assert recorder.largest < bsz * heads * seq * seq // 4
+
+
+def test_dense_stage_trains_only_the_indexer(checkpoint):
+    model = load(checkpoint)
+    prepare_indexer_training(model, "dense")
+    assert model.config.use_sparse_attention is False and model.config.indexer_loss == "dense"
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".indexer." in name for name in trainable)
+    input_ids, attention_mask = batch()
+    out = model(input_ids, attention_mask=attention_mask, labels=input_ids)
+    out.loss.backward()
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad and with_grad <= trainable
+    assert any("wq_b" in name for name in with_grad) and any("weights_proj" in name for name in with_grad)
+
+
+def test_sparse_stage_separates_the_two_losses(checkpoint):
+    model = load(checkpoint)
+    prepare_indexer_training(model, "sparse")
+    assert model.config.use_sparse_attention is True and model.config.indexer_loss == "sparse"
+    assert all(p.requires_grad for p in model.parameters())
+    input_ids, attention_mask = batch()
+    out = model(input_ids, attention_mask=attention_mask, labels=input_ids)
+    torch.testing.assert_close(out.loss, out.lm_loss + out.indexer_loss)
+
+    out.lm_loss.backward(retain_graph=True)
+    lm_grads = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert lm_grads and not any(".indexer." in name for name in lm_grads)
+    model.zero_grad()
+    out.indexer_loss.backward()
+    kl_grads = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert kl_grads and all(".indexer." in name for name in kl_grads)
+
+
+def test_recall_is_the_attention_mass_inside_topk(checkpoint):
+    """With k >= every query's key count recall is undefined (NaN); with k = 1 it is in (0, 1)."""
+    model = load(checkpoint)
+    input_ids, attention_mask = batch()
+    with torch.no_grad():
+        model.config.index_topk = SEQ
+        assert torch.isnan(model(input_ids, attention_mask=attention_mask, indexer_loss="dense").indexer_recall)
+        model.config.index_topk = 1
+        recall = model(input_ids, attention_mask=attention_mask, indexer_loss="dense").indexer_recall
+    assert 0.0 < recall.item() < 1.0

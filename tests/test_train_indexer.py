@@ -1,0 +1,144 @@
+"""`mla-dsa train-indexer` / `mla-dsa eval` on Trainer, data-parallel under accelerate, and LoRA round trips."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mla_dsa
+from mla_dsa.cli import main as cli
+from mla_dsa.data import byte_tokenizer, stdlib_files
+
+from peers import save_peer
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = [str(path) for path in stdlib_files("train")[:6]]
+
+
+@pytest.fixture(scope="module")
+def dsa_checkpoint(tmp_path_factory):
+    """A tiny byte-level DeepSeek-V3 written by transformers, converted to DSA (k=16)."""
+    dense = tmp_path_factory.mktemp("dense")
+    save_peer("deepseek_v3", dense, vocab_size=256)
+    byte_tokenizer().save_pretrained(dense)
+    out = tmp_path_factory.mktemp("dsa") / "ckpt"
+    mla_dsa.convert_checkpoint(dense, out, index_topk=16, progress=False)
+    return out
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_dense_warmup_trains_only_the_indexer_and_saves_a_dsa_checkpoint(dsa_checkpoint, tmp_path):
+    out = tmp_path / "warm"
+    assert cli(["train-indexer", str(dsa_checkpoint), "--stage", "dense", "--data", *DATA, "--out", str(out),
+                "--steps", "8", "--seq-len", "64", "--batch-size", "2", "--no-progress"]) == 0  # fmt: skip
+    before, after = weights(dsa_checkpoint), weights(out)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(".indexer." in name for name in changed)
+    assert any("wq_b" in name for name in changed)
+    config = json.loads((out / "config.json").read_text())
+    assert config["use_sparse_attention"] is True and config.get("indexer_loss") is None
+    assert (out / "modeling_mla_dsa.py").exists() and (out / "tokenizer.json").exists()
+
+
+def test_resume_continues_from_the_last_checkpoint(dsa_checkpoint, tmp_path):
+    common = ["--stage", "dense", "--data", *DATA, "--seq-len", "64", "--batch-size", "2", "--no-progress",
+              "--save-steps", "3"]  # fmt: skip
+    straight = tmp_path / "straight"
+    cli(["train-indexer", str(dsa_checkpoint), *common, "--out", str(straight), "--steps", "6"])
+    resumed = tmp_path / "resumed"
+    cli(["train-indexer", str(dsa_checkpoint), *common, "--out", str(resumed), "--steps", "3"])
+    assert (resumed / "checkpoints" / "checkpoint-3").is_dir()
+    cli(["train-indexer", str(dsa_checkpoint), *common, "--out", str(resumed), "--steps", "6", "--resume"])
+    state = json.loads((resumed / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    a, b = weights(straight), weights(resumed)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+def test_eval_prints_json(dsa_checkpoint, capsys):
+    assert cli(["eval", str(dsa_checkpoint), "--data", *DATA, "--seq-len", "64", "--windows", "4",
+                "--index-topk", "8"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    assert result["index_topk"] == 8 and result["seq_len"] == 64
+    assert result["loss_ratio"] == pytest.approx(result["sparse_loss"] / result["dense_loss"])
+    assert 0.0 < result["recall"] <= 1.0 and result["kl"] > 0.0
+    assert result["sparse_loss"] != result["dense_loss"]
+
+
+def test_bad_data_file_is_one_line(dsa_checkpoint, capsys):
+    assert cli(["eval", str(dsa_checkpoint), "--data", "/nonexistent.txt"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "/nonexistent.txt" in err
+
+
+def test_two_process_data_parallel_equals_one_process(dsa_checkpoint, tmp_path):
+    """`accelerate launch` with 2 processes x batch 2 == 1 process x batch 4 (SGD: updates are linear in the
+    gradient, so the comparison is at float precision)."""
+    common = ["--stage", "dense", "--data", *DATA, "--seq-len", "64", "--steps", "3", "--no-progress",
+              "--optim", "sgd", "--lr", "1.0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    one = tmp_path / "one"
+    subprocess.run([sys.executable, "-m", "mla_dsa", "train-indexer", str(dsa_checkpoint), *common,
+                    "--batch-size", "4", "--out", str(one)], check=True, env=env, capture_output=True)  # fmt: skip
+    two = tmp_path / "two"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "examples" / "accelerate_ddp.yaml"), "--main_process_port", "29517"]  # fmt: skip
+    command = [*launch, "-m", "mla_dsa", "train-indexer", str(dsa_checkpoint), *common, "--batch-size", "2",
+               "--out", str(two)]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    start, a, b = weights(dsa_checkpoint), weights(one), weights(two)
+    moved = max((a[n] - start[n]).abs().max().item() for n in a)
+    assert moved > 1e-4  # the run trained something
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+
+
+def test_lora_adapters_train_save_load_and_merge(dsa_checkpoint, tmp_path):
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        from finetune_lora import finetune
+    finally:
+        sys.path.pop(0)
+    from peft import PeftModel
+
+    out = finetune(str(dsa_checkpoint), DATA, str(tmp_path / "lora"), steps=4, seq_len=64, batch_size=2,
+                   targets=("attention", "mlp", "indexer"), progress=False)  # fmt: skip
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any("indexer.wq_b.lora_A" in name for name in adapter)
+    assert any("kv_b_proj.lora_B" in name for name in adapter)
+    assert any("experts.0.gate_proj.lora_A" in name for name in adapter)
+    assert any("k_norm" in name for name in adapter)  # modules_to_save
+    assert any(tensor.abs().sum() > 0 for name, tensor in adapter.items() if "lora_B" in name)  # it trained
+
+    base = mla_dsa.MlaDsaForCausalLM.from_pretrained(dsa_checkpoint, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    merged = mla_dsa.MlaDsaForCausalLM.from_pretrained(out / "merged").eval()
+    input_ids = torch.randint(3, 256, (2, 40))
+    with torch.no_grad():
+        expected = peft_model(input_ids).logits
+        for mode in ("mha", "absorbed"):  # absorbed mode reads kv_b_proj's effective (LoRA) weight
+            peft_model.base_model.model.config.attention_mode = mode
+            torch.testing.assert_close(peft_model(input_ids).logits, expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(merged(input_ids).logits, expected, atol=1e-4, rtol=0)
+    unmerged = mla_dsa.MlaDsaForCausalLM.from_pretrained(dsa_checkpoint).eval()
+    with torch.no_grad():
+        assert (unmerged(input_ids).logits - expected).abs().max() > 1e-4
+
+    code = (
+        "import torch; from transformers import AutoModelForCausalLM; "
+        f"m = AutoModelForCausalLM.from_pretrained({str(out / 'merged')!r}, trust_remote_code=True); "
+        "print(type(m).__name__, m(torch.tensor([[5, 6, 7]])).logits.shape[-1])"
+    )
+    result = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "MlaDsaForCausalLM 256" in result.stdout
