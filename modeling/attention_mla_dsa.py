@@ -101,8 +101,14 @@ class MlaDsaAttention(nn.Module):
             hidden_states.detach(), query_latent.detach(), cos, sin
         )
         index_keys = self.indexer.project_keys(hidden_states.detach(), cos, sin)  # [B, S, Di]
+        fp8 = self.indexer.fp8 and indexer_loss is None  # training scores in full precision
+        if fp8:
+            index_keys = self.indexer.pack_keys(index_keys)  # [B, S, Di + 4 * blocks] uint8
         if past_key_values is not None:
             latent, index_keys = past_key_values.update(latent, index_keys, self.layer_idx)  # [B, T, ...]
+        if fp8:
+            index_queries = self.indexer.fp8_queries(index_queries)
+            index_keys = self.indexer.unpack_keys(index_keys)
 
         num_keys = latent.shape[1]
         keys = KeyLayout(num_keys - seq_len, num_keys, key_padding_mask, hidden_states.device)

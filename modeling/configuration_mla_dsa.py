@@ -12,6 +12,8 @@ from transformers import PreTrainedConfig
 DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 ATTENTION_MODES = ("auto", "mha", "absorbed")
 INDEXER_LOSSES = (None, "dense", "sparse")
+INDEXER_CACHE_DTYPES = ("auto", "fp8")
+SCALE_FORMATS = (None, "ue8m0")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
@@ -47,6 +49,12 @@ class MlaDsaConfig(PreTrainedConfig):
     query_chunk_size (`int`, defaults to 256):
         Queries processed together by the indexer and the sparse attention; bounds their memory to
         O(chunk * context) and O(chunk * index_topk).
+    indexer_cache_dtype (`str`, defaults to `"auto"`):
+        `"fp8"`: indexer keys are Hadamard-rotated and cached as e4m3 with one float32 scale per 128 values (132
+        bytes per token for index_head_dim 128), as DeepSeek's inference code; queries are rounded the same way.
+        `"auto"`: keys are cached in the model's dtype. Training (an indexer loss) always scores in full precision.
+    indexer_scale_fmt (`str`, defaults to `None`):
+        `"ue8m0"`: FP8 scales rounded up to powers of two (DeepSeek-V3.2's `scale_fmt`).
     indexer_loss (`str`, defaults to `None`):
         `"dense"` (warm-up: KL to the dense attention over all keys) or `"sparse"` (KL over the selected keys):
         every forward then also computes the indexer's loss (see `MlaDsaCausalLMOutput`).
@@ -106,6 +114,8 @@ class MlaDsaConfig(PreTrainedConfig):
     attention_mode: str = "auto"
     mha_max_length: int = 2048
     query_chunk_size: int = 256
+    indexer_cache_dtype: str = "auto"
+    indexer_scale_fmt: str | None = None
     # Indexer training
     indexer_loss: str | None = None
 
@@ -153,6 +163,26 @@ class MlaDsaConfig(PreTrainedConfig):
             self.index_head_dim >= self.qk_rope_head_dim,
             f"at least qk_rope_head_dim={self.qk_rope_head_dim} (the indexer rotates its first rope dims)",
         )
+        _require(
+            "indexer_cache_dtype",
+            self.indexer_cache_dtype,
+            self.indexer_cache_dtype in INDEXER_CACHE_DTYPES,
+            f"one of {INDEXER_CACHE_DTYPES}",
+        )
+        _require(
+            "indexer_scale_fmt",
+            self.indexer_scale_fmt,
+            self.indexer_scale_fmt in SCALE_FORMATS,
+            f"one of {SCALE_FORMATS}",
+        )
+        if self.indexer_cache_dtype == "fp8":
+            dim = self.index_head_dim
+            _require(
+                "index_head_dim",
+                dim,
+                dim & (dim - 1) == 0 and dim >= 16,
+                "a power of two >= 16 with indexer_cache_dtype='fp8' (Hadamard rotation)",
+            )
         _require("indexer_loss", self.indexer_loss, self.indexer_loss in INDEXER_LOSSES, f"one of {INDEXER_LOSSES}")
         _require(
             "attention_mode", self.attention_mode, self.attention_mode in ATTENTION_MODES, f"one of {ATTENTION_MODES}"

@@ -21,6 +21,8 @@ from .rope_mla_dsa import apply_rotary_half_split
 
 # Largest [queries, heads, keys] block of float32 per-head index scores materialised at once (64 MiB).
 _SCORE_BLOCK_ELEMENTS = 1 << 24
+FP8_BLOCK = 128  # values per scale in FP8 indexer keys, as DeepSeek's inference code
+FP8_MAX = 448.0
 
 
 class MlaDsaIndexer(nn.Module):
@@ -37,6 +39,9 @@ class MlaDsaIndexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
         self.softmax_scale = self.head_dim**-0.5
+        self.fp8 = config.indexer_cache_dtype == "fp8"
+        self.scale_fmt = config.indexer_scale_fmt
+        self.fp8_block = min(FP8_BLOCK, self.head_dim)
 
     def project_queries(
         self, hidden_states: torch.Tensor, query_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -52,6 +57,63 @@ class MlaDsaIndexer(nn.Module):
         """Returns rotated keys [B, S, head_dim]."""
         keys = self.k_norm(self.wk(hidden_states))
         return _rotate_leading_dims(keys, cos, sin, self.rope_dim)
+
+    # ------------------------------------------------------------------------------------------- FP8 key cache
+    # DeepSeek's inference rotates indexer queries and keys with a Hadamard transform (orthogonal: q.k unchanged,
+    # outliers spread over all dims) and stores keys as e4m3 with one float32 scale per 128 values. Keys are packed
+    # per token as [head_dim e4m3 bytes | 4 bytes per scale] in one uint8 row, so a key and its scale never part.
+    def pack_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """Rotated, FP8-quantized keys [B, S, head_dim + 4 * blocks] (uint8) from keys [B, S, head_dim]."""
+        quantized, scales = quantize_fp8_blocks(hadamard_rotate(keys.float()), self.fp8_block, self.scale_fmt)
+        return torch.cat([quantized.view(torch.uint8), scales.contiguous().view(torch.uint8)], dim=-1)
+
+    def unpack_keys(self, packed: torch.Tensor) -> torch.Tensor:
+        """Float32 rotated keys [B, T, head_dim] from the packed uint8 rows."""
+        quantized = packed[..., : self.head_dim].contiguous().view(torch.float8_e4m3fn)
+        scales = packed[..., self.head_dim :].contiguous().view(torch.float32)
+        return dequantize_fp8_blocks(quantized, scales, self.fp8_block)
+
+    def fp8_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """Queries rotated and rounded through FP8 as the keys are, float32 [B, S, H, head_dim]."""
+        quantized, scales = quantize_fp8_blocks(hadamard_rotate(queries.float()), self.fp8_block, self.scale_fmt)
+        return dequantize_fp8_blocks(quantized, scales, self.fp8_block)
+
+
+def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
+    """x @ H / sqrt(n) over the last dim (n a power of two): orthogonal, so dot products are unchanged."""
+    return x @ _hadamard(x.shape[-1], x.device)
+
+
+_HADAMARDS: dict = {}
+
+
+def _hadamard(n: int, device: torch.device) -> torch.Tensor:
+    """Sylvester's construction, normalised; cached per size and device."""
+    key = (n, str(device))
+    if key not in _HADAMARDS:
+        if n & (n - 1):
+            raise ValueError(f"the Hadamard rotation needs a power-of-two index_head_dim, got {n}")
+        matrix = torch.ones(1, 1)
+        while matrix.shape[0] < n:
+            matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+        _HADAMARDS[key] = (matrix / n**0.5).to(device)
+    return _HADAMARDS[key]
+
+
+def quantize_fp8_blocks(x: torch.Tensor, block: int, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 values [..., D] and float32 scales [..., D / block]: scale = amax / 448 per block of the last dim,
+    rounded up to a power of two with `scale_fmt="ue8m0"`."""
+    blocks = x.float().unflatten(-1, (x.shape[-1] // block, block))
+    scales = blocks.abs().amax(dim=-1).clamp(min=1e-10) / FP8_MAX
+    if scale_fmt == "ue8m0":
+        scales = torch.exp2(torch.ceil(torch.log2(scales)))
+    quantized = (blocks / scales.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return quantized.flatten(-2), scales
+
+
+def dequantize_fp8_blocks(quantized: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+    blocks = quantized.float().unflatten(-1, (quantized.shape[-1] // block, block))
+    return (blocks * scales.unsqueeze(-1)).flatten(-2)
 
 
 def _rotate_leading_dims(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int) -> torch.Tensor:
