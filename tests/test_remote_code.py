@@ -1,0 +1,275 @@
+"""trust_remote_code: a checkpoint we write loads, and computes the same logits, where mla-dsa cannot be imported.
+
+The payload (modeling/*.py) is copied beside the weights by `save_pretrained`; a fresh, isolated interpreter with the
+`mla_dsa` package blocked loads it through the Auto classes, and re-saves it. The payload's imports are checked
+statically (SPEC §7), and loading a dense DeepSeek-V3 checkpoint reports the missing indexer in exactly one warning.
+"""
+
+import ast
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import mla_dsa
+
+from peers import VOCAB, build_peer, save_peer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODELING_DIR = REPO_ROOT / "modeling"
+PAYLOAD = {
+    "configuration_mla_dsa.py",
+    "modeling_mla_dsa.py",
+    "attention_mla_dsa.py",
+    "cache_mla_dsa.py",
+    "indexer_mla_dsa.py",
+    "rope_mla_dsa.py",
+}
+ALLOWED_ROOTS = {"torch", "transformers"} | set(sys.stdlib_module_names)
+
+
+def _relative_imports(path: Path) -> set[str]:
+    """File names of the siblings `path` imports as `from .sibling import X`."""
+    tree = ast.parse(path.read_text())
+    return {f"{node.module}.py" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
+
+
+def _payload_closure() -> set[str]:
+    """auto_map's two files and, recursively, every sibling they import relatively (what save_pretrained copies)."""
+    todo, seen = ["configuration_mla_dsa.py", "modeling_mla_dsa.py"], set()
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(_relative_imports(MODELING_DIR / name))
+    return seen
+
+
+@pytest.fixture(scope="module")
+def input_ids():
+    generator = torch.Generator().manual_seed(3)
+    return torch.randint(3, VOCAB, (2, 10), generator=generator)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(our model, the directory it saved itself to) from a DeepSeek-V3.2 peer with DSA active at 10 tokens."""
+    root = tmp_path_factory.mktemp("remote")
+    save_peer("deepseek_v32", root / "peer", index_topk=4)
+    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(root / "peer").eval()
+    model.save_pretrained(root / "checkpoint")
+    return model, root / "checkpoint"
+
+
+# ------------------------------------------------------------------------------------------------ the payload
+def test_save_pretrained_writes_payload(saved):
+    _, checkpoint = saved
+    assert _payload_closure() == PAYLOAD
+    written = {path.name for path in checkpoint.glob("*.py")}
+    assert written == PAYLOAD
+    for name in PAYLOAD:
+        assert (checkpoint / name).read_bytes() == (MODELING_DIR / name).read_bytes(), name
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["model_type"] == "mla_dsa"
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_mla_dsa.MlaDsaConfig",
+        "AutoModel": "modeling_mla_dsa.MlaDsaModel",
+        "AutoModelForCausalLM": "modeling_mla_dsa.MlaDsaForCausalLM",
+    }
+    for target in config["auto_map"].values():
+        module, cls = target.split(".")
+        assert f"class {cls}(" in (checkpoint / f"{module}.py").read_text()
+
+
+@pytest.mark.parametrize("path", sorted(MODELING_DIR.glob("*.py")), ids=lambda p: p.name)
+def test_payload_imports_only_torch_transformers_stdlib_and_siblings(path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):  # function bodies included: remote-code checks walk them too
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                root = alias.name.split(".")[0]
+                assert root in ALLOWED_ROOTS, f"{path.name}:{node.lineno} imports {alias.name}"
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                root = node.module.split(".")[0]
+                assert root in ALLOWED_ROOTS, f"{path.name}:{node.lineno} imports from {node.module}"
+                continue
+            # `from . import x` and `from ..x import` are not followed by save_pretrained.
+            assert node.module is not None, f"{path.name}:{node.lineno} uses `from . import ...`"
+            assert node.level == 1, f"{path.name}:{node.lineno} imports from a parent package"
+            assert (MODELING_DIR / f"{node.module}.py").is_file(), f"{path.name}:{node.lineno}: no {node.module}.py"
+
+
+# ------------------------------------------------------------------------------------- isolated remote loading
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc
+    import json
+    import sys
+
+    checkpoint, expected_path, repo_root, resaved = sys.argv[1:5]
+
+
+    class BlockMlaDsa(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "mla_dsa" or name.startswith("mla_dsa."):
+                raise ImportError(f"{name} is blocked in this interpreter")
+            return None
+
+
+    sys.meta_path.insert(0, BlockMlaDsa())
+    assert not any(repo_root in entry for entry in sys.path), sys.path
+    try:
+        import mla_dsa  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise AssertionError("mla_dsa must not be importable here")
+
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    expected = torch.load(expected_path, weights_only=True)
+    ids = expected["input_ids"]
+
+    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=True)
+    with open(expected_path + ".config.json") as f:
+        expected_config = json.load(f)
+    got_config = {k: v for k, v in config.to_dict().items() if k in expected_config}
+    assert got_config == expected_config, (got_config, expected_config)
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    base = AutoModel.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(ids).logits
+        hidden = base(ids).last_hidden_state
+        generated = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    cache_class = type(generated.past_key_values)
+    generated = generated.sequences
+    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(hidden, expected["hidden"], rtol=0, atol=1e-6)
+    assert torch.equal(generated, expected["generated"]), (generated, expected["generated"])
+
+    model.save_pretrained(resaved)
+    again = AutoModelForCausalLM.from_pretrained(resaved, trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, expected["logits"], rtol=0, atol=1e-6)
+
+    loaded_from_repo = sorted(
+        name for name, module in sys.modules.items()
+        if repo_root in str(getattr(module, "__file__", None) or "")
+    )
+    print("REPORT " + json.dumps({
+        "config": [type(config).__name__, type(config).__module__],
+        "causal_lm": [type(model).__name__, type(model).__module__],
+        "base": [type(base).__name__, type(base).__module__],
+        "resaved": [type(again).__name__, type(again).__module__],
+        "cache": [cache_class.__name__, cache_class.__module__],
+        "mla_dsa_modules": sorted(name for name in sys.modules if name.split(".")[0] == "mla_dsa"),
+        "loaded_from_repo": loaded_from_repo,
+    }))
+    """
+)
+
+
+def test_isolated_interpreter_loads_with_trust_remote_code(saved, input_ids, tmp_path):
+    model, checkpoint = saved
+    with torch.no_grad():
+        expected = {
+            "input_ids": input_ids,
+            "logits": model(input_ids).logits,
+            "hidden": model.model(input_ids).last_hidden_state,
+            "generated": model.generate(input_ids, max_new_tokens=4, do_sample=False),
+        }
+    expected_path = tmp_path / "expected.pt"
+    torch.save(expected, expected_path)
+    config_fields = ("model_type", "kv_lora_rank", "q_lora_rank", "index_topk", "index_n_heads", "index_head_dim",
+                     "rope_parameters", "scoring_func", "topk_method", "n_group", "topk_group", "auto_map")  # fmt: skip
+    config_dict = model.config.to_dict()
+    (tmp_path / "expected.pt.config.json").write_text(json.dumps({k: config_dict[k] for k in config_fields}))
+
+    resaved = tmp_path / "resaved"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", REMOTE_SCRIPT, str(checkpoint), str(expected_path), str(REPO_ROOT), str(resaved)],
+        cwd=checkpoint.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-6000:]
+    report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))[7:])
+
+    assert report["mla_dsa_modules"] == [] and report["loaded_from_repo"] == []
+    expected_classes = {
+        "config": "MlaDsaConfig",
+        "causal_lm": "MlaDsaForCausalLM",
+        "base": "MlaDsaModel",
+        "resaved": "MlaDsaForCausalLM",
+    }
+    for key, name in expected_classes.items():
+        class_name, module = report[key]
+        assert class_name == name and module.startswith("transformers_modules."), report[key]
+    assert report["cache"][0] == "MlaDsaCache" and report["cache"][1].startswith("transformers_modules."), report
+    # Re-saving the remotely loaded model wrote the payload again, unchanged.
+    assert {path.name for path in resaved.glob("*.py")} == PAYLOAD
+    for name in PAYLOAD:
+        assert (resaved / name).read_bytes() == (MODELING_DIR / name).read_bytes(), name
+    assert json.loads((resaved / "config.json").read_text())["auto_map"] == model.config.auto_map
+
+
+# --------------------------------------------------------------------------------------- dense V3 checkpoints
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_dense_v3_checkpoint_warns_once_about_indexer(tmp_path, input_ids):
+    peer = save_peer("deepseek_v3", tmp_path)
+    handler = _Records()
+    # Our logger propagates to the root logger; transformers' own loggers stop at "transformers".
+    watched = [logging.getLogger(), logging.getLogger("transformers")]
+    for logger in watched:
+        logger.addHandler(handler)
+    transformers.logging.set_verbosity_warning()
+    try:
+        model = mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path).eval()
+    finally:
+        transformers.logging.set_verbosity_error()
+        for logger in watched:
+            logger.removeHandler(handler)
+
+    messages = [record.getMessage() for record in handler.records if record.levelno >= logging.WARNING]
+    about_indexer = [message for message in messages if "indexer" in message.lower()]
+    assert len(about_indexer) == 1, messages
+    assert "3 layer" in about_indexer[0]
+    assert not any("LOAD REPORT" in message for message in messages), messages
+
+    # It still runs: with index_topk (2048 by default) above the context, it is the dense V3 model.
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, peer(input_ids).logits, atol=1e-4, rtol=0)
+
+
+def test_dense_v3_checkpoint_runs_sparse_with_untrained_indexer(tmp_path, input_ids):
+    save_peer("deepseek_v3", tmp_path)
+    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path, index_topk=4).eval()
+    dense = build_peer("deepseek_v3")
+    with torch.no_grad():
+        logits = model(input_ids).logits
+        reference = dense(input_ids).logits
+    assert torch.isfinite(logits).all()
+    # Up to position index_topk every query sees all its keys, so sparse equals dense there.
+    torch.testing.assert_close(logits[:, :4], reference[:, :4], atol=1e-4, rtol=0)

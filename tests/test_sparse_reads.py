@@ -1,0 +1,201 @@
+"""DSA is real sparse compute: absorbed attention reads only the latent rows the indexer selects.
+
+Proof by corruption: every cached latent row the indexer does not select for the next step is overwritten with NaN;
+the absorbed sparse path must give the very same logits, while MHA mode and dense absorbed attention (which read every
+row) must turn NaN: the same check, able to fail. Proof by shapes: the tensors the sparse path builds (gathered rows,
+scores) have k = index_topk where a dense path has the context length T, and do not change when T does.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import mla_dsa
+from mla_dsa import MlaDsaCache
+from mla_dsa.modeling import indexer_mla_dsa
+
+from peers import VOCAB, save_peer
+
+TOPK = 4
+CONTEXT = 24
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("v32_sparse")
+    save_peer("deepseek_v32", directory, index_topk=TOPK)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def models(checkpoint):
+    load = mla_dsa.MlaDsaForCausalLM.from_pretrained
+    return {
+        "absorbed": load(checkpoint, attention_mode="absorbed").eval(),
+        # "auto" picks absorbed attention for short steps, and for sparse prefills longer than mha_max_length.
+        "auto": load(checkpoint, mha_max_length=16).eval(),
+        "mha": load(checkpoint, attention_mode="mha").eval(),
+        "absorbed_dense": load(checkpoint, attention_mode="absorbed", use_sparse_attention=False).eval(),
+    }
+
+
+def _tokens(batch: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _prefill(model, input_ids: torch.Tensor) -> MlaDsaCache:
+    cache = MlaDsaCache(model.config)
+    with torch.no_grad():
+        model(input_ids, past_key_values=cache, use_cache=True)
+    return cache
+
+
+def _decode(model, input_ids: torch.Tensor, cache: MlaDsaCache) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids, past_key_values=cache, use_cache=True).logits
+
+
+def _record_selections(monkeypatch) -> list[torch.Tensor]:
+    """Every top-k the indexer makes, in call order (one per layer for a short step)."""
+    selections = []
+    original = indexer_mla_dsa.select_topk
+
+    def recording(scores, valid, k):
+        indices, selected_valid = original(scores, valid, k)
+        selections.append(indices.clone())
+        return indices, selected_valid
+
+    monkeypatch.setattr(indexer_mla_dsa, "select_topk", recording)
+    return selections
+
+
+def _corrupt_unselected(cache: MlaDsaCache, selections: list[torch.Tensor]) -> int:
+    """NaN into every cached latent row no query of the step selected; returns the fewest rows corrupted per
+    (layer, batch row). Indexer keys stay intact: the indexer scores every key by design."""
+    fewest = None
+    for layer, indices in zip(cache.layers, selections, strict=True):
+        cached = layer.length
+        for row in range(indices.shape[0]):
+            keep = torch.zeros(cached, dtype=torch.bool)
+            selected = indices[row].flatten()
+            keep[selected[selected < cached]] = True
+            layer.latent[row, :cached][~keep] = float("nan")
+            corrupted = int((~keep).sum())
+            fewest = corrupted if fewest is None else min(fewest, corrupted)
+    return fewest
+
+
+@pytest.mark.parametrize("mode", ["absorbed", "auto"])
+@pytest.mark.parametrize("step", [1, 3])
+def test_absorbed_sparse_reads_only_selected_rows(models, monkeypatch, step, mode):
+    absorbed = models[mode]
+    prompt, new_tokens = _tokens(2, CONTEXT, seed=1), _tokens(2, step, seed=2)
+    cache = _prefill(absorbed, prompt)
+    corrupted = copy.deepcopy(cache)
+
+    selections = _record_selections(monkeypatch)
+    clean = _decode(absorbed, new_tokens, cache)
+    monkeypatch.undo()
+    num_layers = absorbed.config.num_hidden_layers
+    assert len(selections) == num_layers
+    assert all(indices.shape == (2, step, TOPK) for indices in selections)
+
+    fewest = _corrupt_unselected(corrupted, selections)
+    assert fewest >= CONTEXT - step * TOPK  # most of the context is now NaN
+    for layer in corrupted.layers:
+        assert torch.isnan(layer.latent[:, : layer.length]).any()
+        assert not torch.isnan(layer.index_keys[:, : layer.length]).any()
+
+    # The control: MHA mode and dense absorbed attention read every row, so the same corruption reaches the logits.
+    for control in ("mha", "absorbed_dense"):
+        poisoned = _decode(models[control], new_tokens, copy.deepcopy(corrupted))
+        assert torch.isnan(poisoned).all(dim=-1).all(), control
+
+    sparse = _decode(absorbed, new_tokens, corrupted)
+    assert torch.isfinite(sparse).all()
+    torch.testing.assert_close(sparse, clean, rtol=0, atol=0)
+
+
+def test_mha_and_absorbed_sparse_agree(models):
+    """The corruption check's two modes compute the same sparse attention on a clean cache."""
+    prompt, new_tokens = _tokens(2, CONTEXT, seed=1), _tokens(2, 3, seed=2)
+    absorbed = _decode(models["absorbed"], new_tokens, _prefill(models["absorbed"], prompt))
+    mha = _decode(models["mha"], new_tokens, _prefill(models["mha"], prompt))
+    torch.testing.assert_close(absorbed, mha, atol=1e-5, rtol=0)
+    dense = _decode(models["absorbed_dense"], new_tokens, _prefill(models["absorbed_dense"], prompt))
+    assert (dense - absorbed).abs().max() > 1e-3  # top-4 of 24+ keys is not dense attention
+
+
+# ------------------------------------------------------------------------------------------------------ shapes
+def _attention_shapes(monkeypatch, model, prompt: torch.Tensor, new_tokens: torch.Tensor) -> list[tuple]:
+    """(op, equation, output shape) of every einsum / gather of one decode step after prefilling `prompt`."""
+    cache = _prefill(model, prompt)
+    shapes = []
+    original_einsum, original_gather = torch.einsum, torch.gather
+
+    def einsum(equation, *operands):
+        out = original_einsum(equation, *operands)
+        shapes.append(("einsum", equation, tuple(out.shape)))
+        return out
+
+    def gather(*args, **kwargs):
+        out = original_gather(*args, **kwargs)
+        shapes.append(("gather", "", tuple(out.shape)))
+        return out
+
+    monkeypatch.setattr(torch, "einsum", einsum)
+    monkeypatch.setattr(torch, "gather", gather)
+    try:
+        _decode(model, new_tokens, cache)
+    finally:
+        monkeypatch.undo()
+    return shapes
+
+
+def test_sparse_decode_builds_k_wide_tensors_independent_of_context(models, monkeypatch):
+    model = models["absorbed"]
+    num_layers = model.config.num_hidden_layers
+    row = model.config.kv_lora_rank + model.config.qk_rope_head_dim
+    new_tokens = _tokens(2, 1, seed=5)
+    short = _attention_shapes(monkeypatch, model, _tokens(2, CONTEXT, seed=3), new_tokens)
+    long = _attention_shapes(monkeypatch, model, _tokens(2, 3 * CONTEXT, seed=4), new_tokens)
+
+    scores = [shape for op, equation, shape in short if op == "einsum" and equation.endswith("->bshk")]
+    gathered = [shape for op, _, shape in short if op == "gather"]
+    assert scores == [(2, 1, model.config.num_attention_heads, TOPK)] * num_layers
+    assert gathered == [(2, 1, TOPK, row)] * num_layers
+    for _, _, shape in short:
+        assert CONTEXT + 1 not in shape, short
+    for _, _, shape in long:
+        assert 3 * CONTEXT + 1 not in shape, long
+    assert short == long  # nothing the sparse attention builds grows with the context
+
+
+def test_dense_absorbed_shapes_do_grow_with_context(models, monkeypatch):
+    """The control for the shape check: dense absorbed attention builds T-wide scores."""
+    model = models["absorbed_dense"]
+    new_tokens = _tokens(2, 1, seed=5)
+    short = _attention_shapes(monkeypatch, model, _tokens(2, CONTEXT, seed=3), new_tokens)
+    long = _attention_shapes(monkeypatch, model, _tokens(2, 3 * CONTEXT, seed=4), new_tokens)
+    scores = [shape for op, equation, shape in short if op == "einsum" and equation.endswith("->bsht")]
+    assert scores and all(shape[-1] == CONTEXT + 1 for shape in scores)
+    assert short != long
+
+
+@pytest.mark.parametrize("mode", ["absorbed", "auto"])
+def test_sparse_multi_token_step_scores_are_k_wide(models, monkeypatch, mode):
+    """47 queries at once over 48 keys (beyond mha_max_length=16 in auto mode): each query scores k gathered rows,
+    never an S x T matrix."""
+    model = models[mode]
+    prompt = _tokens(1, 2 * CONTEXT, seed=6)
+    shapes = _attention_shapes(monkeypatch, model, prompt[:, :1], prompt[:, 1:])
+    num_layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    row = model.config.kv_lora_rank + model.config.qk_rope_head_dim
+    queries, keys = prompt.shape[1] - 1, prompt.shape[1]
+    scores = [shape for op, equation, shape in shapes if op == "einsum" and equation.endswith("->bshk")]
+    gathered = [shape for op, _, shape in shapes if op == "gather"]
+    assert scores == [(1, queries, heads, TOPK)] * num_layers
+    assert gathered == [(1, queries, TOPK, row)] * num_layers
+    for _, _, shape in shapes:
+        assert keys not in shape, shapes
