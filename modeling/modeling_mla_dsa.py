@@ -401,8 +401,13 @@ class _LoadReportCapture(logging_std.Filter):
 def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     if input_ids.dim() != 2:
         raise ValueError(f"MlaDsaModel: input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
-    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise ValueError(f"MlaDsaModel: input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(
+            f"MlaDsaModel: token ids must lie in [0, vocab_size={vocab_size}), got "
+            f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+        )
 
 
 def _key_padding_mask(attention_mask: torch.Tensor | None, batch_size: int, num_keys: int) -> torch.Tensor | None:
