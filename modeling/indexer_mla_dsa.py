@@ -127,15 +127,19 @@ def index_scores(
     """Index scores [B, S, T] (float32) of queries [B, S, H, D] with head weights [B, S, H] against keys [B, T, D].
 
     The per-head scores [B, s, H, T] are built for a block of queries at a time, so memory stays bounded."""
-    batch_size, seq_len, n_heads, _ = queries.shape
+    batch_size, seq_len, n_heads, head_dim = queries.shape
     num_keys = keys.shape[1]
     keys_t = keys.float().transpose(1, 2)  # [B, D, T]
     block = max(1, _SCORE_BLOCK_ELEMENTS // max(1, batch_size * n_heads * num_keys))
     out = []
     for start in range(0, seq_len, block):
-        q = queries[:, start : start + block].float()  # [B, s, H, D]
-        per_head = F.relu(torch.matmul(q, keys_t.unsqueeze(1)) * softmax_scale)  # [B, s, H, T]
-        out.append(torch.matmul(weights[:, start : start + block].unsqueeze(-2), per_head).squeeze(-2))  # [B, s, T]
+        # softmax_scale > 0 commutes with ReLU: fold it into the (smaller) query block.
+        q = queries[:, start : start + block].float() * softmax_scale  # [B, s, H, D]
+        rows = q.shape[1]
+        per_head = F.relu(torch.bmm(q.reshape(batch_size, rows * n_heads, head_dim), keys_t))  # [B, s*H, T]
+        per_head = per_head.view(batch_size * rows, n_heads, num_keys)
+        head_weights = weights[:, start : start + block].reshape(batch_size * rows, 1, n_heads).float()
+        out.append(torch.bmm(head_weights, per_head).view(batch_size, rows, num_keys))  # [B, s, T]
     return torch.cat(out, dim=1) if len(out) > 1 else out[0]
 
 
@@ -200,8 +204,10 @@ class TopkSelector:
 def masked_softmax(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Softmax in float32 over the last dim, cast back; a row with no valid entry gives zeros, not NaN."""
     dtype = scores.dtype
-    probs = torch.softmax(scores.float().masked_fill(~valid, float("-inf")), dim=-1)
-    return probs.nan_to_num(0.0).to(dtype)
+    masked = scores.float().masked_fill(~valid, float("-inf"))
+    if hasattr(torch, "_safe_softmax"):  # fused: fully masked rows give 0 (torch >= 2.5)
+        return torch._safe_softmax(masked, -1).to(dtype)
+    return torch.softmax(masked, dim=-1).nan_to_num(0.0).to(dtype)
 
 
 class IndexerStats(NamedTuple):
