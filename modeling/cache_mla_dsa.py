@@ -73,8 +73,9 @@ class MlaDsaCacheLayer(CacheLayerMixin):
         self.is_initialized = False
 
     def crop(self, max_length: int) -> None:
-        """Keeps the first `max_length` tokens; a negative value removes that many from the end."""
-        if max_length < 0:
+        """`crop(-n)` removes the last n tokens and `crop(0)` nothing (transformers 5, as assisted decoding calls
+        it); a positive value keeps the first `max_length` tokens (the older convention)."""
+        if max_length <= 0:
             max_length = self.length + max_length
         self.length = max(0, min(self.length, max_length))
 

@@ -171,7 +171,7 @@ def _assert_appends(cache: MlaDsaCache, refs, seed: int) -> None:
 OPERATIONS = {
     "crop_remove_3": (lambda c: c.crop(-3), lambda t: t[:, :-3]),
     "crop_keep_5": (lambda c: c.crop(5), lambda t: t[:, :5]),
-    "crop_keep_0": (lambda c: c.crop(0), lambda t: t[:, :0]),
+    "crop_zero_removes_nothing": (lambda c: c.crop(0), lambda t: t),  # transformers 5: crop(-n) removes n
     "crop_beyond_length": (lambda c: c.crop(25), lambda t: t),
     "crop_remove_all": (lambda c: c.crop(-25), lambda t: t[:, :0]),
     "reorder_cache": (lambda c: c.reorder_cache(torch.tensor([2, 0, 0])), lambda t: t[[2, 0, 0]]),

@@ -1,0 +1,191 @@
+"""`generate()` on our MlaDsaCache: every decoding strategy gives the peer's tokens, or those of a recomputation without
+a cache; the cache comes back to the caller with the right length; a transformers DynamicCache is refused.
+
+Prompts are left-padded batches of 12 tokens; the DeepSeek-V3.2 checkpoint selects index_topk=5 keys, so DSA is
+active from the prefill on.
+"""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import mla_dsa
+
+from peers import left_padded_batch, save_peer
+
+PROMPT_LEN = 12
+NEW_TOKENS = 8
+DSA_TOPK = 5
+GREEDY = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+PEERS = {"deepseek_v3": {}, "deepseek_v32": {"index_topk": DSA_TOPK}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These models are tiny: intra-op threads only add synchronisation, which costs seconds per test on a loaded
+    2-core machine. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """{model_type: (peer, directory)}, written once."""
+    result = {}
+    for model_type, overrides in PEERS.items():
+        directory = tmp_path_factory.mktemp(model_type)
+        result[model_type] = (save_peer(model_type, directory, **overrides), directory)
+    return result
+
+
+def load_ours(saved, model_type="deepseek_v32", **config_values) -> mla_dsa.MlaDsaForCausalLM:
+    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(saved[model_type][1]).eval()
+    for name, value in config_values.items():
+        setattr(model.config, name, value)
+    return model
+
+
+@pytest.fixture(scope="module")
+def ours(saved):
+    return load_ours(saved)
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return left_padded_batch(batch_size=3, seq_len=PROMPT_LEN)
+
+
+@pytest.fixture(scope="module")
+def peer_greedy(saved, prompt):
+    input_ids, attention_mask = prompt
+    return {
+        name: peer.generate(input_ids, attention_mask=attention_mask, **GREEDY) for name, (peer, _) in saved.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def ours_greedy(ours, prompt):
+    input_ids, attention_mask = prompt
+    return ours.generate(input_ids, attention_mask=attention_mask, **GREEDY)
+
+
+@pytest.mark.parametrize("mode", ["mha", "absorbed", "auto"])
+@pytest.mark.parametrize("model_type", list(PEERS))
+def test_greedy_matches_peer(saved, prompt, peer_greedy, model_type, mode):
+    input_ids, attention_mask = prompt
+    model = load_ours(saved, model_type, attention_mode=mode)
+    tokens = model.generate(input_ids, attention_mask=attention_mask, **GREEDY)
+    expected = peer_greedy[model_type]
+    assert tokens.shape[1] > PROMPT_LEN
+    assert torch.equal(tokens, expected), (
+        f"ours {tokens[:, PROMPT_LEN:].tolist()} peer {expected[:, PROMPT_LEN:].tolist()}"
+    )
+
+
+def test_greedy_with_cache_equals_recomputation(ours, prompt, ours_greedy):
+    input_ids, attention_mask = prompt
+    recomputed = ours.generate(input_ids, attention_mask=attention_mask, use_cache=False, **GREEDY)
+    assert torch.equal(ours_greedy, recomputed)
+
+
+def test_beam_search_with_cache_equals_recomputation_and_peer(saved, ours, prompt, ours_greedy):
+    """Beam search reorders the cache (reorder_cache / batch_select_indices) at every step."""
+    input_ids, attention_mask = prompt
+    beam = dict(num_beams=3, num_return_sequences=2, **GREEDY)
+    cached = ours.generate(input_ids, attention_mask=attention_mask, **beam)
+    recomputed = ours.generate(input_ids, attention_mask=attention_mask, use_cache=False, **beam)
+    peer_tokens = saved["deepseek_v32"][0].generate(input_ids, attention_mask=attention_mask, **beam)
+    assert cached.shape[0] == 2 * input_ids.shape[0]
+    assert torch.equal(cached, recomputed)
+    assert torch.equal(cached, peer_tokens)
+    assert not torch.equal(cached[::2], ours_greedy)  # beam search found something greedy did not
+
+
+def test_seeded_sampling_is_reproducible_and_cache_independent(ours, prompt, ours_greedy):
+    input_ids, attention_mask = prompt
+    sample = dict(max_new_tokens=NEW_TOKENS, do_sample=True, top_k=10)
+
+    def sampled(seed, **kwargs):
+        torch.manual_seed(seed)
+        return ours.generate(input_ids, attention_mask=attention_mask, **sample, **kwargs)
+
+    first = sampled(3)
+    assert torch.equal(first, sampled(3))
+    assert torch.equal(first, sampled(3, use_cache=False))
+    assert not torch.equal(first, sampled(4))  # it really samples
+    assert not torch.equal(first, ours_greedy)
+
+
+@pytest.fixture(scope="module")
+def other_assistant(tmp_path_factory):
+    """Same geometry, different weights: most of its drafts are rejected and cropped off the main model's cache."""
+    directory = tmp_path_factory.mktemp("assistant")
+    save_peer("deepseek_v32", directory, seed=5, index_topk=DSA_TOPK)
+    return mla_dsa.MlaDsaForCausalLM.from_pretrained(directory).eval()
+
+
+@pytest.mark.parametrize("row", [0, 1, 2], ids=["unpadded", "padded_3", "padded_6"])
+@pytest.mark.parametrize("assistant", ["same_model", "other_weights"])
+def test_assisted_greedy_equals_greedy(ours, other_assistant, prompt, monkeypatch, assistant, row):
+    """Assisted decoding verifies several draft tokens per forward on our cache and crops rejected ones (batch 1:
+    transformers' restriction). Greedy with any assistant must give the main model's own greedy tokens."""
+    input_ids, attention_mask = (t[row : row + 1] for t in prompt)
+    helper = ours if assistant == "same_model" else other_assistant
+    plain = ours.generate(input_ids, attention_mask=attention_mask, **GREEDY)
+    crops = []
+    original_crop = mla_dsa.MlaDsaCacheLayer.crop
+
+    def recording_crop(self, max_length):
+        crops.append(max_length)
+        return original_crop(self, max_length)
+
+    monkeypatch.setattr(mla_dsa.MlaDsaCacheLayer, "crop", recording_crop)
+    assisted = ours.generate(input_ids, attention_mask=attention_mask, assistant_model=helper, **GREEDY)
+    assert torch.equal(assisted, plain), (
+        f"assisted {assisted[:, PROMPT_LEN:].tolist()} plain {plain[:, PROMPT_LEN:].tolist()}"
+    )
+    if assistant == "other_weights":
+        assert any(removed < 0 for removed in crops), "no draft was rejected: the rollback went untested"
+
+
+def test_crop_zero_removes_nothing(ours, prompt):
+    """transformers 5.23 calls `cache.crop(0)` meaning "remove 0 tokens" (assisted decoding after a fully accepted
+    draft; the assistant's cache before every draft), as DynamicCache.crop(0) does."""
+    input_ids, attention_mask = prompt
+    cache = mla_dsa.MlaDsaCache(ours.config)
+    with torch.no_grad():
+        ours(input_ids, attention_mask=attention_mask, past_key_values=cache)
+    reference = DynamicCache()
+    reference.update(torch.zeros(1, 1, PROMPT_LEN, 4), torch.zeros(1, 1, PROMPT_LEN, 4), 0)
+    reference.crop(0)
+    assert reference.get_seq_length() == PROMPT_LEN
+    cache.crop(0)
+    assert cache.get_seq_length() == PROMPT_LEN
+
+
+def test_generate_returns_our_cache_and_it_continues(ours, prompt, ours_greedy):
+    """The returned cache holds every token but the last generated one (which was never fed back); handing it to a
+    second generate() continues exactly where one long generate() goes."""
+    input_ids, attention_mask = prompt
+    half = NEW_TOKENS // 2
+    out = ours.generate(input_ids, attention_mask=attention_mask, max_new_tokens=half, do_sample=False,
+                        return_dict_in_generate=True)  # fmt: skip
+    cache = out.past_key_values
+    assert isinstance(cache, mla_dsa.MlaDsaCache)
+    assert out.sequences.shape[1] == PROMPT_LEN + half
+    assert cache.get_seq_length() == out.sequences.shape[1] - 1 == PROMPT_LEN + half - 1
+    assert all(layer.get_seq_length() == PROMPT_LEN + half - 1 for layer in cache.layers)
+    mask = torch.cat([attention_mask, torch.ones(attention_mask.shape[0], half, dtype=attention_mask.dtype)], dim=1)
+    continued = ours.generate(out.sequences, attention_mask=mask, past_key_values=cache, max_new_tokens=half,
+                              do_sample=False)  # fmt: skip
+    assert torch.equal(continued, ours_greedy)
+
+
+def test_dynamic_cache_is_refused(ours, prompt):
+    input_ids, attention_mask = prompt
+    with pytest.raises(ValueError, match="MlaDsaCache"):
+        ours(input_ids, attention_mask=attention_mask, past_key_values=DynamicCache(config=ours.config))
+    with pytest.raises(ValueError, match="MlaDsaCache"):
+        ours.generate(input_ids, attention_mask=attention_mask, past_key_values=DynamicCache(), **GREEDY)
