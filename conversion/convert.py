@@ -52,6 +52,7 @@ class ConvertOptions:
     overwrite: bool = False
     verify: bool = False
     verify_tolerance: float | None = None
+    follow_symlinks: bool = False
     progress: bool = True
 
 
@@ -83,7 +84,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **options
         raise ConversionError(dst, f"--indexer-init must be one of {INDEXER_INITS}, got {opts.indexer_init!r}")
     src, dst = Path(src).resolve(), Path(dst).resolve()
     _check_paths(src, dst, opts.overwrite)
-    source = SourceCheckpoint(src)
+    source = SourceCheckpoint(src, follow_symlinks=opts.follow_symlinks)
     config = target_config(source, opts)
     plan = plan_output(source, config, opts)
     partial = dst.parent / f".{dst.name}.mla-dsa-partial"
@@ -300,6 +301,7 @@ def _start_state(partial: Path, fingerprint: str, resume: bool) -> dict:
     if partial.exists() and resume and state_path.exists():
         state = read_json(state_path)
         if state.get("fingerprint") == fingerprint:
+            _remove_strays(partial, state)
             return state
     if partial.exists():
         shutil.rmtree(partial)
@@ -307,6 +309,13 @@ def _start_state(partial: Path, fingerprint: str, resume: bool) -> dict:
     state = {"fingerprint": fingerprint, "done": {}}
     _save_state(partial, state)
     return state
+
+
+def _remove_strays(partial: Path, state: dict) -> None:
+    """A kill inside a write leaves temporary files (ours, or safetensors' own): drop all but finished shards."""
+    for path in partial.iterdir():
+        if path.name != STATE_NAME and path.name not in state["done"]:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def _is_done(partial: Path, shard: OutputShard, state: dict) -> bool:
@@ -332,7 +341,8 @@ def _write_metadata(source: SourceCheckpoint, config: MlaDsaConfig, plan: list[O
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (partial / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     for extra in sorted(source.path.iterdir()):
-        if extra.is_file() and not extra.is_symlink() and _is_extra_file(extra.name):
+        linked_ok = source.follow_symlinks or not extra.is_symlink()
+        if extra.is_file() and linked_ok and _is_extra_file(extra.name):
             shutil.copyfile(extra, partial / extra.name)
 
 
@@ -400,7 +410,7 @@ def verify_logits(source: SourceCheckpoint, converted: Path, config: MlaDsaConfi
 
     generator = torch.Generator().manual_seed(opts.seed)
     input_ids = torch.randint(0, config.vocab_size, (2, 16), generator=generator)
-    reference = _reference_model(source, config)
+    reference = _reference_model(source, config, opts)
     converted_model = MlaDsaForCausalLM.from_pretrained(converted, dtype=torch.float32, use_sparse_attention=False)
     with torch.no_grad():
         expected = reference(input_ids).logits.float()
@@ -413,8 +423,9 @@ def verify_logits(source: SourceCheckpoint, converted: Path, config: MlaDsaConfi
     return diff
 
 
-def _reference_model(source: SourceCheckpoint, config: MlaDsaConfig) -> torch.nn.Module:
-    """SRC in float32, through transformers' class for its model type (FP8 tensors dequantized as converted)."""
+def _reference_model(source: SourceCheckpoint, config: MlaDsaConfig, opts: ConvertOptions) -> torch.nn.Module:
+    """SRC through transformers' class for its model type, run in float32 on the source tensors rounded to the
+    output dtype exactly as the conversion rounds them (FP8 dequantized, --dtype cast)."""
     import transformers
 
     from ..modeling.modeling_mla_dsa import MlaDsaForCausalLM
@@ -428,11 +439,12 @@ def _reference_model(source: SourceCheckpoint, config: MlaDsaConfig) -> torch.nn
         if model_type == "deepseek_v32":
             peer_config.index_topk = 1 << 30
         model = transformers.AutoModelForCausalLM.from_config(peer_config, dtype=torch.float32)
+    model_dtype = _model_dtype(source, opts)
     state = {}
     for name, info in source.tensors.items():
         if not name.endswith(SCALE_SUFFIX):
-            dtype = config.dtype if info.is_fp8 else info.dtype
-            state[name] = source.read(name, fp8_dtype=dtype).float()
+            dtype = _output_dtype(info, opts, model_dtype)
+            state[name] = source.read(name, fp8_dtype=dtype).to(dtype).float()
     source.close()
     _load_into(model, state)
     return model.eval()

@@ -59,8 +59,9 @@ class TensorInfo:
 class SourceCheckpoint:
     """A checkpoint directory: its config dict, its shards in order, and a table of every tensor it holds."""
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, follow_symlinks: bool = False):
         self.path = Path(path)
+        self.follow_symlinks = follow_symlinks
         if not self.path.is_dir():
             raise ConversionError(self.path, "not a directory")
         self.config = read_json(self.path / "config.json")
@@ -91,8 +92,9 @@ class SourceCheckpoint:
         if not isinstance(shard, str) or Path(shard).name != shard or shard in (".", ".."):
             raise ConversionError(index_path, f"shard name {shard!r} is not a plain file name")
         target = self.path / shard
-        if target.is_symlink():
-            raise ConversionError(target, "shard is a symbolic link; refusing to follow it")
+        if target.is_symlink() and not self.follow_symlinks:
+            raise ConversionError(target, "shard is a symbolic link; refusing to follow it (--follow-symlinks "
+                                          "allows it, e.g. for a Hugging Face cache snapshot)")  # fmt: skip
         if not target.exists():
             raise ConversionError(target, "shard listed in the index is missing")
 

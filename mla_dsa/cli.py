@@ -46,6 +46,17 @@ def _add_convert(commands) -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted conversion into the same DST")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     parser.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="read shards that are symbolic links (as in a Hugging Face cache snapshot)",
+    )
+    parser.add_argument(
+        "--verify-tolerance",
+        type=float,
+        default=None,
+        help="largest max |logit difference| --verify accepts (default 1e-4 x max |logit|)",
+    )
+    parser.add_argument(
         "--verify",
         action="store_true",
         help="run SRC and DST (every token selected) on a short input and fail if logits differ",
@@ -60,7 +71,7 @@ def _run_convert(args) -> int:
         args.src, args.dst, dtype=args.dtype, index_n_heads=args.index_n_heads, index_head_dim=args.index_head_dim,
         index_topk=args.index_topk, indexer_init=args.indexer_init, seed=args.seed,
         max_shard_size=args.max_shard_size, resume=args.resume, overwrite=args.overwrite, verify=args.verify,
-        progress=not args.no_progress,
+        verify_tolerance=args.verify_tolerance, follow_symlinks=args.follow_symlinks, progress=not args.no_progress,
     )  # fmt: skip
     print(f"wrote {dst}")
     return 0
