@@ -1,0 +1,45 @@
+"""`mla-dsa demo --quick`: every step runs, the printed table parses, and its numbers are recomputable."""
+
+import json
+import re
+
+import torch
+
+import mla_dsa
+from mla_dsa.cli import main
+from mla_dsa.data import fixed_windows, read_corpus, stdlib_files
+from mla_dsa.training import evaluate_indexer
+
+NUMBERS = r" \| ".join([r"([\d.]+)"] * 4)
+ROW = re.compile(r"^\| (\d+) \(L/(\d+)\) \| (fresh \(random\)|after \d+-step warm-up) \| " + NUMBERS + r" \|$")
+
+
+def test_quick_demo_table_matches_a_recomputation(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    rows = [ROW.match(line).groups() for line in printed.splitlines() if ROW.match(line)]
+    assert len(rows) == 4  # k = L/8 and L/16, before and after the warm-up
+    results = json.loads((tmp_path / "results.json").read_text())
+    seq_len = results["seq_len"]
+    assert {int(r[0]) for r in rows} == {seq_len // 8, seq_len // 16}
+    for _, _, _, dense, sparse, ratio, recall in rows:
+        assert abs(float(sparse) / float(dense) - float(ratio)) < 2e-4
+        assert 0.0 < float(recall) <= 1.0
+    assert "fibonacci" in printed and (tmp_path / "dsa-vs-k.png").stat().st_size > 1000
+    assert "bytes per token per layer" in printed and "ms/token" in printed
+
+    # Recompute the "after" ratio at k = L/8 from the warmed checkpoint on the same held-out windows.
+    after = next(r for r in rows if r[2].startswith("after") and int(r[0]) == seq_len // 8)
+    warmed = next(p for p in tmp_path.iterdir() if p.name.endswith("-warm"))
+    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(warmed, dtype=torch.float32)
+    windows = fixed_windows(read_corpus(stdlib_files("held_out")), 2, seq_len)
+    recomputed = evaluate_indexer(model, windows, index_topk=seq_len // 8)
+    assert abs(recomputed["loss_ratio"] - float(after[5])) < 2e-4
+    assert abs(recomputed["recall"] - float(after[6])) < 2e-3
+    fresh = next(r for r in rows if r[2].startswith("fresh") and int(r[0]) == seq_len // 8)
+    assert float(after[6]) > float(fresh[6])  # even a few warm-up steps move recall up
+
+    # A second run reuses the cached checkpoints instead of converting and training again.
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("model*.safetensors")}
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("model*.safetensors")} == stamps
