@@ -29,16 +29,19 @@ def evaluate(checkpoint: Path, windows: torch.Tensor, ks: list[int]) -> dict[int
 
 
 def run(
-    model_dir: Path, out: Path, steps: int, seq_len: int, batch_size: int, eval_windows: int, inits: list[str]
-) -> dict:
+    model_dir: Path, out: Path, steps: int, seq_len: int, batch_size: int, eval_windows: int, inits: list[str],
+    index_n_heads: int | None = None, index_head_dim: int | None = None,
+) -> dict:  # fmt: skip
     held_out = read_corpus(stdlib_files("held_out"))
     windows = fixed_windows(held_out, eval_windows, seq_len)
     ks = [seq_len // 8, seq_len // 16]
     train_files = [str(p) for p in stdlib_files("train")]
-    results = {"seq_len": seq_len, "steps": steps, "batch_size": batch_size, "ks": ks, "inits": {}}
+    results = {"seq_len": seq_len, "steps": steps, "batch_size": batch_size, "ks": ks, "inits": {},
+               "index_n_heads": index_n_heads, "index_head_dim": index_head_dim}  # fmt: skip
     for init in inits:
         converted = out / f"dsa-{init}"
         mla_dsa.convert_checkpoint(model_dir, converted, indexer_init=init, index_topk=ks[0], overwrite=True,
+                                   index_n_heads=index_n_heads, index_head_dim=index_head_dim,
                                    progress=False)  # fmt: skip
         before = evaluate(converted, windows, ks)
         start = time.time()
@@ -74,12 +77,15 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--inits", nargs="+", default=["random", "svd"])
+    parser.add_argument("--index-n-heads", type=int, default=None, help="indexer heads (default: converter's)")
+    parser.add_argument("--index-head-dim", type=int, default=None, help="indexer head size (default: converter's)")
     parser.add_argument("--out", default=None, help="keep converted and warmed checkpoints here")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
-        results = run(Path(args.model), out, args.steps, args.seq_len, args.batch_size, args.eval_windows, args.inits)
+        results = run(Path(args.model), out, args.steps, args.seq_len, args.batch_size, args.eval_windows, args.inits,
+                      args.index_n_heads, args.index_head_dim)  # fmt: skip
     print(table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))

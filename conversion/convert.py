@@ -90,9 +90,12 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **options
     partial = dst.parent / f".{dst.name}.mla-dsa-partial"
     try:
         _write_shards(source, config, plan, partial, opts)
+        _write_metadata(source, config, plan, partial)
+    except OSError as err:  # disk full, permissions...: finished shards stay for --resume
+        where = err.filename or partial
+        raise ConversionError(where, f"write failed ({err.strerror or err}); fix it and rerun with --resume") from None
     finally:
         source.close()
-    _write_metadata(source, config, plan, partial)
     check_output(partial, plan)
     if opts.verify:
         verify_logits(source, partial, config, opts)
