@@ -1,0 +1,65 @@
+"""The examples run on tiny models: generate.py (through trust_remote_code) and warmup_indexer.py."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mla_dsa
+from mla_dsa.data import byte_tokenizer, stdlib_files
+
+from peers import save_peer
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+DATA = [str(path) for path in stdlib_files("train")[:3]]
+
+
+@pytest.fixture(scope="module")
+def dsa_checkpoint(tmp_path_factory):
+    dense = tmp_path_factory.mktemp("dense")
+    save_peer("deepseek_v3", dense, vocab_size=256)
+    byte_tokenizer().save_pretrained(dense)
+    out = tmp_path_factory.mktemp("dsa") / "ckpt"
+    mla_dsa.convert_checkpoint(dense, out, index_topk=8, progress=False)
+    return out
+
+
+def run_example(*args: str, cwd: Path) -> str:
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_generate_example(dsa_checkpoint, tmp_path):
+    out = run_example(str(EXAMPLES / "generate.py"), str(dsa_checkpoint), "--max-new-tokens", "12", cwd=tmp_path)
+    assert out.startswith("def fibonacci(n):") and "[12 tokens in" in out and "sparse attention]" in out
+    dense = run_example(str(EXAMPLES / "generate.py"), str(dsa_checkpoint), "--max-new-tokens", "4", "--dense",
+                        cwd=tmp_path)  # fmt: skip
+    assert "dense attention]" in dense
+
+
+def test_warmup_example(dsa_checkpoint, tmp_path):
+    out = run_example(str(EXAMPLES / "warmup_indexer.py"), str(dsa_checkpoint), "--data", *DATA, "--out",
+                      str(tmp_path / "warm"), "--steps", "4", "--seq-len", "64", "--batch-size", "2",
+                      "--no-progress", cwd=tmp_path)  # fmt: skip
+    reports = [json.loads(part.split(":", 1)[1]) for part in _reports(out)]
+    assert len(reports) == 2 and all("recall" in r and "loss_ratio" in r for r in reports)
+    assert (tmp_path / "warm" / "config.json").exists()
+
+
+def _reports(text: str) -> list[str]:
+    """The JSON blocks printed after "before warm-up:" and "after warm-up:"."""
+    blocks, current = [], None
+    for line in text.splitlines():
+        if line.startswith(("before warm-up:", "after warm-up:")):
+            if current:
+                blocks.append(current)
+            current = line
+        elif current is not None:
+            current += "\n" + line
+            if line == "}":
+                blocks.append(current)
+                current = None
+    return blocks
