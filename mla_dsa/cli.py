@@ -83,7 +83,8 @@ def _add_train_indexer(commands) -> None:
         help="train the DSA indexer of a checkpoint: dense warm-up or sparse stage (DeepSeek-V3.2 recipe)",
         description="Runs one stage of the paper's indexer training with transformers' Trainer. dense: only the "
         "indexer trains, on KL to the dense attention; sparse: top-k on, the indexer trains on KL over its selection "
-        "and the model on the LM loss. Data-parallel under `accelerate launch --num_processes N -m mla_dsa ...`.",
+        "and the model on the LM loss. Data-parallel under `accelerate launch --multi_gpu --num_processes N -m mla_dsa "
+        "train-indexer ...` (gloo on a CPU-only machine, NCCL on GPUs; or --config_file examples/accelerate_ddp.yaml).",
     )
     parser.add_argument("checkpoint", help="DSA checkpoint directory (e.g. the output of mla-dsa convert)")
     parser.add_argument("--stage", required=True, choices=["dense", "sparse"])

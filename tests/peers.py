@@ -94,6 +94,17 @@ def save_peer(model_type: str, directory: Path, seed: int = 0, **overrides) -> t
     return model
 
 
+def save_byte_level_dsa(dense_dir: Path, dsa_dir: Path, index_topk: int) -> Path:
+    """A tiny byte-level DeepSeek-V3 written by transformers (with the byte tokenizer), converted to DSA."""
+    import mla_dsa
+    from mla_dsa.data import byte_tokenizer
+
+    save_peer("deepseek_v3", dense_dir, vocab_size=256)
+    byte_tokenizer().save_pretrained(dense_dir)
+    mla_dsa.convert_checkpoint(dense_dir, dsa_dir, index_topk=index_topk, progress=False)
+    return dsa_dir
+
+
 def left_padded_batch(batch_size: int = 3, seq_len: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and a left-padding mask: row 0 full, the others padded by a growing amount."""
     generator = torch.Generator().manual_seed(seed)

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import mla_dsa
-from mla_dsa.data import byte_tokenizer, stdlib_files
+from mla_dsa.data import stdlib_files
 
-from peers import save_peer
+from peers import save_byte_level_dsa
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DATA = [str(path) for path in stdlib_files("train")[:3]]
@@ -18,12 +17,7 @@ DATA = [str(path) for path in stdlib_files("train")[:3]]
 
 @pytest.fixture(scope="module")
 def dsa_checkpoint(tmp_path_factory):
-    dense = tmp_path_factory.mktemp("dense")
-    save_peer("deepseek_v3", dense, vocab_size=256)
-    byte_tokenizer().save_pretrained(dense)
-    out = tmp_path_factory.mktemp("dsa") / "ckpt"
-    mla_dsa.convert_checkpoint(dense, out, index_topk=8, progress=False)
-    return out
+    return save_byte_level_dsa(tmp_path_factory.mktemp("dense"), tmp_path_factory.mktemp("dsa") / "ckpt", 8)
 
 
 def run_example(*args: str, cwd: Path) -> str:

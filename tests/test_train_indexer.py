@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 import mla_dsa
 from mla_dsa.cli import main as cli
-from mla_dsa.data import byte_tokenizer, stdlib_files
+from mla_dsa.data import stdlib_files
 
-from peers import save_peer
+from peers import save_byte_level_dsa
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = [str(path) for path in stdlib_files("train")[:6]]
@@ -22,13 +22,7 @@ DATA = [str(path) for path in stdlib_files("train")[:6]]
 
 @pytest.fixture(scope="module")
 def dsa_checkpoint(tmp_path_factory):
-    """A tiny byte-level DeepSeek-V3 written by transformers, converted to DSA (k=16)."""
-    dense = tmp_path_factory.mktemp("dense")
-    save_peer("deepseek_v3", dense, vocab_size=256)
-    byte_tokenizer().save_pretrained(dense)
-    out = tmp_path_factory.mktemp("dsa") / "ckpt"
-    mla_dsa.convert_checkpoint(dense, out, index_topk=16, progress=False)
-    return out
+    return save_byte_level_dsa(tmp_path_factory.mktemp("dense"), tmp_path_factory.mktemp("dsa") / "ckpt", 16)
 
 
 def weights(directory: Path) -> dict[str, torch.Tensor]:
