@@ -45,6 +45,7 @@ class ConvertOptions:
     index_n_heads: int | None = None
     index_head_dim: int | None = None
     index_topk: int | None = None
+    dense_attention_layers: list[int] | None = None
     indexer_init: str = "random"
     seed: int = 0
     max_shard_size: int | str = "5GB"
@@ -123,6 +124,8 @@ def target_config(source: SourceCheckpoint, opts: ConvertOptions) -> MlaDsaConfi
         heads, head_dim = default_indexer_shape(fields)
         fields.setdefault("index_n_heads", heads)
         fields.setdefault("index_head_dim", head_dim)
+    if opts.dense_attention_layers is not None:
+        fields["dense_attention_layers"] = list(opts.dense_attention_layers)
     fields["architectures"] = ["MlaDsaForCausalLM"]
     fields["dtype"] = str(_model_dtype(source, opts)).removeprefix("torch.")
     fields.pop("torch_dtype", None)

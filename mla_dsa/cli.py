@@ -42,6 +42,13 @@ def _add_convert(commands) -> None:
         help="random (as the paper) or svd (derived from the layer's attention weights)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the indexer init (output is deterministic)")
+    parser.add_argument(
+        "--dense-attention-layers",
+        type=int,
+        nargs="*",
+        default=None,
+        help="layers that keep dense attention (DeepSeek-V3.2: none; small models: often the first)",
+    )
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted conversion into the same DST")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
@@ -70,6 +77,7 @@ def _run_convert(args) -> int:
     dst = convert_checkpoint(
         args.src, args.dst, dtype=args.dtype, index_n_heads=args.index_n_heads, index_head_dim=args.index_head_dim,
         index_topk=args.index_topk, indexer_init=args.indexer_init, seed=args.seed,
+        dense_attention_layers=args.dense_attention_layers,
         max_shard_size=args.max_shard_size, resume=args.resume, overwrite=args.overwrite, verify=args.verify,
         verify_tolerance=args.verify_tolerance, follow_symlinks=args.follow_symlinks, progress=not args.no_progress,
     )  # fmt: skip

@@ -45,7 +45,7 @@ def run_demo(
     from .training import evaluate_indexer, train_indexer
 
     out = Path(out_dir) if out_dir is not None else default_out_dir()
-    tag = f"L{seq_len}-s{steps}-b{batch_size}"
+    tag = f"L{seq_len}-s{steps}-b{batch_size}-d0"
     converted, warmed = out / f"dsa-{tag}", out / f"dsa-{tag}-warm"
     ks = [seq_len // 8, seq_len // 16]
     plot_ks = sorted({max(1, seq_len // d) for d in (32, 16, 8, 4, 2)})
@@ -55,7 +55,10 @@ def run_demo(
 
     _stage("1/5 converting the embedded dense model to DSA (mla-dsa convert)")
     if not (converted / "config.json").exists():
-        convert_checkpoint(ASSET_DIR, converted, index_topk=ks[0], overwrite=True, progress=progress)
+        # The small model's first layer spreads its attention over the whole window (no top-k covers it): it keeps
+        # dense attention, DSA runs on the others (see README, "Indexer init and dense warm-up").
+        convert_checkpoint(ASSET_DIR, converted, index_topk=ks[0], dense_attention_layers=[0], overwrite=True,
+                           progress=progress)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(converted)
 
     _stage("2/5 measuring the fresh (random) indexer on held-out stdlib files")

@@ -112,7 +112,8 @@ class MlaDsaAttention(nn.Module):
 
         num_keys = latent.shape[1]
         keys = KeyLayout(num_keys - seq_len, num_keys, key_padding_mask, hidden_states.device)
-        sparse = self.config.use_sparse_attention and self.config.index_topk < num_keys
+        dsa_layer = self.layer_idx not in (self.config.dense_attention_layers or ())
+        sparse = self.config.use_sparse_attention and self.config.index_topk < num_keys and dsa_layer
         selector = TopkSelector(index_queries, index_weights, index_keys, keys, self.config.index_topk,
                                 self.indexer.softmax_scale)  # fmt: skip
         active_selector = selector if sparse else None
@@ -123,7 +124,7 @@ class MlaDsaAttention(nn.Module):
         attn_output = self.o_proj(attn_output.reshape(batch_size, seq_len, self.num_heads * self.v_head_dim))
 
         stats = None
-        if indexer_loss is not None:
+        if indexer_loss is not None and dsa_layer:  # a dense-attention layer's indexer is never used
             with torch.no_grad():
                 main_query = self._absorbed_query(q_nope.detach(), q_rope.detach())
             stats = indexer_kl_loss(

@@ -44,6 +44,9 @@ class MlaDsaConfig(PreTrainedConfig):
         `"absorbed"`: MQA over the latent with W_UK folded into the query and W_UV applied after attention
         (top-k applied by gathering the selected latent rows); `"auto"`: absorbed for decoding and for sparse
         prefill longer than `mha_max_length`, MHA otherwise.
+    dense_attention_layers (`list[int]`, defaults to `None`):
+        Layers that attend to every token even with DSA on (DeepSeek-V3.2 has none). Small models' first layer often
+        spreads its attention over the whole context, which no top-k can cover.
     mha_max_length (`int`, defaults to 2048):
         In `"auto"` mode, the context length up to which a sparse multi-token forward uses masked MHA.
     query_chunk_size (`int`, defaults to 256):
@@ -110,6 +113,7 @@ class MlaDsaConfig(PreTrainedConfig):
     index_head_dim: int = 128
     index_topk: int = 2048
     use_sparse_attention: bool = True
+    dense_attention_layers: list[int] | None = None
     # Execution
     attention_mode: str = "auto"
     mha_max_length: int = 2048
@@ -183,6 +187,11 @@ class MlaDsaConfig(PreTrainedConfig):
                 dim & (dim - 1) == 0 and dim >= 16,
                 "a power of two >= 16 with indexer_cache_dtype='fp8' (Hadamard rotation)",
             )
+        layers = self.dense_attention_layers
+        _require("dense_attention_layers", layers, layers is None or (
+            isinstance(layers, (list, tuple)) and all(isinstance(i, int) and 0 <= i < self.num_hidden_layers
+                                                      for i in layers)
+        ), f"None or a list of layer indices below num_hidden_layers={self.num_hidden_layers}")  # fmt: skip
         _require("indexer_loss", self.indexer_loss, self.indexer_loss in INDEXER_LOSSES, f"one of {INDEXER_LOSSES}")
         _require(
             "attention_mode", self.attention_mode, self.attention_mode in ATTENTION_MODES, f"one of {ATTENTION_MODES}"

@@ -300,6 +300,8 @@ INVALID = [
     ("num_experts_per_tok", dict(num_experts_per_tok=257)),
     ("num_experts_per_tok", dict(num_experts_per_tok=0)),
     ("first_k_dense_replace", dict(first_k_dense_replace=-1)),
+    ("dense_attention_layers", dict(dense_attention_layers=[61])),  # 61 layers: 0..60
+    ("dense_attention_layers", dict(dense_attention_layers=[-1])),
 ]
 
 
@@ -330,6 +332,7 @@ NON_DEFAULT = dict(
     q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=24, v_head_dim=20, n_routed_experts=12,
     n_shared_experts=2, num_experts_per_tok=3, routed_scaling_factor=1.5, scoring_func="softmax",
     topk_method="group_limited_greedy", n_group=4, topk_group=2, norm_topk_prob=False, first_k_dense_replace=2,
+    dense_attention_layers=[0, 3],
     moe_layer_freq=2, num_nextn_predict_layers=1, index_n_heads=4, index_head_dim=32, index_topk=7,
     use_sparse_attention=False, attention_mode="mha", mha_max_length=100, query_chunk_size=16, indexer_loss="sparse",
     indexer_cache_dtype="fp8", indexer_scale_fmt="ue8m0",

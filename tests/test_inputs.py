@@ -113,3 +113,23 @@ def test_payload_does_nothing_at_import_but_define():
                 calls = [n for n in ast.walk(value) if isinstance(n, ast.Call)] if value is not None else []
                 calls = [c for c in calls if ast.unparse(c.func) != "logging.get_logger"]  # a logger is inert
                 assert not calls, f"{path.name}:{node.lineno} calls code at import"
+
+
+def test_dense_attention_layers_attend_to_every_token(model):
+    """A layer in `dense_attention_layers` ignores top-k; listing every layer is the dense model."""
+    input_ids, attention_mask = left_padded_batch(seq_len=12)
+    real = attention_mask.bool()
+    layers = list(range(model.config.num_hidden_layers))
+    with torch.no_grad():
+        sparse = model(input_ids, attention_mask=attention_mask).logits
+        model.config.use_sparse_attention = False
+        dense = model(input_ids, attention_mask=attention_mask).logits
+        model.config.use_sparse_attention = True
+        model.config.dense_attention_layers = layers
+        all_dense = model(input_ids, attention_mask=attention_mask).logits
+        model.config.dense_attention_layers = [0]
+        first_dense = model(input_ids, attention_mask=attention_mask).logits
+        model.config.dense_attention_layers = None
+    torch.testing.assert_close(all_dense, dense, atol=1e-6, rtol=0)
+    assert (first_dense[real] - sparse[real]).abs().max() > 1e-4
+    assert (first_dense[real] - dense[real]).abs().max() > 1e-4
