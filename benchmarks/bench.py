@@ -59,6 +59,13 @@ def build_model(directory: Path) -> Path:
     return directory
 
 
+def set_topk(theirs, ours, k: int) -> None:
+    """transformers' indexer copies index_topk at construction: set it there too."""
+    theirs.config.index_topk = ours.config.index_topk = k
+    for layer in theirs.model.layers:
+        layer.self_attn.indexer.index_topk = k
+
+
 def load_models(directory: Path):
     from transformers import DeepseekV32ForCausalLM
 
@@ -151,13 +158,19 @@ ids = torch.randint(0, {BENCH_CONFIG["vocab_size"]}, (1, {length}))
 model_class = mla_dsa.MlaDsaForCausalLM if {which!r} == "ours" else DeepseekV32ForCausalLM
 model = model_class.from_pretrained({str(model_dir)!r}, dtype=torch.float32, index_topk={topk_for(length)})
 model.eval()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def peak_rss_gb():  # VmHWM: this process's own peak (ru_maxrss would include the parent's, from before exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+base = peak_rss_gb()
 start = time.perf_counter()
 with torch.no_grad():
     model(ids, use_cache=True, logits_to_keep=1)
 seconds = time.perf_counter() - start
-print(json.dumps(dict(seconds=seconds, peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                      rss_before_gb=base / 2**20)))
+print(json.dumps(dict(seconds=seconds, peak_rss_gb=peak_rss_gb(), rss_before_gb=base)))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if result.returncode != 0:
@@ -172,6 +185,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, nargs="*", default=[8192, 32768])
     parser.add_argument("--theirs-prefill-max", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--no-decode", action="store_true", help="prefill measurements only")
     parser.add_argument("--out", default="bench-out")
     args = parser.parse_args()
     out = Path(args.out)
@@ -187,14 +201,14 @@ def main() -> None:
         # Logits agree on a real forward with DSA active (k < L).
         ids = torch.randint(0, BENCH_CONFIG["vocab_size"], (1, 600))
         with torch.no_grad():
-            theirs.config.index_topk = ours.config.index_topk = 256
+            set_topk(theirs, ours, 256)
             diff = (theirs(ids).logits - ours(ids).logits).abs().max().item()
         results["prefill_logit_max_abs_diff_600_tokens"] = diff
         print(f"logits ours vs transformers (600 tokens, k=256): max |diff| = {diff:.2e}")
 
-        for context in args.contexts:
+        for context in [] if args.no_decode else args.contexts:
             k = topk_for(context)
-            theirs.config.index_topk = ours.config.index_topk = k
+            set_topk(theirs, ours, k)
             contents = random_cache_contents(context)
             row = {"context": context, "index_topk": k}
             ours.config.use_sparse_attention = True

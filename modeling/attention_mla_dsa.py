@@ -208,45 +208,43 @@ class MlaDsaAttention(nn.Module):
         return torch.cat([torch.einsum("bshn,hnr->bshr", q_nope, w_uk.to(q_nope.dtype)), q_rope], dim=-1)
 
     def _absorbed_attention(self, q_nope, q_rope, latent, keys: "KeyLayout", selector) -> torch.Tensor:
+        """[B, S, H, dv], one query chunk at a time: the absorbed query [s, H, R + dr] and the latent output
+        [s, H, R] exist only per chunk, so long prefills stay O(chunk) in memory."""
+        batch_size, seq_len, num_heads, _ = q_nope.shape
         _, w_uv = self.absorbed_weights()
-        query = self._absorbed_query(q_nope, q_rope)
+        w_uv = w_uv.to(q_nope.dtype)
         if selector is None:
-            out = self._absorbed_dense(query, latent, keys)
+            per_query = batch_size * num_heads * latent.shape[1]  # scores against every key
         else:
-            out = self._absorbed_sparse(query, latent, selector)
-        return torch.einsum("bshr,hvr->bshv", out, w_uv.to(out.dtype))  # [B, S, H, dv]
-
-    def _absorbed_dense(self, query, latent, keys: "KeyLayout") -> torch.Tensor:
-        batch_size, seq_len, num_heads, _ = query.shape
-        scores_per_query = batch_size * num_heads * latent.shape[1]
-        chunk = max(1, min(self.config.query_chunk_size, _GATHER_BLOCK_ELEMENTS // scores_per_query))
+            per_query = batch_size * min(self.config.index_topk, latent.shape[1]) * latent.shape[-1]  # gathered rows
+        chunk = max(1, min(self.config.query_chunk_size, _GATHER_BLOCK_ELEMENTS // per_query))
         outputs = []
         for start in range(0, seq_len, chunk):
             end = min(seq_len, start + chunk)
-            scores = torch.einsum("bshc,btc->bsht", query[:, start:end], latent)  # [B, s, H, T]
-            valid = keys.valid(start, end).unsqueeze(2)  # [B, s, 1, T]
-            probs = masked_softmax(scores * self.scaling, valid)
-            outputs.append(torch.einsum("bsht,btr->bshr", probs, latent[..., : self.kv_lora_rank]))
-        return torch.cat(outputs, dim=1)
+            query = self._absorbed_query(q_nope[:, start:end], q_rope[:, start:end])  # [B, s, H, R + dr]
+            if selector is None:
+                latent_out = self._absorbed_dense_chunk(query, latent, keys.valid(start, end))
+            else:
+                latent_out = self._absorbed_sparse_chunk(query, latent, *selector.topk(start, end))
+            outputs.append(torch.einsum("bshr,hvr->bshv", latent_out, w_uv))  # W_UV after attention
+        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
-    def _absorbed_sparse(self, query, latent, selector: "TopkSelector") -> torch.Tensor:
-        batch_size, seq_len = query.shape[:2]
+    def _absorbed_dense_chunk(self, query, latent, valid) -> torch.Tensor:
+        """query [B, s, H, R + dr] against every latent row [B, T, R + dr] -> latent output [B, s, H, R]."""
+        scores = torch.einsum("bshc,btc->bsht", query, latent)  # [B, s, H, T]
+        probs = masked_softmax(scores * self.scaling, valid.unsqueeze(2))
+        return torch.einsum("bsht,btr->bshr", probs, latent[..., : self.kv_lora_rank])
+
+    def _absorbed_sparse_chunk(self, query, latent, indices, selected_valid) -> torch.Tensor:
+        """query [B, s, H, R + dr] against only its k selected latent rows -> latent output [B, s, H, R]."""
         row_size = latent.shape[-1]
-        k = min(self.config.index_topk, latent.shape[1])
-        chunk = max(1, min(self.config.query_chunk_size, _GATHER_BLOCK_ELEMENTS // (batch_size * k * row_size)))
-        outputs = []
-        for start in range(0, seq_len, chunk):
-            end = min(seq_len, start + chunk)
-            indices, selected_valid = selector.topk(start, end)  # [B, s, k]
-            rows = torch.gather(
-                latent.unsqueeze(1).expand(-1, end - start, -1, -1),
-                2,
-                indices.unsqueeze(-1).expand(-1, -1, -1, row_size),
-            )  # [B, s, k, R + dr]: only the selected latent rows
-            scores = torch.einsum("bshc,bskc->bshk", query[:, start:end], rows)
-            probs = masked_softmax(scores * self.scaling, selected_valid.unsqueeze(2))
-            outputs.append(torch.einsum("bshk,bskr->bshr", probs, rows[..., : self.kv_lora_rank]))
-        return torch.cat(outputs, dim=1)
+        rows = torch.gather(
+            latent.unsqueeze(1).expand(-1, indices.shape[1], -1, -1), 2,
+            indices.unsqueeze(-1).expand(-1, -1, -1, row_size),
+        )  # [B, s, k, R + dr]  # fmt: skip
+        scores = torch.einsum("bshc,bskc->bshk", query, rows)
+        probs = masked_softmax(scores * self.scaling, selected_valid.unsqueeze(2))
+        return torch.einsum("bshk,bskr->bshr", probs, rows[..., : self.kv_lora_rank])
 
 
 def _effective_weight(module: nn.Module, in_features: int) -> torch.Tensor:
