@@ -21,6 +21,7 @@ from .indexer_mla_dsa import (
     KeyLayout,
     MlaDsaIndexer,
     TopkSelector,
+    gather_rows,
     indexer_kl_loss,
     masked_softmax,
 )
@@ -237,11 +238,7 @@ class MlaDsaAttention(nn.Module):
 
     def _absorbed_sparse_chunk(self, query, latent, indices, selected_valid) -> torch.Tensor:
         """query [B, s, H, R + dr] against only its k selected latent rows -> latent output [B, s, H, R]."""
-        row_size = latent.shape[-1]
-        rows = torch.gather(
-            latent.unsqueeze(1).expand(-1, indices.shape[1], -1, -1), 2,
-            indices.unsqueeze(-1).expand(-1, -1, -1, row_size),
-        )  # [B, s, k, R + dr]  # fmt: skip
+        rows = gather_rows(latent, indices)  # [B, s, k, R + dr]: only the selected latent rows
         scores = torch.einsum("bshc,bskc->bshk", query, rows)
         probs = masked_softmax(scores * self.scaling, selected_valid.unsqueeze(2))
         return torch.einsum("bshk,bskr->bshr", probs, rows[..., : self.kv_lora_rank])

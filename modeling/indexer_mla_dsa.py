@@ -129,18 +129,27 @@ def index_scores(
     The per-head scores [B, s, H, T] are built for a block of queries at a time, so memory stays bounded."""
     batch_size, seq_len, n_heads, head_dim = queries.shape
     num_keys = keys.shape[1]
-    keys_t = keys.float().transpose(1, 2)  # [B, D, T]
+    keys = keys.float()
     block = max(1, _SCORE_BLOCK_ELEMENTS // max(1, batch_size * n_heads * num_keys))
     out = []
     for start in range(0, seq_len, block):
         # softmax_scale > 0 commutes with ReLU: fold it into the (smaller) query block.
         q = queries[:, start : start + block].float() * softmax_scale  # [B, s, H, D]
         rows = q.shape[1]
-        per_head = F.relu(torch.bmm(q.reshape(batch_size, rows * n_heads, head_dim), keys_t))  # [B, s*H, T]
-        per_head = per_head.view(batch_size * rows, n_heads, num_keys)
-        head_weights = weights[:, start : start + block].reshape(batch_size * rows, 1, n_heads).float()
-        out.append(torch.bmm(head_weights, per_head).view(batch_size, rows, num_keys))  # [B, s, T]
+        # Keys as the long side of the matmul ([T, D] @ [D, s*H]): BLAS is fastest that way round.
+        per_head = F.relu(torch.bmm(keys, q.reshape(batch_size, rows * n_heads, head_dim).transpose(1, 2)))
+        per_head = per_head.view(batch_size, num_keys, rows, n_heads)  # [B, T, s, H]
+        head_weights = weights[:, start : start + block].float().unsqueeze(1)  # [B, 1, s, H]
+        out.append((per_head * head_weights).sum(-1).transpose(1, 2))  # [B, s, T]
     return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+
+
+def gather_rows(rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """rows [B, T, C] picked by indices [B, s, k] -> [B, s, k, C] (index_select per batch row: a copy of just the
+    selected rows, never of all T)."""
+    picked = [rows[b].index_select(0, indices[b].reshape(-1)) for b in range(rows.shape[0])]
+    stacked = picked[0].unsqueeze(0) if len(picked) == 1 else torch.stack(picked)
+    return stacked.view(*indices.shape, rows.shape[-1])
 
 
 def select_topk(scores: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,10 +278,7 @@ def _dense_chunk(index_q, index_w, index_k, main_query, latent, selector: TopkSe
 def _sparse_chunk(index_q, index_w, index_k, main_query, latent, selector: TopkSelector, start, end, scaling):
     indices, selected_valid = selector.topk(start, end)  # [B, s, k]
     with torch.no_grad():
-        rows = torch.gather(
-            latent.unsqueeze(1).expand(-1, end - start, -1, -1), 2,
-            indices.unsqueeze(-1).expand(-1, -1, -1, latent.shape[-1]),
-        )  # [B, s, k, R + dr]  # fmt: skip
+        rows = gather_rows(latent, indices)  # [B, s, k, R + dr]
         scores = torch.einsum("bshc,bskc->bshk", main_query, rows) * scaling
         target = masked_softmax(scores.float(), selected_valid.unsqueeze(2)).mean(dim=2)  # [B, s, k]
         del rows, scores
@@ -296,6 +302,7 @@ __all__ = [
     "KeyLayout",
     "MlaDsaIndexer",
     "TopkSelector",
+    "gather_rows",
     "index_scores",
     "indexer_kl_loss",
     "masked_softmax",

@@ -129,10 +129,12 @@ def test_mha_and_absorbed_sparse_agree(models):
 
 # ------------------------------------------------------------------------------------------------------ shapes
 def _attention_shapes(monkeypatch, model, prompt: torch.Tensor, new_tokens: torch.Tensor) -> list[tuple]:
-    """(op, equation, output shape) of every einsum / gather of one decode step after prefilling `prompt`."""
+    """(op, equation, output shape) of every einsum and latent-row gather of one decode step after `prompt`."""
     cache = _prefill(model, prompt)
     shapes = []
-    original_einsum, original_gather = torch.einsum, torch.gather
+    from mla_dsa.modeling import attention_mla_dsa
+
+    original_einsum, original_gather = torch.einsum, attention_mla_dsa.gather_rows
 
     def einsum(equation, *operands):
         out = original_einsum(equation, *operands)
@@ -145,7 +147,7 @@ def _attention_shapes(monkeypatch, model, prompt: torch.Tensor, new_tokens: torc
         return out
 
     monkeypatch.setattr(torch, "einsum", einsum)
-    monkeypatch.setattr(torch, "gather", gather)
+    monkeypatch.setattr(attention_mla_dsa, "gather_rows", gather)
     try:
         _decode(model, new_tokens, cache)
     finally:
