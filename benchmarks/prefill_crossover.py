@@ -2,7 +2,7 @@
 
     python benchmarks/prefill_crossover.py [--lengths 512 1024 2048 4096 8192] [--topk 256]
 
-Times one DSA prefill of the benchmark model (benchmarks/bench.py) per length in each attention mode. MHA mode expands
+Times one DSA prefill of the benchmark model (mla_dsa/bench.py) per length in each attention mode. MHA mode expands
 every latent row per head and masks the top-k (O(L^2) but dense BLAS); absorbed mode gathers k latent rows per query
 (O(L * k)). The crossover is the `mha_max_length` default.
 """
@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import torch
-from bench import BENCH_CONFIG, build_model
 
 import mla_dsa
+from mla_dsa.bench import BENCH_CONFIG, build_model
 
 
 def main() -> None:

@@ -210,9 +210,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mla-dsa", description="DeepSeek Sparse Attention for MLA models")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_demo(commands)
+    commands.add_parser(
+        "bench",
+        help="decode/prefill benchmark vs transformers' DeepseekV32 on one model (mla-dsa bench --help)",
+        add_help=False,
+    )
     _add_convert(commands)
     _add_train_indexer(commands)
     _add_eval(commands)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own argument parser
+        from .bench import main as bench_main
+
+        bench_main(argv[1:])
+        return 0
     args = parser.parse_args(argv)
     try:
         if args.command == "convert":

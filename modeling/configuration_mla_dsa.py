@@ -47,8 +47,10 @@ class MlaDsaConfig(PreTrainedConfig):
     dense_attention_layers (`list[int]`, defaults to `None`):
         Layers that attend to every token even with DSA on (DeepSeek-V3.2 has none). Small models' first layer often
         spreads its attention over the whole context, which no top-k can cover.
-    mha_max_length (`int`, defaults to 2048):
-        In `"auto"` mode, the context length up to which a sparse multi-token forward uses masked MHA.
+    mha_max_length (`int`, defaults to 1024):
+        In `"auto"` mode, the context length up to which a sparse multi-token forward uses masked MHA. Measured
+        crossover on 2 CPU cores at k = 256 (benchmarks/prefill_crossover.py): MHA is faster at 1024 keys, absorbed
+        at 2048 and beyond; past a few thousand keys MHA's [heads, L, L] scores also stop fitting in memory.
     query_chunk_size (`int`, defaults to 256):
         Queries processed together by the indexer and the sparse attention; bounds their memory to
         O(chunk * context) and O(chunk * index_topk).
@@ -116,7 +118,7 @@ class MlaDsaConfig(PreTrainedConfig):
     dense_attention_layers: list[int] | None = None
     # Execution
     attention_mode: str = "auto"
-    mha_max_length: int = 2048
+    mha_max_length: int = 1024
     query_chunk_size: int = 256
     indexer_cache_dtype: str = "auto"
     indexer_scale_fmt: str | None = None
