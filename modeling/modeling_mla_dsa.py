@@ -5,9 +5,12 @@ Decoder layer = MLA attention with a lightning indexer (`attention_mla_dsa.py`),
 `mlp.experts.E.{gate,up,down}_proj`), so deepseek_v2 / v3 / v32 checkpoints load without renaming.
 """
 
+import json
 import logging as logging_std
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -346,19 +349,39 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Loads our checkpoints and those written for deepseek_v2 / deepseek_v3 / deepseek_v32.
 
-        Indexer weights a dense checkpoint lacks are initialized and reported in one warning (transformers' own
-        load report is kept for any other missing, unexpected or mismatched tensor)."""
+        A dense checkpoint's missing indexer is initialized and reported in one warning. Anything else wrong with
+        a local checkpoint - a truncated file, a tensor of the wrong shape, a missing or an unexpected tensor - is a
+        ValueError naming the tensor and the file (`ignore_mismatched_sizes=True` keeps transformers' behaviour of
+        re-initializing mismatched tensors)."""
         wants_info = kwargs.pop("output_loading_info", False)
-        with _LoadReportCapture() as capture:
+        tolerate_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        directory = Path(pretrained_model_name_or_path) if os.path.isdir(pretrained_model_name_or_path) else None
+        weight_files = _weight_files(directory) if directory is not None else {}
+        for filename in sorted(set(weight_files.values())):
+            _check_safetensors_complete(directory / filename)
+        with _LoadReportCapture():
             model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+                pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
             )
+
+        def where(key: str) -> str:
+            return str(directory / weight_files[key]) if key in weight_files else str(pretrained_model_name_or_path)
+
+        for key, checkpoint_shape, model_shape in info.get("mismatched_keys", ()) if not tolerate_mismatch else ():
+            raise ValueError(f"{where(key)}: tensor {key} has shape {list(checkpoint_shape)}, the config gives "
+                             f"{list(model_shape)}")  # fmt: skip
+        for key in sorted(info.get("unexpected_keys", ())):
+            raise ValueError(f"{where(key)}: unexpected tensor {key} (not part of this model's architecture)")
         missing = set(info.get("missing_keys", ()))
-        indexer_missing = {key for key in missing if ".self_attn.indexer." in key}
-        other_problems = (missing - indexer_missing) or info.get("unexpected_keys") or info.get("mismatched_keys")
-        if other_problems:
-            capture.replay()
-        if indexer_missing:
+        indexer_keys = {name for name in model.state_dict() if ".self_attn.indexer." in name}
+        indexer_missing = missing & indexer_keys
+        if indexer_missing and indexer_missing != indexer_keys:  # a DSA checkpoint that lost some indexer tensors
+            missing |= indexer_missing
+        else:
+            missing -= indexer_missing
+        for key in sorted(missing):
+            raise ValueError(f"{pretrained_model_name_or_path}: tensor {key} is missing from the checkpoint")
+        if indexer_missing == indexer_keys and indexer_keys:
             layers = {int(m.group(1)) for key in indexer_missing if (m := re.search(r"layers\.(\d+)\.", key))}
             logger.warning(
                 f"{pretrained_model_name_or_path} has no DSA indexer weights for {len(layers)} layer(s) "
@@ -368,8 +391,45 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
         return (model, info) if wants_info else model
 
 
+def _weight_files(directory: Path) -> dict[str, str]:
+    """Tensor name -> safetensors file name of a local checkpoint (empty if it has no safetensors)."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        return dict(json.loads(index.read_text()).get("weight_map", {}))
+    single = directory / "model.safetensors"
+    if single.exists():
+        return dict.fromkeys(_safetensors_header(single), "model.safetensors")
+    return {}
+
+
+def _safetensors_header(path: Path) -> dict:
+    """The tensor table of a safetensors file (standard library only: 8-byte length, then JSON)."""
+    try:
+        with open(path, "rb") as raw:
+            length = int.from_bytes(raw.read(8), "little")
+            if length > path.stat().st_size - 8:
+                raise ValueError(f"header length {length} exceeds the file")
+            header = json.loads(raw.read(length))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def _check_safetensors_complete(path: Path) -> None:
+    if not path.exists():
+        raise ValueError(f"{path}: weight file listed in the index is missing")
+    header = _safetensors_header(path)
+    with open(path, "rb") as raw:
+        header_length = int.from_bytes(raw.read(8), "little")
+    end = 8 + header_length + max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    if path.stat().st_size < end:
+        raise ValueError(f"{path}: truncated ({path.stat().st_size} bytes, its header describes {end})")
+
+
 class _LoadReportCapture(logging_std.Filter):
-    """Holds back transformers' load report (replayed on request) and its model-type notice for DeepSeek configs."""
+    """Holds back transformers' load report and its model-type notice for DeepSeek configs: `from_pretrained`
+    reports what matters itself (one warning for a missing indexer, a ValueError for anything else)."""
 
     _LOGGERS = ("transformers.modeling_utils", "transformers.configuration_utils")
 
@@ -392,10 +452,6 @@ class _LoadReportCapture(logging_std.Filter):
     def __exit__(self, *exc) -> None:
         for name in self._LOGGERS:
             logging_std.getLogger(name).removeFilter(self)
-
-    def replay(self) -> None:
-        for record in self.reports:
-            logging_std.getLogger(record.name).handle(record)
 
 
 def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:

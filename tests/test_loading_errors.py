@@ -1,0 +1,78 @@
+"""A broken local checkpoint is one ValueError naming the tensor and the file, never a half-initialized model."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import mla_dsa
+
+from peers import save_peer
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    peer_dir = tmp_path_factory.mktemp("peer")
+    save_peer("deepseek_v32", peer_dir)
+    ours = tmp_path_factory.mktemp("ours") / "ckpt"
+    mla_dsa.MlaDsaForCausalLM.from_pretrained(peer_dir).save_pretrained(ours)
+    return ours
+
+
+def edited(checkpoint, tmp_path, edit):
+    target = tmp_path / "bad"
+    shutil.copytree(checkpoint, target)
+    edit(target / "model.safetensors")
+    return target
+
+
+def rewrite(path, change):
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda p: rewrite(p, lambda t: t.update({"model.layers.0.self_attn.kv_b_proj.weight": torch.zeros(3, 3)})),
+         r"model\.safetensors: tensor model\.layers\.0\.self_attn\.kv_b_proj\.weight has shape \[3, 3\]"),
+        (lambda p: rewrite(p, lambda t: t.pop("model.layers.1.self_attn.o_proj.weight")),
+         r"tensor model\.layers\.1\.self_attn\.o_proj\.weight is missing"),
+        (lambda p: rewrite(p, lambda t: t.pop("model.layers.2.self_attn.indexer.wk.weight")),
+         r"tensor model\.layers\.2\.self_attn\.indexer\.wk\.weight is missing"),
+        (lambda p: rewrite(p, lambda t: t.update({"model.layers.0.self_attn.extra.weight": torch.zeros(2)})),
+         r"model\.safetensors: unexpected tensor model\.layers\.0\.self_attn\.extra\.weight"),
+        (lambda p: os.truncate(p, os.path.getsize(p) - 1000), r"model\.safetensors: truncated"),
+        (lambda p: p.write_bytes(b"not a safetensors file"), r"model\.safetensors: not a readable safetensors"),
+    ],
+    ids=["shape", "missing", "missing-indexer-tensor", "unexpected", "truncated", "garbage"],
+)  # fmt: skip
+def test_broken_checkpoint_is_one_clear_error(checkpoint, tmp_path, edit, message):
+    bad = edited(checkpoint, tmp_path, edit)
+    with pytest.raises(ValueError, match=message) as error:
+        mla_dsa.MlaDsaForCausalLM.from_pretrained(bad)
+    assert "\n" not in str(error.value)
+
+
+def test_mismatch_can_be_tolerated_as_in_transformers(checkpoint, tmp_path):
+    bad = edited(checkpoint, tmp_path, lambda p: rewrite(
+        p, lambda t: t.update({"model.layers.0.self_attn.kv_b_proj.weight": torch.zeros(3, 3)})))  # fmt: skip
+    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(bad, ignore_mismatched_sizes=True)
+    assert model.model.layers[0].self_attn.kv_b_proj.weight.shape[1] == model.config.kv_lora_rank
+
+
+def test_sharded_checkpoint_names_the_shard(checkpoint, tmp_path):
+    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(checkpoint)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    os.truncate(shards[-1], os.path.getsize(shards[-1]) - 10)
+    with pytest.raises(ValueError, match=rf"{shards[-1].name}: truncated"):
+        mla_dsa.MlaDsaForCausalLM.from_pretrained(sharded)
+    shards[-1].unlink()
+    with pytest.raises(ValueError, match=rf"{shards[-1].name}: weight file listed in the index is missing"):
+        mla_dsa.MlaDsaForCausalLM.from_pretrained(sharded)
