@@ -8,6 +8,9 @@ payload: it imports only torch, transformers and its siblings.
 from typing import Any
 
 from transformers import PreTrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 ATTENTION_MODES = ("auto", "mha", "absorbed")
@@ -16,6 +19,13 @@ INDEXER_CACHE_DTYPES = ("auto", "fp8")
 SCALE_FORMATS = (None, "ue8m0")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+
+# A config.json without these cannot describe its checkpoint's tensors: a default is used, with a warning.
+REQUIRED_SHAPE_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim",
+    "qk_nope_head_dim", "v_head_dim",
+)  # fmt: skip
+MLA_FIELD_PREFIXES = ("index_", "indexer", "kv_", "q_", "qk_", "v_head", "use_sparse", "rope_", "dense_attention")
 
 # Files of the payload, as `auto_map` names them; `save_pretrained` copies them beside the weights.
 AUTO_MAP = {
@@ -267,8 +277,19 @@ class MlaDsaConfig(PreTrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> "MlaDsaConfig":
-        """Reads our own config.json and those written for deepseek_v2 / deepseek_v3 / deepseek_v32."""
-        return super().from_dict(config_from_deepseek(config_dict), **kwargs)
+        """Reads our own config.json and those written for deepseek_v2 / deepseek_v3 / deepseek_v32.
+
+        Warns, naming the field, when an MLA shape field is missing (its default is used) or when an unknown field
+        looks like an MLA/DSA one (a typo the model would silently ignore)."""
+        fields = config_from_deepseek(config_dict)
+        known = set(cls.__dataclass_fields__) | set(cls.attribute_map) | {"qk_head_dim", "head_dim"}  # derived
+        for name in REQUIRED_SHAPE_FIELDS:
+            if name not in fields:
+                logger.warning(f"MlaDsaConfig: config has no {name}; using the default {getattr(cls, name)!r}")
+        for name in sorted(fields):
+            if name not in known and name.startswith(MLA_FIELD_PREFIXES):
+                logger.warning(f"MlaDsaConfig: unknown field {name} is ignored by the model (a typo?)")
+        return super().from_dict(fields, **kwargs)
 
 
 def config_from_deepseek(config_dict: dict[str, Any]) -> dict[str, Any]:

@@ -376,3 +376,31 @@ def test_default_config_round_trips(tmp_path):
 
 def test_package_registers_auto_config():
     assert type(AutoConfig.for_model("mla_dsa", **GEOMETRY)) is mla_dsa.MlaDsaConfig
+
+
+def test_missing_and_misspelled_fields_are_named(tmp_path, caplog):
+    """A config.json that lacks an MLA shape field, or carries an unknown MLA-looking one, says which."""
+    import logging
+
+    import transformers
+
+    config = MlaDsaConfig(**GEOMETRY).to_dict()
+    config.pop("kv_lora_rank")
+    config["index_topK"] = 5
+    _write_config(tmp_path, config)
+    transformers.logging.set_verbosity_warning()
+    logger = logging.getLogger("mla_dsa")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING):
+            loaded = MlaDsaConfig.from_pretrained(tmp_path)
+    finally:
+        logger.removeHandler(caplog.handler)
+        transformers.logging.set_verbosity_error()
+    messages = " ".join(record.getMessage() for record in caplog.records)
+    assert "no kv_lora_rank" in messages and "index_topK" in messages
+    assert loaded.kv_lora_rank == 512
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        MlaDsaConfig.from_dict(MlaDsaConfig(**GEOMETRY).to_dict())
+    assert not [r for r in caplog.records if "MlaDsaConfig" in r.getMessage()]

@@ -9,7 +9,7 @@ import pytest
 
 from mla_dsa.data import stdlib_files
 
-from peers import save_byte_level_dsa
+from peers import save_byte_level_dsa, save_peer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DATA = [str(path) for path in stdlib_files("train")[:3]]
@@ -57,3 +57,18 @@ def _reports(text: str) -> list[str]:
                 blocks.append(current)
                 current = None
     return blocks
+
+
+def test_convert_deepseek_script(tmp_path):
+    """examples/convert_deepseek.sh on a tiny V3 checkpoint (its defaults overridden by the extra options)."""
+    source = tmp_path / "v3"
+    save_peer("deepseek_v3", source)
+    dst = tmp_path / "dsa"
+    result = subprocess.run(
+        ["bash", str(EXAMPLES / "convert_deepseek.sh"), str(source), str(dst), "--index-n-heads", "8",
+         "--index-head-dim", "32", "--index-topk", "16", "--no-progress"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((dst / "config.json").read_text())
+    assert config["model_type"] == "mla_dsa" and config["index_n_heads"] == 8 and config["index_topk"] == 16
