@@ -366,9 +366,7 @@ def _nbytes(tensor: OutputTensor) -> int:
 
 def check_output(directory: Path, plan: list[OutputShard]) -> None:
     """Every planned tensor is in its shard with its dtype and shape, and the index json agrees."""
-    from .source import SourceCheckpoint as Reader
-
-    written = Reader(directory)
+    written = SourceCheckpoint(directory)
     planned = {t.name: (shard.filename, t) for shard in plan for t in shard.tensors}
     if set(written.tensors) != set(planned):
         missing = sorted(set(planned) - set(written.tensors))
