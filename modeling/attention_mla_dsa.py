@@ -98,25 +98,28 @@ class MlaDsaAttention(nn.Module):
         latent = torch.cat([self.kv_a_layernorm(c_kv), k_rope], dim=-1)  # [B, S, R + dr]
 
         # The indexer reads detached inputs: it learns only from its own loss, the main model only from the LM loss.
-        index_queries, index_weights = self.indexer.project_queries(
-            hidden_states.detach(), query_latent.detach(), cos, sin
-        )
         index_keys = self.indexer.project_keys(hidden_states.detach(), cos, sin)  # [B, S, Di]
         fp8 = self.indexer.fp8 and indexer_loss is None  # training scores in full precision
         if fp8:
             index_keys = self.indexer.pack_keys(index_keys)  # [B, S, Di + 4 * blocks] uint8
         if past_key_values is not None:
             latent, index_keys = past_key_values.update(latent, index_keys, self.layer_idx)  # [B, T, ...]
-        if fp8:
-            index_queries = self.indexer.fp8_queries(index_queries)
-            index_keys = self.indexer.unpack_keys(index_keys)
 
         num_keys = latent.shape[1]
         keys = KeyLayout(num_keys - seq_len, num_keys, key_padding_mask, hidden_states.device)
         dsa_layer = self.layer_idx not in (self.config.dense_attention_layers or ())
         sparse = self.config.use_sparse_attention and self.config.index_topk < num_keys and dsa_layer
-        selector = TopkSelector(index_queries, index_weights, index_keys, keys, self.config.index_topk,
-                                self.indexer.softmax_scale)  # fmt: skip
+        wants_loss = indexer_loss is not None and dsa_layer  # a dense-attention layer's indexer is never used
+        selector = None
+        if sparse or wants_loss:  # otherwise only the keys are needed (for the cache), not the index scores
+            index_queries, index_weights = self.indexer.project_queries(
+                hidden_states.detach(), query_latent.detach(), cos, sin
+            )
+            if fp8:
+                index_queries = self.indexer.fp8_queries(index_queries)
+                index_keys = self.indexer.unpack_keys(index_keys)
+            selector = TopkSelector(index_queries, index_weights, index_keys, keys, self.config.index_topk,
+                                    self.indexer.softmax_scale)  # fmt: skip
         active_selector = selector if sparse else None
         if self._use_absorbed_mode(seq_len, num_keys, sparse):
             attn_output = self._absorbed_attention(q_nope, q_rope, latent, keys, active_selector)
@@ -125,7 +128,7 @@ class MlaDsaAttention(nn.Module):
         attn_output = self.o_proj(attn_output.reshape(batch_size, seq_len, self.num_heads * self.v_head_dim))
 
         stats = None
-        if indexer_loss is not None and dsa_layer:  # a dense-attention layer's indexer is never used
+        if wants_loss:
             with torch.no_grad():
                 main_query = self._absorbed_query(q_nope.detach(), q_rope.detach())
             stats = indexer_kl_loss(
