@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..modeling.modeling_mla_dsa import safetensors_file_problem
 from .fp8 import dequantize_block_fp8
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -156,28 +157,17 @@ class _open:
         self.path = path
 
     def __enter__(self):
+        if problem := safetensors_file_problem(self.path):
+            raise ConversionError(self.path, problem)
         try:
             self._handle = safe_open(str(self.path), framework="pt")
             handle = self._handle.__enter__()
         except (SafetensorError, OSError, ValueError) as err:
             raise ConversionError(self.path, f"unreadable safetensors file (truncated or corrupt?): {err}") from None
-        _check_complete(self.path, handle)
         return handle
 
     def __exit__(self, *exc):
         return self._handle.__exit__(*exc)
-
-
-def _check_complete(path: Path, handle) -> None:
-    """safetensors maps lazily: a file cut short is only noticed when its last tensor is read. Check the size."""
-    with open(path, "rb") as raw:
-        header_len = int.from_bytes(raw.read(8), "little")
-        header = json.loads(raw.read(header_len))
-    data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    if path.stat().st_size < 8 + header_len + data_end:
-        raise ConversionError(
-            path, f"truncated: {path.stat().st_size} bytes, header promises {8 + header_len + data_end}"
-        )
 
 
 def read_json(path: Path) -> dict:

@@ -358,7 +358,7 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
         directory = Path(pretrained_model_name_or_path) if os.path.isdir(pretrained_model_name_or_path) else None
         weight_files = _weight_files(directory) if directory is not None else {}
         for filename in sorted(set(weight_files.values())):
-            _check_safetensors_complete(directory / filename)
+            _check_weight_file(directory / filename)
         with _LoadReportCapture():
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
@@ -397,34 +397,47 @@ def _weight_files(directory: Path) -> dict[str, str]:
     if index.exists():
         return dict(json.loads(index.read_text()).get("weight_map", {}))
     single = directory / "model.safetensors"
-    if single.exists():
-        return dict.fromkeys(_safetensors_header(single), "model.safetensors")
-    return {}
+    if not single.exists():
+        return {}
+    if problem := safetensors_file_problem(single):
+        raise ValueError(f"{single}: {problem}")
+    return dict.fromkeys(_read_safetensors_header(single)[0], "model.safetensors")
 
 
-def _safetensors_header(path: Path) -> dict:
-    """The tensor table of a safetensors file (standard library only: 8-byte length, then JSON)."""
-    try:
-        with open(path, "rb") as raw:
-            length = int.from_bytes(raw.read(8), "little")
-            if length > path.stat().st_size - 8:
-                raise ValueError(f"header length {length} exceeds the file")
-            header = json.loads(raw.read(length))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
-    header.pop("__metadata__", None)
-    return header
-
-
-def _check_safetensors_complete(path: Path) -> None:
+def _check_weight_file(path: Path) -> None:
     if not path.exists():
         raise ValueError(f"{path}: weight file listed in the index is missing")
-    header = _safetensors_header(path)
+    if problem := safetensors_file_problem(path):
+        raise ValueError(f"{path}: {problem}")
+
+
+def safetensors_file_problem(path: Path) -> str | None:
+    """What makes an existing safetensors file unusable (unreadable header, data cut short), or None.
+
+    Standard library only. safetensors maps files lazily, so a file cut short is otherwise noticed only when its
+    last tensor is read."""
+    try:
+        header, data_start = _read_safetensors_header(path)
+    except (OSError, ValueError) as err:
+        return f"not a readable safetensors file ({err})"
+    end = data_start + max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    size = path.stat().st_size
+    if size < end:
+        return f"truncated ({size} bytes, its header describes {end})"
+    return None
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """The tensor table of a safetensors file (8-byte length, then JSON) and the offset its data starts at."""
     with open(path, "rb") as raw:
-        header_length = int.from_bytes(raw.read(8), "little")
-    end = 8 + header_length + max((entry["data_offsets"][1] for entry in header.values()), default=0)
-    if path.stat().st_size < end:
-        raise ValueError(f"{path}: truncated ({path.stat().st_size} bytes, its header describes {end})")
+        length = int.from_bytes(raw.read(8), "little")
+        if length > path.stat().st_size - 8:
+            raise ValueError(f"truncated: a {length}-byte header in a {path.stat().st_size}-byte file")
+        header = json.loads(raw.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header, 8 + length
 
 
 class _LoadReportCapture(logging_std.Filter):
