@@ -112,6 +112,7 @@ REMOTE_SCRIPT = textwrap.dedent(
     """
     import importlib.abc
     import json
+    import os
     import sys
 
     checkpoint, expected_path, repo_root, resaved = sys.argv[1:5]
@@ -124,8 +125,17 @@ REMOTE_SCRIPT = textwrap.dedent(
             return None
 
 
+    # The repo's own source folders (a virtualenv inside the checkout is not the repo's source).
+    sources = [os.path.join(repo_root, folder) for folder in ("modeling", "mla_dsa", "conversion")]
+
+
+    def from_repo(path):
+        path = os.path.realpath(path)
+        return path == repo_root or any(path == s or path.startswith(s + os.sep) for s in sources)
+
+
     sys.meta_path.insert(0, BlockMlaDsa())
-    assert not any(repo_root in entry for entry in sys.path), sys.path
+    assert not any(from_repo(entry) for entry in sys.path), sys.path
     try:
         import mla_dsa  # noqa: F401
     except ImportError:
@@ -164,7 +174,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 
     loaded_from_repo = sorted(
         name for name, module in sys.modules.items()
-        if repo_root in str(getattr(module, "__file__", None) or "")
+        if getattr(module, "__file__", None) and from_repo(module.__file__)
     )
     print("REPORT " + json.dumps({
         "config": [type(config).__name__, type(config).__module__],
