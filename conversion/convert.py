@@ -25,10 +25,10 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..modeling import configuration_mla_dsa
 from ..modeling.configuration_mla_dsa import MlaDsaConfig, config_from_deepseek
 from .indexer_init import INDEXER_INITS, init_indexer
 from .source import INDEX_NAME, SCALE_SUFFIX, ConversionError, SourceCheckpoint, TensorInfo, read_json
+from .upgrade import payload_files
 
 STATE_NAME = ".mla-dsa-convert-state.json"
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "mla_dsa")
@@ -337,10 +337,8 @@ def _save_state(partial: Path, state: dict) -> None:
 
 def _write_metadata(source: SourceCheckpoint, config: MlaDsaConfig, plan: list[OutputShard], partial: Path) -> None:
     config.save_pretrained(partial)
-    payload_dir = Path(configuration_mla_dsa.__file__).parent
-    for payload in sorted(payload_dir.glob("*.py")):
-        if payload.name != "__init__.py":
-            shutil.copyfile(payload, partial / payload.name)
+    for payload in payload_files():
+        shutil.copyfile(payload, partial / payload.name)
     if len(plan) > 1:
         total_size = sum(_nbytes(t) for shard in plan for t in shard.tensors)
         weight_map = {t.name: shard.filename for shard in plan for t in shard.tensors}

@@ -8,11 +8,12 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .conversion.convert import convert_checkpoint
 from .conversion.source import ConversionError
+from .conversion.upgrade import upgrade_code
 from .modeling.cache_mla_dsa import MlaDsaCache, MlaDsaCacheLayer
-from .modeling.configuration_mla_dsa import MlaDsaConfig
+from .modeling.configuration_mla_dsa import PAYLOAD_VERSION, MlaDsaConfig
 from .modeling.modeling_mla_dsa import MlaDsaForCausalLM, MlaDsaModel, MlaDsaPreTrainedModel
 
-__version__ = "0.1.0"
+__version__ = PAYLOAD_VERSION
 
 # With the package imported, the Auto classes know our model type without trust_remote_code (checkpoints still carry
 # the payload and auto_map for machines where mla-dsa is not installed).
@@ -29,4 +30,5 @@ __all__ = [
     "MlaDsaForCausalLM",
     "MlaDsaModel",
     "MlaDsaPreTrainedModel",
+    "upgrade_code",
 ]

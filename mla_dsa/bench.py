@@ -117,7 +117,7 @@ def time_decode(model, cache, context: int, steps: int, seed: int = 1) -> tuple[
     for step in range(steps + 1):
         position = torch.tensor([[context + step]])
         start = time.perf_counter()
-        out = model(tokens[step].view(1, 1), position_ids=position, past_key_values=cache, use_cache=True)
+        out = model(tokens[step].view(1, 1), position_ids=position, cache=cache, use_cache=True)
         elapsed = time.perf_counter() - start
         if step == 0:
             first = out.logits[0, -1].clone()

@@ -206,6 +206,27 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _add_upgrade_code(commands) -> None:
+    parser = commands.add_parser(
+        "upgrade-code",
+        help="refresh the code a checkpoint carries (after upgrading transformers or mla-dsa); weights untouched",
+        description="Replaces the trust_remote_code payload files and config.json's auto_map of a checkpoint written "
+        "by mla-dsa with the installed release's, one atomic rename per file. Weight files are not touched.",
+    )
+    parser.add_argument("directories", nargs="+", metavar="DIR", help="checkpoint directories written by mla-dsa")
+
+
+def _run_upgrade_code(args) -> int:
+    from .conversion.upgrade import upgrade_code
+    from .modeling.configuration_mla_dsa import PAYLOAD_VERSION
+
+    for directory in args.directories:
+        changed = upgrade_code(directory)
+        done = f"updated {', '.join(changed)}" if changed else "already current"
+        print(f"{directory}: mla-dsa {PAYLOAD_VERSION} code, {done}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mla-dsa", description="DeepSeek Sparse Attention for MLA models")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -218,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_convert(commands)
     _add_train_indexer(commands)
     _add_eval(commands)
+    _add_upgrade_code(commands)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own argument parser
         from .bench import main as bench_main
@@ -234,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_eval(args)
         if args.command == "demo":
             return _run_demo(args)
+        if args.command == "upgrade-code":
+            return _run_upgrade_code(args)
     except ConversionError as err:
         print(f"mla-dsa {args.command}: error: {err}", file=sys.stderr)
         return 1

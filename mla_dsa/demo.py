@@ -109,11 +109,11 @@ def _decode_speed(model, context: int, tokens: int) -> dict:
     for label, sparse in (("dense", False), ("sparse", True)):
         model.config.use_sparse_attention = sparse
         cache = MlaDsaCache(model.config)
-        model(prompt[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(prompt[:, :context], cache=cache, use_cache=True, logits_to_keep=1)
         times = []
         for step in range(tokens):
             start = time.perf_counter()
-            model(prompt[:, context + step : context + step + 1], past_key_values=cache, use_cache=True)
+            model(prompt[:, context + step : context + step + 1], cache=cache, use_cache=True)
             times.append(time.perf_counter() - start)
         times.sort()
         result[f"{label}_ms_per_token"] = 1000 * times[len(times) // 2]

@@ -80,7 +80,7 @@ class MlaDsaAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         key_padding_mask: torch.Tensor | None = None,
-        past_key_values=None,
+        cache=None,
         indexer_loss: str | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, IndexerStats | None]:
@@ -102,8 +102,8 @@ class MlaDsaAttention(nn.Module):
         fp8 = self.indexer.fp8 and indexer_loss is None  # training scores in full precision
         if fp8:
             index_keys = self.indexer.pack_keys(index_keys)  # [B, S, Di + 4 * blocks] uint8
-        if past_key_values is not None:
-            latent, index_keys = past_key_values.update(latent, index_keys, self.layer_idx)  # [B, T, ...]
+        if cache is not None:
+            latent, index_keys = cache.update(latent, index_keys, self.layer_idx)  # [B, T, ...]
 
         num_keys = latent.shape[1]
         keys = KeyLayout(num_keys - seq_len, num_keys, key_padding_mask, hidden_states.device)

@@ -3,18 +3,23 @@
 Per token and layer it holds `kv_lora_rank + qk_rope_head_dim` latent numbers and `index_head_dim` indexer-key
 numbers, instead of the `2 * heads * head_dim` of a multi-head cache. Buffers grow by doubling, so appending a token
 is amortized O(1) and `update` returns views, never a concatenation of the whole history.
+
+`MlaDsaCacheLayer` registers itself as the cache layer of type `LAYER_TYPE`, and `MlaDsaConfig.layer_types` names it
+for every layer, so `DynamicCache(config=model.config)` - what `generate()` builds - holds these layers too.
 """
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 _MIN_CAPACITY = 64
+LAYER_TYPE = "mla_dsa_latent"  # the entry of `config.layer_types` that `DynamicCache(config)` builds this layer for
 
 
 class MlaDsaCacheLayer(CacheLayerMixin):
     """One layer's latent rows `[batch, capacity, kv_lora_rank + qk_rope_head_dim]` and indexer keys
     `[batch, capacity, index_head_dim]`; the first `length` positions along dim 1 are filled."""
 
+    _layer_type = LAYER_TYPE  # transformers >= 5.14 registers the class under this name (see compat_mla_dsa.py)
     is_compileable = False
     is_croppable = True
     is_sliding = False
@@ -114,7 +119,9 @@ class MlaDsaCache(Cache):
     """Latent KV + indexer-key cache for `MlaDsaForCausalLM`, one `MlaDsaCacheLayer` per decoder layer.
 
     >>> cache = MlaDsaCache(model.config)
-    >>> out = model(input_ids, past_key_values=cache, use_cache=True)
+    >>> out = model(input_ids, cache=cache, use_cache=True)
+
+    `DynamicCache(config=model.config)` holds the same layers; anything else is refused by the model (`check_cache`).
     """
 
     def __init__(self, config=None, num_hidden_layers: int | None = None, **kwargs):
@@ -153,6 +160,25 @@ class MlaDsaCache(Cache):
         return sizes.pop() if len(sizes) == 1 else -1
 
 
+def check_cache(cache, num_layers: int, owner: str) -> None:
+    """Raises unless `cache` holds one `MlaDsaCacheLayer` per decoder layer (latent + indexer keys)."""
+    layers = getattr(cache, "layers", None)
+    if (
+        isinstance(cache, Cache)
+        and layers is not None
+        and len(layers) == num_layers
+        and all(isinstance(layer, MlaDsaCacheLayer) for layer in layers)
+    ):
+        return
+    found = type(cache).__name__
+    if layers is not None:
+        found += f" with {len(layers)} layers ({', '.join(sorted({type(layer).__name__ for layer in layers}))})"
+    raise ValueError(
+        f"{owner}: the cache must be an MlaDsaCache (one MlaDsaCacheLayer of latent + indexer keys per each of the "
+        f"{num_layers} layers), got {found}; pass MlaDsaCache(model.config), DynamicCache(config=model.config) or None"
+    )
+
+
 def _resized(buffer: torch.Tensor, capacity: int, length: int) -> torch.Tensor:
     grown = buffer.new_zeros(buffer.shape[0], capacity, buffer.shape[2])
     grown[:, :length] = buffer[:, :length]
@@ -163,4 +189,4 @@ def _row_bytes(buffer: torch.Tensor) -> int:
     return buffer.shape[-1] * buffer.element_size()
 
 
-__all__ = ["MlaDsaCache", "MlaDsaCacheLayer"]
+__all__ = ["LAYER_TYPE", "MlaDsaCache", "MlaDsaCacheLayer", "check_cache"]

@@ -10,7 +10,16 @@ from typing import Any
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
+from .cache_mla_dsa import LAYER_TYPE
+from .compat_mla_dsa import CACHE_NAMES
+
 logger = logging.get_logger(__name__)
+
+# The release of this payload; config.json records it (`PAYLOAD_VERSION_KEY`) so a checkpoint says which code wrote
+# it. A checkpoint without it was written by 0.1.0. `mla-dsa upgrade-code DIR` refreshes an older checkpoint's code.
+PAYLOAD_VERSION = "0.2.0"
+PAYLOAD_VERSION_KEY = "mla_dsa_payload_version"
+FIRST_PAYLOAD_VERSION = "0.1.0"
 
 DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 ATTENTION_MODES = ("auto", "mha", "absorbed")
@@ -77,7 +86,7 @@ class MlaDsaConfig(PreTrainedConfig):
 
     model_type = "mla_dsa"
     _auto_class = "AutoConfig"  # save_pretrained copies this file beside config.json
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = CACHE_NAMES
     attribute_map = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
 
     vocab_size: int = 129280
@@ -149,6 +158,26 @@ class MlaDsaConfig(PreTrainedConfig):
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
         super().__post_init__(**kwargs)
         self._check_fields()
+        # Derived, not a setting: every decoder layer caches latent + indexer keys, and this is what tells
+        # `DynamicCache(config)` (generate's cache) to build MlaDsaCacheLayer for it.
+        self.layer_types = [LAYER_TYPE] * self.num_hidden_layers
+
+    def validate(self) -> None:
+        """transformers' save-time checks. Its layer-type check knows only transformers' own cache layer types, so it
+        runs without ours (`layer_types` is always `LAYER_TYPE` per layer, set in `__post_init__`)."""
+        ours, self.layer_types = self.layer_types, None
+        try:
+            super().validate()
+        finally:
+            self.layer_types = ours
+
+    def to_dict(self) -> dict[str, Any]:
+        """Without `layer_types`: derived, and a generic reader of config.json (`PreTrainedConfig.from_json_file`,
+        as Trainer's resume uses) accepts only transformers' own layer types."""
+        config = super().to_dict()
+        config.pop("layer_types", None)
+        config[PAYLOAD_VERSION_KEY] = PAYLOAD_VERSION  # the code that writes this config
+        return config
 
     def _check_fields(self) -> None:
         """Fail at construction, naming the field, instead of deep inside a forward."""
@@ -303,7 +332,15 @@ def config_from_deepseek(config_dict: dict[str, Any]) -> dict[str, Any]:
             f"MlaDsaConfig reads model_type 'mla_dsa' or one of {DEEPSEEK_MODEL_TYPES}, got {source_type!r}: "
             "this is not a Multi-head Latent Attention model"
         )
-    for name in ("architectures", "auto_map", "quantization_config", "head_dim", "qk_head_dim"):
+    for name in (
+        "architectures",
+        "auto_map",
+        "quantization_config",
+        "head_dim",
+        "qk_head_dim",
+        "layer_types",
+        PAYLOAD_VERSION_KEY,
+    ):
         config.pop(name, None)
     if source_type == "deepseek_v2":
         # V2 rotates rope pairs as complex numbers: the same math as V3's interleaved layout.

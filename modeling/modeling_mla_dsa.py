@@ -5,6 +5,7 @@ Decoder layer = MLA attention with a lightning indexer (`attention_mla_dsa.py`),
 `mlp.experts.E.{gate,up,down}_proj`), so deepseek_v2 / v3 / v32 checkpoints load without renaming.
 """
 
+import importlib.metadata
 import json
 import logging as logging_std
 import os
@@ -18,13 +19,15 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
 from .attention_mla_dsa import MlaDsaAttention, MlaDsaRMSNorm
-from .cache_mla_dsa import MlaDsaCache
-from .configuration_mla_dsa import INDEXER_LOSSES, MlaDsaConfig
+from .cache_mla_dsa import MlaDsaCache, check_cache
+from .compat_mla_dsa import CACHE_NAME, CACHE_NAMES, cache_field, take_cache
+from .configuration_mla_dsa import FIRST_PAYLOAD_VERSION, INDEXER_LOSSES, PAYLOAD_VERSION_KEY, MlaDsaConfig
 from .indexer_mla_dsa import IndexerStats
 from .rope_mla_dsa import MlaDsaRotaryEmbedding
 
@@ -130,13 +133,15 @@ class MlaDsaDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         key_padding_mask: torch.Tensor | None = None,
-        past_key_values: MlaDsaCache | None = None,
         indexer_loss: str | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, IndexerStats | None]:
+        # The cache comes by keyword, under the running transformers' name (CACHE_NAME): GradientCheckpointingLayer
+        # looks for it there to drop it (with one warning) when a checkpointed training step asks for a cache.
+        cache = kwargs.pop(CACHE_NAME, None)
         residual = hidden_states
         attn_output, stats = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, key_padding_mask, past_key_values,
+            self.input_layernorm(hidden_states), position_embeddings, key_padding_mask, cache,
             indexer_loss=indexer_loss, **kwargs,
         )  # fmt: skip
         hidden_states = residual + attn_output
@@ -149,7 +154,7 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MlaDsaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = CACHE_NAMES
     _supports_sdpa = True
     # The indexer's head weights stay float32 in bf16/fp16 models, as in DeepSeek's inference code.
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "indexer.weights_proj"]
@@ -199,13 +204,15 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: MlaDsaCache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         indexer_loss: str | None = None,
         **kwargs,
     ) -> MlaDsaModelOutput:
+        """`cache`: an `MlaDsaCache` (or `DynamicCache(config=model.config)`); `past_key_values` is its older name."""
+        cache = take_cache(cache, kwargs, "MlaDsaModel.forward")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("MlaDsaModel: pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -216,14 +223,11 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
             raise ValueError("MlaDsaModel: got an empty sequence (0 new tokens)")
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        if past_key_values is not None and not isinstance(past_key_values, MlaDsaCache):
-            raise ValueError(
-                f"MlaDsaModel: past_key_values must be an MlaDsaCache (latent + indexer keys), got "
-                f"{type(past_key_values).__name__}; pass MlaDsaCache(model.config) or None"
-            )
-        if use_cache and past_key_values is None:
-            past_key_values = MlaDsaCache(self.config)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if cache is not None:
+            check_cache(cache, self.config.num_hidden_layers, "MlaDsaModel")
+        if use_cache and cache is None:
+            cache = MlaDsaCache(self.config)
+        past_len = cache.get_seq_length() if cache is not None else 0
         key_padding_mask = _key_padding_mask(attention_mask, batch_size, past_len + seq_len)
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device).unsqueeze(0)
@@ -241,8 +245,8 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             hidden_states, stats = layer(
-                hidden_states, position_embeddings, key_padding_mask, past_key_values if use_cache else None,
-                indexer_loss=indexer_loss, **kwargs,
+                hidden_states, position_embeddings, key_padding_mask, indexer_loss=indexer_loss,
+                **cache_field(cache if use_cache else None), **kwargs,
             )  # fmt: skip
             if stats is not None:
                 layer_stats.append(stats)
@@ -251,7 +255,7 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
             all_hidden_states += (hidden_states,)
         return MlaDsaModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **cache_field(cache if use_cache else None),
             hidden_states=all_hidden_states,
             indexer_loss=torch.stack([s.kl for s in layer_stats]).mean() if layer_stats else None,
             indexer_recall=torch.stack([s.recall for s in layer_stats]).nanmean() if layer_stats else None,
@@ -279,7 +283,7 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: MlaDsaCache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -289,7 +293,9 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> MlaDsaCausalLMOutput:
         """Causal LM forward. `indexer_loss` ("dense" | "sparse" | None, default `config.indexer_loss`) adds the
-        DSA indexer's KL loss (DeepSeek-V3.2 warm-up / sparse stage) to the output and to `loss`."""
+        DSA indexer's KL loss (DeepSeek-V3.2 warm-up / sparse stage) to the output and to `loss`. `cache`: an
+        `MlaDsaCache` (or `DynamicCache(config=model.config)`); `past_key_values` is its older name."""
+        cache = take_cache(cache, kwargs, "MlaDsaForCausalLM.forward")
         for unused in ("return_dict", "output_attentions", "cache_position"):
             kwargs.pop(unused, None)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -297,7 +303,7 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -319,31 +325,24 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
         return MlaDsaCausalLMOutput(
             loss=sum(losses[1:], losses[0]) if losses else None,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **cache_field(getattr(outputs, CACHE_NAME)),
             hidden_states=outputs.hidden_states,
             lm_loss=lm_loss,
             indexer_loss=outputs.indexer_loss,
             indexer_recall=outputs.indexer_recall,
         )
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
-        """`generate()` decodes on an MlaDsaCache: latent + indexer keys, nothing expanded per head."""
-        cache = model_kwargs.get("past_key_values")
-        if cache is not None:
-            if not isinstance(cache, MlaDsaCache):
-                raise ValueError(
-                    f"MlaDsaForCausalLM.generate: past_key_values must be an MlaDsaCache, got {type(cache).__name__}"
-                )
-            cache._is_user_defined = True
-            return
-        if generation_config.use_cache is False:
-            return
-        if generation_config.cache_implementation not in (None, "dynamic"):
+    def generate(self, *args, **kwargs):
+        """transformers' `generate()`, on a cache of MlaDsaCacheLayer (what `DynamicCache(config)` builds for this
+        config). Static and quantized caches hold per-head keys and values, which this model does not make."""
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        implementation = kwargs.get("cache_implementation", generation_config.cache_implementation)
+        if implementation not in (None, "dynamic", "dynamic_full"):
             raise ValueError(
-                f"MlaDsaForCausalLM.generate: cache_implementation={generation_config.cache_implementation!r} is not "
-                "supported; the model uses its own MlaDsaCache (leave cache_implementation unset)"
+                f"MlaDsaForCausalLM.generate: cache_implementation={implementation!r} is not supported; the model "
+                "caches latent + indexer keys in its own layers (leave cache_implementation unset)"
             )
-        model_kwargs["past_key_values"] = MlaDsaCache(self.config)
+        return super().generate(*args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -381,6 +380,8 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
             missing -= indexer_missing
         for key in sorted(missing):
             raise ValueError(f"{pretrained_model_name_or_path}: tensor {key} is missing from the checkpoint")
+        if directory is not None:
+            _warn_if_code_is_older(model.config, directory)
         if indexer_missing == indexer_keys and indexer_keys:
             layers = {int(m.group(1)) for key in indexer_missing if (m := re.search(r"layers\.(\d+)\.", key))}
             logger.warning(
@@ -389,6 +390,26 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
                 "(mla-dsa train-indexer) before relying on sparse attention, or set use_sparse_attention=False."
             )
         return (model, info) if wants_info else model
+
+
+def _warn_if_code_is_older(config: MlaDsaConfig, directory: Path) -> None:
+    """Once per checkpoint: with mla-dsa installed, a checkpoint whose code (the payload beside its weights) is older
+    than the package runs that old code under trust_remote_code, which newer transformers releases may break."""
+    written_by = getattr(config, PAYLOAD_VERSION_KEY, None) or FIRST_PAYLOAD_VERSION
+    try:
+        installed = importlib.metadata.version("mla-dsa")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if _release(written_by) < _release(installed):
+        logger.warning_once(
+            f"{directory} carries the code of mla-dsa {written_by}, older than the installed {installed}: run "
+            f"`mla-dsa upgrade-code {directory}` to refresh it (weights are not touched)"
+        )
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The release numbers of a version string: 0.2.0 -> (0, 2, 0), 0.2.0.dev1 -> (0, 2, 0)."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
 def _weight_files(directory: Path) -> dict[str, str]:

@@ -17,6 +17,8 @@ from transformers import (
     DeepseekV32ForCausalLM,
 )
 
+from mla_dsa.modeling.compat_mla_dsa import CACHE_NAME
+
 VOCAB = 97
 
 _COMMON = dict(
@@ -120,3 +122,9 @@ def left_padded_batch(batch_size: int = 3, seq_len: int = 12, seed: int = 0) -> 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids as `generate()` makes them: counting real tokens only."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def peer_cache_kwarg(cache) -> dict:
+    """A cache for a transformers peer's forward, under the name the installed transformers uses (`cache` from 5.24,
+    `past_key_values` before). Our own model takes `cache=` on every version."""
+    return {CACHE_NAME: cache}

@@ -56,7 +56,7 @@ def _no_cache_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 def _step(model, input_ids: torch.Tensor, cache: MlaDsaCache) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids, past_key_values=cache, use_cache=True).logits
+        return model(input_ids, cache=cache, use_cache=True).logits
 
 
 # ------------------------------------------------------------------------------------------------ bytes per token

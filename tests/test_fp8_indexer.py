@@ -69,7 +69,7 @@ def test_fp8_cache_layout_and_bytes(checkpoint):
     model = mla_dsa.MlaDsaForCausalLM.from_pretrained(checkpoint, indexer_cache_dtype="fp8").eval()
     cache = mla_dsa.MlaDsaCache(model.config)
     with torch.no_grad():
-        model(torch.randint(3, VOCAB, (2, 10)), past_key_values=cache, use_cache=True)
+        model(torch.randint(3, VOCAB, (2, 10)), cache=cache, use_cache=True)
     layer = cache.layers[0]
     assert layer.index_keys.dtype == torch.uint8 and layer.index_keys.shape[-1] == 32 + 4  # 32 e4m3 + one fp32
     config = model.config
@@ -87,9 +87,9 @@ def test_fp8_cached_decoding_equals_fp8_recomputation(checkpoint):
     ids = torch.randint(3, VOCAB, (2, 14))
     cache = mla_dsa.MlaDsaCache(model.config)
     with torch.no_grad():
-        model(ids[:, :10], past_key_values=cache, use_cache=True)
+        model(ids[:, :10], cache=cache, use_cache=True)
         for step in range(10, 14):
-            cached = model(ids[:, step : step + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+            cached = model(ids[:, step : step + 1], cache=cache, use_cache=True).logits[:, -1]
             full = model(ids[:, : step + 1], use_cache=False).logits[:, -1]
             torch.testing.assert_close(cached, full, atol=1e-4, rtol=0)
 

@@ -1,5 +1,5 @@
 """`generate()` on our MlaDsaCache: every decoding strategy gives the peer's tokens, or those of a recomputation without
-a cache; the cache comes back to the caller with the right length; a transformers DynamicCache is refused.
+a cache; the cache comes back to the caller with the right length; a cache of other layers is refused.
 
 Prompts are left-padded batches of 12 tokens; the DeepSeek-V3.2 checkpoint selects index_topk=5 keys, so DSA is
 active from the prefill on.
@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache
 
 import mla_dsa
+from mla_dsa.modeling.compat_mla_dsa import CACHE_NAME
 
 from peers import left_padded_batch, save_peer
 
@@ -149,7 +150,7 @@ def test_crop_zero_removes_nothing(ours, prompt):
     input_ids, attention_mask = prompt
     cache = mla_dsa.MlaDsaCache(ours.config)
     with torch.no_grad():
-        ours(input_ids, attention_mask=attention_mask, past_key_values=cache)
+        ours(input_ids, attention_mask=attention_mask, cache=cache)
     reference = DynamicCache()
     reference.update(torch.zeros(1, 1, PROMPT_LEN, 4), torch.zeros(1, 1, PROMPT_LEN, 4), 0)
     reference.crop(0)
@@ -165,20 +166,32 @@ def test_generate_returns_our_cache_and_it_continues(ours, prompt, ours_greedy):
     half = NEW_TOKENS // 2
     out = ours.generate(input_ids, attention_mask=attention_mask, max_new_tokens=half, do_sample=False,
                         return_dict_in_generate=True)  # fmt: skip
-    cache = out.past_key_values
-    assert isinstance(cache, mla_dsa.MlaDsaCache)
+    cache = getattr(out, CACHE_NAME)
+    assert all(isinstance(layer, mla_dsa.MlaDsaCacheLayer) for layer in cache.layers)
     assert out.sequences.shape[1] == PROMPT_LEN + half
     assert cache.get_seq_length() == out.sequences.shape[1] - 1 == PROMPT_LEN + half - 1
     assert all(layer.get_seq_length() == PROMPT_LEN + half - 1 for layer in cache.layers)
     mask = torch.cat([attention_mask, torch.ones(attention_mask.shape[0], half, dtype=attention_mask.dtype)], dim=1)
-    continued = ours.generate(out.sequences, attention_mask=mask, past_key_values=cache, max_new_tokens=half,
+    continued = ours.generate(out.sequences, attention_mask=mask, **{CACHE_NAME: cache}, max_new_tokens=half,
                               do_sample=False)  # fmt: skip
     assert torch.equal(continued, ours_greedy)
 
 
-def test_dynamic_cache_is_refused(ours, prompt):
+def test_a_cache_of_other_layers_is_refused(ours, prompt):
+    """A plain DynamicCache() (per-head key/value layers) would silently hold the wrong tensors."""
     input_ids, attention_mask = prompt
     with pytest.raises(ValueError, match="MlaDsaCache"):
-        ours(input_ids, attention_mask=attention_mask, past_key_values=DynamicCache(config=ours.config))
+        ours(input_ids, attention_mask=attention_mask, cache=DynamicCache())
     with pytest.raises(ValueError, match="MlaDsaCache"):
-        ours.generate(input_ids, attention_mask=attention_mask, past_key_values=DynamicCache(), **GREEDY)
+        ours.generate(input_ids, attention_mask=attention_mask, **{CACHE_NAME: DynamicCache()}, **GREEDY)
+
+
+def test_dynamic_cache_from_the_config_holds_our_layers(ours, prompt, ours_greedy):
+    """`DynamicCache(config=model.config)` - what generate() builds - is made of MlaDsaCacheLayer (registered layer
+    type), and decodes like MlaDsaCache."""
+    input_ids, attention_mask = prompt
+    cache = DynamicCache(config=ours.config)
+    assert [type(layer) for layer in cache.layers] == [mla_dsa.MlaDsaCacheLayer] * ours.config.num_hidden_layers
+    tokens = ours.generate(input_ids, attention_mask=attention_mask, **{CACHE_NAME: cache}, **GREEDY)
+    assert torch.equal(tokens, ours_greedy)
+    assert cache.get_seq_length() == tokens.shape[1] - 1

@@ -33,7 +33,7 @@ def model(tmp_path_factory):
         ({"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 1, 4, 4)}, "2D"),
         ({"input_ids": torch.ones(1, 4, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 512]])},
          "max_position_embeddings"),
-        ({"input_ids": torch.ones(1, 4, dtype=torch.long), "past_key_values": DynamicCache()}, "MlaDsaCache"),
+        ({"input_ids": torch.ones(1, 4, dtype=torch.long), "cache": DynamicCache()}, "MlaDsaCache"),
         ({"input_ids": torch.ones(1, 4, dtype=torch.long), "inputs_embeds": torch.zeros(1, 4, 64)}, "exactly one"),
         ({"input_ids": torch.ones(1, 4, dtype=torch.long), "indexer_loss": "full"}, "indexer_loss"),
     ],

@@ -15,7 +15,7 @@ import mla_dsa
 from mla_dsa.modeling import indexer_mla_dsa
 from mla_dsa.modeling.indexer_mla_dsa import KeyLayout, select_topk
 
-from peers import VOCAB, build_peer, left_padded_batch, positions_from_mask, save_peer, v3_config
+from peers import VOCAB, build_peer, left_padded_batch, peer_cache_kwarg, positions_from_mask, save_peer, v3_config
 
 ATOL = 1e-4
 PROMPT_LEN = 20  # > (qk_nope_head_dim + v_head_dim) / 2 = 16, so "auto" prefills with MHA and decodes absorbed
@@ -158,9 +158,9 @@ def test_cached_decoding_matches_peer(checkpoints, batch, case, mode):
     generator = torch.Generator().manual_seed(11)
     with torch.no_grad():
         expected = peer(input_ids, attention_mask=attention_mask, position_ids=positions,
-                        past_key_values=peer_cache, use_cache=True).logits  # fmt: skip
+                        **peer_cache_kwarg(peer_cache), use_cache=True).logits  # fmt: skip
         actual = ours(input_ids, attention_mask=attention_mask, position_ids=positions,
-                      past_key_values=our_cache, use_cache=True).logits  # fmt: skip
+                      cache=our_cache, use_cache=True).logits  # fmt: skip
         assert_finite(actual)
         assert_real_close(actual, expected, attention_mask)
         mask, position = attention_mask, positions[:, -1:]
@@ -169,9 +169,9 @@ def test_cached_decoding_matches_peer(checkpoints, batch, case, mode):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             position = position + 1
             expected = peer(token, attention_mask=mask, position_ids=position,
-                            past_key_values=peer_cache, use_cache=True).logits  # fmt: skip
+                            **peer_cache_kwarg(peer_cache), use_cache=True).logits  # fmt: skip
             actual = ours(token, attention_mask=mask, position_ids=position,
-                          past_key_values=our_cache, use_cache=True).logits  # fmt: skip
+                          cache=our_cache, use_cache=True).logits  # fmt: skip
             assert_finite(actual)
             torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0, msg=lambda m, s=step: f"step {s}: {m}")
     assert our_cache.get_seq_length() == PROMPT_LEN + DECODE_STEPS
@@ -190,9 +190,9 @@ def test_chunked_prefill_matches_full_forward_and_peer(checkpoints, batch, case,
     cache = mla_dsa.MlaDsaCache(ours.config)
     with torch.no_grad():
         first = ours(input_ids[:, :split], attention_mask=attention_mask[:, :split], position_ids=positions[:, :split],
-                     past_key_values=cache, use_cache=True).logits  # fmt: skip
+                     cache=cache, use_cache=True).logits  # fmt: skip
         second = ours(input_ids[:, split:], attention_mask=attention_mask, position_ids=positions[:, split:],
-                      past_key_values=cache, use_cache=True).logits  # fmt: skip
+                      cache=cache, use_cache=True).logits  # fmt: skip
         chunked = torch.cat([first, second], dim=1)
         full = ours(input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False).logits
         expected = peer(input_ids, attention_mask=attention_mask, position_ids=positions).logits
@@ -265,7 +265,7 @@ def test_model_never_selects_padding(checkpoints, batch, monkeypatch, mode):
     with torch.no_grad():
         for _ in range(4):  # the prefill, then three decoding steps
             calls.clear()
-            logits = ours(new_ids, attention_mask=mask, position_ids=new_positions, past_key_values=cache).logits
+            logits = ours(new_ids, attention_mask=mask, position_ids=new_positions, cache=cache).logits
             assert_finite(logits)
             covered = sum(end - start for start, end, _, _ in calls)
             assert covered >= ours.config.num_hidden_layers * new_ids.shape[1], "a layer's selection went unobserved"

@@ -50,13 +50,13 @@ def test_cache_operations_match_recomputation(model, operations, seed):
     cache = mla_dsa.MlaDsaCache(model.config)
     histories = tokens(2, 3)
     with torch.no_grad():
-        model(torch.tensor(histories), past_key_values=cache, use_cache=True)
+        model(torch.tensor(histories), cache=cache, use_cache=True)
     for name, arg in operations:
         if name == "append":
             new = tokens(len(histories), arg)
             histories = [h + n for h, n in zip(histories, new, strict=True)]
             with torch.no_grad():
-                model(torch.tensor(new), past_key_values=cache, use_cache=True)
+                model(torch.tensor(new), cache=cache, use_cache=True)
         elif name == "crop":
             length = len(histories[0])
             keep = length + arg if arg < 0 else arg
@@ -82,11 +82,11 @@ def test_cache_operations_match_recomputation(model, operations, seed):
             cache.reset()
             histories = tokens(arg, 2)
             with torch.no_grad():
-                model(torch.tensor(histories), past_key_values=cache, use_cache=True)
+                model(torch.tensor(histories), cache=cache, use_cache=True)
         assert cache.get_seq_length() == len(histories[0])
         step = tokens(len(histories), 1)
         with torch.no_grad():
-            cached = model(torch.tensor(step), past_key_values=cache, use_cache=True).logits[:, -1]
+            cached = model(torch.tensor(step), cache=cache, use_cache=True).logits[:, -1]
         histories = [h + s for h, s in zip(histories, step, strict=True)]
         expected = no_cache_last_logits(model, histories)
         torch.testing.assert_close(cached, expected, atol=ATOL, rtol=0)

@@ -25,6 +25,7 @@ from peers import VOCAB, build_peer, save_peer
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELING_DIR = REPO_ROOT / "modeling"
 PAYLOAD = {
+    "compat_mla_dsa.py",
     "configuration_mla_dsa.py",
     "modeling_mla_dsa.py",
     "attention_mla_dsa.py",
@@ -161,7 +162,9 @@ REMOTE_SCRIPT = textwrap.dedent(
         logits = model(ids).logits
         hidden = base(ids).last_hidden_state
         generated = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    cache_class = type(generated.past_key_values)
+    # The output field is `cache` from transformers 5.24 on, `past_key_values` before.
+    cache = generated["cache"] if "cache" in generated else generated["past_key_values"]
+    cache_class = type(cache.layers[0])
     generated = generated.sequences
     torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-6)
     torch.testing.assert_close(hidden, expected["hidden"], rtol=0, atol=1e-6)
@@ -189,6 +192,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.compat
 def test_isolated_interpreter_loads_with_trust_remote_code(saved, input_ids, tmp_path):
     model, checkpoint = saved
     with torch.no_grad():
@@ -229,7 +233,7 @@ def test_isolated_interpreter_loads_with_trust_remote_code(saved, input_ids, tmp
     for key, name in expected_classes.items():
         class_name, module = report[key]
         assert class_name == name and module.startswith("transformers_modules."), report[key]
-    assert report["cache"][0] == "MlaDsaCache" and report["cache"][1].startswith("transformers_modules."), report
+    assert report["cache"][0] == "MlaDsaCacheLayer" and report["cache"][1].startswith("transformers_modules."), report
     # Re-saving the remotely loaded model wrote the payload again, unchanged.
     assert {path.name for path in resaved.glob("*.py")} == PAYLOAD
     for name in PAYLOAD:

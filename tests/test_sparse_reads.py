@@ -47,13 +47,13 @@ def _tokens(batch: int, length: int, seed: int) -> torch.Tensor:
 def _prefill(model, input_ids: torch.Tensor) -> MlaDsaCache:
     cache = MlaDsaCache(model.config)
     with torch.no_grad():
-        model(input_ids, past_key_values=cache, use_cache=True)
+        model(input_ids, cache=cache, use_cache=True)
     return cache
 
 
 def _decode(model, input_ids: torch.Tensor, cache: MlaDsaCache) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids, past_key_values=cache, use_cache=True).logits
+        return model(input_ids, cache=cache, use_cache=True).logits
 
 
 def _record_selections(monkeypatch) -> list[torch.Tensor]:

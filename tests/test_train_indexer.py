@@ -29,6 +29,7 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "model.safetensors"))
 
 
+@pytest.mark.compat
 def test_dense_warmup_trains_only_the_indexer_and_saves_a_dsa_checkpoint(dsa_checkpoint, tmp_path):
     out = tmp_path / "warm"
     assert cli(["train-indexer", str(dsa_checkpoint), "--stage", "dense", "--data", *DATA, "--out", str(out),
@@ -97,6 +98,7 @@ def test_two_process_data_parallel_equals_one_process(dsa_checkpoint, tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.compat
 def test_lora_adapters_train_save_load_and_merge(dsa_checkpoint, tmp_path):
     sys.path.insert(0, str(REPO / "examples"))
     try:

@@ -1,0 +1,152 @@
+"""`mla-dsa upgrade-code DIR` repairs a checkpoint written by an older release: new code, same weights.
+
+The 0.1.0 checkpoint is made with the 0.1.0 payload, kept as it was released in tests/fixtures/payload-0.1.0/. On
+transformers 5.24+ that code decodes every step on an empty cache (it knows only `past_key_values`); after the
+upgrade the same weight files generate the peer's tokens through trust_remote_code.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import mla_dsa
+from mla_dsa.cli import main as cli
+from mla_dsa.conversion.upgrade import payload_files
+from mla_dsa.modeling.compat_mla_dsa import DEPRECATED_CACHE_NAME
+from mla_dsa.modeling.configuration_mla_dsa import PAYLOAD_VERSION, PAYLOAD_VERSION_KEY
+
+from peers import save_peer
+
+OLD_PAYLOAD = Path(__file__).parent / "fixtures" / "payload-0.1.0"
+NEW_TOKENS = 8
+
+GENERATE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        import mla_dsa  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise AssertionError("mla_dsa must not be importable here")
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    ids = torch.tensor(json.loads(sys.argv[2]))
+    with torch.no_grad():
+        tokens = model.generate(ids, max_new_tokens=int(sys.argv[3]), do_sample=False)
+    print("TOKENS " + json.dumps(tokens[:, ids.shape[1]:].tolist()))
+    """
+)
+
+
+def generate_remotely(checkpoint: Path, ids: torch.Tensor, tmp_path: Path) -> list[list[int]]:
+    """Greedy tokens from `checkpoint`'s own code, in an interpreter that cannot import mla_dsa."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir(exist_ok=True)
+    (blocker / "mla_dsa.py").write_text("raise ImportError('mla_dsa is blocked here')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(PYTHONPATH=str(blocker), HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", GENERATE_SCRIPT, str(checkpoint), json.dumps(ids.tolist()), str(NEW_TOKENS)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(next(line for line in result.stdout.splitlines() if line.startswith("TOKENS "))[7:])
+
+
+def make_0_1_0_checkpoint(directory: Path) -> Path:
+    """A checkpoint as mla-dsa 0.1.0 wrote it: its payload files, its config.json (no version stamp)."""
+    for path in directory.glob("*.py"):
+        path.unlink()
+    for path in OLD_PAYLOAD.glob("*.py"):
+        shutil.copyfile(path, directory / path.name)
+    config = json.loads((directory / "config.json").read_text())
+    config.pop(PAYLOAD_VERSION_KEY)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every file that is not code or config.json: the weights and everything beside them."""
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.suffix != ".py" and path.name != "config.json"
+    }
+
+
+@pytest.fixture
+def old_checkpoint(tmp_path):
+    peer = save_peer("deepseek_v32", tmp_path / "peer", index_topk=5)
+    checkpoint = tmp_path / "ckpt"
+    mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "peer").save_pretrained(checkpoint)
+    return peer, make_0_1_0_checkpoint(checkpoint)
+
+
+@pytest.mark.compat
+def test_upgrade_code_repairs_a_0_1_0_checkpoint(old_checkpoint, tmp_path, capsys):
+    peer, checkpoint = old_checkpoint
+    ids = torch.randint(3, 97, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = peer.generate(ids, use_cache=False, max_new_tokens=NEW_TOKENS, do_sample=False)[:, 12:].tolist()
+    weights_before = file_hashes(checkpoint)
+    assert "model.safetensors" in weights_before
+    if DEPRECATED_CACHE_NAME is not None:  # transformers >= 5.24: the 0.1.0 code decodes on an empty cache
+        assert generate_remotely(checkpoint, ids, tmp_path) != expected
+
+    assert cli(["upgrade-code", str(checkpoint)]) == 0
+    assert "compat_mla_dsa.py" in capsys.readouterr().out
+    assert file_hashes(checkpoint) == weights_before
+    for source in payload_files():
+        assert (checkpoint / source.name).read_bytes() == source.read_bytes(), source.name
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config[PAYLOAD_VERSION_KEY] == PAYLOAD_VERSION
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mla_dsa.MlaDsaForCausalLM"
+    assert not list(checkpoint.glob(".*mla-dsa-upgrade"))  # no temporary file left
+    assert generate_remotely(checkpoint, ids, tmp_path) == expected
+
+    assert cli(["upgrade-code", str(checkpoint)]) == 0  # a second run changes nothing
+    assert "already current" in capsys.readouterr().out
+
+
+def test_loading_an_older_checkpoint_names_the_command_once(old_checkpoint, caplog):
+    _, checkpoint = old_checkpoint
+    with caplog.at_level(logging.WARNING):
+        mla_dsa.MlaDsaForCausalLM.from_pretrained(checkpoint)
+        mla_dsa.MlaDsaForCausalLM.from_pretrained(checkpoint)
+    hints = [r.getMessage() for r in caplog.records if "upgrade-code" in r.getMessage()]
+    assert len(hints) == 1 and f"mla-dsa upgrade-code {checkpoint}" in hints[0] and "0.1.0" in hints[0], hints
+    cli(["upgrade-code", str(checkpoint)])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        mla_dsa.MlaDsaForCausalLM.from_pretrained(checkpoint)
+    assert not [r for r in caplog.records if "upgrade-code" in r.getMessage()]
+
+
+def test_a_checkpoint_saved_now_records_its_code_version(old_checkpoint, tmp_path):
+    _, checkpoint = old_checkpoint
+    resaved = tmp_path / "resaved"
+    mla_dsa.MlaDsaForCausalLM.from_pretrained(checkpoint).save_pretrained(resaved)
+    assert json.loads((resaved / "config.json").read_text())[PAYLOAD_VERSION_KEY] == PAYLOAD_VERSION
+
+
+def test_upgrade_code_refuses_what_it_did_not_write(tmp_path, capsys):
+    assert cli(["upgrade-code", str(tmp_path / "missing")]) == 1
+    assert "no config.json" in capsys.readouterr().err
+    save_peer("deepseek_v3", tmp_path / "dense")
+    before = file_hashes(tmp_path / "dense")
+    assert cli(["upgrade-code", str(tmp_path / "dense")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "deepseek_v3" in err and "mla-dsa convert" in err, err
+    assert file_hashes(tmp_path / "dense") == before and not list((tmp_path / "dense").glob("*.py"))
