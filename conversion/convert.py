@@ -84,11 +84,21 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **options
     if opts.indexer_init not in INDEXER_INITS:
         raise ConversionError(dst, f"--indexer-init must be one of {INDEXER_INITS}, got {opts.indexer_init!r}")
     src, dst = Path(src).resolve(), Path(dst).resolve()
-    _check_paths(src, dst, opts.overwrite)
+    partial = dst.parent / f".{dst.name}.mla-dsa-partial"
+    finished = opts.resume and not partial.exists() and dst.is_dir() and any(dst.iterdir())
+    _check_paths(src, dst, opts.overwrite or finished)
     source = SourceCheckpoint(src, follow_symlinks=opts.follow_symlinks)
     config = target_config(source, opts)
     plan = plan_output(source, config, opts)
-    partial = dst.parent / f".{dst.name}.mla-dsa-partial"
+    if finished:  # a kill after the final rename: --resume finds DST complete, or refuses it as any other DST
+        try:
+            check_output(dst, plan)
+        except ConversionError:
+            source.close()
+            _check_paths(src, dst, opts.overwrite)
+        else:
+            source.close()
+            return dst
     try:
         _write_shards(source, config, plan, partial, opts)
         _write_metadata(source, config, plan, partial)

@@ -21,7 +21,21 @@ AutoConfig.register(MlaDsaConfig.model_type, MlaDsaConfig, exist_ok=True)
 AutoModel.register(MlaDsaConfig, MlaDsaModel, exist_ok=True)
 AutoModelForCausalLM.register(MlaDsaConfig, MlaDsaForCausalLM, exist_ok=True)
 
+# Training helpers import transformers' Trainer (and so accelerate): loaded on first use, not with the package.
+_TRAINING_NAMES = ("prepare_indexer_training", "finish_indexer_training", "indexer_lora_config", "train_indexer",
+                   "evaluate_indexer")  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _TRAINING_NAMES:
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'mla_dsa' has no attribute {name!r}")
+
+
 __all__ = [
+    *_TRAINING_NAMES,
     "ConversionError",
     "convert_checkpoint",
     "MlaDsaCache",

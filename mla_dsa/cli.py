@@ -1,10 +1,30 @@
 """The `mla-dsa` command line: a thin layer over the Python API."""
 
 import argparse
+import re
 import sys
 
 from .conversion.indexer_init import INDEXER_INITS
 from .conversion.source import ConversionError
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: refuses 0, negatives and non-integers before any work is done."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _shard_size(text: str) -> str:
+    """argparse type: a positive size such as 5GB, 500MB or 1000000 (bytes)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, flags=re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive size such as 5GB or 500MB, got {text!r}")
+    return text.strip()
 
 
 def _add_convert(commands) -> None:
@@ -34,7 +54,9 @@ def _add_convert(commands) -> None:
         default=None,
         help="indexer head size (default 128; min(128, max(2*rope dim, hidden/8)) for small models)",
     )
-    parser.add_argument("--index-topk", type=int, default=None, help="tokens each query attends to (default 2048)")
+    parser.add_argument(
+        "--index-topk", type=_positive_int, default=None, help="tokens each query attends to (default 2048)"
+    )
     parser.add_argument(
         "--indexer-init",
         default="random",
@@ -49,7 +71,9 @@ def _add_convert(commands) -> None:
         default=None,
         help="layers that keep dense attention (DeepSeek-V3.2: none; small models: often the first)",
     )
-    parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB")
+    parser.add_argument(
+        "--max-shard-size", type=_shard_size, default="5GB", help="largest output shard, e.g. 5GB or 500MB"
+    )
     parser.add_argument("--resume", action="store_true", help="continue an interrupted conversion into the same DST")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     parser.add_argument(
@@ -98,16 +122,16 @@ def _add_train_indexer(commands) -> None:
     parser.add_argument("--stage", required=True, choices=["dense", "sparse"])
     parser.add_argument("--data", required=True, nargs="+", help="text files to train on")
     parser.add_argument("--out", required=True, help="output directory: the trained checkpoint (+ checkpoints/)")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per step and process")
+    parser.add_argument("--steps", type=_positive_int, default=200)
+    parser.add_argument("--seq-len", type=_positive_int, default=512)
+    parser.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per step and process")
     parser.add_argument(
         "--lr",
         type=float,
         default=None,
         help="learning rate (default: dense 1e-3; sparse 7.3e-6 * sqrt(7168 / hidden_size))",
     )
-    parser.add_argument("--index-topk", type=int, default=None, help="override the checkpoint's index_topk")
+    parser.add_argument("--index-topk", type=_positive_int, default=None, help="override the checkpoint's index_topk")
     parser.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: at the end)")
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
@@ -119,6 +143,7 @@ def _add_train_indexer(commands) -> None:
 def _run_train_indexer(args) -> int:
     from .training import train_indexer
 
+    _check_checkpoint(args.checkpoint)
     _check_files(args.data)
     out = train_indexer(
         args.checkpoint, args.stage, args.data, args.out, steps=args.steps, seq_len=args.seq_len,
@@ -140,10 +165,14 @@ def _add_eval(commands) -> None:
     )
     parser.add_argument("checkpoint")
     parser.add_argument("--data", required=True, nargs="+", help="text files to evaluate on")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--index-topk", type=int, default=None, help="k (default: the checkpoint's index_topk)")
-    parser.add_argument("--windows", type=int, default=16, help="evaluation windows spread evenly over the data")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=_positive_int, default=512)
+    parser.add_argument(
+        "--index-topk", type=_positive_int, default=None, help="k (default: the checkpoint's index_topk)"
+    )
+    parser.add_argument(
+        "--windows", type=_positive_int, default=16, help="evaluation windows spread evenly over the data"
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=4)
 
 
 def _run_eval(args) -> int:
@@ -156,6 +185,7 @@ def _run_eval(args) -> int:
     from .modeling.modeling_mla_dsa import MlaDsaForCausalLM
     from .training import evaluate_indexer
 
+    _check_checkpoint(args.checkpoint)
     _check_files(args.data)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     model = MlaDsaForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
@@ -166,6 +196,16 @@ def _run_eval(args) -> int:
     result = evaluate_indexer(model, windows, index_topk=args.index_topk, batch_size=args.batch_size)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _check_checkpoint(path: str) -> None:
+    """A local checkpoint directory, checked before anything is loaded (not a Hub id: nothing is downloaded)."""
+    from pathlib import Path
+
+    if not Path(path).is_dir():
+        raise ConversionError(path, "no such checkpoint directory")
+    if not (Path(path) / "config.json").is_file():
+        raise ConversionError(path, "not a checkpoint directory (no config.json)")
 
 
 def _check_files(paths: list[str]) -> None:
@@ -186,9 +226,9 @@ def _add_demo(commands) -> None:
         "decode speed and cache bytes, complete a Python prompt, plot loss ratio and recall vs k. No downloads.",
     )
     parser.add_argument("--out", default=None, help="keep checkpoints and results here (default ~/.cache/mla-dsa)")
-    parser.add_argument("--steps", type=int, default=150, help="dense warm-up steps")
-    parser.add_argument("--seq-len", type=int, default=512, help="L: training and evaluation window")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=_positive_int, default=150, help="dense warm-up steps")
+    parser.add_argument("--seq-len", type=_positive_int, default=512, help="L: training and evaluation window")
+    parser.add_argument("--batch-size", type=_positive_int, default=4)
     parser.add_argument("--eval-windows", type=int, default=8, help="held-out windows of L tokens")
     parser.add_argument("--decode-context", type=int, default=3072, help="context of the decode-speed measurement")
     parser.add_argument("--quick", action="store_true", help="a tiny run (seconds) that exercises every step")

@@ -191,18 +191,22 @@ class MlaDsaAttention(nn.Module):
         """W_UK [H, dn, R] and W_UV [H, dv, R] from `kv_b_proj`, viewed as [H, dn + dv, R].
 
         A plain Linear gives views of its weight (free, and differentiable). A wrapped one (LoRA, quantized) is
-        evaluated on the identity, so its effective weight is used; outside autograd that result is kept until the
-        module's parameters change (their version counters), or the dtype/device does."""
+        evaluated on the identity, so its effective weight is used. Outside autograd that result is reused while the
+        module still maps a fixed probe row to the same output: whatever changes what the module computes - a weight
+        update, a merge, PEFT's disable_adapter() or set_adapter(), a new scale, another dtype or device - changes
+        the probe's output too, where parameter versions alone miss adapter switches. The probe costs one row."""
         module = self.kv_b_proj
         if type(module) is nn.Linear:
             weight = module.weight
         elif torch.is_grad_enabled():
             weight = _effective_weight(module, self.kv_lora_rank)
         else:
-            key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in module.parameters())
-            if self._absorbed_cache is None or self._absorbed_cache[0] != key:
-                self._absorbed_cache = (key, _effective_weight(module, self.kv_lora_rank))
-            weight = self._absorbed_cache[1]
+            probe = module(_probe_row(module, self.kv_lora_rank))
+            cached = self._absorbed_cache
+            if cached is None or cached[0].shape != probe.shape or cached[0].dtype != probe.dtype \
+                    or cached[0].device != probe.device or not torch.equal(cached[0], probe):  # fmt: skip
+                self._absorbed_cache = cached = (probe, _effective_weight(module, self.kv_lora_rank))
+            weight = cached[1]
         weight = weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return weight[:, : self.qk_nope_head_dim], weight[:, self.qk_nope_head_dim :]
 
@@ -245,6 +249,13 @@ class MlaDsaAttention(nn.Module):
         scores = torch.einsum("bshc,bskc->bshk", query, rows)
         probs = masked_softmax(scores * self.scaling, selected_valid.unsqueeze(2))
         return torch.einsum("bshk,bskr->bshr", probs, rows[..., : self.kv_lora_rank])
+
+
+def _probe_row(module: nn.Module, in_features: int) -> torch.Tensor:
+    """[1, in_features]: a fixed row with no structure a weight change could leave unseen (seeded, not the RNG's)."""
+    param = next(module.parameters())
+    row = torch.arange(1, in_features + 1, dtype=torch.float64, device=param.device)
+    return torch.sin(row * 12.9898).mul(43758.5453).frac().sub(0.5).to(param.dtype).unsqueeze(0)
 
 
 def _effective_weight(module: nn.Module, in_features: int) -> torch.Tensor:

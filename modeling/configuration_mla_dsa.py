@@ -318,7 +318,12 @@ class MlaDsaConfig(PreTrainedConfig):
         for name in sorted(fields):
             if name not in known and name.startswith(MLA_FIELD_PREFIXES):
                 logger.warning(f"MlaDsaConfig: unknown field {name} is ignored by the model (a typo?)")
-        return super().from_dict(fields, **kwargs)
+        result = super().from_dict(fields, **kwargs)
+        # from_pretrained(..., index_topk=-1) sets overrides after __post_init__ checked the fields: check again.
+        config = result[0] if isinstance(result, tuple) else result
+        config._check_fields()
+        config.layer_types = [LAYER_TYPE] * config.num_hidden_layers
+        return result
 
 
 def config_from_deepseek(config_dict: dict[str, Any]) -> dict[str, Any]:

@@ -223,6 +223,10 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
             raise ValueError("MlaDsaModel: got an empty sequence (0 new tokens)")
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
+        if use_cache and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # As transformers' own models: a checkpointed layer replayed in backward would write the cache twice.
+            logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing: setting use_cache=False")
+            use_cache = False
         if cache is not None:
             check_cache(cache, self.config.num_hidden_layers, "MlaDsaModel")
         if use_cache and cache is None:
@@ -380,7 +384,7 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
             missing -= indexer_missing
         for key in sorted(missing):
             raise ValueError(f"{pretrained_model_name_or_path}: tensor {key} is missing from the checkpoint")
-        if directory is not None:
+        if directory is not None and (directory / "modeling_mla_dsa.py").is_file():  # it carries our code
             _warn_if_code_is_older(model.config, directory)
         if indexer_missing == indexer_keys and indexer_keys:
             layers = {int(m.group(1)) for key in indexer_missing if (m := re.search(r"layers\.(\d+)\.", key))}

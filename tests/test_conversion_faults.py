@@ -2,6 +2,7 @@
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,3 +79,19 @@ def test_kills_at_many_points_then_resume_gives_clean_bytes(sharded_source, tmp_
         assert subprocess.run(command, env=env, capture_output=True).returncode == 0
     assert file_bytes(dst) == file_bytes(clean)
     assert snapshot(source) == before
+
+
+def test_resume_after_a_kill_past_the_final_rename_finds_dst_complete(sharded_source, tmp_path, capsys):
+    """A kill between the rename into place and the exit leaves DST complete: --resume says so (exit 0, bytes
+    unchanged); a DST that is not this conversion's output is still refused."""
+    source, clean = sharded_source
+    dst = tmp_path / "dst"
+    shutil.copytree(clean, dst)
+    assert main(["convert", str(source), str(dst), "--max-shard-size", "60KB", "--resume", "--no-progress"]) == 0
+    assert file_bytes(dst) == file_bytes(clean)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a checkpoint")
+    assert main(["convert", str(source), str(other), "--resume", "--no-progress"]) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert (other / "notes.txt").read_text() == "not a checkpoint"

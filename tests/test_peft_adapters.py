@@ -1,0 +1,91 @@
+"""PEFT adapter state reaches absorbed (MQA) decoding: LoRA on `kv_b_proj` folds into W_UK / W_UV there, and the folded
+weight must follow `disable_adapter()`, `set_adapter()` and merges, none of which changes a parameter.
+
+Wrong answers here are silent: a DPO reference model under `disable_adapter()`, or an A/B comparison of two adapters,
+would decode with whichever adapter the absorbed weight was first computed for.
+"""
+
+import pytest
+import torch
+
+import mla_dsa
+
+from peers import left_padded_batch, save_peer
+
+peft = pytest.importorskip("peft")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+GREEDY = dict(max_new_tokens=6, do_sample=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("v32")
+    save_peer("deepseek_v32", directory, index_topk=5)
+    return directory
+
+
+def lora(seed: int):
+    torch.manual_seed(seed)  # init_lora_weights=False draws A and B at random: each adapter really changes kv_b_proj
+    return peft.LoraConfig(target_modules=["kv_b_proj"], r=4, lora_alpha=8, init_lora_weights=False)
+
+
+@pytest.fixture(scope="module")
+def models(checkpoint):
+    base = mla_dsa.MlaDsaForCausalLM.from_pretrained(checkpoint).eval()
+    peft_model = peft.get_peft_model(mla_dsa.MlaDsaForCausalLM.from_pretrained(checkpoint), lora(1), "first")
+    peft_model.add_adapter("second", lora(2))
+    return base, peft_model.eval()
+
+
+def logits(model, input_ids, attention_mask, mode: str) -> torch.Tensor:
+    config = model.config if isinstance(model, mla_dsa.MlaDsaForCausalLM) else model.base_model.model.config
+    config.attention_mode = mode
+    try:
+        with torch.no_grad():
+            return model(input_ids=input_ids, attention_mask=attention_mask).logits
+    finally:
+        config.attention_mode = "auto"
+
+
+def generate(model, input_ids, attention_mask) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, **GREEDY)
+
+
+def test_disable_and_switch_adapters_reach_absorbed_decoding(models):
+    base, peft_model = models
+    input_ids, attention_mask = left_padded_batch()
+    real = attention_mask.bool()
+    base_tokens = generate(base, input_ids, attention_mask)
+    base_logits = logits(base, input_ids, attention_mask, "absorbed")
+
+    seen = {}
+    for adapter in ("first", "second", "first"):
+        peft_model.set_adapter(adapter)
+        absorbed = logits(peft_model, input_ids, attention_mask, "absorbed")
+        mha = logits(peft_model, input_ids, attention_mask, "mha")
+        torch.testing.assert_close(absorbed[real], mha[real], atol=1e-4, rtol=0)
+        assert (absorbed[real] - base_logits[real]).abs().max() > 1e-2  # the adapter changes the model
+        seen.setdefault(adapter, (absorbed, generate(peft_model, input_ids, attention_mask)))
+        torch.testing.assert_close(absorbed, seen[adapter][0], atol=0, rtol=0)  # switching back restores it
+        with peft_model.disable_adapter():
+            torch.testing.assert_close(logits(peft_model, input_ids, attention_mask, "absorbed"), base_logits,
+                                       atol=1e-5, rtol=0)  # fmt: skip
+            assert torch.equal(generate(peft_model, input_ids, attention_mask), base_tokens)
+    assert (seen["first"][0][real] - seen["second"][0][real]).abs().max() > 1e-2
+    assert not torch.equal(seen["first"][1], seen["second"][1])  # set_adapter switches what decoding uses
+
+
+def test_merge_and_unmerge_reach_absorbed_decoding(models):
+    base, peft_model = models
+    input_ids, attention_mask = left_padded_batch()
+    peft_model.set_adapter("first")
+    active = logits(peft_model, input_ids, attention_mask, "absorbed")
+    lora_layer = peft_model.base_model.model.model.layers[0].self_attn.kv_b_proj
+    lora_layer.merge(adapter_names=["first"])
+    try:
+        torch.testing.assert_close(logits(peft_model, input_ids, attention_mask, "absorbed"), active, atol=1e-5, rtol=0)
+    finally:
+        lora_layer.unmerge()
+    torch.testing.assert_close(logits(peft_model, input_ids, attention_mask, "absorbed"), active, atol=1e-5, rtol=0)
