@@ -243,7 +243,9 @@ class MlaDsaConfig(PreTrainedConfig):
             isinstance(self.first_k_dense_replace, int) and self.first_k_dense_replace >= 0,
             "a non-negative integer",
         )
-        if self.n_routed_experts:
+        # Routing fields matter only where a layer routes: a dense-only checkpoint (first_k_dense_replace >= layers)
+        # may keep transformers' defaults (n_group=8 with 4 experts), which its own classes load and run.
+        if any(self.is_moe_layer(idx) for idx in range(self.num_hidden_layers)):
             self._check_moe_fields()
         if not isinstance(self.rope_parameters, dict) or "rope_type" not in self.rope_parameters:
             raise ValueError(

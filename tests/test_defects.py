@@ -100,3 +100,20 @@ def test_the_documented_names_are_at_the_top_level():
         assert hasattr(mla_dsa, name) and name in mla_dsa.__all__
     with pytest.raises(AttributeError):
         mla_dsa.no_such_name  # noqa: B018
+
+
+def test_a_dense_only_deepseek_config_loads_and_converts(tmp_path):
+    """transformers' DeepseekV3 with every layer dense keeps its MoE defaults (n_group=8 with 4 routed experts) and
+    runs; so does ours, and the converter takes it. Routing fields are still checked where a layer routes."""
+    peer = save_peer("deepseek_v3", tmp_path / "dense", first_k_dense_replace=3, n_routed_experts=4, n_group=8,
+                     topk_group=4)  # fmt: skip
+    ours = mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "dense", use_sparse_attention=False).eval()
+    input_ids = torch.randint(3, 90, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids).logits, peer(input_ids).logits, atol=1e-4, rtol=0)
+    mla_dsa.convert_checkpoint(tmp_path / "dense", tmp_path / "dsa", progress=False)
+    assert mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "dsa").config.n_group == 8
+    with pytest.raises(ValueError, match="n_group"):
+        mla_dsa.MlaDsaConfig(
+            num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2, n_group=8
+        )
