@@ -25,16 +25,14 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..modeling.configuration_mla_dsa import MlaDsaConfig, config_from_deepseek
+from ..modeling.configuration_mla_dsa import MlaDsaConfig, config_from_deepseek, deepseek_family
 from .indexer_init import INDEXER_INITS, init_indexer
 from .source import INDEX_NAME, SCALE_SUFFIX, ConversionError, SourceCheckpoint, TensorInfo, read_json
 from .upgrade import payload_files
 
 STATE_NAME = ".mla-dsa-convert-state.json"
-SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "mla_dsa")
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 INDEXER_PARAMS = ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".py", ".pyc")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _FORMAT_VERSION = 1
 
@@ -118,11 +116,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **options
 def target_config(source: SourceCheckpoint, opts: ConvertOptions) -> MlaDsaConfig:
     """The MlaDsaConfig of the output: SRC's architecture plus the indexer shape from the options."""
     config_path = source.path / "config.json"
-    if source.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConversionError(config_path, f"model_type {source.model_type!r} is not an MLA model "
-                                           f"(expected one of {SUPPORTED_MODEL_TYPES})")  # fmt: skip
+    has_indexer = source_family(source) in ("deepseek_v32", "mla_dsa")
     fields = config_from_deepseek(source.config)
-    has_indexer = source.model_type in ("deepseek_v32", "mla_dsa")
     for name in ("index_n_heads", "index_head_dim", "index_topk"):
         wanted = getattr(opts, name)
         if wanted is not None:
@@ -143,6 +138,30 @@ def target_config(source: SourceCheckpoint, opts: ConvertOptions) -> MlaDsaConfi
         return MlaDsaConfig(**fields)
     except (ValueError, TypeError) as err:
         raise ConversionError(config_path, str(err)) from None
+
+
+def source_family(source: SourceCheckpoint) -> str:
+    """The DeepSeek model type SRC is read as: its own, or, for other MLA checkpoints in DeepSeek's format that
+    transformers has no class for (Kimi-K2's "kimi_k2", ...), the family its `architectures` or fields name.
+    transformers' own MLA variants (GLM-4-MoE-Lite, MiniCPM3, LongCat, ...) are refused: their math differs."""
+    config_path = source.path / "config.json"
+    try:
+        family = deepseek_family(source.config)
+    except ValueError as err:
+        raise ConversionError(config_path, str(err)) from None
+    if family != source.model_type and _is_transformers_model_type(source.model_type):
+        raise ConversionError(config_path, f"model_type {source.model_type!r} is transformers' own MLA variant, "
+                                           "whose attention and routing need not be DeepSeek's; mla-dsa converts "
+                                           "DeepSeek-format checkpoints (deepseek_v2/v3/v32, and model types "
+                                           "transformers has no class for whose fields are DeepSeek's, as Kimi-K2's "
+                                           "kimi_k2)")  # fmt: skip
+    return family
+
+
+def _is_transformers_model_type(model_type: str | None) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
 
 
 def default_indexer_shape(fields: dict) -> tuple[int, int]:
@@ -354,15 +373,8 @@ def _write_metadata(source: SourceCheckpoint, config: MlaDsaConfig, plan: list[O
         weight_map = {t.name: shard.filename for shard in plan for t in shard.tensors}
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (partial / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    for extra in sorted(source.path.iterdir()):
-        linked_ok = source.follow_symlinks or not extra.is_symlink()
-        if extra.is_file() and linked_ok and _is_extra_file(extra.name):
-            shutil.copyfile(extra, partial / extra.name)
-
-
-def _is_extra_file(name: str) -> bool:
-    """Tokenizer, generation config, license, README...: everything but weights, code, configs we rewrite."""
-    return not (name.startswith(".") or name.endswith(WEIGHT_SUFFIXES) or name in ("config.json", INDEX_NAME))
+    for extra in source.extra_files():
+        shutil.copyfile(extra, partial / extra.name)
 
 
 def _nbytes(tensor: OutputTensor) -> int:
@@ -442,7 +454,7 @@ def _reference_model(source: SourceCheckpoint, config: MlaDsaConfig, opts: Conve
 
     from ..modeling.modeling_mla_dsa import MlaDsaForCausalLM
 
-    model_type = source.model_type
+    model_type = source_family(source)
     if model_type == "mla_dsa":
         model = MlaDsaForCausalLM(MlaDsaConfig(**{**config.to_dict(), "use_sparse_attention": False}))
     else:
@@ -485,4 +497,11 @@ def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         model.tie_weights()
 
 
-__all__ = ["ConvertOptions", "convert_checkpoint", "default_indexer_shape", "plan_output", "target_config"]
+__all__ = [
+    "ConvertOptions",
+    "convert_checkpoint",
+    "default_indexer_shape",
+    "plan_output",
+    "source_family",
+    "target_config",
+]

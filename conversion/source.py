@@ -19,6 +19,9 @@ from .fp8 import dequantize_block_fp8
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"
+# Files of SRC that are not carried into DST: weights and code (rewritten), the configs the converter writes anew.
+NOT_CARRIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".py", ".pyc")
+NOT_CARRIED_NAMES = ("config.json", INDEX_NAME)
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -65,8 +68,11 @@ class SourceCheckpoint:
         self.follow_symlinks = follow_symlinks
         if not self.path.is_dir():
             raise ConversionError(self.path, "not a directory")
+        self._check_link(self.path / "config.json")
         self.config = read_json(self.path / "config.json")
         self.weight_map = self._read_weight_map()
+        for extra in self.extra_files():
+            self._check_link(extra)
         self.shards = list(dict.fromkeys(self.weight_map.values()))  # in index order, each once
         self.tensors = self._read_headers()
         self._open_name: str | None = None
@@ -85,6 +91,7 @@ class SourceCheckpoint:
         single = self.path / SINGLE_NAME
         if not single.exists():
             raise ConversionError(self.path, f"no {INDEX_NAME} and no {SINGLE_NAME}: not a safetensors checkpoint")
+        self._check_link(single)
         with _open(single) as handle:
             return {name: SINGLE_NAME for name in handle.keys()}
 
@@ -93,11 +100,27 @@ class SourceCheckpoint:
         if not isinstance(shard, str) or Path(shard).name != shard or shard in (".", ".."):
             raise ConversionError(index_path, f"shard name {shard!r} is not a plain file name")
         target = self.path / shard
-        if target.is_symlink() and not self.follow_symlinks:
-            raise ConversionError(target, "shard is a symbolic link; refusing to follow it (--follow-symlinks "
-                                          "allows it, e.g. for a Hugging Face cache snapshot)")  # fmt: skip
+        self._check_link(target)
         if not target.exists():
             raise ConversionError(target, "shard listed in the index is missing")
+
+    def _check_link(self, path: Path) -> None:
+        """Every file read or carried over may be a symbolic link only with follow_symlinks: none is followed, or
+        skipped, silently."""
+        if path.is_symlink() and not self.follow_symlinks:
+            raise ConversionError(path, "is a symbolic link; refusing to follow it (--follow-symlinks allows it, "
+                                        "e.g. for a Hugging Face cache snapshot)")  # fmt: skip
+
+    def extra_files(self) -> list[Path]:
+        """Tokenizer, generation config, license, README...: the files DST carries over unchanged."""
+        return [
+            path
+            for path in sorted(self.path.iterdir())
+            if path.is_file()
+            and not path.name.startswith(".")
+            and not path.name.endswith(NOT_CARRIED_SUFFIXES)
+            and path.name not in NOT_CARRIED_NAMES
+        ]
 
     def _read_headers(self) -> dict[str, TensorInfo]:
         tensors: dict[str, TensorInfo] = {}

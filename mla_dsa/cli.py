@@ -1,8 +1,10 @@
 """The `mla-dsa` command line: a thin layer over the Python API."""
 
 import argparse
+import contextlib
 import re
 import sys
+from collections.abc import Iterator
 
 from .conversion.indexer_init import INDEXER_INITS
 from .conversion.source import ConversionError
@@ -79,7 +81,7 @@ def _add_convert(commands) -> None:
     parser.add_argument(
         "--follow-symlinks",
         action="store_true",
-        help="read shards that are symbolic links (as in a Hugging Face cache snapshot)",
+        help="read files that are symbolic links (as everything in a Hugging Face cache snapshot is)",
     )
     parser.add_argument(
         "--verify-tolerance",
@@ -173,6 +175,7 @@ def _add_eval(commands) -> None:
         "--windows", type=_positive_int, default=16, help="evaluation windows spread evenly over the data"
     )
     parser.add_argument("--batch-size", type=_positive_int, default=4)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _run_eval(args) -> int:
@@ -182,16 +185,17 @@ def _run_eval(args) -> int:
     from transformers import AutoTokenizer
 
     from .data import fixed_windows, text_files_corpus
+    from .modeling.configuration_mla_dsa import MlaDsaConfig
     from .modeling.modeling_mla_dsa import MlaDsaForCausalLM
-    from .training import evaluate_indexer
+    from .training import check_data_length, check_seq_len, evaluate_indexer
 
     _check_checkpoint(args.checkpoint)
     _check_files(args.data)
+    check_seq_len(args.checkpoint, MlaDsaConfig.from_pretrained(args.checkpoint), args.seq_len)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
-    model = MlaDsaForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
     corpus = text_files_corpus(args.data, tokenizer)
-    if len(corpus) <= args.seq_len:
-        raise ConversionError(args.data[0], f"the data has {len(corpus)} tokens, fewer than --seq-len + 1")
+    check_data_length(args.data, corpus, args.seq_len)
+    model = MlaDsaForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
     windows = fixed_windows(corpus, args.windows, args.seq_len)
     result = evaluate_indexer(model, windows, index_topk=args.index_topk, batch_size=args.batch_size)
     print(json.dumps(result, indent=2))
@@ -267,6 +271,28 @@ def _run_upgrade_code(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """--no-progress: also the bars transformers and huggingface_hub draw (loading weights, writing shards), through
+    their public switches, restored afterwards (main() also runs in-process, as in the tests)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging
+
+    if enabled:
+        yield
+        return
+    transformers_on, hub_on = logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    logging.disable_progress_bar()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if transformers_on:
+            logging.enable_progress_bar()
+        if hub_on:
+            enable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mla-dsa", description="DeepSeek Sparse Attention for MLA models")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -287,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
         bench_main(argv[1:])
         return 0
     args = parser.parse_args(argv)
+    with _progress_bars(not getattr(args, "no_progress", False)):
+        return _dispatch(args)
+
+
+def _dispatch(args) -> int:
     try:
         if args.command == "convert":
             return _run_convert(args)

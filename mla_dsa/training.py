@@ -10,6 +10,7 @@ data-parallel (gloo on CPU, NCCL on GPUs) with no code of ours involved in the d
 """
 
 import contextlib
+import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,11 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from .conversion.source import ConversionError
+from .modeling.configuration_mla_dsa import SETTINGS_BEFORE_TRAINING
+
 STAGES = ("dense", "sparse")
+RUN_FILE = "mla-dsa-training.json"  # in OUT: which stage the run there is, so --resume cannot cross stages
 # Default learning rates: the paper's (dense warm-up 1e-3; sparse stage 7.3e-6 for a 7168-wide model), the sparse
 # one scaled up by sqrt(7168 / hidden_size) for narrower models, which tolerate larger steps.
 DENSE_LR = 1e-3
@@ -50,6 +55,8 @@ def prepare_indexer_training(model: torch.nn.Module, stage: str) -> torch.nn.Mod
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     config = _dsa_model(model).config
+    if not hasattr(config, SETTINGS_BEFORE_TRAINING):  # what save_pretrained writes meanwhile (inference settings)
+        setattr(config, SETTINGS_BEFORE_TRAINING, {"use_sparse_attention": config.use_sparse_attention})
     config.use_sparse_attention = stage == "sparse"
     config.indexer_loss = stage
     peft = _is_peft(model)
@@ -62,8 +69,10 @@ def prepare_indexer_training(model: torch.nn.Module, stage: str) -> torch.nn.Mod
 
 
 def finish_indexer_training(model: torch.nn.Module) -> torch.nn.Module:
-    """Back to inference settings (sparse attention, no indexer loss) before saving."""
+    """Back to inference settings (sparse attention, no indexer loss)."""
     config = _dsa_model(model).config
+    if hasattr(config, SETTINGS_BEFORE_TRAINING):
+        delattr(config, SETTINGS_BEFORE_TRAINING)
     config.use_sparse_attention = True
     config.indexer_loss = None
     return model
@@ -200,17 +209,22 @@ def train_indexer(
     from transformers import AutoTokenizer, TrainingArguments
 
     from .data import text_files_corpus
+    from .modeling.configuration_mla_dsa import MlaDsaConfig
     from .modeling.modeling_mla_dsa import MlaDsaForCausalLM
 
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     out_dir = Path(out_dir)
+    if resume:
+        _check_resumed_stage(out_dir, stage)
+    check_seq_len(checkpoint, MlaDsaConfig.from_pretrained(checkpoint), seq_len)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    corpus = text_files_corpus(data_files, tokenizer, max_tokens=max_tokens)
+    check_data_length(data_files, corpus, seq_len)
     model = MlaDsaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     if index_topk is not None:
         model.config.index_topk = index_topk
     prepare_indexer_training(model, stage)
-    corpus = text_files_corpus(data_files, tokenizer, max_tokens=max_tokens)
     lr = learning_rate if learning_rate is not None else default_learning_rate(stage, model.config.hidden_size)
     args = TrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
@@ -237,12 +251,40 @@ def train_indexer(
     dataset = WindowDataset(corpus, seq_len, steps * batch_size * world, seed=seed)
     trainer = IndexerTrainer(model=model, args=args, train_dataset=dataset)
     has_checkpoint = resume and any((out_dir / "checkpoints").glob("checkpoint-*"))
+    if trainer.is_world_process_zero():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / RUN_FILE).write_text(json.dumps({"stage": stage, "checkpoint": str(checkpoint)}) + "\n")
     trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
     finish_indexer_training(model)
     if trainer.is_world_process_zero():
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def check_seq_len(checkpoint: str | Path, config, seq_len: int) -> None:
+    """Windows no longer than the positions the model was built for (checked before any weight is loaded)."""
+    if seq_len > config.max_position_embeddings:
+        limit = config.max_position_embeddings
+        raise ConversionError(Path(checkpoint) / "config.json", f"--seq-len {seq_len} is beyond the model's "
+                                                                f"max_position_embeddings={limit}")  # fmt: skip
+
+
+def check_data_length(data_files: list, corpus: torch.Tensor, seq_len: int) -> None:
+    """At least one window of seq_len + 1 tokens (inputs and their next-token labels)."""
+    if len(corpus) <= seq_len:
+        where = data_files[0] if len(data_files) == 1 else f"{len(data_files)} data files"
+        raise ConversionError(where, f"the data has {len(corpus)} tokens, fewer than --seq-len {seq_len} + 1")
+
+
+def _check_resumed_stage(out_dir: Path, stage: str) -> None:
+    """--resume continues the run OUT holds: the same stage, or nothing."""
+    run_file = out_dir / RUN_FILE
+    if run_file.is_file():
+        recorded = json.loads(run_file.read_text()).get("stage")
+        if recorded != stage:
+            raise ConversionError(out_dir, f"holds a {recorded}-stage run; --resume continues it only with --stage "
+                                           f"{recorded} (or pick another --out for the {stage} stage)")  # fmt: skip
 
 
 class _ProgressPostfix(TrainerCallback):

@@ -19,9 +19,21 @@ logger = logging.get_logger(__name__)
 # it. A checkpoint without it was written by 0.1.0. `mla-dsa upgrade-code DIR` refreshes an older checkpoint's code.
 PAYLOAD_VERSION = "0.2.0"
 PAYLOAD_VERSION_KEY = "mla_dsa_payload_version"
+# `prepare_indexer_training` records here the settings it replaced; config.json gets them back, and `indexer_loss`
+# (a training-only switch) is never written: a checkpoint saved mid-training loads for inference.
+SETTINGS_BEFORE_TRAINING = "_settings_before_training"
 FIRST_PAYLOAD_VERSION = "0.1.0"
 
 DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+# What makes a config Multi-head Latent Attention: a compressed KV latent and a query/key split into a position-free
+# part and a decoupled RoPE part. Checkpoints of other names in DeepSeek's format (Kimi-K2's "kimi_k2", ...) are read
+# as the DeepSeek family their `architectures` names, or, without one, the one their fields describe.
+MLA_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+DEEPSEEK_ARCHITECTURES = {
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+    "DeepseekV32ForCausalLM": "deepseek_v32",
+}
 ATTENTION_MODES = ("auto", "mha", "absorbed")
 INDEXER_LOSSES = (None, "dense", "sparse")
 INDEXER_CACHE_DTYPES = ("auto", "fp8")
@@ -173,9 +185,12 @@ class MlaDsaConfig(PreTrainedConfig):
 
     def to_dict(self) -> dict[str, Any]:
         """Without `layer_types`: derived, and a generic reader of config.json (`PreTrainedConfig.from_json_file`,
-        as Trainer's resume uses) accepts only transformers' own layer types."""
+        as Trainer's resume uses) accepts only transformers' own layer types. Without training-only settings: the
+        inference values a training stage replaced, no `indexer_loss`."""
         config = super().to_dict()
         config.pop("layer_types", None)
+        config.update(config.pop(SETTINGS_BEFORE_TRAINING, None) or {})
+        config.pop("indexer_loss", None)
         config[PAYLOAD_VERSION_KEY] = PAYLOAD_VERSION  # the code that writes this config
         return config
 
@@ -328,17 +343,32 @@ class MlaDsaConfig(PreTrainedConfig):
         return result
 
 
+def deepseek_family(config_dict: dict[str, Any]) -> str:
+    """Which of DEEPSEEK_MODEL_TYPES (or "mla_dsa") a config dict is read as; ValueError if it is not MLA."""
+    model_type = config_dict.get("model_type", MlaDsaConfig.model_type)
+    if model_type == MlaDsaConfig.model_type or model_type in DEEPSEEK_MODEL_TYPES:
+        return model_type
+    missing = [name for name in MLA_FIELDS if not isinstance(config_dict.get(name), int)]
+    if missing:
+        raise ValueError(
+            f"model_type {model_type!r} is not a Multi-head Latent Attention model: an MLA config has "
+            f"{', '.join(MLA_FIELDS)} (this one lacks {', '.join(missing)})"
+        )
+    for architecture in config_dict.get("architectures") or ():
+        if architecture in DEEPSEEK_ARCHITECTURES:
+            return DEEPSEEK_ARCHITECTURES[architecture]
+    if config_dict.get("index_n_heads") is not None:
+        return "deepseek_v32"
+    return "deepseek_v2" if config_dict.get("scoring_func") == "softmax" else "deepseek_v3"
+
+
 def config_from_deepseek(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """Maps a DeepSeek config dict onto MlaDsaConfig's fields (a copy; our own configs pass through)."""
+    """Maps a DeepSeek-format config dict onto MlaDsaConfig's fields (a copy; our own configs pass through)."""
     config = dict(config_dict)
-    source_type = config.pop("model_type", MlaDsaConfig.model_type)
+    source_type = deepseek_family(config)
+    config.pop("model_type", None)
     if source_type == MlaDsaConfig.model_type:
         return config
-    if source_type not in DEEPSEEK_MODEL_TYPES:
-        raise ValueError(
-            f"MlaDsaConfig reads model_type 'mla_dsa' or one of {DEEPSEEK_MODEL_TYPES}, got {source_type!r}: "
-            "this is not a Multi-head Latent Attention model"
-        )
     for name in (
         "architectures",
         "auto_map",
@@ -373,4 +403,4 @@ def _require(name: str, value: Any, ok: bool, expected: str) -> None:
         raise ValueError(f"MlaDsaConfig: {name} must be {expected}, got {value!r}")
 
 
-__all__ = ["MlaDsaConfig", "config_from_deepseek"]
+__all__ = ["MlaDsaConfig", "config_from_deepseek", "deepseek_family"]

@@ -24,6 +24,7 @@ import mla_dsa
 from mla_dsa import ConversionError, convert_checkpoint
 from mla_dsa.cli import main
 from mla_dsa.conversion import convert as convert_module
+from mla_dsa.data import byte_tokenizer
 
 from checkpoints import (
     INDEX_NAME,
@@ -102,7 +103,7 @@ def _llama(root: Path, sharded_v3: Path):
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(src)
-    return src, root / "dst", src / "config.json", ("llama", "not an MLA model")
+    return src, root / "dst", src / "config.json", ("llama", "not a Multi-head Latent Attention model", "kv_lora_rank")
 
 
 def _copy(root: Path, sharded_v3: Path) -> Path:
@@ -205,6 +206,29 @@ def _symlinked_shard(root, sharded_v3):
     return src, root / "dst", shard, ("symbolic link",)
 
 
+def _linked_into_blobs(root: Path, src: Path, name: str) -> Path:
+    """Moves SRC/name into a blob store and links it back, as a Hugging Face cache snapshot holds every file."""
+    blobs = root / "blobs"
+    blobs.mkdir(exist_ok=True)
+    shutil.move(src / name, blobs / name)
+    (src / name).symlink_to(blobs / name)
+    return src / name
+
+
+def _symlinked_single_file(root, sharded_v3):
+    src = root / "src"
+    save_peer("deepseek_v3", src)
+    return src, root / "dst", _linked_into_blobs(root, src, "model.safetensors"), ("symbolic link", "--follow")
+
+
+def _symlinked_tokenizer(root, sharded_v3):
+    """A linked tokenizer file is refused like a linked shard: never silently left out of DST."""
+    src = root / "src"
+    save_peer("deepseek_v3", src)
+    byte_tokenizer().save_pretrained(src)
+    return src, root / "dst", _linked_into_blobs(root, src, "tokenizer.json"), ("symbolic link", "--follow")
+
+
 def _missing_config(root, sharded_v3):
     src = _copy(root, sharded_v3)
     (src / "config.json").unlink()
@@ -232,6 +256,8 @@ BAD_INPUTS = {
     "path_traversal": _path_traversal,
     "absolute_shard_path": _absolute_shard_path,
     "symlinked_shard": _symlinked_shard,
+    "symlinked_single_file": _symlinked_single_file,
+    "symlinked_tokenizer": _symlinked_tokenizer,
     "missing_config": _missing_config,
     "not_safetensors": _not_safetensors,
 }

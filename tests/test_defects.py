@@ -1,15 +1,21 @@
 """Defects a transformers user hit (issue 12), each pinned where it was fixed: gradient checkpointing with a cache,
 validation that from_pretrained overrides and the CLI could bypass, the CLI's one-line errors, the public names."""
 
+import hashlib
+import json
+import shutil
+
 import pytest
 import torch
+import transformers
 
 import mla_dsa
 from mla_dsa.cli import main as cli
-from mla_dsa.data import stdlib_files
+from mla_dsa.data import byte_tokenizer, stdlib_files
 from mla_dsa.modeling.compat_mla_dsa import CACHE_NAME
+from mla_dsa.modeling.configuration_mla_dsa import deepseek_family
 
-from peers import save_peer
+from peers import save_byte_level_dsa, save_peer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DATA = [str(stdlib_files("train")[0])]
@@ -117,3 +123,169 @@ def test_a_dense_only_deepseek_config_loads_and_converts(tmp_path):
         mla_dsa.MlaDsaConfig(
             num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2, n_group=8
         )
+
+
+# ----------------------------------------------------------------- MLA checkpoints of other names (Kimi-K2, ...)
+def _edit_config(directory, **changes):
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_a_kimi_k2_checkpoint_converts_and_equals_deepseek_v3(tmp_path, capsys):
+    """Kimi-K2's config.json says model_type "kimi_k2" (its own remote code) with DeepSeek-V3's fields and tensors:
+    it converts (verified against transformers' DeepseekV3 on the same weights) and loads with the same logits."""
+    peer = save_peer("deepseek_v3", tmp_path / "kimi")
+    _edit_config(tmp_path / "kimi", model_type="kimi_k2", architectures=["DeepseekV3ForCausalLM"],
+                 auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                           "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})  # fmt: skip
+    assert cli(["convert", str(tmp_path / "kimi"), str(tmp_path / "dsa"), "--verify", "--no-progress"]) == 0
+    assert "verify: max |logit difference|" in capsys.readouterr().out
+    ours = mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "dsa", use_sparse_attention=False).eval()
+    input_ids = torch.randint(3, 90, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids).logits, peer(input_ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "fields, family",
+    [
+        ({"architectures": ["DeepseekV2ForCausalLM"]}, "deepseek_v2"),
+        ({"scoring_func": "softmax"}, "deepseek_v2"),
+        ({"scoring_func": "sigmoid"}, "deepseek_v3"),
+        ({"index_n_heads": 8}, "deepseek_v32"),
+    ],
+)
+def test_an_unnamed_mla_config_is_read_as_the_family_it_describes(fields, family):
+    mla = {"model_type": "my_mla", "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}
+    assert deepseek_family({**mla, **fields}) == family
+
+
+def test_a_config_without_mla_fields_is_told_what_makes_one(tmp_path):
+    with pytest.raises(ValueError) as error:
+        deepseek_family({"model_type": "qwen3", "hidden_size": 64, "kv_lora_rank": 8})
+    message = str(error.value)
+    for name in ("qwen3", "not a Multi-head Latent Attention model", "qk_nope_head_dim", "qk_rope_head_dim",
+                 "v_head_dim", "lacks"):  # fmt: skip
+        assert name in message, message
+
+
+def test_transformers_own_mla_variants_are_refused_unless_they_name_deepseek(tmp_path, capsys):
+    """GLM-4-MoE-Lite has MLA fields but transformers runs it with its own code: not silently read as DeepSeek."""
+    save_peer("deepseek_v3", tmp_path / "glm")
+    _edit_config(tmp_path / "glm", model_type="glm4_moe_lite", architectures=["Glm4MoeLiteForCausalLM"])
+    assert cli(["convert", str(tmp_path / "glm"), str(tmp_path / "dsa"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "glm4_moe_lite" in err and "transformers' own MLA variant" in err, err
+    assert not (tmp_path / "dsa").exists()
+
+
+# ------------------------------------------------------------------------- training CLI checks before any work
+@pytest.fixture(scope="module")
+def byte_dsa(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bytes")
+    return save_byte_level_dsa(root / "dense", root / "dsa", index_topk=4)
+
+
+def _train_argv(checkpoint, out, *extra, data=DATA, stage="dense"):
+    return ["train-indexer", str(checkpoint), "--stage", stage, "--data", *data, "--out", str(out),
+            "--steps", "1", "--batch-size", "1", "--seq-len", "16", "--no-progress", *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["train-indexer", "eval"])
+@pytest.mark.parametrize("problem", ["beyond the data", "beyond max_position_embeddings"])
+def test_a_seq_len_the_run_cannot_have_is_one_line_before_loading(byte_dsa, tmp_path, capsys, command, problem):
+    short = tmp_path / "short.py"
+    short.write_text("x = 1\n" * 10)  # 60 bytes
+    seq_len, data = ("100", [str(short)]) if problem == "beyond the data" else ("4096", DATA)
+    if command == "train-indexer":
+        argv = _train_argv(byte_dsa, tmp_path / "out", "--seq-len", seq_len, data=data)
+    else:
+        argv = ["eval", str(byte_dsa), "--data", *data, "--seq-len", seq_len]
+    assert cli(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    if problem == "beyond the data":
+        assert str(short) in err and "fewer than --seq-len 100" in err, err
+    else:
+        assert "config.json" in err and "max_position_embeddings=512" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_into_the_other_stages_out_is_refused(byte_dsa, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(_train_argv(byte_dsa, out, "--save-steps", "1")) == 0
+    capsys.readouterr()
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert cli(_train_argv(byte_dsa, out, "--resume", stage="sparse")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "dense-stage run" in err and "--stage dense" in err, err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    assert cli(_train_argv(byte_dsa, out, "--resume", "--steps", "2")) == 0  # the same stage continues
+
+
+# -------------------------------------------------------------------------------- Hugging Face cache snapshots
+def test_a_symlinked_single_file_snapshot_keeps_its_tokenizer_and_generation_files(tmp_path):
+    """A Hugging Face cache snapshot: every file a link into blobs/. With follow_symlinks every one is carried over
+    (without it, the conversion is refused naming the first link: see test_conversion_safety)."""
+    dense = tmp_path / "dense"
+    save_peer("deepseek_v3", dense)
+    byte_tokenizer().save_pretrained(dense)
+    snapshot, blobs = tmp_path / "snapshots" / "abc123", tmp_path / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for path in dense.iterdir():
+        blob = blobs / hashlib.sha256(path.read_bytes()).hexdigest()
+        shutil.copyfile(path, blob)
+        (snapshot / path.name).symlink_to(blob)
+    mla_dsa.convert_checkpoint(snapshot, tmp_path / "dsa", follow_symlinks=True, progress=False)
+    carried = [p.name for p in dense.iterdir() if p.name not in ("config.json", "model.safetensors")]
+    assert {"generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(carried)
+    for name in carried:
+        assert (tmp_path / "dsa" / name).read_bytes() == (dense / name).read_bytes(), name
+
+
+# ------------------------------------------------------------------ saving between prepare and finish training
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+def test_a_checkpoint_saved_mid_training_loads_for_inference(byte_dsa, tmp_path, stage):
+    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(byte_dsa)
+    mla_dsa.prepare_indexer_training(model, stage)
+    model.save_pretrained(tmp_path / "mid")
+    written = json.loads((tmp_path / "mid" / "config.json").read_text())
+    assert written["use_sparse_attention"] is True and "indexer_loss" not in written
+    assert not any(key.startswith("_settings") for key in written)
+    assert model.config.indexer_loss == stage  # the live run keeps its settings
+    loaded = mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "mid").eval()
+    assert loaded.config.use_sparse_attention and loaded.config.indexer_loss is None
+    input_ids = torch.randint(3, 250, (1, 12), generator=torch.Generator().manual_seed(0))
+    out = loaded(input_ids, labels=input_ids)
+    assert out.indexer_loss is None
+    mla_dsa.finish_indexer_training(model)
+    reference = mla_dsa.MlaDsaForCausalLM.from_pretrained(byte_dsa).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, reference(input_ids).logits)
+        torch.testing.assert_close(loaded(input_ids).logits, model.eval()(input_ids).logits)
+
+
+# ----------------------------------------------------------------------------------------- --no-progress
+def test_no_progress_silences_every_bar(byte_dsa, tmp_path, capsys):
+    """Our bars and transformers' own (loading weights, writing shards), in every command that has the flag."""
+    dense = byte_dsa.parent / "dense"
+    runs = [
+        ["convert", str(dense), str(tmp_path / "dsa"), "--verify", "--no-progress"],
+        _train_argv(byte_dsa, tmp_path / "out"),
+        ["eval", str(byte_dsa), "--data", *DATA, "--seq-len", "16", "--windows", "2", "--no-progress"],
+    ]
+    transformers.utils.logging.enable_progress_bar()  # as a user's session has it (the test suite turns it off)
+    try:
+        assert cli(runs[-1][:-1]) == 0  # without the flag: transformers' loading bar, at least
+        assert "%|" in capsys.readouterr().err
+        for argv in runs:
+            assert cli(argv) == 0, argv
+            captured = capsys.readouterr()
+            for text in (captured.err, captured.out):
+                assert "it/s" not in text and "%|" not in text and "s/it" not in text, (argv[0], text[-400:])
+            assert transformers.utils.logging.is_progress_bar_enabled()  # restored after the command
+    finally:
+        transformers.utils.logging.disable_progress_bar()
