@@ -4,14 +4,26 @@
 >>> model = mla_dsa.MlaDsaForCausalLM.from_pretrained("path/to/checkpoint")
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 
 from .conversion.convert import convert_checkpoint
 from .conversion.source import ConversionError
 from .conversion.upgrade import upgrade_code
 from .modeling.cache_mla_dsa import MlaDsaCache, MlaDsaCacheLayer
 from .modeling.configuration_mla_dsa import PAYLOAD_VERSION, MlaDsaConfig
-from .modeling.modeling_mla_dsa import MlaDsaForCausalLM, MlaDsaModel, MlaDsaPreTrainedModel
+from .modeling.modeling_mla_dsa import (
+    MlaDsaForCausalLM,
+    MlaDsaForSequenceClassification,
+    MlaDsaForTokenClassification,
+    MlaDsaModel,
+    MlaDsaPreTrainedModel,
+)
 
 __version__ = PAYLOAD_VERSION
 
@@ -20,6 +32,8 @@ __version__ = PAYLOAD_VERSION
 AutoConfig.register(MlaDsaConfig.model_type, MlaDsaConfig, exist_ok=True)
 AutoModel.register(MlaDsaConfig, MlaDsaModel, exist_ok=True)
 AutoModelForCausalLM.register(MlaDsaConfig, MlaDsaForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(MlaDsaConfig, MlaDsaForSequenceClassification, exist_ok=True)
+AutoModelForTokenClassification.register(MlaDsaConfig, MlaDsaForTokenClassification, exist_ok=True)
 
 # Training helpers import transformers' Trainer (and so accelerate): loaded on first use, not with the package.
 _TRAINING_NAMES = ("prepare_indexer_training", "finish_indexer_training", "indexer_lora_config", "train_indexer",
@@ -42,6 +56,8 @@ __all__ = [
     "MlaDsaCacheLayer",
     "MlaDsaConfig",
     "MlaDsaForCausalLM",
+    "MlaDsaForSequenceClassification",
+    "MlaDsaForTokenClassification",
     "MlaDsaModel",
     "MlaDsaPreTrainedModel",
     "upgrade_code",

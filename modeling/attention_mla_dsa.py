@@ -82,12 +82,14 @@ class MlaDsaAttention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         cache=None,
         indexer_loss: str | None = None,
+        output_attentions: bool = False,
         **kwargs,
-    ) -> tuple[torch.Tensor, IndexerStats | None]:
+    ) -> tuple[torch.Tensor, IndexerStats | None, torch.Tensor | None]:
         """hidden_states [B, S, hidden]; key_padding_mask [B, T] bool (True = real token) or None.
 
-        Returns the attention output [B, S, hidden] and, when `indexer_loss` is "dense" or "sparse", the indexer's
-        KL loss and recall for this layer."""
+        Returns the attention output [B, S, hidden]; when `indexer_loss` is "dense" or "sparse", the indexer's KL
+        loss and recall for this layer; with `output_attentions`, the attention probabilities [B, H, S, T] (0 at keys
+        the indexer did not select), computed on the explicit (eager) MHA path whatever the attention mode."""
         batch_size, seq_len, _ = hidden_states.shape
         cos, sin = position_embeddings
 
@@ -121,7 +123,13 @@ class MlaDsaAttention(nn.Module):
             selector = TopkSelector(index_queries, index_weights, index_keys, keys, self.config.index_topk,
                                     self.indexer.softmax_scale)  # fmt: skip
         active_selector = selector if sparse else None
-        if self._use_absorbed_mode(seq_len, num_keys, sparse):
+        attn_weights = None
+        # attn_implementation="eager" (transformers' switch, which every model reads here) is the explicit softmax
+        # path; "sdpa" is the default: SDPA in MHA mode, the absorbed path for decoding and long sparse prefills.
+        if output_attentions or getattr(self.config, "_attn_implementation", None) == "eager":
+            attn_output, attn_weights = self._mha_attention(q_nope, q_rope, latent, keys, active_selector, True)
+            attn_weights = attn_weights if output_attentions else None
+        elif self._use_absorbed_mode(seq_len, num_keys, sparse):
             attn_output = self._absorbed_attention(q_nope, q_rope, latent, keys, active_selector)
         else:
             attn_output = self._mha_attention(q_nope, q_rope, latent, keys, active_selector)
@@ -135,7 +143,7 @@ class MlaDsaAttention(nn.Module):
                 selector, main_query, latent.detach(), self.scaling, sparse=indexer_loss == "sparse",
                 chunk_size=self.config.query_chunk_size,
             )  # fmt: skip
-        return attn_output, stats
+        return attn_output, stats, attn_weights
 
     def _project_queries(self, hidden_states: torch.Tensor):
         batch_size, seq_len, _ = hidden_states.shape
@@ -163,7 +171,8 @@ class MlaDsaAttention(nn.Module):
         return few_queries or (sparse and num_keys > self.config.mha_max_length)
 
     # ----------------------------------------------------------------------------------------------- MHA mode
-    def _mha_attention(self, q_nope, q_rope, latent, keys: "KeyLayout", selector) -> torch.Tensor:
+    def _mha_attention(self, q_nope, q_rope, latent, keys: "KeyLayout", selector, return_weights: bool = False):
+        """[B, S, H, dv] (and, with `return_weights`, the probabilities [B, H, S, T] from an explicit softmax)."""
         batch_size, seq_len, num_heads, _ = q_nope.shape
         c_kv, k_rope = torch.split(latent, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv = self.kv_b_proj(c_kv).view(batch_size, -1, num_heads, self.qk_nope_head_dim + self.v_head_dim)
@@ -176,6 +185,11 @@ class MlaDsaAttention(nn.Module):
             mask = mask & selector.selection_mask(0, seq_len)
         has_key = mask.any(dim=-1, keepdim=True)  # padded queries have none: let them attend anywhere, zero them after
         mask = mask | ~has_key
+        if return_weights:
+            scores = torch.einsum("bshd,bthd->bhst", query, key) * self.scaling
+            probs = masked_softmax(scores, mask.unsqueeze(1)) * has_key.unsqueeze(1)  # [B, H, S, T]
+            dropped = F.dropout(probs, self.config.attention_dropout, self.training)
+            return torch.einsum("bhst,bthv->bshv", dropped, value), probs
         out = F.scaled_dot_product_attention(
             query.transpose(1, 2),
             key.transpose(1, 2),

@@ -53,6 +53,8 @@ AUTO_MAP = {
     "AutoConfig": "configuration_mla_dsa.MlaDsaConfig",
     "AutoModel": "modeling_mla_dsa.MlaDsaModel",
     "AutoModelForCausalLM": "modeling_mla_dsa.MlaDsaForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_mla_dsa.MlaDsaForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_mla_dsa.MlaDsaForTokenClassification",
 }
 
 

@@ -21,7 +21,12 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
 from transformers.utils import logging
 
 from .attention_mla_dsa import MlaDsaAttention, MlaDsaRMSNorm
@@ -30,6 +35,10 @@ from .compat_mla_dsa import CACHE_NAME, CACHE_NAMES, cache_field, take_cache
 from .configuration_mla_dsa import FIRST_PAYLOAD_VERSION, INDEXER_LOSSES, PAYLOAD_VERSION_KEY, MlaDsaConfig
 from .indexer_mla_dsa import IndexerStats
 from .rope_mla_dsa import MlaDsaRotaryEmbedding
+
+# Keywords transformers passes to `loss_function` (ForCausalLMLoss): Trainer's token count, pre-shifted labels of
+# context/sequence parallelism, the ignored label id.
+LOSS_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
 
 logger = logging.get_logger(__name__)
 
@@ -134,18 +143,19 @@ class MlaDsaDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         key_padding_mask: torch.Tensor | None = None,
         indexer_loss: str | None = None,
+        output_attentions: bool = False,
         **kwargs,
-    ) -> tuple[torch.Tensor, IndexerStats | None]:
+    ) -> tuple[torch.Tensor, IndexerStats | None, torch.Tensor | None]:
         # The cache comes by keyword, under the running transformers' name (CACHE_NAME): GradientCheckpointingLayer
         # looks for it there to drop it (with one warning) when a checkpointed training step asks for a cache.
         cache = kwargs.pop(CACHE_NAME, None)
         residual = hidden_states
-        attn_output, stats = self.self_attn(
+        attn_output, stats, attn_weights = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, key_padding_mask, cache,
-            indexer_loss=indexer_loss, **kwargs,
+            indexer_loss=indexer_loss, output_attentions=output_attentions, **kwargs,
         )  # fmt: skip
         hidden_states = residual + attn_output
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)), stats
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)), stats, attn_weights
 
 
 class MlaDsaPreTrainedModel(PreTrainedModel):
@@ -208,11 +218,17 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         indexer_loss: str | None = None,
         **kwargs,
-    ) -> MlaDsaModelOutput:
-        """`cache`: an `MlaDsaCache` (or `DynamicCache(config=model.config)`); `past_key_values` is its older name."""
+    ) -> MlaDsaModelOutput | tuple:
+        """`cache`: an `MlaDsaCache` (or `DynamicCache(config=model.config)`); `past_key_values` is its older name.
+        Output flags left unset take the config's values, as in transformers' own models."""
         cache = take_cache(cache, kwargs, "MlaDsaModel.forward")
+        output_hidden_states, output_attentions, return_dict = _output_flags(
+            self.config, output_hidden_states, output_attentions, return_dict
+        )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("MlaDsaModel: pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -244,26 +260,31 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         layer_stats = []
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states, stats = layer(
+            hidden_states, stats, attn_weights = layer(
                 hidden_states, position_embeddings, key_padding_mask, indexer_loss=indexer_loss,
-                **cache_field(cache if use_cache else None), **kwargs,
+                output_attentions=output_attentions, **cache_field(cache if use_cache else None), **kwargs,
             )  # fmt: skip
             if stats is not None:
                 layer_stats.append(stats)
+            if output_attentions:
+                all_attentions += (attn_weights,)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        return MlaDsaModelOutput(
+        output = MlaDsaModelOutput(
             last_hidden_state=hidden_states,
             **cache_field(cache if use_cache else None),
             hidden_states=all_hidden_states,
+            attentions=all_attentions,
             indexer_loss=torch.stack([s.kl for s in layer_stats]).mean() if layer_stats else None,
             indexer_recall=torch.stack([s.recall for s in layer_stats]).nanmean() if layer_stats else None,
         )
+        return output if return_dict else output.to_tuple()
 
 
 class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
@@ -292,17 +313,22 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         indexer_loss: str | None = None,
         **kwargs,
-    ) -> MlaDsaCausalLMOutput:
+    ) -> MlaDsaCausalLMOutput | tuple:
         """Causal LM forward. `indexer_loss` ("dense" | "sparse" | None, default `config.indexer_loss`) adds the
         DSA indexer's KL loss (DeepSeek-V3.2 warm-up / sparse stage) to the output and to `loss`. `cache`: an
         `MlaDsaCache` (or `DynamicCache(config=model.config)`); `past_key_values` is its older name."""
         cache = take_cache(cache, kwargs, "MlaDsaForCausalLM.forward")
-        for unused in ("return_dict", "output_attentions", "cache_position"):
-            kwargs.pop(unused, None)
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        kwargs.pop("cache_position", None)
+        # transformers' loss keywords (Trainer's num_items_in_batch, context parallelism's pre-shifted labels, ...)
+        loss_kwargs = {name: kwargs.pop(name) for name in LOSS_KWARGS if name in kwargs}
+        output_hidden_states, output_attentions, return_dict = _output_flags(
+            self.config, output_hidden_states, output_attentions, return_dict
+        )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -311,6 +337,8 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
             indexer_loss=indexer_loss,
             **kwargs,
         )
@@ -321,20 +349,20 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
             hidden_states = hidden_states[:, logits_to_keep]
         logits = self.lm_head(hidden_states)
         lm_loss = None
-        if labels is not None:
-            lm_loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
-            )
+        if labels is not None or loss_kwargs.get("shift_labels") is not None:
+            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
         losses = [part for part in (lm_loss, outputs.indexer_loss) if part is not None]
-        return MlaDsaCausalLMOutput(
+        output = MlaDsaCausalLMOutput(
             loss=sum(losses[1:], losses[0]) if losses else None,
             logits=logits,
             **cache_field(getattr(outputs, CACHE_NAME)),
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             lm_loss=lm_loss,
             indexer_loss=outputs.indexer_loss,
             indexer_recall=outputs.indexer_recall,
         )
+        return output if return_dict else output.to_tuple()
 
     def generate(self, *args, **kwargs):
         """transformers' `generate()`, on a cache of MlaDsaCacheLayer (what `DynamicCache(config)` builds for this
@@ -394,6 +422,95 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
                 "(mla-dsa train-indexer) before relying on sparse attention, or set use_sparse_attention=False."
             )
         return (model, info) if wants_info else model
+
+
+class MlaDsaForSequenceClassification(MlaDsaPreTrainedModel):
+    """A linear score on the last non-pad token (transformers' generic sequence classifier, as DeepseekV3's):
+    reward models and classifiers on an MLA+DSA backbone. The loss follows `config.problem_type`."""
+
+    _auto_class = "AutoModelForSequenceClassification"
+
+    def __init__(self, config: MlaDsaConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = MlaDsaModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast | tuple:
+        cache = take_cache(cache, kwargs, "MlaDsaForSequenceClassification.forward")
+        outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                             inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs)  # fmt: skip
+        logits = self.score(outputs.last_hidden_state)  # [B, S, num_labels]
+        batch_size = logits.shape[0]
+        pad_token_id = self.config.pad_token_id
+        if pad_token_id is None and batch_size != 1:
+            raise ValueError("MlaDsaForSequenceClassification: batches of more than one row need a pad_token_id")
+        if pad_token_id is None or input_ids is None:
+            last_token = torch.full((batch_size,), -1, device=logits.device)
+        else:  # the rightmost non-pad token: left and right padding alike
+            positions = torch.arange(input_ids.shape[-1], device=logits.device)
+            last_token = (positions * (input_ids != pad_token_id).to(logits.device)).argmax(-1)
+        pooled_logits = logits[torch.arange(batch_size, device=logits.device), last_token]  # [B, num_labels]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+        output = SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled_logits,
+            **cache_field(getattr(outputs, CACHE_NAME)),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+
+
+class MlaDsaForTokenClassification(MlaDsaPreTrainedModel):
+    """A linear score on every token after dropout (transformers' generic token classifier, as DeepseekV3's)."""
+
+    _auto_class = "AutoModelForTokenClassification"
+
+    def __init__(self, config: MlaDsaConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = MlaDsaModel(config)
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=True)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> TokenClassifierOutput | tuple:
+        cache = take_cache(cache, kwargs, "MlaDsaForTokenClassification.forward")
+        outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                             inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs)  # fmt: skip
+        logits = self.score(self.dropout(outputs.last_hidden_state))  # [B, S, num_labels]
+        loss = self.loss_function(logits, labels, self.config) if labels is not None else None
+        output = TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
 
 def _warn_if_code_is_older(config: MlaDsaConfig, directory: Path) -> None:
@@ -492,6 +609,15 @@ class _LoadReportCapture(logging_std.Filter):
             logging_std.getLogger(name).removeFilter(self)
 
 
+def _output_flags(config, hidden_states: bool | None, attentions: bool | None, return_dict: bool | None):
+    """A forward's output flags: each one passed wins, else the config's (transformers' rule)."""
+    return (
+        config.output_hidden_states if hidden_states is None else hidden_states,
+        config.output_attentions if attentions is None else attentions,
+        config.return_dict if return_dict is None else return_dict,
+    )
+
+
 def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     if input_ids.dim() != 2:
         raise ValueError(f"MlaDsaModel: input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
@@ -524,4 +650,12 @@ def _check_positions(position_ids: torch.Tensor, max_positions: int) -> None:
         )
 
 
-__all__ = ["MlaDsaPreTrainedModel", "MlaDsaModel", "MlaDsaForCausalLM", "MlaDsaConfig", "MlaDsaCache"]
+__all__ = [
+    "MlaDsaCache",
+    "MlaDsaConfig",
+    "MlaDsaForCausalLM",
+    "MlaDsaForSequenceClassification",
+    "MlaDsaForTokenClassification",
+    "MlaDsaModel",
+    "MlaDsaPreTrainedModel",
+]

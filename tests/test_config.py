@@ -359,7 +359,13 @@ def test_every_field_round_trips(tmp_path):
     written = json.loads((tmp_path / "config.json").read_text())
     assert written["model_type"] == "mla_dsa"
     assert written["auto_map"] == AUTO_MAP
-    assert set(written["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+    assert set(written["auto_map"]) == {
+        "AutoConfig",
+        "AutoModel",
+        "AutoModelForCausalLM",
+        "AutoModelForSequenceClassification",
+        "AutoModelForTokenClassification",
+    }
 
     assert "indexer_loss" not in written  # a training-only switch: a saved config is an inference config
     for loaded in (MlaDsaConfig.from_pretrained(tmp_path), AutoConfig.from_pretrained(tmp_path)):

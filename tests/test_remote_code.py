@@ -83,6 +83,8 @@ def test_save_pretrained_writes_payload(saved):
         "AutoConfig": "configuration_mla_dsa.MlaDsaConfig",
         "AutoModel": "modeling_mla_dsa.MlaDsaModel",
         "AutoModelForCausalLM": "modeling_mla_dsa.MlaDsaForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_mla_dsa.MlaDsaForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_mla_dsa.MlaDsaForTokenClassification",
     }
     for target in config["auto_map"].values():
         module, cls = target.split(".")
@@ -175,6 +177,19 @@ REMOTE_SCRIPT = textwrap.dedent(
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, expected["logits"], rtol=0, atol=1e-6)
 
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    heads = {}
+    for name, auto in (("seq_cls", AutoModelForSequenceClassification), ("tok_cls", AutoModelForTokenClassification)):
+        head = auto.from_pretrained(checkpoint, trust_remote_code=True, num_labels=3).eval()
+        with torch.no_grad():
+            scores = head(ids).logits
+        head.save_pretrained(resaved + "-" + name)
+        reloaded = auto.from_pretrained(resaved + "-" + name, trust_remote_code=True).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(ids).logits, scores, rtol=0, atol=1e-6)
+        heads[name] = [type(reloaded).__name__, type(reloaded).__module__]
+
     loaded_from_repo = sorted(
         name for name, module in sys.modules.items()
         if getattr(module, "__file__", None) and from_repo(module.__file__)
@@ -184,6 +199,7 @@ REMOTE_SCRIPT = textwrap.dedent(
         "causal_lm": [type(model).__name__, type(model).__module__],
         "base": [type(base).__name__, type(base).__module__],
         "resaved": [type(again).__name__, type(again).__module__],
+        **heads,
         "cache": [cache_class.__name__, cache_class.__module__],
         "mla_dsa_modules": sorted(name for name in sys.modules if name.split(".")[0] == "mla_dsa"),
         "loaded_from_repo": loaded_from_repo,
@@ -229,6 +245,8 @@ def test_isolated_interpreter_loads_with_trust_remote_code(saved, input_ids, tmp
         "causal_lm": "MlaDsaForCausalLM",
         "base": "MlaDsaModel",
         "resaved": "MlaDsaForCausalLM",
+        "seq_cls": "MlaDsaForSequenceClassification",
+        "tok_cls": "MlaDsaForTokenClassification",
     }
     for key, name in expected_classes.items():
         class_name, module = report[key]

@@ -1,0 +1,224 @@
+"""Where transformers' common tests look (issue 13): output flags from the config and the forward, tuples with
+return_dict=False, attention probabilities, the loss keywords. Each is checked against transformers' own
+DeepseekV32 on the same weights, or against transformers' documented rule where the peer cannot show it."""
+
+import pytest
+import torch
+import transformers
+
+import mla_dsa
+from mla_dsa.modeling.compat_mla_dsa import CACHE_NAME
+
+from peers import save_peer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("v32")
+    save_peer("deepseek_v32", directory, index_topk=5)
+    return directory
+
+
+def _pair(directory, **kwargs):
+    peer = transformers.DeepseekV32ForCausalLM.from_pretrained(directory, attn_implementation="eager", **kwargs)
+    return peer.eval(), mla_dsa.MlaDsaForCausalLM.from_pretrained(directory, **kwargs).eval()
+
+
+def _ids(batch=2, length=11, seed=0):
+    return torch.randint(3, 90, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("where", ["config", "forward"])
+def test_output_hidden_states_from_the_config_or_the_forward(saved, where):
+    flags = {"output_hidden_states": True}
+    peer, ours = _pair(saved, **(flags if where == "config" else {}))
+    input_ids = _ids()
+    with torch.no_grad():
+        expected = peer(input_ids, **(flags if where == "forward" else {})).hidden_states
+        actual = ours(input_ids, **(flags if where == "forward" else {})).hidden_states
+    assert actual is not None and len(actual) == len(expected) == ours.config.num_hidden_layers + 1
+    for mine, theirs in zip(actual, expected, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
+    with torch.no_grad():  # a forward keyword overrides the config; without either, none
+        assert ours(input_ids, **({"output_hidden_states": False} if where == "config" else {})).hidden_states is None
+
+
+@pytest.mark.parametrize("where", ["config", "forward"])
+def test_return_dict_false_gives_the_peers_tuple(saved, where):
+    """The peer's tuple comes from the forward keyword (its config-level return_dict=False breaks its own CausalLM
+    forward on transformers 5.24: the base model's tuple has no last_hidden_state); ours honours both."""
+    peer, ours = _pair(saved)
+    if where == "config":
+        ours.config.return_dict = False
+    input_ids = _ids()
+    kwargs = {"return_dict": False} if where == "forward" else {}
+    with torch.no_grad():
+        expected = peer(input_ids, labels=input_ids, return_dict=False)
+        actual, base = ours(input_ids, labels=input_ids, **kwargs), ours.model(input_ids, **kwargs)
+    assert type(actual) is tuple and type(expected) is tuple and type(base) is tuple
+    torch.testing.assert_close(actual[0], expected[0], atol=1e-4, rtol=0)  # loss
+    torch.testing.assert_close(actual[1], expected[1], atol=1e-4, rtol=0)  # logits
+    assert isinstance(actual[2], transformers.Cache) and isinstance(expected[2], transformers.Cache)
+    torch.testing.assert_close(base[0], ours.model(input_ids, return_dict=True).last_hidden_state)
+
+
+def test_use_cache_from_the_config(saved):
+    peer, ours = _pair(saved, use_cache=False)
+    with torch.no_grad():
+        assert getattr(peer(_ids()), CACHE_NAME) is None and getattr(ours(_ids()), CACHE_NAME) is None
+        assert getattr(ours(_ids(), use_cache=True), CACHE_NAME) is not None
+
+
+@pytest.mark.parametrize("mode", ["mha", "absorbed"])
+def test_output_attentions_equal_the_peers_probabilities(saved, mode):
+    """[batch, heads, queries, keys] per layer, 0 at keys the indexer did not select (k = 5 of 11)."""
+    peer, ours = _pair(saved, output_attentions=True)
+    ours.config.attention_mode = mode
+    input_ids = _ids()
+    with torch.no_grad():
+        expected, out = peer(input_ids).attentions, ours(input_ids)
+    assert len(out.attentions) == len(expected) == ours.config.num_hidden_layers
+    for mine, theirs in zip(out.attentions, expected, strict=True):
+        assert mine.shape == (2, ours.config.num_attention_heads, 11, 11)
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
+        assert ((mine > 0).sum(-1) <= 5).all()  # only selected keys carry probability
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, ours(input_ids, output_attentions=False).logits, atol=1e-5, rtol=0)
+
+
+def test_generate_returns_the_peers_attentions(saved):
+    peer, ours = _pair(saved)
+    input_ids = _ids(length=7)
+    settings = dict(max_new_tokens=4, do_sample=False, output_attentions=True, return_dict_in_generate=True)
+    expected, actual = peer.generate(input_ids, **settings), ours.generate(input_ids, **settings)
+    assert torch.equal(actual.sequences, expected.sequences)
+    assert len(actual.attentions) == len(expected.attentions) == 4  # one tuple of layers per step
+    for step_mine, step_theirs in zip(actual.attentions, expected.attentions, strict=True):
+        for mine, theirs in zip(step_mine, step_theirs, strict=True):
+            assert mine.shape == theirs.shape
+            torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
+
+
+def test_pre_shifted_labels_give_the_unshifted_loss(saved):
+    """Context/sequence parallelism hands the loss `shift_labels` (labels already shifted and padded with -100)."""
+    _, ours = _pair(saved)
+    input_ids = _ids()
+    shift_labels = torch.cat([input_ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    with torch.no_grad():
+        unshifted = ours(input_ids, labels=input_ids).loss
+        shifted = ours(input_ids, shift_labels=shift_labels).loss
+        wrong = ours(input_ids, shift_labels=input_ids).loss  # not shifted: a different loss
+    torch.testing.assert_close(shifted, unshifted)
+    assert not torch.allclose(wrong, unshifted)
+
+
+def test_num_items_in_batch_and_ignore_index_reach_the_loss(saved):
+    peer, ours = _pair(saved)
+    input_ids = _ids()
+    labels = input_ids.clone()
+    labels[:, :4] = -100
+    with torch.no_grad():
+        expected = peer(input_ids, labels=labels, num_items_in_batch=7).loss  # Trainer's token-count scaling
+        torch.testing.assert_close(ours(input_ids, labels=labels, num_items_in_batch=7).loss, expected, atol=1e-5,
+                                   rtol=0)  # fmt: skip
+        mean = ours(input_ids, labels=labels).loss
+        summed = ours(input_ids, labels=labels, num_items_in_batch=1).loss
+        torch.testing.assert_close(summed, mean * 2 * 7)  # 2 rows x 7 counted next-token targets (labels 4..10)
+        # another ignored id: ForCausalLMLoss's ignore_index (the peer drops it on 5.24: "Target -1 out of bounds")
+        relabelled = torch.where(labels == -100, -1, labels)
+        torch.testing.assert_close(ours(input_ids, labels=relabelled, ignore_index=-1).loss, mean)
+
+
+# ------------------------------------------------------------------------------------------- classification heads
+@pytest.fixture(scope="module")
+def converted_v3(tmp_path_factory):
+    root = tmp_path_factory.mktemp("heads")
+    save_peer("deepseek_v3", root / "dense")
+    mla_dsa.convert_checkpoint(root / "dense", root / "dsa", progress=False)
+    return root
+
+
+HEADS = {
+    "sequence": (transformers.DeepseekV3ForSequenceClassification, mla_dsa.MlaDsaForSequenceClassification,
+                 transformers.AutoModelForSequenceClassification),
+    "token": (transformers.DeepseekV3ForTokenClassification, mla_dsa.MlaDsaForTokenClassification,
+              transformers.AutoModelForTokenClassification),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("task", list(HEADS))
+def test_classification_heads_equal_deepseek_v3s(converted_v3, tmp_path, task):
+    """On the same backbone and score weights: logits and loss equal DeepseekV3's, on a left-padded batch (the
+    sequence head scores each row's last real token); the Auto class finds ours; save/load round-trips."""
+    peer_class, our_class, auto_class = HEADS[task]
+    peer = peer_class.from_pretrained(converted_v3 / "dense", num_labels=3).eval()
+    ours = auto_class.from_pretrained(converted_v3 / "dsa", num_labels=3, use_sparse_attention=False).eval()
+    assert type(ours) is our_class
+    ours.score.load_state_dict(peer.score.state_dict())
+    input_ids = _ids(batch=3, length=9)
+    attention_mask = torch.ones_like(input_ids)
+    input_ids[1, :3], attention_mask[1, :3] = 0, 0  # left padding (pad_token_id = 0)
+    labels = torch.tensor([0, 2, 1]) if task == "sequence" else torch.randint(0, 3, (3, 9))
+    with torch.no_grad():
+        expected = peer(input_ids, attention_mask=attention_mask, labels=labels)
+        actual = ours(input_ids, attention_mask=attention_mask, labels=labels)
+    rows = slice(None) if task == "sequence" else (slice(None), slice(3, None))  # padded positions: any value
+    torch.testing.assert_close(actual.logits[rows], expected.logits[rows], atol=1e-4, rtol=0)
+    if task == "sequence":
+        torch.testing.assert_close(actual.loss, expected.loss, atol=1e-4, rtol=0)
+    ours.save_pretrained(tmp_path / "head")
+    again = auto_class.from_pretrained(tmp_path / "head").eval()
+    assert again.config.num_labels == 3 and "modeling_mla_dsa.py" in {p.name for p in (tmp_path / "head").iterdir()}
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids, attention_mask=attention_mask).logits, actual.logits)
+
+
+def test_a_lora_fine_tune_step_of_the_sequence_classifier(converted_v3):
+    """PEFT's SEQ_CLS task trains LoRA on the attention and the score head in full; a few steps on one batch lower
+    its loss, and the base weights stay untouched."""
+    from peft import LoraConfig, get_peft_model
+
+    model = mla_dsa.MlaDsaForSequenceClassification.from_pretrained(converted_v3 / "dsa", num_labels=2)
+    base_weight = model.model.layers[1].self_attn.q_b_proj.weight.detach().clone()
+    config = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_b_proj", "kv_b_proj", "o_proj"])
+    peft_model = get_peft_model(model, config)
+    trainable = {name for name, param in peft_model.named_parameters() if param.requires_grad}
+    assert any("lora_" in name for name in trainable) and any(".score." in name for name in trainable)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    input_ids, labels = _ids(batch=4, length=10), torch.tensor([0, 1, 1, 0])
+    peft_model.train()
+    losses = []
+    for _ in range(5):
+        loss = peft_model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    torch.testing.assert_close(model.model.layers[1].self_attn.q_b_proj.base_layer.weight, base_weight)
+
+
+# --------------------------------------------------------------------------------- attn_implementation and flags
+def test_eager_is_the_explicit_path_and_sdpa_the_default(saved, monkeypatch):
+    """attn_implementation is honoured: "eager" never calls SDPA (and is what output_attentions uses), "sdpa" (the
+    default, as for DeepseekV32) does in MHA mode; both give the same logits. Flash/flex attention are refused."""
+    eager = mla_dsa.MlaDsaForCausalLM.from_pretrained(saved, attn_implementation="eager").eval()
+    sdpa = mla_dsa.MlaDsaForCausalLM.from_pretrained(saved, attention_mode="mha").eval()
+    assert sdpa.config._attn_implementation == "sdpa" and eager.config._attn_implementation == "eager"
+    input_ids = _ids()
+    with torch.no_grad():
+        expected = sdpa(input_ids).logits
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("SDPA called")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
+    with torch.no_grad():
+        torch.testing.assert_close(eager(input_ids).logits, expected, atol=1e-5, rtol=0)
+        with pytest.raises(AssertionError, match="SDPA called"):
+            sdpa(input_ids)
+    for unsupported in ("flash_attention_2", "flex_attention"):
+        with pytest.raises((ValueError, ImportError)):
+            mla_dsa.MlaDsaForCausalLM.from_pretrained(saved, attn_implementation=unsupported)
