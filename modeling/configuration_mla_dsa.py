@@ -8,6 +8,7 @@ payload: it imports only torch, transformers and its siblings.
 from typing import Any
 
 from transformers import PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import logging
 
 from .cache_mla_dsa import LAYER_TYPE
@@ -268,6 +269,9 @@ class MlaDsaConfig(PreTrainedConfig):
             raise ValueError(
                 f"MlaDsaConfig: rope_parameters must be a dict with a rope_type, got {self.rope_parameters!r}"
             )
+        rope_types = ("default", *ROPE_INIT_FUNCTIONS)  # what the installed transformers computes
+        rope_type = self.rope_parameters["rope_type"]
+        _require("rope_parameters['rope_type']", rope_type, rope_type in rope_types, f"one of {rope_types}")
 
     def _check_moe_fields(self) -> None:
         _require("scoring_func", self.scoring_func, self.scoring_func in SCORING_FUNCS, f"one of {SCORING_FUNCS}")

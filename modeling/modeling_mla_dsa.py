@@ -251,7 +251,6 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
         key_padding_mask = _key_padding_mask(attention_mask, batch_size, past_len + seq_len)
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device).unsqueeze(0)
-        _check_positions(position_ids, self.config.max_position_embeddings)
 
         indexer_loss = indexer_loss if indexer_loss is not None else self.config.indexer_loss
         if indexer_loss not in INDEXER_LOSSES:
@@ -641,13 +640,6 @@ def _key_padding_mask(attention_mask: torch.Tensor | None, batch_size: int, num_
         )
     mask = attention_mask.bool()
     return None if bool(mask.all()) else mask
-
-
-def _check_positions(position_ids: torch.Tensor, max_positions: int) -> None:
-    if position_ids.numel() and int(position_ids.max()) >= max_positions:
-        raise ValueError(
-            f"MlaDsaModel: position {int(position_ids.max())} is beyond max_position_embeddings={max_positions}"
-        )
 
 
 __all__ = [

@@ -9,15 +9,20 @@ import math
 
 import torch
 import torch.nn as nn
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 
 class MlaDsaRotaryEmbedding(nn.Module):
-    """cos/sin [B, S, qk_rope_head_dim] for positions [B, S]; YaRN and the other transformers rope types included."""
+    """cos/sin [B, S, qk_rope_head_dim] for positions [B, S], any position (past max_position_embeddings too), in
+    every rope type transformers computes: default, linear, yarn, llama3, ... and, through transformers' own
+    `dynamic_rope_update`, "dynamic" (NTK frequencies grow with the sequence) and "longrope" (long factors past the
+    original length)."""
 
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings  # read by dynamic_rope_update
+        self.original_max_seq_len = config.max_position_embeddings
         self.rope_type = rope_type = config.rope_parameters.get("rope_type", "default")
         if rope_type == "default":
             inv_freq, self.attention_scaling = _default_inv_freq(config), 1.0
@@ -31,6 +36,7 @@ class MlaDsaRotaryEmbedding(nn.Module):
         return _default_inv_freq(config), 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         angles = torch.cat((freqs, freqs), dim=-1)

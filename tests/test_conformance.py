@@ -222,3 +222,38 @@ def test_eager_is_the_explicit_path_and_sdpa_the_default(saved, monkeypatch):
     for unsupported in ("flash_attention_2", "flex_attention"):
         with pytest.raises((ValueError, ImportError)):
             mla_dsa.MlaDsaForCausalLM.from_pretrained(saved, attn_implementation=unsupported)
+
+
+# ------------------------------------------------------------------------------------------------------- RoPE
+ROPE_TYPES = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+             "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1},
+    "llama3": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8},
+    "longrope": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.1, 1.2, 1.3],
+                 "long_factor": [2.0, 2.5, 3.0, 4.0], "original_max_position_embeddings": 16},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("rope_type", list(ROPE_TYPES))
+def test_every_rope_type_equals_the_peer_past_max_position_embeddings(tmp_path, rope_type):
+    """40 positions on a model built for 24: transformers runs them, and so do we, with its frequencies (dynamic
+    NTK grows them with the sequence, longrope switches to its long factors)."""
+    peer = save_peer("deepseek_v32", tmp_path, index_topk=64, max_position_embeddings=24,
+                     rope_parameters=ROPE_TYPES[rope_type])  # fmt: skip
+    ours = mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path).eval()
+    for length in (12, 40, 12):  # dynamic/longrope: short, long, and back to short
+        input_ids = _ids(batch=1, length=length, seed=length)
+        with torch.no_grad():
+            expected = peer(input_ids).logits
+            actual = ours(input_ids).logits
+        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours.model.rotary_emb.inv_freq, peer.model.rotary_emb.inv_freq)
+
+
+def test_a_rope_type_transformers_cannot_compute_is_refused_at_config_time():
+    with pytest.raises(ValueError, match="rope_type"):
+        mla_dsa.MlaDsaConfig(rope_parameters={"rope_type": "ntk-by-parts", "rope_theta": 10000.0})

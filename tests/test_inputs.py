@@ -31,8 +31,6 @@ def model(tmp_path_factory):
         ({"input_ids": torch.tensor([[1, 2, -1]])}, "vocab_size"),
         ({"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 5)}, "attention_mask"),
         ({"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 1, 4, 4)}, "2D"),
-        ({"input_ids": torch.ones(1, 4, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 512]])},
-         "max_position_embeddings"),
         ({"input_ids": torch.ones(1, 4, dtype=torch.long), "cache": DynamicCache()}, "MlaDsaCache"),
         ({"input_ids": torch.ones(1, 4, dtype=torch.long), "inputs_embeds": torch.zeros(1, 4, 64)}, "exactly one"),
         ({"input_ids": torch.ones(1, 4, dtype=torch.long), "indexer_loss": "full"}, "indexer_loss"),
