@@ -83,9 +83,11 @@ class MlaDsaAttention(nn.Module):
         cache=None,
         indexer_loss: str | None = None,
         output_attentions: bool = False,
+        segment_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, IndexerStats | None, torch.Tensor | None]:
-        """hidden_states [B, S, hidden]; key_padding_mask [B, T] bool (True = real token) or None.
+        """hidden_states [B, S, hidden]; key_padding_mask [B, T] bool (True = real token) or None; segment_ids [B, T]
+        for a packed batch (attention and the indexer stay inside each sequence) or None.
 
         Returns the attention output [B, S, hidden]; when `indexer_loss` is "dense" or "sparse", the indexer's KL
         loss and recall for this layer; with `output_attentions`, the attention probabilities [B, H, S, T] (0 at keys
@@ -108,7 +110,7 @@ class MlaDsaAttention(nn.Module):
             latent, index_keys = cache.update(latent, index_keys, self.layer_idx)  # [B, T, ...]
 
         num_keys = latent.shape[1]
-        keys = KeyLayout(num_keys - seq_len, num_keys, key_padding_mask, hidden_states.device)
+        keys = KeyLayout(num_keys - seq_len, num_keys, key_padding_mask, hidden_states.device, segment_ids)
         dsa_layer = self.layer_idx not in (self.config.dense_attention_layers or ())
         sparse = self.config.use_sparse_attention and self.config.index_topk < num_keys and dsa_layer
         wants_loss = indexer_loss is not None and dsa_layer  # a dense-attention layer's indexer is never used

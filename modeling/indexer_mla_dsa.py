@@ -168,20 +168,32 @@ def select_topk(scores: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[torc
 
 
 class KeyLayout:
-    """Which keys each query may see: causal by cache position, and not padding."""
+    """Which keys each query may see: causal by cache position, not padding, and, in a packed row (several
+    sequences one after another, as DataCollatorWithFlattening makes them), only its own sequence's."""
 
-    def __init__(self, past_len: int, num_keys: int, key_padding_mask: torch.Tensor | None, device: torch.device):
+    def __init__(
+        self,
+        past_len: int,
+        num_keys: int,
+        key_padding_mask: torch.Tensor | None,
+        device: torch.device,
+        segment_ids: torch.Tensor | None = None,
+    ):
         self.past_len, self.num_keys = past_len, num_keys
         self.key_padding_mask = key_padding_mask  # [B, T] bool or None
+        self.segment_ids = segment_ids  # [B, T] int (which packed sequence each position is in) or None
         self.device = device
 
     def valid(self, start: int, end: int) -> torch.Tensor:
         """[B or 1, end - start, T] bool for queries start..end-1 of this forward."""
         query_pos = torch.arange(self.past_len + start, self.past_len + end, device=self.device)
-        causal = torch.arange(self.num_keys, device=self.device) <= query_pos[:, None]  # [s, T]
-        if self.key_padding_mask is None:
-            return causal.unsqueeze(0)
-        return causal.unsqueeze(0) & self.key_padding_mask[:, None, :]
+        valid = (torch.arange(self.num_keys, device=self.device) <= query_pos[:, None]).unsqueeze(0)  # [1, s, T]
+        if self.key_padding_mask is not None:
+            valid = valid & self.key_padding_mask[:, None, :]
+        if self.segment_ids is not None:
+            query_segments = self.segment_ids[:, self.past_len + start : self.past_len + end]
+            valid = valid & (query_segments[:, :, None] == self.segment_ids[:, None, :])
+        return valid
 
 
 class TopkSelector:

@@ -7,7 +7,6 @@ Decoder layer = MLA attention with a lightning indexer (`attention_mla_dsa.py`),
 
 import importlib.metadata
 import json
-import logging as logging_std
 import os
 import re
 from dataclasses import dataclass
@@ -169,6 +168,32 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
     # The indexer's head weights stay float32 in bf16/fp16 models, as in DeepSeek's inference code.
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "indexer.weights_proj"]
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`: missing tensors are initialized and unexpected ones ignored, both
+        reported in its load report and in `output_loading_info`; `pretrained_model_name_or_path=None` with
+        `config=` and `state_dict=` works. Ours on top: a truncated or corrupt local weight file, or a tensor whose
+        shape the config contradicts, is one ValueError naming the tensor and the file (`ignore_mismatched_sizes=True`
+        re-initializes it instead, as in transformers); a checkpoint with no indexer at all (a dense MLA one) gets one
+        warning on how to train it; a checkpoint carrying older code of ours, one notice."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        tolerate_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        path = pretrained_model_name_or_path
+        directory = Path(path) if path is not None and os.path.isdir(path) else None
+        weight_files = _weight_files(directory) if directory is not None else {}
+        for filename in sorted(set(weight_files.values())):
+            _check_weight_file(directory / filename)
+        model, info = super().from_pretrained(path, *args, output_loading_info=True, ignore_mismatched_sizes=True,
+                                              **kwargs)  # fmt: skip
+        for key, checkpoint_shape, model_shape in info.get("mismatched_keys", ()) if not tolerate_mismatch else ():
+            where = directory / weight_files[key] if key in weight_files else path
+            raise ValueError(f"{where}: tensor {key} has shape {list(checkpoint_shape)}, the config gives "
+                             f"{list(model_shape)}")  # fmt: skip
+        if directory is not None and (directory / "modeling_mla_dsa.py").is_file():  # it carries our code
+            _warn_if_code_is_older(model.config, directory)
+        _warn_if_indexer_missing(model, set(info.get("missing_keys", ())), path)
+        return (model, info) if wants_info else model
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -249,8 +274,11 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
             cache = MlaDsaCache(self.config)
         past_len = cache.get_seq_length() if cache is not None else 0
         key_padding_mask = _key_padding_mask(attention_mask, batch_size, past_len + seq_len)
+        segment_ids = None
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device).unsqueeze(0)
+        elif past_len == 0:
+            segment_ids = _packed_segment_ids(position_ids)
 
         indexer_loss = indexer_loss if indexer_loss is not None else self.config.indexer_loss
         if indexer_loss not in INDEXER_LOSSES:
@@ -266,7 +294,8 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
                 all_hidden_states += (hidden_states,)
             hidden_states, stats, attn_weights = layer(
                 hidden_states, position_embeddings, key_padding_mask, indexer_loss=indexer_loss,
-                output_attentions=output_attentions, **cache_field(cache if use_cache else None), **kwargs,
+                output_attentions=output_attentions, segment_ids=segment_ids,
+                **cache_field(cache if use_cache else None), **kwargs,
             )  # fmt: skip
             if stats is not None:
                 layer_stats.append(stats)
@@ -375,53 +404,6 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
             )
         return super().generate(*args, **kwargs)
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Loads our checkpoints and those written for deepseek_v2 / deepseek_v3 / deepseek_v32.
-
-        A dense checkpoint's missing indexer is initialized and reported in one warning. Anything else wrong with
-        a local checkpoint - a truncated file, a tensor of the wrong shape, a missing or an unexpected tensor - is a
-        ValueError naming the tensor and the file (`ignore_mismatched_sizes=True` keeps transformers' behaviour of
-        re-initializing mismatched tensors)."""
-        wants_info = kwargs.pop("output_loading_info", False)
-        tolerate_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
-        directory = Path(pretrained_model_name_or_path) if os.path.isdir(pretrained_model_name_or_path) else None
-        weight_files = _weight_files(directory) if directory is not None else {}
-        for filename in sorted(set(weight_files.values())):
-            _check_weight_file(directory / filename)
-        with _LoadReportCapture():
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-            )
-
-        def where(key: str) -> str:
-            return str(directory / weight_files[key]) if key in weight_files else str(pretrained_model_name_or_path)
-
-        for key, checkpoint_shape, model_shape in info.get("mismatched_keys", ()) if not tolerate_mismatch else ():
-            raise ValueError(f"{where(key)}: tensor {key} has shape {list(checkpoint_shape)}, the config gives "
-                             f"{list(model_shape)}")  # fmt: skip
-        for key in sorted(info.get("unexpected_keys", ())):
-            raise ValueError(f"{where(key)}: unexpected tensor {key} (not part of this model's architecture)")
-        missing = set(info.get("missing_keys", ()))
-        indexer_keys = {name for name in model.state_dict() if ".self_attn.indexer." in name}
-        indexer_missing = missing & indexer_keys
-        if indexer_missing and indexer_missing != indexer_keys:  # a DSA checkpoint that lost some indexer tensors
-            missing |= indexer_missing
-        else:
-            missing -= indexer_missing
-        for key in sorted(missing):
-            raise ValueError(f"{pretrained_model_name_or_path}: tensor {key} is missing from the checkpoint")
-        if directory is not None and (directory / "modeling_mla_dsa.py").is_file():  # it carries our code
-            _warn_if_code_is_older(model.config, directory)
-        if indexer_missing == indexer_keys and indexer_keys:
-            layers = {int(m.group(1)) for key in indexer_missing if (m := re.search(r"layers\.(\d+)\.", key))}
-            logger.warning(
-                f"{pretrained_model_name_or_path} has no DSA indexer weights for {len(layers)} layer(s) "
-                f"({len(indexer_missing)} tensors): they were initialized randomly. Train the indexer "
-                "(mla-dsa train-indexer) before relying on sparse attention, or set use_sparse_attention=False."
-            )
-        return (model, info) if wants_info else model
-
 
 class MlaDsaForSequenceClassification(MlaDsaPreTrainedModel):
     """A linear score on the last non-pad token (transformers' generic sequence classifier, as DeepseekV3's):
@@ -512,6 +494,17 @@ class MlaDsaForTokenClassification(MlaDsaPreTrainedModel):
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
 
+def _warn_if_indexer_missing(model: nn.Module, missing: set[str], path) -> None:
+    indexer_keys = {name for name in model.state_dict() if ".self_attn.indexer." in name}
+    if indexer_keys and indexer_keys <= missing:
+        layers = {int(m.group(1)) for key in indexer_keys if (m := re.search(r"layers\.(\d+)\.", key))}
+        logger.warning(
+            f"{path} has no DSA indexer weights for {len(layers)} layer(s) ({len(indexer_keys)} tensors): they were "
+            "initialized randomly. Train the indexer (mla-dsa train-indexer) before relying on sparse attention, or "
+            "set use_sparse_attention=False."
+        )
+
+
 def _warn_if_code_is_older(config: MlaDsaConfig, directory: Path) -> None:
     """Once per checkpoint: with mla-dsa installed, a checkpoint whose code (the payload beside its weights) is older
     than the package runs that old code under trust_remote_code, which newer transformers releases may break."""
@@ -581,31 +574,13 @@ def _read_safetensors_header(path: Path) -> tuple[dict, int]:
     return header, 8 + length
 
 
-class _LoadReportCapture(logging_std.Filter):
-    """Holds back transformers' load report and its model-type notice for DeepSeek configs: `from_pretrained`
-    reports what matters itself (one warning for a missing indexer, a ValueError for anything else)."""
-
-    _LOGGERS = ("transformers.modeling_utils", "transformers.configuration_utils")
-
-    def __init__(self):
-        super().__init__()
-        self.reports: list[logging_std.LogRecord] = []
-
-    def filter(self, record: logging_std.LogRecord) -> bool:
-        message = record.getMessage()
-        if "LOAD REPORT" in message:
-            self.reports.append(record)
-            return False
-        return "to instantiate a model of type `mla_dsa`" not in message
-
-    def __enter__(self) -> "_LoadReportCapture":
-        for name in self._LOGGERS:
-            logging_std.getLogger(name).addFilter(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for name in self._LOGGERS:
-            logging_std.getLogger(name).removeFilter(self)
+def _packed_segment_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """[B, S] index of the packed sequence each position belongs to, where position ids restart within a row (a
+    DataCollatorWithFlattening batch, TRL's padding_free); None for ordinary rows (one run of positions each)."""
+    restarts = position_ids[:, 1:] != position_ids[:, :-1] + 1  # [B, S - 1]
+    if not bool(restarts.any()):
+        return None
+    return torch.nn.functional.pad(restarts.long(), (1, 0)).cumsum(-1)
 
 
 def _output_flags(config, hidden_states: bool | None, attentions: bool | None, return_dict: bool | None):

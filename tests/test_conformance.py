@@ -257,3 +257,79 @@ def test_every_rope_type_equals_the_peer_past_max_position_embeddings(tmp_path, 
 def test_a_rope_type_transformers_cannot_compute_is_refused_at_config_time():
     with pytest.raises(ValueError, match="rope_type"):
         mla_dsa.MlaDsaConfig(rope_parameters={"rope_type": "ntk-by-parts", "rope_theta": 10000.0})
+
+
+# ------------------------------------------------------------------------------------------ loading semantics
+def test_from_pretrained_with_no_path_takes_config_and_state_dict(saved):
+    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(saved).eval()
+    again = mla_dsa.MlaDsaForCausalLM.from_pretrained(None, config=model.config, state_dict=model.state_dict()).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(_ids()).logits, model(_ids()).logits)
+
+
+@pytest.mark.parametrize("direction", ["base into causal-lm", "causal-lm into base"])
+def test_base_and_causal_lm_checkpoints_load_into_each_other_as_the_peers(saved, tmp_path, direction):
+    ours_lm = mla_dsa.MlaDsaForCausalLM.from_pretrained(saved)
+    peer_lm = transformers.DeepseekV32ForCausalLM.from_pretrained(saved)
+    classes = {"ours": (mla_dsa.MlaDsaModel, mla_dsa.MlaDsaForCausalLM),
+               "peer": (transformers.DeepseekV32Model, transformers.DeepseekV32ForCausalLM)}  # fmt: skip
+    infos = {}
+    for who, lm in (("ours", ours_lm), ("peer", peer_lm)):
+        base_class, lm_class = classes[who]
+        if direction == "base into causal-lm":
+            lm.model.save_pretrained(tmp_path / who)
+            loaded, infos[who] = lm_class.from_pretrained(tmp_path / who, output_loading_info=True)
+            backbone = loaded.model
+        else:
+            lm.save_pretrained(tmp_path / who)
+            backbone, infos[who] = base_class.from_pretrained(tmp_path / who, output_loading_info=True)
+        with torch.no_grad():
+            expected = lm.model.eval()(_ids()).last_hidden_state
+            torch.testing.assert_close(backbone.eval()(_ids()).last_hidden_state, expected)
+    for field in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        assert set(infos["ours"][field]) == set(infos["peer"][field]), (field, infos)
+    if direction == "base into causal-lm":
+        assert set(infos["ours"]["missing_keys"]) == {"lm_head.weight"}
+
+
+def test_tied_embeddings_save_once_and_load_tied(tmp_path):
+    save_peer("deepseek_v32", tmp_path / "peer", index_topk=5, tie_word_embeddings=True)
+    model, info = mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "peer", output_loading_info=True)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert "lm_head.weight" not in info["missing_keys"]
+    model.save_pretrained(tmp_path / "ours")
+    again = mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "ours")
+    assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(again.lm_head.weight, model.lm_head.weight)
+
+
+# ---------------------------------------------------------------------------------------------- packed batches
+@pytest.mark.parametrize("setting", ["training (MHA)", "scoring (absorbed, sparse)"])
+def test_a_flattened_batch_gives_each_sequence_what_it_gets_alone(saved, setting):
+    """DataCollatorWithFlattening (TRL's padding_free): one row, position ids restarting per sequence. Logits,
+    attention probabilities (so the indexer's selection) and the loss of each sequence equal its own forward."""
+    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(saved)
+    if setting.startswith("training"):
+        model.train()
+        model.config.attention_mode = "mha"
+    else:
+        model.eval()
+        model.config.attention_mode = "absorbed"
+    sequences = [_ids(batch=1, length=n, seed=n)[0] for n in (9, 12, 7)]
+    batch = transformers.DataCollatorWithFlattening()([{"input_ids": s.tolist()} for s in sequences])
+    assert batch["input_ids"].shape == (1, 28) and batch["position_ids"][0, 9] == 0
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                       output_attentions=True, use_cache=False)  # fmt: skip
+        start, total_loss, total_targets = 0, 0.0, 0
+        for sequence in sequences:
+            alone = model(sequence[None], labels=sequence[None], output_attentions=True, use_cache=False)
+            end = start + len(sequence)
+            torch.testing.assert_close(packed.logits[:, start:end], alone.logits, atol=1e-5, rtol=0)
+            for layer_packed, layer_alone in zip(packed.attentions, alone.attentions, strict=True):
+                torch.testing.assert_close(layer_packed[..., start:end, start:end], layer_alone, atol=1e-6, rtol=0)
+                assert not layer_packed[..., start:end, :start].any()  # nothing across the boundary
+            total_loss += alone.loss * (len(sequence) - 1)
+            total_targets += len(sequence) - 1
+            start = end
+    torch.testing.assert_close(packed.loss, total_loss / total_targets, atol=1e-5, rtol=0)

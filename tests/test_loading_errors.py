@@ -1,4 +1,5 @@
-"""A broken local checkpoint is one ValueError naming the tensor and the file, never a half-initialized model."""
+"""A broken local checkpoint - a truncated or corrupt file, a tensor of the wrong shape - is one ValueError naming the
+tensor and the file. Missing and unexpected tensors follow transformers: initialized or ignored, and reported."""
 
 import os
 import shutil
@@ -39,16 +40,10 @@ def rewrite(path, change):
     [
         (lambda p: rewrite(p, lambda t: t.update({"model.layers.0.self_attn.kv_b_proj.weight": torch.zeros(3, 3)})),
          r"model\.safetensors: tensor model\.layers\.0\.self_attn\.kv_b_proj\.weight has shape \[3, 3\]"),
-        (lambda p: rewrite(p, lambda t: t.pop("model.layers.1.self_attn.o_proj.weight")),
-         r"tensor model\.layers\.1\.self_attn\.o_proj\.weight is missing"),
-        (lambda p: rewrite(p, lambda t: t.pop("model.layers.2.self_attn.indexer.wk.weight")),
-         r"tensor model\.layers\.2\.self_attn\.indexer\.wk\.weight is missing"),
-        (lambda p: rewrite(p, lambda t: t.update({"model.layers.0.self_attn.extra.weight": torch.zeros(2)})),
-         r"model\.safetensors: unexpected tensor model\.layers\.0\.self_attn\.extra\.weight"),
         (lambda p: os.truncate(p, os.path.getsize(p) - 1000), r"model\.safetensors: truncated"),
         (lambda p: p.write_bytes(b"not a safetensors file"), r"model\.safetensors: not a readable safetensors"),
     ],
-    ids=["shape", "missing", "missing-indexer-tensor", "unexpected", "truncated", "garbage"],
+    ids=["shape", "truncated", "garbage"],
 )  # fmt: skip
 def test_broken_checkpoint_is_one_clear_error(checkpoint, tmp_path, edit, message):
     bad = edited(checkpoint, tmp_path, edit)
@@ -76,3 +71,32 @@ def test_sharded_checkpoint_names_the_shard(checkpoint, tmp_path):
     shards[-1].unlink()
     with pytest.raises(ValueError, match=rf"{shards[-1].name}: weight file listed in the index is missing"):
         mla_dsa.MlaDsaForCausalLM.from_pretrained(sharded)
+
+
+@pytest.mark.parametrize(
+    ("edit", "missing", "unexpected"),
+    [
+        (lambda t: t.pop("model.layers.1.self_attn.o_proj.weight"), {"model.layers.1.self_attn.o_proj.weight"}, set()),
+        (lambda t: t.pop("model.layers.2.self_attn.indexer.wk.weight"),
+         {"model.layers.2.self_attn.indexer.wk.weight"}, set()),
+        (lambda t: t.update({"model.layers.0.self_attn.extra.weight": torch.zeros(2)}), set(),
+         {"model.layers.0.self_attn.extra.weight"}),
+    ],
+    ids=["missing", "missing-indexer-tensor", "unexpected"],
+)  # fmt: skip
+def test_missing_and_unexpected_tensors_are_reported_as_transformers_does(checkpoint, tmp_path, edit, missing,
+                                                                           unexpected):  # fmt: skip
+    """As transformers' DeepseekV32 on the same edit: loaded, the gap initialized, both named in the loading info."""
+    import transformers
+
+    bad = edited(checkpoint, tmp_path, lambda p: rewrite(p, edit))
+    model, info = mla_dsa.MlaDsaForCausalLM.from_pretrained(bad, output_loading_info=True)
+    assert set(info["missing_keys"]) == missing and set(info["unexpected_keys"]) == unexpected
+    peer_dir = tmp_path / "peer"
+    shutil.copytree(checkpoint, peer_dir)
+    (peer_dir / "config.json").write_text((peer_dir / "config.json").read_text().replace('"mla_dsa"', '"deepseek_v32"'))
+    rewrite(peer_dir / "model.safetensors", edit)
+    _, peer_info = transformers.DeepseekV32ForCausalLM.from_pretrained(peer_dir, output_loading_info=True)
+    assert set(peer_info["missing_keys"]) == missing and set(peer_info["unexpected_keys"]) == unexpected
+    for name in missing:
+        assert not model.get_parameter(name).isnan().any() and model.get_parameter(name).abs().sum() > 0
