@@ -108,7 +108,8 @@ def add_tokenizer_files(directory: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------- FP8
 def is_fp8_quantized(name: str, shape) -> bool:
     """The 2-D linear weights of attention, MLP and experts that DeepSeek's FP8 checkpoints quantize: not norms,
-    embeddings, lm_head, the router gate or the indexer's weights_proj (its wq_b and wk are quantized, SPEC §5)."""
+    embeddings, lm_head, the router gate or the indexer's weights_proj (its wq_b and wk are quantized, as in
+    DeepSeek-V3.2's release)."""
     if len(shape) != 2 or not name.endswith(".weight"):
         return False
     if ".self_attn." not in name and ".mlp." not in name:

@@ -1,12 +1,6 @@
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import transformers
-
-# Test helpers (peers.py) import by name from this folder.
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(autouse=True)

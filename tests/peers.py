@@ -2,7 +2,8 @@
 
 Every tensor is perturbed away from its initial value (norm weights are not all ones, the routing bias is not zero),
 so a weight that fails to load, or loads into the wrong place, changes the logits. Test configs use 8 indexer heads,
-so ReLU ties in the index score cannot decide the top-k (SPEC §5).
+so ReLU ties in the index score cannot decide the top-k (with a single head, many keys score exactly 0 and the
+order among them is arbitrary).
 """
 
 from pathlib import Path

@@ -1,6 +1,7 @@
 """FP8 indexer keys (indexer_cache_dtype="fp8"): Hadamard rotation, e4m3 with per-128 scales, packed per token.
 
-The fast path is checked against the full-precision one on its top-k, not just its shapes (SPEC §5)."""
+The fast path is checked against the full-precision one on its top-k, not just its shapes: a quantized path whose
+shapes are right can still select other keys."""
 
 import pytest
 import torch

@@ -2,7 +2,9 @@
 
 The payload (modeling/*.py) is copied beside the weights by `save_pretrained`; a fresh, isolated interpreter with the
 `mla_dsa` package blocked loads it through the Auto classes, and re-saves it. The payload's imports are checked
-statically (SPEC §7), and loading a dense DeepSeek-V3 checkpoint reports the missing indexer in exactly one warning.
+statically (save_pretrained copies only files reached by relative imports, and trust_remote_code can import only
+what the target machine has: torch and transformers), and loading a dense DeepSeek-V3 checkpoint reports the missing
+indexer in exactly one warning of ours.
 """
 
 import ast
