@@ -158,6 +158,24 @@ def evaluate_indexer(
     return result
 
 
+@torch.no_grad()
+def oracle_recall(model: torch.nn.Module, windows: torch.Tensor, k: int) -> list[float]:
+    """Per layer, the share of the dense head-summed attention mass inside its own k largest weights (the oracle
+    selection), over queries with more than k keys: the most any top-k holds, so the ceiling of the indexer's recall
+    in `evaluate_indexer`. One window [L] of `windows` [N, L] at a time (it builds [H, L, L] per layer)."""
+    was_training = model.training
+    model.eval()
+    shares = [0.0] * _dsa_model(model).config.num_hidden_layers
+    with config_overrides(model, use_sparse_attention=False):
+        for row in windows:
+            attentions = model(row[None], output_attentions=True, use_cache=False).attentions
+            for layer, probs in enumerate(attentions):
+                mass = probs.sum(1) / probs.shape[1]  # [1, L, L], rows sum to 1
+                shares[layer] += mass.topk(k, dim=-1).values.sum(-1)[:, k:].mean().item() / len(windows)
+    model.train(was_training)
+    return shares
+
+
 def default_learning_rate(stage: str, hidden_size: int) -> float:
     if stage == "dense":
         return DENSE_LR
@@ -345,6 +363,7 @@ __all__ = [
     "evaluate_indexer",
     "finish_indexer_training",
     "indexer_lora_config",
+    "oracle_recall",
     "prepare_indexer_training",
     "train_indexer",
 ]

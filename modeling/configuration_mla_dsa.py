@@ -18,7 +18,7 @@ logger = logging.get_logger(__name__)
 
 # The release of this payload; config.json records it (`PAYLOAD_VERSION_KEY`) so a checkpoint says which code wrote
 # it. A checkpoint without it was written by 0.1.0. `mla-dsa upgrade-code DIR` refreshes an older checkpoint's code.
-PAYLOAD_VERSION = "0.2.0"
+PAYLOAD_VERSION = "0.3.0"
 PAYLOAD_VERSION_KEY = "mla_dsa_payload_version"
 # `prepare_indexer_training` records here the settings it replaced; config.json gets them back, and `indexer_loss`
 # (a training-only switch) is never written: a checkpoint saved mid-training loads for inference.

@@ -55,6 +55,7 @@ def test_disk_full_is_one_clear_line_and_resume_gives_clean_bytes(sharded_source
     assert snapshot(source) == before
 
 
+@pytest.mark.slow
 def test_kills_at_many_points_then_resume_gives_clean_bytes(sharded_source, tmp_path):
     """SIGKILL the CLI at several moments of one conversion; after each, --resume; the end result is the clean
     conversion's bytes, DST never exists half-written, SRC never changes."""

@@ -3,17 +3,20 @@
 import json
 import re
 
+import pytest
 import torch
 
 import mla_dsa
 from mla_dsa.cli import main
 from mla_dsa.data import fixed_windows, read_corpus, stdlib_files
+from mla_dsa.demo import PROMPT, python_lines, run_demo
 from mla_dsa.training import evaluate_indexer
 
 NUMBERS = r" \| ".join([r"([\d.]+)"] * 4)
 ROW = re.compile(r"^\| (\d+) \(L/(\d+)\) \| (fresh \(random\)|after \d+-step warm-up) \| " + NUMBERS + r" \|$")
 
 
+@pytest.mark.slow
 def test_quick_demo_table_matches_a_recomputation(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     printed = capsys.readouterr().out
@@ -25,7 +28,7 @@ def test_quick_demo_table_matches_a_recomputation(tmp_path, capsys):
     for _, _, _, dense, sparse, ratio, recall in rows:
         assert abs(float(sparse) / float(dense) - float(ratio)) < 2e-4
         assert 0.0 < float(recall) <= 1.0
-    assert "import os" in printed and (tmp_path / "dsa-vs-k.png").stat().st_size > 1000
+    assert "class Stack:" in printed and (tmp_path / "dsa-vs-k.png").stat().st_size > 1000
     assert "bytes per token per layer" in printed and "ms/token" in printed
 
     # Recompute the "after" ratio at k = L/8 from the warmed checkpoint on the same held-out windows.
@@ -43,3 +46,19 @@ def test_quick_demo_table_matches_a_recomputation(tmp_path, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("model*.safetensors")}
     assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("model*.safetensors")} == stamps
+
+
+@pytest.mark.slow
+def test_the_demos_completion_reads_like_python(tmp_path, capsys):
+    """The demo as a user runs it (default settings, a few minutes on 2 cores): at least half of the complete lines
+    it generates parse as Python, and the table says how many."""
+    results = run_demo(tmp_path, progress=False)
+    parsed, lines = results["python_lines"]["parsed"], results["python_lines"]["lines"]
+    assert lines >= 4 and parsed >= lines / 2, results["completion"]
+    assert f"{parsed} of the {lines} complete generated lines parse as Python" in capsys.readouterr().out
+    assert python_lines(results["completion"][PROMPT.rfind("\n") + 1 :]) == (parsed, lines)
+
+
+def test_python_lines_counts_what_parses():
+    text = "def f(x):\n    return x\n  else:\n  foo(a,\n\n  # a comment\nfor i in\npartial"
+    assert python_lines(text) == (4, 6)  # def, return, else, comment; not `foo(a,` or `for i in`; not the tail
