@@ -153,8 +153,20 @@ def _run_train_indexer(args) -> int:
         logging_steps=args.logging_steps, resume=args.resume, seed=args.seed, progress=not args.no_progress,
         optim=args.optim,
     )  # fmt: skip
+    _leave_process_group()
     print(f"wrote {out}")
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under `accelerate launch` / torchrun: every process waits for the others (rank 0 saves last), then the process
+    group is destroyed before the interpreter exits, as torch asks; an exit with it alive can abort in gloo's
+    teardown ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _add_eval(commands) -> None:
