@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..modeling.modeling_mla_dsa import safetensors_file_problem
+from ..modeling.loading_mla_dsa import safetensors_file_problem
 from .fp8 import dequantize_block_fp8
 
 INDEX_NAME = "model.safetensors.index.json"

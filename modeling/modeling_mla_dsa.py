@@ -1,23 +1,19 @@
-"""MLA + DeepSeek Sparse Attention causal language model, loadable with `trust_remote_code=True`.
+"""MLA + DeepSeek Sparse Attention models, loadable with `trust_remote_code=True`: the base model, the causal LM and
+the classification heads.
 
 Decoder layer = MLA attention with a lightning indexer (`attention_mla_dsa.py`), then a dense MLP (layers below
-`first_k_dense_replace`) or DeepSeek MoE. Parameter names are those of the HF DeepSeek checkpoints (per-expert
-`mlp.experts.E.{gate,up,down}_proj`), so deepseek_v2 / v3 / v32 checkpoints load without renaming.
+`first_k_dense_replace`) or DeepSeek MoE (`moe_mla_dsa.py`). Loading checks beyond transformers' live in
+`loading_mla_dsa.py`.
 """
 
-import importlib.metadata
-import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -31,8 +27,10 @@ from transformers.utils import logging
 from .attention_mla_dsa import MlaDsaAttention, MlaDsaRMSNorm
 from .cache_mla_dsa import MlaDsaCache, check_cache
 from .compat_mla_dsa import CACHE_NAME, CACHE_NAMES, cache_field, take_cache
-from .configuration_mla_dsa import FIRST_PAYLOAD_VERSION, INDEXER_LOSSES, PAYLOAD_VERSION_KEY, MlaDsaConfig
+from .configuration_mla_dsa import INDEXER_LOSSES, MlaDsaConfig
 from .indexer_mla_dsa import IndexerStats
+from .loading_mla_dsa import check_weight_file, warn_if_code_is_older, warn_if_indexer_missing, weight_files
+from .moe_mla_dsa import MlaDsaMLP, MlaDsaMoE, MlaDsaRouter
 from .rope_mla_dsa import MlaDsaRotaryEmbedding
 
 # Keywords transformers passes to `loss_function` (ForCausalLMLoss): Trainer's token count, pre-shifted labels of
@@ -40,92 +38,6 @@ from .rope_mla_dsa import MlaDsaRotaryEmbedding
 LOSS_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
 
 logger = logging.get_logger(__name__)
-
-
-class MlaDsaMLP(nn.Module):
-    def __init__(self, config: MlaDsaConfig, intermediate_size: int | None = None):
-        super().__init__()
-        intermediate_size = intermediate_size or config.intermediate_size
-        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=config.mlp_bias)
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
-class MlaDsaRouter(nn.Module):
-    """DeepSeek expert routing: V2 softmax (greedy / group-limited greedy) or V3 sigmoid with bias (noaux_tc)."""
-
-    def __init__(self, config: MlaDsaConfig):
-        super().__init__()
-        self.config = config
-        self.top_k = config.num_experts_per_tok
-        self.num_experts = config.n_routed_experts
-        self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size))
-        if config.topk_method == "noaux_tc":
-            self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32))
-
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden_states [N, hidden] -> expert indices [N, top_k] and float32 weights [N, top_k]."""
-        logits = F.linear(hidden_states.float(), self.weight.float())  # [N, E]
-        if self.config.scoring_func == "sigmoid":
-            return self._route_sigmoid(logits.sigmoid())
-        return self._route_softmax(logits.softmax(dim=-1))
-
-    def _route_sigmoid(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        choice = scores + self.e_score_correction_bias
-        groups = choice.view(-1, self.config.n_group, self.num_experts // self.config.n_group)
-        group_scores = groups.topk(2, dim=-1).values.sum(dim=-1)  # [N, G]: a group's two best experts
-        choice = choice.masked_fill(~self._group_mask(group_scores), float("-inf"))
-        indices = choice.topk(self.top_k, dim=-1, sorted=False).indices
-        weights = scores.gather(1, indices)
-        if self.config.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return indices, weights * self.config.routed_scaling_factor
-
-    def _route_softmax(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.config.topk_method == "group_limited_greedy":
-            groups = scores.view(-1, self.config.n_group, self.num_experts // self.config.n_group)
-            scores = scores.masked_fill(~self._group_mask(groups.max(dim=-1).values), 0.0)
-        weights, indices = scores.topk(self.top_k, dim=-1, sorted=False)
-        if self.top_k > 1 and self.config.norm_topk_prob:
-            return indices, weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return indices, weights * self.config.routed_scaling_factor
-
-    def _group_mask(self, group_scores: torch.Tensor) -> torch.Tensor:
-        """[N, E] bool: experts of the `topk_group` best groups."""
-        best = group_scores.topk(self.config.topk_group, dim=-1, sorted=False).indices
-        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
-        return group_mask.repeat_interleave(self.num_experts // self.config.n_group, dim=1)
-
-
-class MlaDsaMoE(nn.Module):
-    """Routed experts (one MLP each, DeepSeek checkpoint names) plus always-on shared experts."""
-
-    def __init__(self, config: MlaDsaConfig):
-        super().__init__()
-        self.experts = nn.ModuleList(
-            [MlaDsaMLP(config, config.moe_intermediate_size) for _ in range(config.n_routed_experts)]
-        )
-        self.gate = MlaDsaRouter(config)
-        if config.n_shared_experts:
-            self.shared_experts = MlaDsaMLP(config, config.moe_intermediate_size * config.n_shared_experts)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        shape = hidden_states.shape
-        flat = hidden_states.reshape(-1, shape[-1])
-        indices, weights = self.gate(flat)
-        routed = torch.zeros_like(flat)
-        for expert_idx in indices.unique().tolist():
-            token_idx, slot = torch.where(indices == expert_idx)
-            expert_out = self.experts[expert_idx](flat[token_idx]) * weights[token_idx, slot, None]
-            routed.index_add_(0, token_idx, expert_out.to(routed.dtype))
-        routed = routed.view(shape)
-        if hasattr(self, "shared_experts"):
-            routed = routed + self.shared_experts(hidden_states)
-        return routed
 
 
 class MlaDsaDecoderLayer(GradientCheckpointingLayer):
@@ -180,18 +92,18 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
         tolerate_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
         path = pretrained_model_name_or_path
         directory = Path(path) if path is not None and os.path.isdir(path) else None
-        weight_files = _weight_files(directory) if directory is not None else {}
-        for filename in sorted(set(weight_files.values())):
-            _check_weight_file(directory / filename)
+        files = weight_files(directory) if directory is not None else {}
+        for filename in sorted(set(files.values())):
+            check_weight_file(directory / filename)
         model, info = super().from_pretrained(path, *args, output_loading_info=True, ignore_mismatched_sizes=True,
                                               **kwargs)  # fmt: skip
         for key, checkpoint_shape, model_shape in info.get("mismatched_keys", ()) if not tolerate_mismatch else ():
-            where = directory / weight_files[key] if key in weight_files else path
+            where = directory / files[key] if key in files else path
             raise ValueError(f"{where}: tensor {key} has shape {list(checkpoint_shape)}, the config gives "
                              f"{list(model_shape)}")  # fmt: skip
         if directory is not None and (directory / "modeling_mla_dsa.py").is_file():  # it carries our code
-            _warn_if_code_is_older(model.config, directory)
-        _warn_if_indexer_missing(model, set(info.get("missing_keys", ())), path)
+            warn_if_code_is_older(model.config, directory)
+        warn_if_indexer_missing(model, set(info.get("missing_keys", ())), path)
         return (model, info) if wants_info else model
 
     @torch.no_grad()
@@ -492,86 +404,6 @@ class MlaDsaForTokenClassification(MlaDsaPreTrainedModel):
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
-
-
-def _warn_if_indexer_missing(model: nn.Module, missing: set[str], path) -> None:
-    indexer_keys = {name for name in model.state_dict() if ".self_attn.indexer." in name}
-    if indexer_keys and indexer_keys <= missing:
-        layers = {int(m.group(1)) for key in indexer_keys if (m := re.search(r"layers\.(\d+)\.", key))}
-        logger.warning(
-            f"{path} has no DSA indexer weights for {len(layers)} layer(s) ({len(indexer_keys)} tensors): they were "
-            "initialized randomly. Train the indexer (mla-dsa train-indexer) before relying on sparse attention, or "
-            "set use_sparse_attention=False."
-        )
-
-
-def _warn_if_code_is_older(config: MlaDsaConfig, directory: Path) -> None:
-    """Once per checkpoint: with mla-dsa installed, a checkpoint whose code (the payload beside its weights) is older
-    than the package runs that old code under trust_remote_code, which newer transformers releases may break."""
-    written_by = getattr(config, PAYLOAD_VERSION_KEY, None) or FIRST_PAYLOAD_VERSION
-    try:
-        installed = importlib.metadata.version("mla-dsa")
-    except importlib.metadata.PackageNotFoundError:
-        return
-    if _release(written_by) < _release(installed):
-        logger.warning_once(
-            f"{directory} carries the code of mla-dsa {written_by}, older than the installed {installed}: run "
-            f"`mla-dsa upgrade-code {directory}` to refresh it (weights are not touched)"
-        )
-
-
-def _release(version: str) -> tuple[int, ...]:
-    """The release numbers of a version string: 0.2.0 -> (0, 2, 0), 0.2.0.dev1 -> (0, 2, 0)."""
-    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
-
-
-def _weight_files(directory: Path) -> dict[str, str]:
-    """Tensor name -> safetensors file name of a local checkpoint (empty if it has no safetensors)."""
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        return dict(json.loads(index.read_text()).get("weight_map", {}))
-    single = directory / "model.safetensors"
-    if not single.exists():
-        return {}
-    if problem := safetensors_file_problem(single):
-        raise ValueError(f"{single}: {problem}")
-    return dict.fromkeys(_read_safetensors_header(single)[0], "model.safetensors")
-
-
-def _check_weight_file(path: Path) -> None:
-    if not path.exists():
-        raise ValueError(f"{path}: weight file listed in the index is missing")
-    if problem := safetensors_file_problem(path):
-        raise ValueError(f"{path}: {problem}")
-
-
-def safetensors_file_problem(path: Path) -> str | None:
-    """What makes an existing safetensors file unusable (unreadable header, data cut short), or None.
-
-    Standard library only. safetensors maps files lazily, so a file cut short is otherwise noticed only when its
-    last tensor is read."""
-    try:
-        header, data_start = _read_safetensors_header(path)
-    except (OSError, ValueError) as err:
-        return f"not a readable safetensors file ({err})"
-    end = data_start + max((entry["data_offsets"][1] for entry in header.values()), default=0)
-    size = path.stat().st_size
-    if size < end:
-        return f"truncated ({size} bytes, its header describes {end})"
-    return None
-
-
-def _read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """The tensor table of a safetensors file (8-byte length, then JSON) and the offset its data starts at."""
-    with open(path, "rb") as raw:
-        length = int.from_bytes(raw.read(8), "little")
-        if length > path.stat().st_size - 8:
-            raise ValueError(f"truncated: a {length}-byte header in a {path.stat().st_size}-byte file")
-        header = json.loads(raw.read(length))
-    if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
-    header.pop("__metadata__", None)
-    return header, 8 + length
 
 
 def _packed_segment_ids(position_ids: torch.Tensor) -> torch.Tensor | None:

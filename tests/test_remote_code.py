@@ -33,6 +33,8 @@ PAYLOAD = {
     "attention_mla_dsa.py",
     "cache_mla_dsa.py",
     "indexer_mla_dsa.py",
+    "loading_mla_dsa.py",
+    "moe_mla_dsa.py",
     "rope_mla_dsa.py",
 }
 ALLOWED_ROOTS = {"torch", "transformers"} | set(sys.stdlib_module_names)

@@ -1,0 +1,100 @@
+"""What `from_pretrained` checks beyond transformers: local weight files that are truncated or corrupt (one
+ValueError naming the file, before transformers reads them), a checkpoint with no indexer at all, and a checkpoint
+whose code (the payload beside its weights) is older than the installed mla-dsa.
+"""
+
+import importlib.metadata
+import json
+import re
+from pathlib import Path
+
+import torch.nn as nn
+from transformers.utils import logging
+
+from .configuration_mla_dsa import FIRST_PAYLOAD_VERSION, PAYLOAD_VERSION_KEY, MlaDsaConfig
+
+logger = logging.get_logger(__name__)
+
+
+def warn_if_indexer_missing(model: nn.Module, missing: set[str], path) -> None:
+    indexer_keys = {name for name in model.state_dict() if ".self_attn.indexer." in name}
+    if indexer_keys and indexer_keys <= missing:
+        layers = {int(m.group(1)) for key in indexer_keys if (m := re.search(r"layers\.(\d+)\.", key))}
+        logger.warning(
+            f"{path} has no DSA indexer weights for {len(layers)} layer(s) ({len(indexer_keys)} tensors): they were "
+            "initialized randomly. Train the indexer (mla-dsa train-indexer) before relying on sparse attention, or "
+            "set use_sparse_attention=False."
+        )
+
+
+def warn_if_code_is_older(config: MlaDsaConfig, directory: Path) -> None:
+    """Once per checkpoint: with mla-dsa installed, a checkpoint whose code (the payload beside its weights) is older
+    than the package runs that old code under trust_remote_code, which newer transformers releases may break."""
+    written_by = getattr(config, PAYLOAD_VERSION_KEY, None) or FIRST_PAYLOAD_VERSION
+    try:
+        installed = importlib.metadata.version("mla-dsa")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if _release(written_by) < _release(installed):
+        logger.warning_once(
+            f"{directory} carries the code of mla-dsa {written_by}, older than the installed {installed}: run "
+            f"`mla-dsa upgrade-code {directory}` to refresh it (weights are not touched)"
+        )
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The release numbers of a version string: 0.2.0 -> (0, 2, 0), 0.2.0.dev1 -> (0, 2, 0)."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def weight_files(directory: Path) -> dict[str, str]:
+    """Tensor name -> safetensors file name of a local checkpoint (empty if it has no safetensors)."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        return dict(json.loads(index.read_text()).get("weight_map", {}))
+    single = directory / "model.safetensors"
+    if not single.exists():
+        return {}
+    if problem := safetensors_file_problem(single):
+        raise ValueError(f"{single}: {problem}")
+    return dict.fromkeys(_read_safetensors_header(single)[0], "model.safetensors")
+
+
+def check_weight_file(path: Path) -> None:
+    if not path.exists():
+        raise ValueError(f"{path}: weight file listed in the index is missing")
+    if problem := safetensors_file_problem(path):
+        raise ValueError(f"{path}: {problem}")
+
+
+def safetensors_file_problem(path: Path) -> str | None:
+    """What makes an existing safetensors file unusable (unreadable header, data cut short), or None.
+
+    Standard library only. safetensors maps files lazily, so a file cut short is otherwise noticed only when its
+    last tensor is read."""
+    try:
+        header, data_start = _read_safetensors_header(path)
+    except (OSError, ValueError) as err:
+        return f"not a readable safetensors file ({err})"
+    end = data_start + max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    size = path.stat().st_size
+    if size < end:
+        return f"truncated ({size} bytes, its header describes {end})"
+    return None
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """The tensor table of a safetensors file (8-byte length, then JSON) and the offset its data starts at."""
+    with open(path, "rb") as raw:
+        length = int.from_bytes(raw.read(8), "little")
+        if length > path.stat().st_size - 8:
+            raise ValueError(f"truncated: a {length}-byte header in a {path.stat().st_size}-byte file")
+        header = json.loads(raw.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+__all__ = ["check_weight_file", "safetensors_file_problem", "warn_if_code_is_older", "warn_if_indexer_missing",
+           "weight_files"]  # fmt: skip
