@@ -106,6 +106,12 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
         warn_if_indexer_missing(model, set(info.get("missing_keys", ())), path)
         return (model, info) if wants_info else model
 
+    def _backbone(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs):
+        """The base model's output object for a head's forward (the cache under either name)."""
+        cache = take_cache(cache, kwargs, f"{type(self).__name__}.forward")
+        return self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                          inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs)  # fmt: skip
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -163,9 +169,7 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
         """`cache`: an `MlaDsaCache` (or `DynamicCache(config=model.config)`); `past_key_values` is its older name.
         Output flags left unset take the config's values, as in transformers' own models."""
         cache = take_cache(cache, kwargs, "MlaDsaModel.forward")
-        output_hidden_states, output_attentions, return_dict = _output_flags(
-            self.config, output_hidden_states, output_attentions, return_dict
-        )
+        output_hidden_states, output_attentions = _output_flags(self.config, output_hidden_states, output_attentions)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("MlaDsaModel: pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -224,7 +228,7 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
             indexer_loss=torch.stack([s.kl for s in layer_stats]).mean() if layer_stats else None,
             indexer_recall=torch.stack([s.recall for s in layer_stats]).nanmean() if layer_stats else None,
         )
-        return output if return_dict else output.to_tuple()
+        return _as_requested(output, self.config, return_dict)
 
 
 class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
@@ -266,9 +270,7 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
         kwargs.pop("cache_position", None)
         # transformers' loss keywords (Trainer's num_items_in_batch, context parallelism's pre-shifted labels, ...)
         loss_kwargs = {name: kwargs.pop(name) for name in LOSS_KWARGS if name in kwargs}
-        output_hidden_states, output_attentions, return_dict = _output_flags(
-            self.config, output_hidden_states, output_attentions, return_dict
-        )
+        output_hidden_states, output_attentions = _output_flags(self.config, output_hidden_states, output_attentions)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -302,7 +304,7 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
             indexer_loss=outputs.indexer_loss,
             indexer_recall=outputs.indexer_recall,
         )
-        return output if return_dict else output.to_tuple()
+        return _as_requested(output, self.config, return_dict)
 
     def generate(self, *args, **kwargs):
         """transformers' `generate()`, on a cache of MlaDsaCacheLayer (what `DynamicCache(config)` builds for this
@@ -342,9 +344,7 @@ class MlaDsaForSequenceClassification(MlaDsaPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast | tuple:
-        cache = take_cache(cache, kwargs, "MlaDsaForSequenceClassification.forward")
-        outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs)  # fmt: skip
+        outputs = self._backbone(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs)
         logits = self.score(outputs.last_hidden_state)  # [B, S, num_labels]
         batch_size = logits.shape[0]
         pad_token_id = self.config.pad_token_id
@@ -366,7 +366,7 @@ class MlaDsaForSequenceClassification(MlaDsaPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+        return _as_requested(output, self.config, return_dict)
 
 
 class MlaDsaForTokenClassification(MlaDsaPreTrainedModel):
@@ -395,15 +395,18 @@ class MlaDsaForTokenClassification(MlaDsaPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> TokenClassifierOutput | tuple:
-        cache = take_cache(cache, kwargs, "MlaDsaForTokenClassification.forward")
-        outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs)  # fmt: skip
+        outputs = self._backbone(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs)
         logits = self.score(self.dropout(outputs.last_hidden_state))  # [B, S, num_labels]
         loss = self.loss_function(logits, labels, self.config) if labels is not None else None
         output = TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+        return _as_requested(output, self.config, return_dict)
+
+
+def _as_requested(output, config, return_dict: bool | None):
+    """The output object, or its tuple with return_dict=False (the forward's value, else the config's)."""
+    return output if (config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
 
 def _packed_segment_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -415,12 +418,11 @@ def _packed_segment_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
     return torch.nn.functional.pad(restarts.long(), (1, 0)).cumsum(-1)
 
 
-def _output_flags(config, hidden_states: bool | None, attentions: bool | None, return_dict: bool | None):
+def _output_flags(config, hidden_states: bool | None, attentions: bool | None) -> tuple[bool, bool]:
     """A forward's output flags: each one passed wins, else the config's (transformers' rule)."""
     return (
         config.output_hidden_states if hidden_states is None else hidden_states,
         config.output_attentions if attentions is None else attentions,
-        config.return_dict if return_dict is None else return_dict,
     )
 
 

@@ -97,6 +97,15 @@ def save_peer(model_type: str, directory: Path, seed: int = 0, **overrides) -> t
     return model
 
 
+def save_peers(tmp_path_factory, peers: dict[str, dict]) -> dict[str, tuple[torch.nn.Module, Path]]:
+    """{model_type: (peer, directory)} for {model_type: overrides}, each written once into a fresh directory."""
+    result = {}
+    for model_type, overrides in peers.items():
+        directory = tmp_path_factory.mktemp(model_type)
+        result[model_type] = (save_peer(model_type, directory, **overrides), directory)
+    return result
+
+
 def save_byte_level_dsa(dense_dir: Path, dsa_dir: Path, index_topk: int) -> Path:
     """A tiny byte-level DeepSeek-V3 written by transformers (with the byte tokenizer), converted to DSA."""
     import mla_dsa

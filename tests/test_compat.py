@@ -17,7 +17,7 @@ from transformers.generation.streamers import BaseStreamer
 import mla_dsa
 from mla_dsa.modeling.compat_mla_dsa import CACHE_NAME, DEPRECATED_CACHE_NAME
 
-from peers import left_padded_batch, save_peer
+from peers import left_padded_batch, save_peer, save_peers
 
 pytestmark = [pytest.mark.compat, pytest.mark.usefixtures("one_thread")]
 
@@ -31,11 +31,7 @@ PEERS = {"deepseek_v3": {}, "deepseek_v32": {"index_topk": 5}}
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """{model_type: (peer, directory)}."""
-    result = {}
-    for model_type, overrides in PEERS.items():
-        directory = tmp_path_factory.mktemp(model_type)
-        result[model_type] = (save_peer(model_type, directory, **overrides), directory)
-    return result
+    return save_peers(tmp_path_factory, PEERS)
 
 
 @pytest.fixture(scope="module")

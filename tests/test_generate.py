@@ -12,7 +12,7 @@ from transformers import DynamicCache
 import mla_dsa
 from mla_dsa.modeling.compat_mla_dsa import CACHE_NAME
 
-from peers import left_padded_batch, save_peer
+from peers import left_padded_batch, save_peer, save_peers
 
 PROMPT_LEN = 12
 NEW_TOKENS = 8
@@ -27,11 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """{model_type: (peer, directory)}, written once."""
-    result = {}
-    for model_type, overrides in PEERS.items():
-        directory = tmp_path_factory.mktemp(model_type)
-        result[model_type] = (save_peer(model_type, directory, **overrides), directory)
-    return result
+    return save_peers(tmp_path_factory, PEERS)
 
 
 def load_ours(saved, model_type="deepseek_v32", **config_values) -> mla_dsa.MlaDsaForCausalLM:
