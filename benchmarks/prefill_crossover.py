@@ -33,11 +33,10 @@ def main() -> None:
             ids = torch.randint(0, BENCH_CONFIG["vocab_size"], (1, length), generator=generator)
             row = {"length": length, "index_topk": args.topk}
             for mode in ("mha", "absorbed"):
-                model.config.attention_mode = mode
                 with torch.no_grad():
-                    model(ids[:, :64], use_cache=False)  # warm-up
+                    model(ids[:, :64], use_cache=False, attention_mode=mode)  # warm-up
                     start = time.perf_counter()
-                    model(ids, use_cache=False, logits_to_keep=1)
+                    model(ids, use_cache=False, logits_to_keep=1, attention_mode=mode)
                 row[f"{mode}_seconds"] = time.perf_counter() - start
             row["faster"] = "mha" if row["mha_seconds"] < row["absorbed_seconds"] else "absorbed"
             print(json.dumps(row), flush=True)

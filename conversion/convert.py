@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from ..modeling.configuration_mla_dsa import MlaDsaConfig, config_from_deepseek, deepseek_family
 from .indexer_init import INDEXER_INITS, init_indexer
+from .payload import payload_files
 from .source import INDEX_NAME, SCALE_SUFFIX, ConversionError, SourceCheckpoint, TensorInfo, read_json
-from .upgrade import payload_files
 
 STATE_NAME = ".mla-dsa-convert-state.json"
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

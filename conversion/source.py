@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..modeling.loading_mla_dsa import safetensors_file_problem
 from .fp8 import dequantize_block_fp8
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -92,7 +91,7 @@ class SourceCheckpoint:
         if not single.exists():
             raise ConversionError(self.path, f"no {INDEX_NAME} and no {SINGLE_NAME}: not a safetensors checkpoint")
         self._check_link(single)
-        with _open(single) as handle:
+        with open_safetensors(single) as handle:
             return {name: SINGLE_NAME for name in handle.keys()}
 
     def _check_shard_name(self, index_path: Path, shard: str) -> None:
@@ -126,7 +125,7 @@ class SourceCheckpoint:
         tensors: dict[str, TensorInfo] = {}
         for shard in self.shards:
             shard_path = self.path / shard
-            with _open(shard_path) as handle:
+            with open_safetensors(shard_path) as handle:
                 present = set(handle.keys())
                 for name in [name for name, where in self.weight_map.items() if where == shard]:
                     if name not in present:
@@ -160,7 +159,7 @@ class SourceCheckpoint:
     def _get(self, info: TensorInfo) -> torch.Tensor:
         if self._open_name != info.shard:
             self.close()
-            self._open_handle = _open(self.path / info.shard).__enter__()
+            self._open_handle = open_safetensors(self.path / info.shard)
             self._open_name = info.shard
         try:
             return self._open_handle.get_tensor(info.name)
@@ -173,24 +172,13 @@ class SourceCheckpoint:
         self._open_handle = self._open_name = None
 
 
-class _open:
-    """safe_open that turns a truncated or corrupt file into a ConversionError naming it."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        if problem := safetensors_file_problem(self.path):
-            raise ConversionError(self.path, problem)
-        try:
-            self._handle = safe_open(str(self.path), framework="pt")
-            handle = self._handle.__enter__()
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ConversionError(self.path, f"unreadable safetensors file (truncated or corrupt?): {err}") from None
-        return handle
-
-    def __exit__(self, *exc):
-        return self._handle.__exit__(*exc)
+def open_safetensors(path: Path):
+    """safe_open (a context manager), with a truncated or corrupt file turned into a ConversionError naming it:
+    safetensors checks on opening that the header's offsets cover exactly the file."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ConversionError(path, f"unreadable safetensors file (truncated or corrupt?): {err}") from None
 
 
 def read_json(path: Path) -> dict:

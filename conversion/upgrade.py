@@ -12,15 +12,9 @@ import json
 import os
 from pathlib import Path
 
-from ..modeling import configuration_mla_dsa
 from ..modeling.configuration_mla_dsa import AUTO_MAP, PAYLOAD_VERSION, PAYLOAD_VERSION_KEY, MlaDsaConfig
+from .payload import payload_files
 from .source import ConversionError
-
-
-def payload_files() -> list[Path]:
-    """The installed payload: every file save_pretrained and the converter copy beside the weights."""
-    payload_dir = Path(configuration_mla_dsa.__file__).parent
-    return sorted(path for path in payload_dir.glob("*.py") if path.name != "__init__.py")
 
 
 def upgrade_code(directory: str | os.PathLike) -> list[str]:
@@ -73,4 +67,4 @@ def _replace(path: Path, data: bytes) -> None:
         raise ConversionError(path, f"cannot write ({err.strerror or err})") from err
 
 
-__all__ = ["payload_files", "upgrade_code"]
+__all__ = ["upgrade_code"]

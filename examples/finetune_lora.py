@@ -19,7 +19,6 @@ from mla_dsa.data import text_files_corpus
 from mla_dsa.training import (
     IndexerTrainer,
     WindowDataset,
-    finish_indexer_training,
     indexer_lora_config,
     prepare_indexer_training,
 )
@@ -45,12 +44,11 @@ def finetune(
         ddp_find_unused_parameters=True,
     )  # fmt: skip
     dataset = WindowDataset(corpus, seq_len, steps * batch_size * max(1, args.world_size))
-    IndexerTrainer(model=model, args=args, train_dataset=dataset).train()
+    IndexerTrainer(model=model, args=args, train_dataset=dataset, stage="sparse").train()
 
     model.save_pretrained(out / "adapter")  # the adapter alone
     base = MlaDsaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
-    finish_indexer_training(merged)
     merged.save_pretrained(out / "merged")
     tokenizer.save_pretrained(out / "merged")
     print(f"adapter: {out / 'adapter'}\nmerged checkpoint: {out / 'merged'}")

@@ -36,7 +36,7 @@ AutoModelForSequenceClassification.register(MlaDsaConfig, MlaDsaForSequenceClass
 AutoModelForTokenClassification.register(MlaDsaConfig, MlaDsaForTokenClassification, exist_ok=True)
 
 # Training helpers import transformers' Trainer (and so accelerate): loaded on first use, not with the package.
-_TRAINING_NAMES = ("prepare_indexer_training", "finish_indexer_training", "indexer_lora_config", "train_indexer",
+_TRAINING_NAMES = ("prepare_indexer_training", "indexer_lora_config", "train_indexer",
                    "evaluate_indexer")  # fmt: skip
 
 

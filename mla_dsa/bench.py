@@ -59,9 +59,10 @@ def build_model(directory: Path) -> Path:
     return directory
 
 
-def set_topk(theirs, ours, k: int) -> None:
-    """transformers' indexer copies index_topk at construction: set it there too."""
-    theirs.config.index_topk = ours.config.index_topk = k
+def set_their_topk(theirs, k: int) -> None:
+    """transformers' DeepseekV32 has no per-call k: its indexers copy index_topk at construction (ours takes
+    `index_topk=` as a forward argument)."""
+    theirs.config.index_topk = k
     for layer in theirs.model.layers:
         layer.self_attn.indexer.index_topk = k
 
@@ -109,15 +110,16 @@ def their_cache(model, contents):
 
 
 @torch.no_grad()
-def time_decode(model, cache, context: int, steps: int, seed: int = 1) -> tuple[float, torch.Tensor]:
-    """Median ms per decoded token over `steps` tokens; also the first step's logits."""
+def time_decode(model, cache, context: int, steps: int, seed: int = 1, **settings) -> tuple[float, torch.Tensor]:
+    """Median ms per decoded token over `steps` tokens; also the first step's logits. `settings`: forward arguments
+    (ours: index_topk, use_sparse_attention)."""
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, BENCH_CONFIG["vocab_size"], (steps + 1,), generator=generator)
     times, first = [], None
     for step in range(steps + 1):
         position = torch.tensor([[context + step]])
         start = time.perf_counter()
-        out = model(tokens[step].view(1, 1), position_ids=position, cache=cache, use_cache=True)
+        out = model(tokens[step].view(1, 1), position_ids=position, cache=cache, use_cache=True, **settings)
         elapsed = time.perf_counter() - start
         if step == 0:
             first = out.logits[0, -1].clone()
@@ -202,21 +204,20 @@ def main(argv: list[str] | None = None) -> None:
         # Logits agree on a real forward with DSA active (k < L).
         ids = torch.randint(0, BENCH_CONFIG["vocab_size"], (1, 600))
         with torch.no_grad():
-            set_topk(theirs, ours, 256)
-            diff = (theirs(ids).logits - ours(ids).logits).abs().max().item()
+            set_their_topk(theirs, 256)
+            diff = (theirs(ids).logits - ours(ids, index_topk=256).logits).abs().max().item()
         results["prefill_logit_max_abs_diff_600_tokens"] = diff
         print(f"logits ours vs transformers (600 tokens, k=256): max |diff| = {diff:.2e}")
 
         for context in [] if args.no_decode else args.contexts:
             k = topk_for(context)
-            set_topk(theirs, ours, k)
+            set_their_topk(theirs, k)
             contents = random_cache_contents(context)
             row = {"context": context, "index_topk": k}
-            ours.config.use_sparse_attention = True
-            row["ours_dsa_ms"], our_logits = time_decode(ours, our_cache(ours, contents), context, args.steps)
-            ours.config.use_sparse_attention = False
-            row["ours_dense_mqa_ms"], _ = time_decode(ours, our_cache(ours, contents), context, args.steps)
-            ours.config.use_sparse_attention = True
+            row["ours_dsa_ms"], our_logits = time_decode(ours, our_cache(ours, contents), context, args.steps,
+                                                         index_topk=k)  # fmt: skip
+            row["ours_dense_mqa_ms"], _ = time_decode(ours, our_cache(ours, contents), context, args.steps,
+                                                      index_topk=k, use_sparse_attention=False)  # fmt: skip
             if context <= args.theirs_max_context:
                 steps = args.steps if context <= 16384 else 2
                 row["theirs_ms"], their_logits = time_decode(theirs, their_cache(theirs, contents), context, steps)

@@ -138,18 +138,17 @@ def _decode_speed(model, context: int, tokens: int) -> dict:
     prompt = corpus[: context + tokens].long().unsqueeze(0)
     result = {"context": context, "index_topk": model.config.index_topk}
     for label, sparse in (("dense", False), ("sparse", True)):
-        model.config.use_sparse_attention = sparse
         cache = MlaDsaCache(model.config)
-        model(prompt[:, :context], cache=cache, use_cache=True, logits_to_keep=1)
+        model(prompt[:, :context], cache=cache, use_cache=True, logits_to_keep=1, use_sparse_attention=sparse)
         times = []
         for step in range(tokens):
             start = time.perf_counter()
-            model(prompt[:, context + step : context + step + 1], cache=cache, use_cache=True)
+            model(prompt[:, context + step : context + step + 1], cache=cache, use_cache=True,
+                  use_sparse_attention=sparse)  # fmt: skip
             times.append(time.perf_counter() - start)
         times.sort()
         result[f"{label}_ms_per_token"] = 1000 * times[len(times) // 2]
         result["bytes_per_token_per_layer"] = cache.bytes_per_token_per_layer()
-    model.config.use_sparse_attention = True
     return result
 
 

@@ -9,10 +9,8 @@
 data-parallel (gloo on CPU, NCCL on GPUs) with no code of ours involved in the distribution.
 """
 
-import contextlib
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,7 +18,6 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from .conversion.source import ConversionError
-from .modeling.configuration_mla_dsa import SETTINGS_BEFORE_TRAINING
 
 STAGES = ("dense", "sparse")
 RUN_FILE = "mla-dsa-training.json"  # in OUT: which stage the run there is, so --resume cannot cross stages
@@ -46,35 +43,22 @@ def _dsa_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def prepare_indexer_training(model: torch.nn.Module, stage: str) -> torch.nn.Module:
-    """Sets trainability and attention for a stage of the paper's recipe; returns `model`.
+    """Sets which parameters a stage of the paper's recipe trains; returns `model`. The stage itself is a forward
+    argument (`model(ids, labels=ids, indexer_stage=stage)`, which `IndexerTrainer(stage=...)` passes): the model's
+    config is never changed.
 
-    dense: only `*.indexer.*` parameters trainable, dense attention, `indexer_loss="dense"`.
-    sparse: every parameter trainable, top-k attention, `indexer_loss="sparse"`.
+    dense: only `*.indexer.*` parameters trainable. sparse: every parameter trainable.
     On a PEFT model only adapter parameters (LoRA, `modules_to_save`) are ever made trainable: dense trains the
     indexer's adapters, sparse all adapters."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    config = _dsa_model(model).config
-    if not hasattr(config, SETTINGS_BEFORE_TRAINING):  # what save_pretrained writes meanwhile (inference settings)
-        setattr(config, SETTINGS_BEFORE_TRAINING, {"use_sparse_attention": config.use_sparse_attention})
-    config.use_sparse_attention = stage == "sparse"
-    config.indexer_loss = stage
+    _dsa_model(model)  # fails clearly on a model with no mla_dsa inside
     peft = _is_peft(model)
     for name, param in model.named_parameters():
         trainable = not peft or "lora_" in name or ".modules_to_save." in name
         if stage == "dense":
             trainable = trainable and ".indexer." in name
         param.requires_grad_(trainable)
-    return model
-
-
-def finish_indexer_training(model: torch.nn.Module) -> torch.nn.Module:
-    """Back to inference settings (sparse attention, no indexer loss)."""
-    config = _dsa_model(model).config
-    if hasattr(config, SETTINGS_BEFORE_TRAINING):
-        delattr(config, SETTINGS_BEFORE_TRAINING)
-    config.use_sparse_attention = True
-    config.indexer_loss = None
     return model
 
 
@@ -108,20 +92,6 @@ def _is_peft(model: torch.nn.Module) -> bool:
     return any("lora_" in name for name, _ in model.named_parameters())
 
 
-@contextlib.contextmanager
-def config_overrides(model: torch.nn.Module, **values) -> Iterator[None]:
-    """Temporarily sets fields of the mla_dsa config of `model`."""
-    config = _dsa_model(model).config
-    saved = {name: getattr(config, name) for name in values}
-    for name, value in values.items():
-        setattr(config, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(config, name, value)
-
-
 @torch.no_grad()
 def evaluate_indexer(
     model: torch.nn.Module, windows: torch.Tensor, index_topk: int | None = None, batch_size: int = 4
@@ -137,18 +107,16 @@ def evaluate_indexer(
     model.eval()
     totals = {"dense_loss": 0.0, "sparse_loss": 0.0, "kl": 0.0, "recall": 0.0}
     batches = 0
-    with config_overrides(model, index_topk=k):
-        for start in range(0, len(windows), batch_size):
-            batch = windows[start : start + batch_size]
-            with config_overrides(model, use_sparse_attention=False):
-                dense = model(batch, labels=batch, indexer_loss="dense", use_cache=False)
-            with config_overrides(model, use_sparse_attention=True):
-                sparse = model(batch, labels=batch, use_cache=False)
-            totals["dense_loss"] += dense.lm_loss.item()
-            totals["sparse_loss"] += sparse.lm_loss.item()
-            totals["kl"] += dense.indexer_loss.item()
-            totals["recall"] += dense.indexer_recall.item()
-            batches += 1
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        dense = model(batch, labels=batch, indexer_stage="dense", index_topk=k, use_sparse_attention=False,
+                      use_cache=False)  # fmt: skip
+        sparse = model(batch, labels=batch, index_topk=k, use_sparse_attention=True, use_cache=False)
+        totals["dense_loss"] += dense.lm_loss.item()
+        totals["sparse_loss"] += sparse.lm_loss.item()
+        totals["kl"] += dense.indexer_loss.item()
+        totals["recall"] += dense.indexer_recall.item()
+        batches += 1
     model.train(was_training)
     result = {name: value / max(1, batches) for name, value in totals.items()}
     result["loss_ratio"] = result["sparse_loss"] / result["dense_loss"]
@@ -166,12 +134,11 @@ def oracle_recall(model: torch.nn.Module, windows: torch.Tensor, k: int) -> list
     was_training = model.training
     model.eval()
     shares = [0.0] * _dsa_model(model).config.num_hidden_layers
-    with config_overrides(model, use_sparse_attention=False):
-        for row in windows:
-            attentions = model(row[None], output_attentions=True, use_cache=False).attentions
-            for layer, probs in enumerate(attentions):
-                mass = probs.sum(1) / probs.shape[1]  # [1, L, L], rows sum to 1
-                shares[layer] += mass.topk(k, dim=-1).values.sum(-1)[:, k:].mean().item() / len(windows)
+    for row in windows:
+        attentions = model(row[None], output_attentions=True, use_sparse_attention=False, use_cache=False).attentions
+        for layer, probs in enumerate(attentions):
+            mass = probs.sum(1) / probs.shape[1]  # [1, L, L], rows sum to 1
+            shares[layer] += mass.topk(k, dim=-1).values.sum(-1)[:, k:].mean().item() / len(windows)
     model.train(was_training)
     return shares
 
@@ -240,8 +207,6 @@ def train_indexer(
     corpus = text_files_corpus(data_files, tokenizer, max_tokens=max_tokens)
     check_data_length(data_files, corpus, seq_len)
     model = MlaDsaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    if index_topk is not None:
-        model.config.index_topk = index_topk
     prepare_indexer_training(model, stage)
     lr = learning_rate if learning_rate is not None else default_learning_rate(stage, model.config.hidden_size)
     args = TrainingArguments(
@@ -267,13 +232,12 @@ def train_indexer(
     )
     world = max(1, args.world_size)
     dataset = WindowDataset(corpus, seq_len, steps * batch_size * world, seed=seed)
-    trainer = IndexerTrainer(model=model, args=args, train_dataset=dataset)
+    trainer = IndexerTrainer(model=model, args=args, train_dataset=dataset, stage=stage, index_topk=index_topk)
     has_checkpoint = resume and any((out_dir / "checkpoints").glob("checkpoint-*"))
     if trainer.is_world_process_zero():
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / RUN_FILE).write_text(json.dumps({"stage": stage, "checkpoint": str(checkpoint)}) + "\n")
     trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
-    finish_indexer_training(model)
     if trainer.is_world_process_zero():
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
@@ -319,11 +283,15 @@ class _ProgressPostfix(TrainerCallback):
 
 
 class IndexerTrainer(Trainer):
-    """Trainer that logs the indexer's KL and recall next to the loss, and keeps the data order fixed so that one
-    process and N processes see the same global batches."""
+    """Trainer for one stage of indexer training: every forward runs with `indexer_stage=stage` (and `index_topk`
+    when given; the checkpoint's otherwise). It logs the indexer's KL and recall next to the loss, and keeps the data
+    order fixed so that one process and N processes see the same global batches."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, stage: str, index_topk: int | None = None, **kwargs):
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         super().__init__(*args, **kwargs)
+        self.stage, self.index_topk = stage, index_topk
         # Trainer's token-count loss scaling (x num_processes, expecting a globally normalised sum) would also scale
         # the indexer's KL, which is a per-process mean: keep both losses per-process means, which DDP averages.
         self.model_accepts_loss_kwargs = False
@@ -335,8 +303,9 @@ class IndexerTrainer(Trainer):
         return torch.utils.data.SequentialSampler(self.train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-        if _dsa_model(model).config.indexer_loss == "dense":
-            inputs = {k: v for k, v in inputs.items() if k != "labels"}  # the LM loss trains nothing in this stage
+        inputs = {**inputs, "indexer_stage": self.stage, "index_topk": self.index_topk}
+        if self.stage == "dense":
+            inputs.pop("labels", None)  # the LM loss trains nothing in this stage
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
         if outputs.indexer_loss is not None:
             self._indexer_logs["indexer_kl"].append(outputs.indexer_loss.item())
@@ -359,9 +328,7 @@ __all__ = [
     "MLP_TARGETS",
     "STAGES",
     "WindowDataset",
-    "config_overrides",
     "evaluate_indexer",
-    "finish_indexer_training",
     "indexer_lora_config",
     "oracle_recall",
     "prepare_indexer_training",

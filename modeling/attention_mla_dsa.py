@@ -16,16 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .indexer_mla_dsa import (
-    IndexerStats,
-    KeyLayout,
-    MlaDsaIndexer,
-    TopkSelector,
-    gather_rows,
-    indexer_kl_loss,
-    masked_softmax,
-)
+from .indexer_loss_mla_dsa import IndexerStats, dense_stage_loss, sparse_stage_loss
+from .indexer_mla_dsa import MlaDsaIndexer, TopkSelection
+from .masks_mla_dsa import VisibleKeys, gather_rows, masked_softmax, selected_keys_mask
 from .rope_mla_dsa import apply_rotary_half_split, apply_rotary_interleaved, yarn_softmax_scale
+from .settings_mla_dsa import DsaSettings
 
 # Largest block of gathered latent rows [B, queries, k, R + dr] the sparse path materialises at once (128 MiB fp32).
 _GATHER_BLOCK_ELEMENTS = 1 << 25
@@ -79,9 +74,9 @@ class MlaDsaAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        settings: DsaSettings,
         key_padding_mask: torch.Tensor | None = None,
         cache=None,
-        indexer_loss: str | None = None,
         output_attentions: bool = False,
         segment_ids: torch.Tensor | None = None,
         **kwargs,
@@ -89,63 +84,66 @@ class MlaDsaAttention(nn.Module):
         """hidden_states [B, S, hidden]; key_padding_mask [B, T] bool (True = real token) or None; segment_ids [B, T]
         for a packed batch (attention and the indexer stay inside each sequence) or None.
 
-        Returns the attention output [B, S, hidden]; when `indexer_loss` is "dense" or "sparse", the indexer's KL
+        Returns the attention output [B, S, hidden]; with an indexer training stage in `settings`, the indexer's KL
         loss and recall for this layer; with `output_attentions`, the attention probabilities [B, H, S, T] (0 at keys
         the indexer did not select), computed on the explicit (eager) MHA path whatever the attention mode."""
         batch_size, seq_len, _ = hidden_states.shape
         cos, sin = position_embeddings
-
         query_latent, q_nope, q_rope = self._project_queries(hidden_states)
         kv = self.kv_a_proj_with_mqa(hidden_states)
         c_kv, k_rope = torch.split(kv, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         q_rope, k_rope = self._rotate(q_rope, cos.unsqueeze(2), sin.unsqueeze(2)), self._rotate(k_rope, cos, sin)
         latent = torch.cat([self.kv_a_layernorm(c_kv), k_rope], dim=-1)  # [B, S, R + dr]
 
+        dsa_layer = self.layer_idx not in (self.config.dense_attention_layers or ())
+        stage = settings.indexer_stage if dsa_layer else None  # a dense-attention layer's indexer is never used
         # The indexer reads detached inputs: it learns only from its own loss, the main model only from the LM loss.
-        index_keys = self.indexer.project_keys(hidden_states.detach(), cos, sin)  # [B, S, Di]
-        fp8 = self.indexer.fp8 and indexer_loss is None  # training scores in full precision
-        if fp8:
-            index_keys = self.indexer.pack_keys(index_keys)  # [B, S, Di + 4 * blocks] uint8
+        # Training scores keys in full precision; inference caches them in FP8 where the config says so.
+        index_keys = self.indexer.keys(hidden_states.detach(), cos, sin, fp8=self.indexer.fp8 and stage is None)
         if cache is not None:
             latent, index_keys = cache.update(latent, index_keys, self.layer_idx)  # [B, T, ...]
 
         num_keys = latent.shape[1]
-        keys = KeyLayout(num_keys - seq_len, num_keys, key_padding_mask, hidden_states.device, segment_ids)
-        dsa_layer = self.layer_idx not in (self.config.dense_attention_layers or ())
-        sparse = self.config.use_sparse_attention and self.config.index_topk < num_keys and dsa_layer
-        wants_loss = indexer_loss is not None and dsa_layer  # a dense-attention layer's indexer is never used
-        selector = None
-        if sparse or wants_loss:  # otherwise only the keys are needed (for the cache), not the index scores
-            index_queries, index_weights = self.indexer.project_queries(
-                hidden_states.detach(), query_latent.detach(), cos, sin
-            )
-            if fp8:
-                index_queries = self.indexer.fp8_queries(index_queries)
-                index_keys = self.indexer.unpack_keys(index_keys)
-            selector = TopkSelector(index_queries, index_weights, index_keys, keys, self.config.index_topk,
-                                    self.indexer.softmax_scale)  # fmt: skip
-        active_selector = selector if sparse else None
-        attn_weights = None
-        # attn_implementation="eager" (transformers' switch, which every model reads here) is the explicit softmax
-        # path; "sdpa" is the default: SDPA in MHA mode, the absorbed path for decoding and long sparse prefills.
-        if output_attentions or getattr(self.config, "_attn_implementation", None) == "eager":
-            attn_output, attn_weights = self._mha_attention(q_nope, q_rope, latent, keys, active_selector, True)
-            attn_weights = attn_weights if output_attentions else None
-        elif self._use_absorbed_mode(seq_len, num_keys, sparse):
-            attn_output = self._absorbed_attention(q_nope, q_rope, latent, keys, active_selector)
-        else:
-            attn_output = self._mha_attention(q_nope, q_rope, latent, keys, active_selector)
+        visible = VisibleKeys(num_keys - seq_len, num_keys, key_padding_mask, hidden_states.device, segment_ids)
+        sparse = settings.use_sparse_attention and settings.index_topk < num_keys and dsa_layer
+        selection = None
+        if sparse or stage is not None:  # otherwise the keys are needed only for the cache, not scored
+            top_k = settings.index_topk if sparse or stage == "sparse" else None
+            selection = self.indexer(hidden_states.detach(), query_latent.detach(), position_embeddings, index_keys,
+                                     visible, top_k, with_scores=stage == "sparse")  # fmt: skip
+        attn_output, attn_weights = self._attend(
+            q_nope, q_rope, latent, visible, selection if sparse else None, settings, output_attentions
+        )
         attn_output = self.o_proj(attn_output.reshape(batch_size, seq_len, self.num_heads * self.v_head_dim))
-
         stats = None
-        if wants_loss:
-            with torch.no_grad():
-                main_query = self._absorbed_query(q_nope.detach(), q_rope.detach())
-            stats = indexer_kl_loss(
-                selector, main_query, latent.detach(), self.scaling, sparse=indexer_loss == "sparse",
-                chunk_size=self.config.query_chunk_size,
-            )  # fmt: skip
+        if stage is not None:
+            stats = self._indexer_stats(stage, selection, q_nope, q_rope, latent, visible, settings.index_topk)
         return attn_output, stats, attn_weights
+
+    def _attend(
+        self, q_nope, q_rope, latent, visible: VisibleKeys, selection: TopkSelection | None, settings: DsaSettings,
+        output_attentions: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """[B, S, H, dv] and, with `output_attentions`, the probabilities [B, H, S, T].
+
+        attn_implementation="eager" (transformers' switch, which every model reads here) is the explicit softmax
+        path; "sdpa" is the default: SDPA in MHA mode, the absorbed path for decoding and long sparse prefills."""
+        seq_len, num_keys = q_nope.shape[1], latent.shape[1]
+        if output_attentions or getattr(self.config, "_attn_implementation", None) == "eager":
+            attn_output, attn_weights = self._mha_attention(q_nope, q_rope, latent, visible, selection, True)
+            return attn_output, attn_weights if output_attentions else None
+        if self._use_absorbed_mode(settings.attention_mode, seq_len, num_keys, selection is not None):
+            return self._absorbed_attention(q_nope, q_rope, latent, visible, selection), None
+        return self._mha_attention(q_nope, q_rope, latent, visible, selection), None
+
+    def _indexer_stats(self, stage: str, selection: TopkSelection, q_nope, q_rope, latent, visible: VisibleKeys,
+                       top_k: int) -> IndexerStats:  # fmt: skip
+        with torch.no_grad():
+            main_query = self._absorbed_query(q_nope.detach(), q_rope.detach())  # [B, S, H, R + dr]
+        if stage == "sparse":
+            return sparse_stage_loss(selection, main_query, latent.detach(), self.scaling)
+        return dense_stage_loss(selection.scorer, visible, main_query, latent.detach(), self.scaling, top_k,
+                                self.config.query_chunk_size)  # fmt: skip
 
     def _project_queries(self, hidden_states: torch.Tensor):
         batch_size, seq_len, _ = hidden_states.shape
@@ -164,8 +162,7 @@ class MlaDsaAttention(nn.Module):
             return apply_rotary_interleaved(x, cos, sin)
         return apply_rotary_half_split(x, cos, sin)
 
-    def _use_absorbed_mode(self, seq_len: int, num_keys: int, sparse: bool) -> bool:
-        mode = self.config.attention_mode
+    def _use_absorbed_mode(self, mode: str, seq_len: int, num_keys: int, sparse: bool) -> bool:
         if mode != "auto":
             return mode == "absorbed"
         # Expanding T latents costs T*R*H*(dn+dv); absorbed scoring costs S*T*H*(2R+dr): absorbed wins for few queries.
@@ -173,7 +170,8 @@ class MlaDsaAttention(nn.Module):
         return few_queries or (sparse and num_keys > self.config.mha_max_length)
 
     # ----------------------------------------------------------------------------------------------- MHA mode
-    def _mha_attention(self, q_nope, q_rope, latent, keys: "KeyLayout", selector, return_weights: bool = False):
+    def _mha_attention(self, q_nope, q_rope, latent, visible: VisibleKeys, selection: TopkSelection | None,
+                       return_weights: bool = False):  # fmt: skip
         """[B, S, H, dv] (and, with `return_weights`, the probabilities [B, H, S, T] from an explicit softmax)."""
         batch_size, seq_len, num_heads, _ = q_nope.shape
         c_kv, k_rope = torch.split(latent, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
@@ -182,9 +180,9 @@ class MlaDsaAttention(nn.Module):
         key = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, num_heads, -1)], dim=-1)
         query = torch.cat([q_nope, q_rope], dim=-1)
 
-        mask = keys.valid(0, seq_len)  # [B or 1, S, T]
-        if selector is not None:
-            mask = mask & selector.selection_mask(0, seq_len)
+        mask = visible.mask(0, seq_len)  # [B or 1, S, T]
+        if selection is not None:
+            mask = mask & selected_keys_mask(selection.indices, visible.num_keys)
         has_key = mask.any(dim=-1, keepdim=True)  # padded queries have none: let them attend anywhere, zero them after
         mask = mask | ~has_key
         if return_weights:
@@ -231,25 +229,28 @@ class MlaDsaAttention(nn.Module):
         w_uk, _ = self.absorbed_weights()
         return torch.cat([torch.einsum("bshn,hnr->bshr", q_nope, w_uk.to(q_nope.dtype)), q_rope], dim=-1)
 
-    def _absorbed_attention(self, q_nope, q_rope, latent, keys: "KeyLayout", selector) -> torch.Tensor:
+    def _absorbed_attention(self, q_nope, q_rope, latent, visible: VisibleKeys, selection: TopkSelection | None
+                            ) -> torch.Tensor:  # fmt: skip
         """[B, S, H, dv], one query chunk at a time: the absorbed query [s, H, R + dr] and the latent output
         [s, H, R] exist only per chunk, so long prefills stay O(chunk) in memory."""
         batch_size, seq_len, num_heads, _ = q_nope.shape
         _, w_uv = self.absorbed_weights()
         w_uv = w_uv.to(q_nope.dtype)
-        if selector is None:
+        if selection is None:
             per_query = batch_size * num_heads * latent.shape[1]  # scores against every key
         else:
-            per_query = batch_size * min(self.config.index_topk, latent.shape[1]) * latent.shape[-1]  # gathered rows
+            per_query = batch_size * selection.indices.shape[-1] * latent.shape[-1]  # gathered rows
         chunk = max(1, min(self.config.query_chunk_size, _GATHER_BLOCK_ELEMENTS // per_query))
         outputs = []
         for start in range(0, seq_len, chunk):
             end = min(seq_len, start + chunk)
             query = self._absorbed_query(q_nope[:, start:end], q_rope[:, start:end])  # [B, s, H, R + dr]
-            if selector is None:
-                latent_out = self._absorbed_dense_chunk(query, latent, keys.valid(start, end))
+            if selection is None:
+                latent_out = self._absorbed_dense_chunk(query, latent, visible.mask(start, end))
             else:
-                latent_out = self._absorbed_sparse_chunk(query, latent, *selector.topk(start, end))
+                latent_out = self._absorbed_sparse_chunk(
+                    query, latent, selection.indices[:, start:end], selection.valid[:, start:end]
+                )
             outputs.append(torch.einsum("bshr,hvr->bshv", latent_out, w_uv))  # W_UV after attention
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 

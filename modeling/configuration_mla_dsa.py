@@ -20,9 +20,6 @@ logger = logging.get_logger(__name__)
 # it. A checkpoint without it was written by 0.1.0. `mla-dsa upgrade-code DIR` refreshes an older checkpoint's code.
 PAYLOAD_VERSION = "0.3.0"
 PAYLOAD_VERSION_KEY = "mla_dsa_payload_version"
-# `prepare_indexer_training` records here the settings it replaced; config.json gets them back, and `indexer_loss`
-# (a training-only switch) is never written: a checkpoint saved mid-training loads for inference.
-SETTINGS_BEFORE_TRAINING = "_settings_before_training"
 FIRST_PAYLOAD_VERSION = "0.1.0"
 
 DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
@@ -36,7 +33,6 @@ DEEPSEEK_ARCHITECTURES = {
     "DeepseekV32ForCausalLM": "deepseek_v32",
 }
 ATTENTION_MODES = ("auto", "mha", "absorbed")
-INDEXER_LOSSES = (None, "dense", "sparse")
 INDEXER_CACHE_DTYPES = ("auto", "fp8")
 SCALE_FORMATS = (None, "ue8m0")
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -94,9 +90,6 @@ class MlaDsaConfig(PreTrainedConfig):
         `"auto"`: keys are cached in the model's dtype. Training (an indexer loss) always scores in full precision.
     indexer_scale_fmt (`str`, defaults to `None`):
         `"ue8m0"`: FP8 scales rounded up to powers of two (DeepSeek-V3.2's `scale_fmt`).
-    indexer_loss (`str`, defaults to `None`):
-        `"dense"` (warm-up: KL to the dense attention over all keys) or `"sparse"` (KL over the selected keys):
-        every forward then also computes the indexer's loss (see `MlaDsaCausalLMOutput`).
     """
 
     model_type = "mla_dsa"
@@ -156,8 +149,6 @@ class MlaDsaConfig(PreTrainedConfig):
     query_chunk_size: int = 256
     indexer_cache_dtype: str = "auto"
     indexer_scale_fmt: str | None = None
-    # Indexer training
-    indexer_loss: str | None = None
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -188,12 +179,9 @@ class MlaDsaConfig(PreTrainedConfig):
 
     def to_dict(self) -> dict[str, Any]:
         """Without `layer_types`: derived, and a generic reader of config.json (`PreTrainedConfig.from_json_file`,
-        as Trainer's resume uses) accepts only transformers' own layer types. Without training-only settings: the
-        inference values a training stage replaced, no `indexer_loss`."""
+        as Trainer's resume uses) accepts only transformers' own layer types."""
         config = super().to_dict()
         config.pop("layer_types", None)
-        config.update(config.pop(SETTINGS_BEFORE_TRAINING, None) or {})
-        config.pop("indexer_loss", None)
         config[PAYLOAD_VERSION_KEY] = PAYLOAD_VERSION  # the code that writes this config
         return config
 
@@ -251,7 +239,6 @@ class MlaDsaConfig(PreTrainedConfig):
             isinstance(layers, (list, tuple)) and all(isinstance(i, int) and 0 <= i < self.num_hidden_layers
                                                       for i in layers)
         ), f"None or a list of layer indices below num_hidden_layers={self.num_hidden_layers}")  # fmt: skip
-        _require("indexer_loss", self.indexer_loss, self.indexer_loss in INDEXER_LOSSES, f"one of {INDEXER_LOSSES}")
         _require(
             "attention_mode", self.attention_mode, self.attention_mode in ATTENTION_MODES, f"one of {ATTENTION_MODES}"
         )

@@ -1,5 +1,5 @@
 """What `from_pretrained` checks beyond transformers: local weight files that are truncated or corrupt (one
-ValueError naming the file, before transformers reads them), a checkpoint with no indexer at all, and a checkpoint
+ValueError naming the file, before transformers reads them, through safetensors' own header validation), a checkpoint with no indexer at all, and a checkpoint
 whose code (the payload beside its weights) is older than the installed mla-dsa.
 """
 
@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
 from transformers.utils import logging
 
 from .configuration_mla_dsa import FIRST_PAYLOAD_VERSION, PAYLOAD_VERSION_KEY, MlaDsaConfig
@@ -55,46 +56,24 @@ def weight_files(directory: Path) -> dict[str, str]:
     single = directory / "model.safetensors"
     if not single.exists():
         return {}
-    if problem := safetensors_file_problem(single):
-        raise ValueError(f"{single}: {problem}")
-    return dict.fromkeys(_read_safetensors_header(single)[0], "model.safetensors")
+    return dict.fromkeys(_tensor_names(single), "model.safetensors")
 
 
 def check_weight_file(path: Path) -> None:
     if not path.exists():
         raise ValueError(f"{path}: weight file listed in the index is missing")
-    if problem := safetensors_file_problem(path):
-        raise ValueError(f"{path}: {problem}")
+    _tensor_names(path)
 
 
-def safetensors_file_problem(path: Path) -> str | None:
-    """What makes an existing safetensors file unusable (unreadable header, data cut short), or None.
-
-    Standard library only. safetensors maps files lazily, so a file cut short is otherwise noticed only when its
-    last tensor is read."""
+def _tensor_names(path: Path) -> list[str]:
+    """The tensors of a safetensors file, or one ValueError naming it if it is cut short or not safetensors at all:
+    opening checks that the header's offsets cover exactly the file (safetensors maps files lazily, so a file cut
+    short would otherwise surface only when its last tensor is read)."""
     try:
-        header, data_start = _read_safetensors_header(path)
-    except (OSError, ValueError) as err:
-        return f"not a readable safetensors file ({err})"
-    end = data_start + max((entry["data_offsets"][1] for entry in header.values()), default=0)
-    size = path.stat().st_size
-    if size < end:
-        return f"truncated ({size} bytes, its header describes {end})"
-    return None
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: truncated or corrupt safetensors file ({err})") from None
 
 
-def _read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """The tensor table of a safetensors file (8-byte length, then JSON) and the offset its data starts at."""
-    with open(path, "rb") as raw:
-        length = int.from_bytes(raw.read(8), "little")
-        if length > path.stat().st_size - 8:
-            raise ValueError(f"truncated: a {length}-byte header in a {path.stat().st_size}-byte file")
-        header = json.loads(raw.read(length))
-    if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
-    header.pop("__metadata__", None)
-    return header, 8 + length
-
-
-__all__ = ["check_weight_file", "safetensors_file_problem", "warn_if_code_is_older", "warn_if_indexer_missing",
-           "weight_files"]  # fmt: skip
+__all__ = ["check_weight_file", "warn_if_code_is_older", "warn_if_indexer_missing", "weight_files"]

@@ -7,6 +7,7 @@ Decoder layer = MLA attention with a lightning indexer (`attention_mla_dsa.py`),
 """
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +28,12 @@ from transformers.utils import logging
 from .attention_mla_dsa import MlaDsaAttention, MlaDsaRMSNorm
 from .cache_mla_dsa import MlaDsaCache, check_cache
 from .compat_mla_dsa import CACHE_NAME, CACHE_NAMES, cache_field, take_cache
-from .configuration_mla_dsa import INDEXER_LOSSES, MlaDsaConfig
-from .indexer_mla_dsa import IndexerStats
+from .configuration_mla_dsa import MlaDsaConfig
+from .indexer_loss_mla_dsa import IndexerStats
 from .loading_mla_dsa import check_weight_file, warn_if_code_is_older, warn_if_indexer_missing, weight_files
 from .moe_mla_dsa import MlaDsaMLP, MlaDsaMoE, MlaDsaRouter
 from .rope_mla_dsa import MlaDsaRotaryEmbedding
+from .settings_mla_dsa import DsaSettings
 
 # Keywords transformers passes to `loss_function` (ForCausalLMLoss): Trainer's token count, pre-shifted labels of
 # context/sequence parallelism, the ignored label id.
@@ -52,8 +54,8 @@ class MlaDsaDecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        settings: DsaSettings,
         key_padding_mask: torch.Tensor | None = None,
-        indexer_loss: str | None = None,
         output_attentions: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, IndexerStats | None, torch.Tensor | None]:
@@ -62,8 +64,8 @@ class MlaDsaDecoderLayer(GradientCheckpointingLayer):
         cache = kwargs.pop(CACHE_NAME, None)
         residual = hidden_states
         attn_output, stats, attn_weights = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, key_padding_mask, cache,
-            indexer_loss=indexer_loss, output_attentions=output_attentions, **kwargs,
+            self.input_layernorm(hidden_states), position_embeddings, settings, key_padding_mask, cache,
+            output_attentions=output_attentions, **kwargs,
         )  # fmt: skip
         hidden_states = residual + attn_output
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)), stats, attn_weights
@@ -163,12 +165,19 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        indexer_loss: str | None = None,
+        use_sparse_attention: bool | None = None,
+        index_topk: int | None = None,
+        attention_mode: str | None = None,
+        indexer_stage: str | None = None,
         **kwargs,
     ) -> MlaDsaModelOutput | tuple:
         """`cache`: an `MlaDsaCache` (or `DynamicCache(config=model.config)`); `past_key_values` is its older name.
-        Output flags left unset take the config's values, as in transformers' own models."""
+        Output flags left unset take the config's values, as in transformers' own models. `use_sparse_attention`,
+        `index_topk`, `attention_mode`, `indexer_stage`: this call's DSA choices (see `DsaSettings`), the config's
+        where unset."""
         cache = take_cache(cache, kwargs, "MlaDsaModel.forward")
+        settings = DsaSettings.resolve(self.config, use_sparse_attention, index_topk, attention_mode,
+                                       _stage(indexer_stage, kwargs))  # fmt: skip
         output_hidden_states, output_attentions = _output_flags(self.config, output_hidden_states, output_attentions)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("MlaDsaModel: pass exactly one of input_ids and inputs_embeds")
@@ -196,10 +205,6 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
         elif past_len == 0:
             segment_ids = _packed_segment_ids(position_ids)
 
-        indexer_loss = indexer_loss if indexer_loss is not None else self.config.indexer_loss
-        if indexer_loss not in INDEXER_LOSSES:
-            raise ValueError(f"MlaDsaModel: indexer_loss must be one of {INDEXER_LOSSES}, got {indexer_loss!r}")
-
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden_states = () if output_hidden_states else None
@@ -209,8 +214,8 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             hidden_states, stats, attn_weights = layer(
-                hidden_states, position_embeddings, key_padding_mask, indexer_loss=indexer_loss,
-                output_attentions=output_attentions, segment_ids=segment_ids,
+                hidden_states, position_embeddings, settings, key_padding_mask, output_attentions=output_attentions,
+                segment_ids=segment_ids,
                 **cache_field(cache if use_cache else None), **kwargs,
             )  # fmt: skip
             if stats is not None:
@@ -260,12 +265,17 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        indexer_loss: str | None = None,
+        use_sparse_attention: bool | None = None,
+        index_topk: int | None = None,
+        attention_mode: str | None = None,
+        indexer_stage: str | None = None,
         **kwargs,
     ) -> MlaDsaCausalLMOutput | tuple:
-        """Causal LM forward. `indexer_loss` ("dense" | "sparse" | None, default `config.indexer_loss`) adds the
-        DSA indexer's KL loss (DeepSeek-V3.2 warm-up / sparse stage) to the output and to `loss`. `cache`: an
-        `MlaDsaCache` (or `DynamicCache(config=model.config)`); `past_key_values` is its older name."""
+        """Causal LM forward. `indexer_stage` ("dense" | "sparse") adds the DSA indexer's KL loss (DeepSeek-V3.2
+        warm-up / sparse stage) to the output (`indexer_loss`) and to `loss`; `use_sparse_attention`, `index_topk`
+        and `attention_mode` override the config's defaults for this call (see `DsaSettings`); `generate()` passes
+        them on to every step. `cache`: an `MlaDsaCache` (or `DynamicCache(config=model.config)`);
+        `past_key_values` is its older name."""
         cache = take_cache(cache, kwargs, "MlaDsaForCausalLM.forward")
         kwargs.pop("cache_position", None)
         # transformers' loss keywords (Trainer's num_items_in_batch, context parallelism's pre-shifted labels, ...)
@@ -281,7 +291,10 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             return_dict=True,
-            indexer_loss=indexer_loss,
+            use_sparse_attention=use_sparse_attention,
+            index_topk=index_topk,
+            attention_mode=attention_mode,
+            indexer_stage=_stage(indexer_stage, kwargs),
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -416,6 +429,16 @@ def _packed_segment_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
     if not bool(restarts.any()):
         return None
     return torch.nn.functional.pad(restarts.long(), (1, 0)).cumsum(-1)
+
+
+def _stage(indexer_stage: str | None, kwargs: dict) -> str | None:
+    """`indexer_stage`, or the stage passed under its name before 0.4.0, `indexer_loss=` (which now names only the
+    output's loss tensor)."""
+    if "indexer_loss" in kwargs:
+        warnings.warn("`indexer_loss=` as a forward argument is now `indexer_stage=`", FutureWarning, stacklevel=3)
+        old = kwargs.pop("indexer_loss")
+        indexer_stage = old if indexer_stage is None else indexer_stage
+    return indexer_stage
 
 
 def _output_flags(config, hidden_states: bool | None, attentions: bool | None) -> tuple[bool, bool]:

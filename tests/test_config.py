@@ -290,7 +290,6 @@ INVALID = [
     ("query_chunk_size", dict(query_chunk_size=0)),
     ("mha_max_length", dict(mha_max_length=0)),
     ("attention_mode", dict(attention_mode="bogus")),
-    ("indexer_loss", dict(indexer_loss="kl")),
     ("indexer_cache_dtype", dict(indexer_cache_dtype="fp16")),
     ("indexer_scale_fmt", dict(indexer_scale_fmt="e8m0")),
     ("scoring_func", dict(scoring_func="relu")),
@@ -334,7 +333,7 @@ NON_DEFAULT = dict(
     topk_method="group_limited_greedy", n_group=4, topk_group=2, norm_topk_prob=False, first_k_dense_replace=2,
     dense_attention_layers=[0, 3],
     moe_layer_freq=2, num_nextn_predict_layers=1, index_n_heads=4, index_head_dim=32, index_topk=7,
-    use_sparse_attention=False, attention_mode="mha", mha_max_length=100, query_chunk_size=16, indexer_loss="sparse",
+    use_sparse_attention=False, attention_mode="mha", mha_max_length=100, query_chunk_size=16,
     indexer_cache_dtype="fp8", indexer_scale_fmt="ue8m0",
 )  # fmt: skip
 
@@ -367,12 +366,11 @@ def test_every_field_round_trips(tmp_path):
         "AutoModelForTokenClassification",
     }
 
-    assert "indexer_loss" not in written  # a training-only switch: a saved config is an inference config
     for loaded in (MlaDsaConfig.from_pretrained(tmp_path), AutoConfig.from_pretrained(tmp_path)):
         assert type(loaded) is MlaDsaConfig
         assert _comparable(loaded) == _comparable(config)
         for name, value in NON_DEFAULT.items():
-            assert getattr(loaded, name) == (None if name == "indexer_loss" else value), name
+            assert getattr(loaded, name) == value, name
 
 
 def test_default_config_round_trips(tmp_path):

@@ -20,8 +20,8 @@ import mla_dsa
 from mla_dsa import ConversionError, MlaDsaConfig, MlaDsaForCausalLM, convert_checkpoint
 from mla_dsa.cli import main
 from mla_dsa.conversion.convert import ConvertOptions, verify_logits
+from mla_dsa.conversion.payload import PAYLOAD_DIR, payload_files
 from mla_dsa.conversion.source import SourceCheckpoint
-from mla_dsa.modeling import configuration_mla_dsa
 from mla_dsa.modeling.configuration_mla_dsa import AUTO_MAP
 
 from checkpoints import (
@@ -43,8 +43,7 @@ from checkpoints import (
 from peers import build_peer, left_padded_batch, save_peer
 
 FAMILIES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
-PAYLOAD_DIR = Path(configuration_mla_dsa.__file__).parent
-PAYLOAD = sorted(path.name for path in PAYLOAD_DIR.glob("*.py") if path.name != "__init__.py")
+PAYLOAD = [path.name for path in payload_files()]
 EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 ARCHITECTURE_KEYS = (
     "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",

@@ -49,7 +49,7 @@ def test_gradient_checkpointing_with_use_cache_trains_as_the_peer(saved):
 
 
 @pytest.mark.parametrize("override", [{"index_topk": -1}, {"index_topk": 0}, {"kv_lora_rank": 0},
-                                      {"attention_mode": "fast"}, {"indexer_loss": "kl"}])  # fmt: skip
+                                      {"attention_mode": "fast"}])  # fmt: skip
 def test_from_pretrained_overrides_are_validated(saved, override):
     _, directory = saved
     name = next(iter(override))
@@ -99,7 +99,7 @@ def test_a_missing_checkpoint_is_one_line(tmp_path, capsys, command):
 def test_the_documented_names_are_at_the_top_level():
     from mla_dsa import training
 
-    for name in ("prepare_indexer_training", "finish_indexer_training", "indexer_lora_config"):
+    for name in ("prepare_indexer_training", "indexer_lora_config"):
         assert getattr(mla_dsa, name) is getattr(training, name) and name in mla_dsa.__all__
     for name in ("convert_checkpoint", "upgrade_code", "MlaDsaConfig", "MlaDsaForCausalLM", "MlaDsaModel",
                  "MlaDsaCache", "MlaDsaCacheLayer"):  # fmt: skip
@@ -246,26 +246,55 @@ def test_a_symlinked_single_file_snapshot_keeps_its_tokenizer_and_generation_fil
         assert (tmp_path / "dsa" / name).read_bytes() == (dense / name).read_bytes(), name
 
 
-# ------------------------------------------------------------------ saving between prepare and finish training
+# ------------------------------------------------------------------ saving in the middle of indexer training
 @pytest.mark.parametrize("stage", ["dense", "sparse"])
 def test_a_checkpoint_saved_mid_training_loads_for_inference(byte_dsa, tmp_path, stage):
+    """The stage is a forward argument: preparing a model for it changes no config, so what it saves mid-run is
+    the inference checkpoint it was, and the live run keeps training."""
     model = mla_dsa.MlaDsaForCausalLM.from_pretrained(byte_dsa)
+    before = model.config.to_dict()
     mla_dsa.prepare_indexer_training(model, stage)
-    model.save_pretrained(tmp_path / "mid")
-    written = json.loads((tmp_path / "mid" / "config.json").read_text())
-    assert written["use_sparse_attention"] is True and "indexer_loss" not in written
-    assert not any(key.startswith("_settings") for key in written)
-    assert model.config.indexer_loss == stage  # the live run keeps its settings
-    loaded = mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "mid").eval()
-    assert loaded.config.use_sparse_attention and loaded.config.indexer_loss is None
     input_ids = torch.randint(3, 250, (1, 12), generator=torch.Generator().manual_seed(0))
+    assert model(input_ids, labels=input_ids, indexer_stage=stage).indexer_loss is not None
+    model.save_pretrained(tmp_path / "mid")
+    assert model.config.to_dict() == before
+    written = json.loads((tmp_path / "mid" / "config.json").read_text())
+    assert written["use_sparse_attention"] is True and "indexer_loss" not in written and "indexer_stage" not in written
+    loaded = mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "mid").eval()
     out = loaded(input_ids, labels=input_ids)
     assert out.indexer_loss is None
-    mla_dsa.finish_indexer_training(model)
     reference = mla_dsa.MlaDsaForCausalLM.from_pretrained(byte_dsa).eval()
     with torch.no_grad():
         torch.testing.assert_close(out.logits, reference(input_ids).logits)
         torch.testing.assert_close(loaded(input_ids).logits, model.eval()(input_ids).logits)
+
+
+@pytest.mark.compat  # generate() passes our DSA arguments on to every step on the oldest transformers too
+def test_runtime_choices_leave_the_config_alone(byte_dsa):
+    """evaluate_indexer, oracle_recall and generate with DSA arguments run with other settings, never by writing
+    them into the loaded model's config; the old config switch `indexer_loss` is refused, not silently ignored."""
+    from mla_dsa.training import evaluate_indexer, oracle_recall
+
+    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(byte_dsa).eval()
+    before = model.config.to_dict()
+    windows = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+    evaluate_indexer(model, windows, index_topk=4)
+    oracle_recall(model, windows, k=4)
+    greedy = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    generated = model.generate(windows[:1, :8], index_topk=2, **greedy)
+    dense = model.generate(windows[:1, :8], use_sparse_attention=False, **greedy)
+    assert model.config.to_dict() == before
+    # Every step used the call's choice: the scores are those of models loaded with it as their default.
+    for out, default in ((generated, {"index_topk": 2}), (dense, {"use_sparse_attention": False})):
+        reference = mla_dsa.MlaDsaForCausalLM.from_pretrained(byte_dsa, **default).eval()
+        expected = reference.generate(windows[:1, :8], **greedy)
+        assert torch.equal(out.sequences, expected.sequences)
+        for step, (score, want) in enumerate(zip(out.scores, expected.scores, strict=True)):
+            torch.testing.assert_close(score, want, msg=f"step {step}")
+    assert not all(torch.equal(a, b) for a, b in zip(generated.scores, dense.scores, strict=True))
+    model.config.indexer_loss = "dense"
+    with pytest.raises(ValueError, match="indexer_stage"):
+        model(windows)
 
 
 # ----------------------------------------------------------------------------------------- --no-progress

@@ -7,12 +7,8 @@ import pytest
 import torch
 
 import mla_dsa
-from mla_dsa.modeling.indexer_mla_dsa import (
-    dequantize_fp8_blocks,
-    hadamard_rotate,
-    index_scores,
-    quantize_fp8_blocks,
-)
+from mla_dsa.modeling.fp8_mla_dsa import dequantize_fp8_blocks, hadamard_rotate, quantize_fp8_blocks, unpack_fp8_rows
+from mla_dsa.modeling.indexer_mla_dsa import index_scores
 
 from peers import VOCAB, save_peer
 
@@ -77,9 +73,9 @@ def test_fp8_cache_layout_and_bytes(checkpoint):
     assert cache.bytes_per_token_per_layer() == (config.kv_lora_rank + config.qk_rope_head_dim) * 4 + 36
     # Keys and their scales travel together through batch operations (one packed row per token).
     attn = model.model.layers[0].self_attn
-    before = attn.indexer.unpack_keys(layer.index_keys[:, : layer.length])
+    before = unpack_fp8_rows(layer.index_keys[:, : layer.length], attn.indexer.head_dim, attn.indexer.fp8_block)
     cache.reorder_cache(torch.tensor([1, 0]))
-    after = attn.indexer.unpack_keys(layer.index_keys[:, : layer.length])
+    after = unpack_fp8_rows(layer.index_keys[:, : layer.length], attn.indexer.head_dim, attn.indexer.fp8_block)
     torch.testing.assert_close(after, before.flip(0))
 
 

@@ -6,7 +6,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import mla_dsa
-from mla_dsa.modeling.indexer_mla_dsa import indexer_kl_loss
+from mla_dsa.modeling import indexer_mla_dsa
+from mla_dsa.modeling.indexer_loss_mla_dsa import dense_stage_loss
+from mla_dsa.modeling.indexer_mla_dsa import IndexScorer
+from mla_dsa.modeling.masks_mla_dsa import VisibleKeys
 from mla_dsa.training import prepare_indexer_training
 
 from peers import VOCAB, save_peer
@@ -48,8 +51,10 @@ def reference_layer_kl(attn, hidden, position_embeddings, key_padding_mask, spar
         scores = scores * attn.scaling
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()
     valid = causal[None] & key_padding_mask[:, None, :]  # [B, S, T]
-    index_q, index_w = attn.indexer.project_queries(hidden, hidden_q_latent(attn, hidden), cos, sin)
-    index_k = attn.indexer.project_keys(hidden, cos, sin)
+    visible = VisibleKeys(0, seq, key_padding_mask, hidden.device)
+    index_keys = attn.indexer.keys(hidden, cos, sin, fp8=False)
+    scorer = attn.indexer(hidden, hidden_q_latent(attn, hidden), position_embeddings, index_keys, visible, None).scorer
+    index_q, index_w, index_k = scorer.queries, scorer.weights, scorer.keys
     per_head = torch.relu(torch.einsum("bshd,btd->bsht", index_q, index_k) * attn.indexer.softmax_scale)
     index = (per_head * index_w.unsqueeze(-1)).sum(2)  # [B, S, T]
     if sparse:
@@ -80,14 +85,13 @@ def test_loss_equals_unchunked_reference(checkpoint, stage):
 
     hooks = [layer.self_attn.register_forward_hook(grab, with_kwargs=True) for layer in model.model.layers]
     with torch.no_grad():
-        model.config.use_sparse_attention = stage == "sparse"
-        out = model(input_ids, attention_mask=attention_mask, indexer_loss=stage)
+        out = model(input_ids, attention_mask=attention_mask, indexer_stage=stage)
     for hook in hooks:
         hook.remove()
     layer_losses = []
     for idx, layer in enumerate(model.model.layers):
         args, kwargs, (_, stats, _) = captured[idx]
-        hidden, position_embeddings, key_padding_mask = args[0], args[1], args[2]
+        hidden, position_embeddings, key_padding_mask = args[0], args[1], args[3]
         with torch.no_grad():
             expected = reference_layer_kl(
                 layer.self_attn, hidden, position_embeddings, key_padding_mask, stage == "sparse"
@@ -104,7 +108,7 @@ def test_loss_does_not_depend_on_chunk_size(checkpoint):
     for chunk in (1, 4, 64):
         model = load(checkpoint, query_chunk_size=chunk)
         with torch.no_grad():
-            out = model(input_ids, attention_mask=attention_mask, indexer_loss="dense")
+            out = model(input_ids, attention_mask=attention_mask, indexer_stage="dense")
         results.append((out.indexer_loss, out.indexer_recall))
     for loss, recall in results[1:]:
         torch.testing.assert_close(loss, results[0][0])
@@ -133,11 +137,11 @@ def test_loss_memory_is_chunked():
     index_q = torch.randn(bsz, seq, index_heads, 16, requires_grad=True)
     index_w = torch.randn(bsz, seq, index_heads)
     index_k = torch.randn(bsz, seq, 16)
-    layout = mla_dsa.modeling.indexer_mla_dsa.KeyLayout(0, seq, None, torch.device("cpu"))
-    selector = mla_dsa.modeling.indexer_mla_dsa.TopkSelector(index_q, index_w, index_k, layout, 32, 0.25)
+    visible = VisibleKeys(0, seq, None, torch.device("cpu"))
+    scorer = IndexScorer(index_q, index_w, index_k, 0.25)
     recorder = _LargestTensor()
     with recorder:
-        stats = indexer_kl_loss(selector, main_query, latent, 0.1, sparse=False, chunk_size=chunk)
+        stats = dense_stage_loss(scorer, visible, main_query, latent, 0.1, top_k=32, chunk_size=chunk)
         stats.kl.backward()
     assert index_q.grad is not None and index_q.grad.abs().sum() > 0
     assert recorder.largest <= bsz * chunk * max(heads, index_heads) * seq
@@ -146,12 +150,13 @@ def test_loss_memory_is_chunked():
 
 def test_dense_stage_trains_only_the_indexer(checkpoint):
     model = load(checkpoint)
+    before = model.config.to_dict()
     prepare_indexer_training(model, "dense")
-    assert model.config.use_sparse_attention is False and model.config.indexer_loss == "dense"
+    assert model.config.to_dict() == before  # the stage is a forward argument, not a config change
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".indexer." in name for name in trainable)
     input_ids, attention_mask = batch()
-    out = model(input_ids, attention_mask=attention_mask, labels=input_ids)
+    out = model(input_ids, attention_mask=attention_mask, labels=input_ids, indexer_stage="dense")
     out.loss.backward()
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert with_grad and with_grad <= trainable
@@ -161,10 +166,9 @@ def test_dense_stage_trains_only_the_indexer(checkpoint):
 def test_sparse_stage_separates_the_two_losses(checkpoint):
     model = load(checkpoint)
     prepare_indexer_training(model, "sparse")
-    assert model.config.use_sparse_attention is True and model.config.indexer_loss == "sparse"
     assert all(p.requires_grad for p in model.parameters())
     input_ids, attention_mask = batch()
-    out = model(input_ids, attention_mask=attention_mask, labels=input_ids)
+    out = model(input_ids, attention_mask=attention_mask, labels=input_ids, indexer_stage="sparse")
     torch.testing.assert_close(out.loss, out.lm_loss + out.indexer_loss)
 
     out.lm_loss.backward(retain_graph=True)
@@ -181,8 +185,45 @@ def test_recall_is_the_attention_mass_inside_topk(checkpoint):
     model = load(checkpoint)
     input_ids, attention_mask = batch()
     with torch.no_grad():
-        model.config.index_topk = SEQ
-        assert torch.isnan(model(input_ids, attention_mask=attention_mask, indexer_loss="dense").indexer_recall)
-        model.config.index_topk = 1
-        recall = model(input_ids, attention_mask=attention_mask, indexer_loss="dense").indexer_recall
+        out = model(input_ids, attention_mask=attention_mask, indexer_stage="dense", index_topk=SEQ)
+        assert torch.isnan(out.indexer_recall)
+        recall = model(input_ids, attention_mask=attention_mask, indexer_stage="dense", index_topk=1).indexer_recall
     assert 0.0 < recall.item() < 1.0
+
+
+def _count_scoring(monkeypatch) -> list[int]:
+    """Records the number of queries of every index-scoring call (the [T, queries, heads] products)."""
+    calls = []
+    original = indexer_mla_dsa.index_scores
+
+    def counting(queries, *args):
+        calls.append(queries.shape[1])
+        return original(queries, *args)
+
+    monkeypatch.setattr(indexer_mla_dsa, "index_scores", counting)
+    return calls
+
+
+def test_sparse_stage_scores_each_query_block_once(checkpoint, monkeypatch):
+    """One selection per layer feeds the attention and the loss: each DSA layer scores its queries once in the
+    forward pass and once more in backward (the checkpointed block is recomputed), never per consumer."""
+    model = load(checkpoint)
+    prepare_indexer_training(model, "sparse")
+    input_ids, attention_mask = batch()
+    calls = _count_scoring(monkeypatch)
+    out = model(input_ids, attention_mask=attention_mask, labels=input_ids, indexer_stage="sparse")
+    layers = model.config.num_hidden_layers
+    assert calls == [SEQ] * layers  # one block of all SEQ queries per layer
+    out.loss.backward()
+    assert calls == [SEQ] * (2 * layers)
+    assert all(p.grad is not None for p in model.model.layers[0].self_attn.indexer.parameters())
+
+
+def test_inference_scores_each_query_block_once(checkpoint, monkeypatch):
+    model = load(checkpoint).eval()
+    input_ids, attention_mask = batch()
+    calls = _count_scoring(monkeypatch)
+    with torch.no_grad():
+        model(input_ids, attention_mask=attention_mask, attention_mode="mha")
+        model(input_ids, attention_mask=attention_mask, attention_mode="absorbed")
+    assert calls == [SEQ] * (2 * model.config.num_hidden_layers)

@@ -33,7 +33,10 @@ def model(tmp_path_factory):
         ({"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 1, 4, 4)}, "2D"),
         ({"input_ids": torch.ones(1, 4, dtype=torch.long), "cache": DynamicCache()}, "MlaDsaCache"),
         ({"input_ids": torch.ones(1, 4, dtype=torch.long), "inputs_embeds": torch.zeros(1, 4, 64)}, "exactly one"),
-        ({"input_ids": torch.ones(1, 4, dtype=torch.long), "indexer_loss": "full"}, "indexer_loss"),
+        ({"input_ids": torch.ones(1, 4, dtype=torch.long), "indexer_stage": "full"}, "indexer_stage"),
+        ({"input_ids": torch.ones(1, 4, dtype=torch.long), "index_topk": 0}, "index_topk"),
+        ({"input_ids": torch.ones(1, 4, dtype=torch.long), "index_topk": 2.5}, "index_topk"),
+        ({"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mode": "fast"}, "attention_mode"),
     ],
 )  # fmt: skip
 def test_bad_inputs_raise_value_error(model, kwargs, message):

@@ -13,7 +13,8 @@ from transformers import DeepseekV3ForCausalLM, DynamicCache
 
 import mla_dsa
 from mla_dsa.modeling import indexer_mla_dsa
-from mla_dsa.modeling.indexer_mla_dsa import KeyLayout, select_topk
+from mla_dsa.modeling.indexer_mla_dsa import select_topk
+from mla_dsa.modeling.masks_mla_dsa import VisibleKeys
 
 from peers import VOCAB, build_peer, left_padded_batch, peer_cache_kwarg, positions_from_mask, save_peer, v3_config
 
@@ -231,8 +232,8 @@ def test_select_topk_never_selects_padding_or_future():
     real = _real_keys(attention_mask, past_len, 0, num_queries)
     scores = torch.randn(3, num_queries, PROMPT_LEN, generator=generator)
     scores = torch.where(real, scores, 100.0 + scores)  # distinct scores, invalid ones always the largest
-    layout = KeyLayout(past_len, PROMPT_LEN, attention_mask.bool(), torch.device("cpu"))
-    valid = layout.valid(0, num_queries).expand(3, -1, -1)
+    visible = VisibleKeys(past_len, PROMPT_LEN, attention_mask.bool(), torch.device("cpu"))
+    valid = visible.mask(0, num_queries).expand(3, -1, -1)
     assert torch.equal(valid, real)
     indices, selected_valid = select_topk(scores, valid, k)
     _check_selection(indices, selected_valid, real, k)
@@ -250,14 +251,14 @@ def test_model_never_selects_padding(checkpoints, batch, monkeypatch, mode):
     input_ids, attention_mask = batch
     ours = checkpoints.ours("v32_dsa", attention_mode=mode)
     calls = []
-    original_topk = indexer_mla_dsa.TopkSelector.topk
+    original_forward = indexer_mla_dsa.MlaDsaIndexer.forward
 
-    def recording_topk(self, start, end):
-        indices, selected_valid = original_topk(self, start, end)
-        calls.append((start, end, indices, selected_valid))
-        return indices, selected_valid
+    def recording_forward(self, hidden_states, *args, **kwargs):
+        selection = original_forward(self, hidden_states, *args, **kwargs)
+        calls.append((0, hidden_states.shape[1], selection.indices, selection.valid))
+        return selection
 
-    monkeypatch.setattr(indexer_mla_dsa.TopkSelector, "topk", recording_topk)
+    monkeypatch.setattr(indexer_mla_dsa.MlaDsaIndexer, "forward", recording_forward)
     cache = mla_dsa.MlaDsaCache(ours.config)
     positions = positions_from_mask(attention_mask)
     mask, past_len, new_ids, new_positions = attention_mask, 0, input_ids, positions

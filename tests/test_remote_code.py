@@ -21,40 +21,15 @@ import torch
 import transformers
 
 import mla_dsa
+from mla_dsa.conversion.payload import payload_files
 
 from peers import VOCAB, build_peer, save_peer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELING_DIR = REPO_ROOT / "modeling"
-PAYLOAD = {
-    "compat_mla_dsa.py",
-    "configuration_mla_dsa.py",
-    "modeling_mla_dsa.py",
-    "attention_mla_dsa.py",
-    "cache_mla_dsa.py",
-    "indexer_mla_dsa.py",
-    "loading_mla_dsa.py",
-    "moe_mla_dsa.py",
-    "rope_mla_dsa.py",
-}
-ALLOWED_ROOTS = {"torch", "transformers"} | set(sys.stdlib_module_names)
-
-
-def _relative_imports(path: Path) -> set[str]:
-    """File names of the siblings `path` imports as `from .sibling import X`."""
-    tree = ast.parse(path.read_text())
-    return {f"{node.module}.py" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
-
-
-def _payload_closure() -> set[str]:
-    """auto_map's two files and, recursively, every sibling they import relatively (what save_pretrained copies)."""
-    todo, seen = ["configuration_mla_dsa.py", "modeling_mla_dsa.py"], set()
-    while todo:
-        name = todo.pop()
-        if name not in seen:
-            seen.add(name)
-            todo.extend(_relative_imports(MODELING_DIR / name))
-    return seen
+# safetensors: a requirement of transformers itself, whose safe_open validates weight files.
+ALLOWED_ROOTS = {"torch", "transformers", "safetensors"} | set(sys.stdlib_module_names)
+PAYLOAD = {path.name for path in payload_files()}
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +50,10 @@ def saved(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------------ the payload
 def test_save_pretrained_writes_payload(saved):
+    """What save_pretrained copies (transformers' own rule) is the one payload list, and nothing in modeling/ is
+    left out of it: a new file there is either imported by the payload or does not belong there."""
     _, checkpoint = saved
-    assert _payload_closure() == PAYLOAD
+    assert PAYLOAD == {path.name for path in MODELING_DIR.glob("*.py")} - {"__init__.py"}
     written = {path.name for path in checkpoint.glob("*.py")}
     assert written == PAYLOAD
     for name in PAYLOAD:
