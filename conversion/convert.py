@@ -25,7 +25,8 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..modeling.configuration_mla_dsa import MlaDsaConfig, config_from_deepseek, deepseek_family
+from ..modeling.configuration_mla_dsa import MlaDsaConfig
+from ..modeling.deepseek_format_mla_dsa import config_from_deepseek, deepseek_family
 from .indexer_init import INDEXER_INITS, init_indexer
 from .payload import payload_files
 from .source import INDEX_NAME, SCALE_SUFFIX, ConversionError, SourceCheckpoint, TensorInfo, read_json

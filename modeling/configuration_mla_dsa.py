@@ -13,25 +13,15 @@ from transformers.utils import logging
 
 from .cache_mla_dsa import LAYER_TYPE
 from .compat_mla_dsa import CACHE_NAMES
+from .deepseek_format_mla_dsa import MODEL_TYPE, PAYLOAD_VERSION_KEY, config_from_deepseek
 
 logger = logging.get_logger(__name__)
 
 # The release of this payload; config.json records it (`PAYLOAD_VERSION_KEY`) so a checkpoint says which code wrote
 # it. A checkpoint without it was written by 0.1.0. `mla-dsa upgrade-code DIR` refreshes an older checkpoint's code.
-PAYLOAD_VERSION = "0.3.0"
-PAYLOAD_VERSION_KEY = "mla_dsa_payload_version"
+PAYLOAD_VERSION = "0.4.0"
 FIRST_PAYLOAD_VERSION = "0.1.0"
 
-DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
-# What makes a config Multi-head Latent Attention: a compressed KV latent and a query/key split into a position-free
-# part and a decoupled RoPE part. Checkpoints of other names in DeepSeek's format (Kimi-K2's "kimi_k2", ...) are read
-# as the DeepSeek family their `architectures` names, or, without one, the one their fields describe.
-MLA_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-DEEPSEEK_ARCHITECTURES = {
-    "DeepseekV2ForCausalLM": "deepseek_v2",
-    "DeepseekV3ForCausalLM": "deepseek_v3",
-    "DeepseekV32ForCausalLM": "deepseek_v32",
-}
 ATTENTION_MODES = ("auto", "mha", "absorbed")
 INDEXER_CACHE_DTYPES = ("auto", "fp8")
 SCALE_FORMATS = (None, "ue8m0")
@@ -42,6 +32,11 @@ TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 REQUIRED_SHAPE_FIELDS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim",
     "qk_nope_head_dim", "v_head_dim",
+)  # fmt: skip
+POSITIVE_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim",
+    "v_head_dim", "index_n_heads", "index_head_dim", "index_topk", "max_position_embeddings", "mha_max_length",
+    "query_chunk_size",
 )  # fmt: skip
 MLA_FIELD_PREFIXES = ("index_", "indexer", "kv_", "q_", "qk_", "v_head", "use_sparse", "rope_", "dense_attention")
 
@@ -55,6 +50,10 @@ AUTO_MAP = {
 }
 
 
+# A class of its own rather than a subclass of DeepseekV3Config or DeepseekV32Config: it must read all three
+# families' config.json (V2's softmax routing and group-limited greedy, V3's noaux_tc, V3.2's indexer), and it is
+# frozen into checkpoints, where a parent's changed default or renamed field in a later transformers release would
+# silently change what an old checkpoint means. Field names and meanings are DeepSeek's, so configs stay compatible.
 class MlaDsaConfig(PreTrainedConfig):
     r"""
     Multi-head Latent Attention (DeepSeek-V2/V3) with a lightning indexer and top-k token selection (DeepSeek-V3.2).
@@ -92,7 +91,7 @@ class MlaDsaConfig(PreTrainedConfig):
         `"ue8m0"`: FP8 scales rounded up to powers of two (DeepSeek-V3.2's `scale_fmt`).
     """
 
-    model_type = "mla_dsa"
+    model_type = MODEL_TYPE
     _auto_class = "AutoConfig"  # save_pretrained copies this file beside config.json
     keys_to_ignore_at_inference = CACHE_NAMES
     attribute_map = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
@@ -106,8 +105,8 @@ class MlaDsaConfig(PreTrainedConfig):
     num_key_value_heads: int | None = None
     hidden_act: str = "silu"
     max_position_embeddings: int = 163840
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-6
+    initializer_range: float | int = 0.02
+    rms_norm_eps: float | int = 1e-6
     use_cache: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = 0
@@ -128,7 +127,7 @@ class MlaDsaConfig(PreTrainedConfig):
     n_routed_experts: int | None = 256
     n_shared_experts: int | None = 1
     num_experts_per_tok: int | None = 8
-    routed_scaling_factor: float = 2.5
+    routed_scaling_factor: float | int = 2.5
     scoring_func: str = "sigmoid"
     topk_method: str = "noaux_tc"
     n_group: int | None = 8
@@ -163,19 +162,10 @@ class MlaDsaConfig(PreTrainedConfig):
         if self.rope_parameters is None and "rope_scaling" not in kwargs and "rope_theta" not in kwargs:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
         super().__post_init__(**kwargs)
-        self._check_fields()
         # Derived, not a setting: every decoder layer caches latent + indexer keys, and this is what tells
         # `DynamicCache(config)` (generate's cache) to build MlaDsaCacheLayer for it.
         self.layer_types = [LAYER_TYPE] * self.num_hidden_layers
-
-    def validate(self) -> None:
-        """transformers' save-time checks. Its layer-type check knows only transformers' own cache layer types, so it
-        runs without ours (`layer_types` is always `LAYER_TYPE` per layer, set in `__post_init__`)."""
-        ours, self.layer_types = self.layer_types, None
-        try:
-            super().validate()
-        finally:
-            self.layer_types = ours
+        self.validate()
 
     def to_dict(self) -> dict[str, Any]:
         """Without `layer_types`: derived, and a generic reader of config.json (`PreTrainedConfig.from_json_file`,
@@ -185,47 +175,65 @@ class MlaDsaConfig(PreTrainedConfig):
         config[PAYLOAD_VERSION_KEY] = PAYLOAD_VERSION  # the code that writes this config
         return config
 
-    def _check_fields(self) -> None:
-        """Fail at construction, naming the field, instead of deep inside a forward."""
-        positive = [
-            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-            "qk_rope_head_dim", "v_head_dim", "index_n_heads", "index_head_dim", "index_topk",
-            "max_position_embeddings", "mha_max_length", "query_chunk_size",
-        ]  # fmt: skip
-        for name in positive:
-            _require(name, getattr(self, name), isinstance(getattr(self, name), int) and getattr(self, name) > 0,
-                     "a positive integer")  # fmt: skip
+    # Validation through transformers' hook: `validate()` runs at construction, in `save_pretrained` and in
+    # `from_dict` after from_pretrained's overrides. Not under huggingface_hub's `@strict` decorator, which would
+    # re-raise each check's ValueError as a StrictDataclassClassValidationError (not a ValueError): loading, the CLI
+    # and users' `except ValueError` rely on one ValueError naming the field.
+    def validate(self) -> None:
+        """Ours (`validate_*` below), each naming the field it refuses, then transformers' own checks."""
+        for check in (self.validate_shapes, self.validate_sparse_attention, self.validate_rope_type,
+                      self.validate_routing):  # fmt: skip
+            check()
+        # transformers' layer-type check knows only its own cache layer types: ours (one per layer) are set in
+        # __post_init__, never read from config.json, so that check runs without them.
+        ours, self.layer_types = self.layer_types, None
+        try:
+            super().validate()
+        except Exception as err:  # huggingface_hub wraps each check's error: raise the ValueError itself
+            if isinstance(err.__cause__, ValueError):
+                raise err.__cause__ from None
+            raise
+        finally:
+            self.layer_types = ours
+
+    def validate_shapes(self) -> None:
+        for name in POSITIVE_FIELDS:
+            _require(
+                name,
+                getattr(self, name),
+                _is_int(getattr(self, name)) and getattr(self, name) > 0,
+                "a positive integer",
+            )
         _require(
             "qk_nope_head_dim",
             self.qk_nope_head_dim,
-            isinstance(self.qk_nope_head_dim, int) and self.qk_nope_head_dim >= 0,
+            _is_int(self.qk_nope_head_dim) and self.qk_nope_head_dim >= 0,
             "a non-negative integer",
         )
         _require(
             "q_lora_rank",
             self.q_lora_rank,
-            self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+            self.q_lora_rank is None or (_is_int(self.q_lora_rank) and self.q_lora_rank > 0),
             "a positive integer or None (no query compression, as DeepSeek-V2-Lite)",
         )
         _require("qk_rope_head_dim", self.qk_rope_head_dim, self.qk_rope_head_dim % 2 == 0, "even (RoPE rotates pairs)")
+        _require(
+            "first_k_dense_replace",
+            self.first_k_dense_replace,
+            _is_int(self.first_k_dense_replace) and self.first_k_dense_replace >= 0,
+            "a non-negative integer",
+        )
+
+    def validate_sparse_attention(self) -> None:
         _require(
             "index_head_dim",
             self.index_head_dim,
             self.index_head_dim >= self.qk_rope_head_dim,
             f"at least qk_rope_head_dim={self.qk_rope_head_dim} (the indexer rotates its first rope dims)",
         )
-        _require(
-            "indexer_cache_dtype",
-            self.indexer_cache_dtype,
-            self.indexer_cache_dtype in INDEXER_CACHE_DTYPES,
-            f"one of {INDEXER_CACHE_DTYPES}",
-        )
-        _require(
-            "indexer_scale_fmt",
-            self.indexer_scale_fmt,
-            self.indexer_scale_fmt in SCALE_FORMATS,
-            f"one of {SCALE_FORMATS}",
-        )
+        _require_choice("indexer_cache_dtype", self.indexer_cache_dtype, INDEXER_CACHE_DTYPES)
+        _require_choice("indexer_scale_fmt", self.indexer_scale_fmt, SCALE_FORMATS)
+        _require_choice("attention_mode", self.attention_mode, ATTENTION_MODES)
         if self.indexer_cache_dtype == "fp8":
             dim = self.index_head_dim
             _require(
@@ -235,53 +243,46 @@ class MlaDsaConfig(PreTrainedConfig):
                 "a power of two >= 16 with indexer_cache_dtype='fp8' (Hadamard rotation)",
             )
         layers = self.dense_attention_layers
-        _require("dense_attention_layers", layers, layers is None or (
-            isinstance(layers, (list, tuple)) and all(isinstance(i, int) and 0 <= i < self.num_hidden_layers
-                                                      for i in layers)
-        ), f"None or a list of layer indices below num_hidden_layers={self.num_hidden_layers}")  # fmt: skip
         _require(
-            "attention_mode", self.attention_mode, self.attention_mode in ATTENTION_MODES, f"one of {ATTENTION_MODES}"
+            "dense_attention_layers",
+            layers,
+            layers is None
+            or (
+                isinstance(layers, (list, tuple))
+                and all(_is_int(i) and 0 <= i < self.num_hidden_layers for i in layers)
+            ),
+            f"None or a list of layer indices below num_hidden_layers={self.num_hidden_layers}",
         )
-        _require(
-            "first_k_dense_replace",
-            self.first_k_dense_replace,
-            isinstance(self.first_k_dense_replace, int) and self.first_k_dense_replace >= 0,
-            "a non-negative integer",
-        )
-        # Routing fields matter only where a layer routes: a dense-only checkpoint (first_k_dense_replace >= layers)
-        # may keep transformers' defaults (n_group=8 with 4 experts), which its own classes load and run.
-        if any(self.is_moe_layer(idx) for idx in range(self.num_hidden_layers)):
-            self._check_moe_fields()
+
+    def validate_rope_type(self) -> None:
         if not isinstance(self.rope_parameters, dict) or "rope_type" not in self.rope_parameters:
             raise ValueError(
                 f"MlaDsaConfig: rope_parameters must be a dict with a rope_type, got {self.rope_parameters!r}"
             )
         rope_types = ("default", *ROPE_INIT_FUNCTIONS)  # what the installed transformers computes
-        rope_type = self.rope_parameters["rope_type"]
-        _require("rope_parameters['rope_type']", rope_type, rope_type in rope_types, f"one of {rope_types}")
+        _require_choice("rope_parameters['rope_type']", self.rope_parameters["rope_type"], rope_types)
 
-    def _check_moe_fields(self) -> None:
-        _require("scoring_func", self.scoring_func, self.scoring_func in SCORING_FUNCS, f"one of {SCORING_FUNCS}")
-        _require("topk_method", self.topk_method, self.topk_method in TOPK_METHODS, f"one of {TOPK_METHODS}")
+    def validate_routing(self) -> None:
+        """Routing fields matter only where a layer routes: a dense-only checkpoint (first_k_dense_replace >= layers)
+        may keep transformers' defaults (n_group=8 with 4 experts), which its own classes load and run."""
+        if not any(self.is_moe_layer(idx) for idx in range(self.num_hidden_layers)):
+            return
+        _require_choice("scoring_func", self.scoring_func, SCORING_FUNCS)
+        _require_choice("topk_method", self.topk_method, TOPK_METHODS)
         experts = self.n_routed_experts
         _require(
             "num_experts_per_tok",
             self.num_experts_per_tok,
-            isinstance(self.num_experts_per_tok, int) and 0 < self.num_experts_per_tok <= experts,
+            _is_int(self.num_experts_per_tok) and 0 < self.num_experts_per_tok <= experts,
             f"between 1 and n_routed_experts={experts}",
         )
-        _require(
-            "moe_intermediate_size",
-            self.moe_intermediate_size,
-            isinstance(self.moe_intermediate_size, int) and self.moe_intermediate_size > 0,
-            "a positive integer",
-        )
-        _require(
-            "moe_layer_freq",
-            self.moe_layer_freq,
-            isinstance(self.moe_layer_freq, int) and self.moe_layer_freq > 0,
-            "a positive integer",
-        )
+        for name in ("moe_intermediate_size", "moe_layer_freq"):
+            _require(
+                name,
+                getattr(self, name),
+                _is_int(getattr(self, name)) and getattr(self, name) > 0,
+                "a positive integer",
+            )
         if self.topk_method == "noaux_tc" and self.scoring_func != "sigmoid":
             raise ValueError("MlaDsaConfig: topk_method='noaux_tc' needs scoring_func='sigmoid' (DeepSeek-V3 routing)")
         if self.topk_method in ("group_limited_greedy", "noaux_tc"):
@@ -289,13 +290,13 @@ class MlaDsaConfig(PreTrainedConfig):
             _require(
                 "n_group",
                 groups,
-                isinstance(groups, int) and groups > 0 and experts % groups == 0,
+                _is_int(groups) and groups > 0 and experts % groups == 0,
                 f"a positive divisor of n_routed_experts={experts} for topk_method={self.topk_method!r}",
             )
             _require(
                 "topk_group",
                 self.topk_group,
-                isinstance(self.topk_group, int) and 0 < self.topk_group <= groups,
+                _is_int(self.topk_group) and 0 < self.topk_group <= groups,
                 f"between 1 and n_group={groups}",
             )
             if self.topk_method == "noaux_tc":
@@ -331,64 +332,9 @@ class MlaDsaConfig(PreTrainedConfig):
         result = super().from_dict(fields, **kwargs)
         # from_pretrained(..., index_topk=-1) sets overrides after __post_init__ checked the fields: check again.
         config = result[0] if isinstance(result, tuple) else result
-        config._check_fields()
         config.layer_types = [LAYER_TYPE] * config.num_hidden_layers
+        config.validate()
         return result
-
-
-def deepseek_family(config_dict: dict[str, Any]) -> str:
-    """Which of DEEPSEEK_MODEL_TYPES (or "mla_dsa") a config dict is read as; ValueError if it is not MLA."""
-    model_type = config_dict.get("model_type", MlaDsaConfig.model_type)
-    if model_type == MlaDsaConfig.model_type or model_type in DEEPSEEK_MODEL_TYPES:
-        return model_type
-    missing = [name for name in MLA_FIELDS if not isinstance(config_dict.get(name), int)]
-    if missing:
-        raise ValueError(
-            f"model_type {model_type!r} is not a Multi-head Latent Attention model: an MLA config has "
-            f"{', '.join(MLA_FIELDS)} (this one lacks {', '.join(missing)})"
-        )
-    for architecture in config_dict.get("architectures") or ():
-        if architecture in DEEPSEEK_ARCHITECTURES:
-            return DEEPSEEK_ARCHITECTURES[architecture]
-    if config_dict.get("index_n_heads") is not None:
-        return "deepseek_v32"
-    return "deepseek_v2" if config_dict.get("scoring_func") == "softmax" else "deepseek_v3"
-
-
-def config_from_deepseek(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """Maps a DeepSeek-format config dict onto MlaDsaConfig's fields (a copy; our own configs pass through)."""
-    config = dict(config_dict)
-    source_type = deepseek_family(config)
-    config.pop("model_type", None)
-    if source_type == MlaDsaConfig.model_type:
-        return config
-    for name in (
-        "architectures",
-        "auto_map",
-        "quantization_config",
-        "head_dim",
-        "qk_head_dim",
-        "layer_types",
-        PAYLOAD_VERSION_KEY,
-    ):
-        config.pop(name, None)
-    if source_type == "deepseek_v2":
-        # V2 rotates rope pairs as complex numbers: the same math as V3's interleaved layout.
-        config.setdefault("rope_interleave", True)
-        config.setdefault("scoring_func", "softmax")
-        config.setdefault("topk_method", "greedy")
-        config.setdefault("norm_topk_prob", False)
-        config.setdefault("first_k_dense_replace", 0)
-        config.setdefault("routed_scaling_factor", 1.0)
-    else:
-        config.setdefault("scoring_func", "sigmoid")
-        config.setdefault("topk_method", "noaux_tc")
-    for name in ("n_group", "topk_group"):
-        if config.get(name) is None:
-            config[name] = 1
-    # V3 configs count MTP layers; the model never builds them, conversion drops their tensors.
-    config.setdefault("num_nextn_predict_layers", 0)
-    return config
 
 
 def _require(name: str, value: Any, ok: bool, expected: str) -> None:
@@ -396,4 +342,12 @@ def _require(name: str, value: Any, ok: bool, expected: str) -> None:
         raise ValueError(f"MlaDsaConfig: {name} must be {expected}, got {value!r}")
 
 
-__all__ = ["MlaDsaConfig", "config_from_deepseek", "deepseek_family"]
+def _require_choice(name: str, value: Any, choices: tuple) -> None:
+    _require(name, value, value in choices, f"one of {choices}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+__all__ = ["MlaDsaConfig"]

@@ -1,6 +1,7 @@
 """What `from_pretrained` checks beyond transformers: local weight files that are truncated or corrupt (one
-ValueError naming the file, before transformers reads them, through safetensors' own header validation), a checkpoint with no indexer at all, and a checkpoint
-whose code (the payload beside its weights) is older than the installed mla-dsa.
+ValueError naming the file, before transformers reads them, through safetensors' own header validation), a
+checkpoint with no indexer at all, and a checkpoint whose code (the payload beside its weights) is older than the
+installed mla-dsa.
 """
 
 import importlib.metadata

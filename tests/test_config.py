@@ -409,3 +409,18 @@ def test_missing_and_misspelled_fields_are_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         MlaDsaConfig.from_dict(MlaDsaConfig(**GEOMETRY).to_dict())
     assert not [r for r in caplog.records if "MlaDsaConfig" in r.getMessage()]
+
+
+def test_validation_runs_through_transformers_hooks(tmp_path):
+    """`validate()` is transformers' hook: save_pretrained runs it (a field broken after construction is refused
+    before anything is written), and transformers' own checks surface as one ValueError too, not wrapped."""
+    config = MlaDsaConfig(**GEOMETRY)
+    config.index_topk = -1
+    with pytest.raises(ValueError, match=r"\bindex_topk\b"):
+        config.save_pretrained(tmp_path / "bad")
+    assert not (tmp_path / "bad" / "config.json").exists()
+    config.index_topk = 8
+    config.output_attentions = True
+    config._attn_implementation = "sdpa"
+    with pytest.raises(ValueError, match="output_attentions"):  # transformers' validate_output_attentions
+        config.validate()

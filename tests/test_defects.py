@@ -13,7 +13,7 @@ import mla_dsa
 from mla_dsa.cli import main as cli
 from mla_dsa.data import byte_tokenizer, stdlib_files
 from mla_dsa.modeling.compat_mla_dsa import CACHE_NAME
-from mla_dsa.modeling.configuration_mla_dsa import deepseek_family
+from mla_dsa.modeling.deepseek_format_mla_dsa import deepseek_family
 
 from peers import save_byte_level_dsa, save_peer
 

@@ -27,8 +27,9 @@ from peers import VOCAB, build_peer, save_peer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELING_DIR = REPO_ROOT / "modeling"
-# safetensors: a requirement of transformers itself, whose safe_open validates weight files.
-ALLOWED_ROOTS = {"torch", "transformers", "safetensors"} | set(sys.stdlib_module_names)
+# safetensors and huggingface_hub: requirements of transformers itself (safe_open validates weight files; `strict`
+# runs config validation, as in transformers' own configs).
+ALLOWED_ROOTS = {"torch", "transformers", "safetensors", "huggingface_hub"} | set(sys.stdlib_module_names)
 PAYLOAD = {path.name for path in payload_files()}
 
 
@@ -70,6 +71,89 @@ def test_save_pretrained_writes_payload(saved):
     for target in config["auto_map"].values():
         module, cls = target.split(".")
         assert f"class {cls}(" in (checkpoint / f"{module}.py").read_text()
+
+
+# The underscored names transformers documents for model authors to set or override (its own models do): class
+# attributes that steer loading, device placement and saving, the weight-init hook, and the attention switch.
+TRANSFORMERS_AUTHOR_HOOKS = {
+    "_auto_class", "_no_split_modules", "_skip_keys_device_placement", "_supports_sdpa",
+    "_keep_in_fp32_modules_strict", "_tied_weights_keys", "_keys_to_ignore_on_load_unexpected", "_init_weights",
+    "_attn_implementation", "_layer_type",
+}  # fmt: skip
+
+
+def _private_uses(path: Path) -> list[str]:
+    """Every place `path` reaches a private name of a dependency: an underscored name imported from torch,
+    transformers or safetensors (or from a private module of theirs), an underscored attribute of an imported
+    module or of `super()`, an underscored attribute name given to getattr, or an underscored class attribute
+    that is not one of transformers' documented hooks."""
+    tree = ast.parse(path.read_text())
+    modules = set()  # names bound to imported dependency modules: torch, nn, F, init, logging, ...
+    uses = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            private_module = any(part.startswith("_") for part in node.module.split("."))
+            for alias in node.names:
+                if private_module or alias.name.startswith("_"):
+                    uses.append(f"{path.name}:{node.lineno} from {node.module} import {alias.name}")
+                elif alias.name[0].islower() and not alias.name.isupper():  # a module or function, not a class
+                    modules.add(alias.asname or alias.name)
+    for node in ast.walk(tree):
+        name = None
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            base = ast.unparse(node.value)
+            if base.split(".")[0] in modules or base == "super()":
+                name = f"{base}.{node.attr}"
+        elif isinstance(node, ast.Call) and ast.unparse(node.func) in ("getattr", "hasattr", "setattr"):
+            literal = node.args[1] if len(node.args) > 1 else None
+            if isinstance(literal, ast.Constant) and str(literal.value).startswith("_"):
+                name = f"{ast.unparse(node.func)}(..., {literal.value!r})"
+                name = None if literal.value in TRANSFORMERS_AUTHOR_HOOKS else name
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                targets = item.targets if isinstance(item, ast.Assign) else []
+                for target in targets:
+                    if isinstance(target, ast.Name) and target.id.startswith("_") and not target.id.startswith("__"):
+                        if target.id not in TRANSFORMERS_AUTHOR_HOOKS:
+                            uses.append(f"{path.name}:{item.lineno} class attribute {target.id}")
+        if name is not None and name.rsplit(".", 1)[-1] not in TRANSFORMERS_AUTHOR_HOOKS:
+            uses.append(f"{path.name}:{node.lineno} {name}")
+    return uses
+
+
+def test_private_name_scan_sees_what_it_must(tmp_path):
+    """The scan below must catch each kind of private use (or it proves nothing)."""
+    probe = tmp_path / "probe_mla_dsa.py"
+    probe.write_text(
+        textwrap.dedent("""
+        import torch
+        import torch.nn.functional as F
+        from transformers.utils import _private_helper
+        from transformers.models.deepseek_v32 import modeling_deepseek_v32
+        class Model:
+            _private_flag = True
+            _auto_class = "AutoModel"
+            def f(self, x):
+                super()._private_method()
+                getattr(x, "_hidden", None)
+                modeling_deepseek_v32._inner(x)
+                return torch._safe_softmax(x, -1) + F._canonical_mask(x)
+    """)
+    )
+    found = " ".join(_private_uses(probe))
+    for expected in ("_private_helper", "_private_flag", "super()._private_method", "'_hidden'",
+                     "modeling_deepseek_v32._inner", "torch._safe_softmax", "F._canonical_mask"):  # fmt: skip
+        assert expected in found, expected
+    assert "_auto_class" not in found
+
+
+@pytest.mark.parametrize("path", sorted(MODELING_DIR.glob("*.py")), ids=lambda p: p.name)
+def test_payload_uses_only_public_names_of_its_dependencies(path):
+    """The payload is frozen into every checkpoint; a private name of torch or transformers may change in any
+    release and break checkpoints already written."""
+    assert _private_uses(path) == []
 
 
 @pytest.mark.parametrize("path", sorted(MODELING_DIR.glob("*.py")), ids=lambda p: p.name)

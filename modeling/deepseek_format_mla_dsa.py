@@ -1,0 +1,76 @@
+"""Reading config.json files written for transformers' DeepseekV2/V3/V32 (and DeepSeek-format checkpoints of other
+names, such as Kimi-K2's) as MlaDsaConfig fields.
+"""
+
+from typing import Any
+
+MODEL_TYPE = "mla_dsa"
+PAYLOAD_VERSION_KEY = "mla_dsa_payload_version"
+DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+# What makes a config Multi-head Latent Attention: a compressed KV latent and a query/key split into a position-free
+# part and a decoupled RoPE part. Checkpoints of other names in DeepSeek's format (Kimi-K2's "kimi_k2", ...) are read
+# as the DeepSeek family their `architectures` names, or, without one, the one their fields describe.
+MLA_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+DEEPSEEK_ARCHITECTURES = {
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+    "DeepseekV32ForCausalLM": "deepseek_v32",
+}
+
+
+def deepseek_family(config_dict: dict[str, Any]) -> str:
+    """Which of DEEPSEEK_MODEL_TYPES (or "mla_dsa") a config dict is read as; ValueError if it is not MLA."""
+    model_type = config_dict.get("model_type", MODEL_TYPE)
+    if model_type == MODEL_TYPE or model_type in DEEPSEEK_MODEL_TYPES:
+        return model_type
+    missing = [name for name in MLA_FIELDS if not isinstance(config_dict.get(name), int)]
+    if missing:
+        raise ValueError(
+            f"model_type {model_type!r} is not a Multi-head Latent Attention model: an MLA config has "
+            f"{', '.join(MLA_FIELDS)} (this one lacks {', '.join(missing)})"
+        )
+    for architecture in config_dict.get("architectures") or ():
+        if architecture in DEEPSEEK_ARCHITECTURES:
+            return DEEPSEEK_ARCHITECTURES[architecture]
+    if config_dict.get("index_n_heads") is not None:
+        return "deepseek_v32"
+    return "deepseek_v2" if config_dict.get("scoring_func") == "softmax" else "deepseek_v3"
+
+
+def config_from_deepseek(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """Maps a DeepSeek-format config dict onto MlaDsaConfig's fields (a copy; our own configs pass through)."""
+    config = dict(config_dict)
+    source_type = deepseek_family(config)
+    config.pop("model_type", None)
+    if source_type == MODEL_TYPE:
+        return config
+    for name in (
+        "architectures",
+        "auto_map",
+        "quantization_config",
+        "head_dim",
+        "qk_head_dim",
+        "layer_types",
+        PAYLOAD_VERSION_KEY,
+    ):
+        config.pop(name, None)
+    if source_type == "deepseek_v2":
+        # V2 rotates rope pairs as complex numbers: the same math as V3's interleaved layout.
+        config.setdefault("rope_interleave", True)
+        config.setdefault("scoring_func", "softmax")
+        config.setdefault("topk_method", "greedy")
+        config.setdefault("norm_topk_prob", False)
+        config.setdefault("first_k_dense_replace", 0)
+        config.setdefault("routed_scaling_factor", 1.0)
+    else:
+        config.setdefault("scoring_func", "sigmoid")
+        config.setdefault("topk_method", "noaux_tc")
+    for name in ("n_group", "topk_group"):
+        if config.get(name) is None:
+            config[name] = 1
+    # V3 configs count MTP layers; the model never builds them, conversion drops their tensors.
+    config.setdefault("num_nextn_predict_layers", 0)
+    return config
+
+
+__all__ = ["DEEPSEEK_MODEL_TYPES", "MLA_FIELDS", "config_from_deepseek", "deepseek_family"]
