@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from transformers import DeepseekV3Config
 
 from mla_dsa import MlaDsaConfig
-from mla_dsa.conversion.convert import expected_tensors
 from mla_dsa.conversion.fp8 import quantize_block_fp8
+from mla_dsa.conversion.plan import expected_tensors
 
 INDEX_NAME = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"

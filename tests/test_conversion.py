@@ -19,9 +19,10 @@ from transformers import AutoConfig, DeepseekV3ForCausalLM, DeepseekV32ForCausal
 import mla_dsa
 from mla_dsa import ConversionError, MlaDsaConfig, MlaDsaForCausalLM, convert_checkpoint
 from mla_dsa.cli import main
-from mla_dsa.conversion.convert import ConvertOptions, verify_logits
 from mla_dsa.conversion.payload import PAYLOAD_DIR, payload_files
+from mla_dsa.conversion.plan import ConvertOptions
 from mla_dsa.conversion.source import SourceCheckpoint
+from mla_dsa.conversion.verify import verify_logits
 from mla_dsa.modeling.configuration_mla_dsa import AUTO_MAP
 
 from checkpoints import (

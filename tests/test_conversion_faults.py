@@ -12,7 +12,7 @@ import pytest
 
 import mla_dsa
 from mla_dsa.cli import main
-from mla_dsa.conversion import convert as convert_module
+from mla_dsa.conversion import write as write_module
 
 from checkpoints import file_bytes, snapshot
 from peers import save_peer
@@ -35,7 +35,7 @@ def sharded_source(tmp_path_factory):
 def test_disk_full_is_one_clear_line_and_resume_gives_clean_bytes(sharded_source, tmp_path, monkeypatch, capsys):
     source, clean = sharded_source
     before = snapshot(source)
-    real_save, calls = convert_module.save_file, {"n": 0}
+    real_save, calls = write_module.save_file, {"n": 0}
 
     def failing_save(tensors, filename, metadata=None):
         calls["n"] += 1
@@ -43,13 +43,13 @@ def test_disk_full_is_one_clear_line_and_resume_gives_clean_bytes(sharded_source
             raise OSError(errno.ENOSPC, "No space left on device", filename)
         return real_save(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(convert_module, "save_file", failing_save)
+    monkeypatch.setattr(write_module, "save_file", failing_save)
     dst = tmp_path / "dst"
     assert main(["convert", str(source), str(dst), "--max-shard-size", "60KB", "--no-progress"]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "No space left on device" in err and "--resume" in err
     assert not dst.exists() and snapshot(source) == before
-    monkeypatch.setattr(convert_module, "save_file", real_save)
+    monkeypatch.setattr(write_module, "save_file", real_save)
     assert main(["convert", str(source), str(dst), "--max-shard-size", "60KB", "--resume", "--no-progress"]) == 0
     assert file_bytes(dst) == file_bytes(clean)
     assert snapshot(source) == before

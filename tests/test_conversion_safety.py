@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import mla_dsa
 from mla_dsa import ConversionError, convert_checkpoint
 from mla_dsa.cli import main
-from mla_dsa.conversion import convert as convert_module
+from mla_dsa.conversion import write as write_module
 from mla_dsa.data import byte_tokenizer
 
 from checkpoints import (
@@ -346,13 +346,13 @@ def test_overwrite_replaces_a_non_empty_dst(small_src, tmp_path, capsys):
 
 def _corrupt_one_tensor(monkeypatch):
     """Every conversion in this test writes a wrong o_proj in layer 1 (check_output only checks names and shapes)."""
-    produce = convert_module._Producer.__call__
+    produce = write_module.TensorMaker.__call__
 
     def corrupted(self, tensor):
         value = produce(self, tensor)
         return value * 1.5 if tensor.name == "model.layers.1.self_attn.o_proj.weight" else value
 
-    monkeypatch.setattr(convert_module._Producer, "__call__", corrupted)
+    monkeypatch.setattr(write_module.TensorMaker, "__call__", corrupted)
 
 
 def test_verify_failure_leaves_no_dst(small_src, tmp_path, monkeypatch, capsys):
@@ -388,7 +388,7 @@ def test_resume_of_a_different_conversion_starts_over(small_src, tmp_path, monke
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:  # every shard written, then interrupted
-        patch.setattr(convert_module, "_write_metadata", interrupted)
+        patch.setattr("mla_dsa.conversion.convert.write_metadata", interrupted)
         with pytest.raises(KeyboardInterrupt):
             convert_checkpoint(small_src, dst, seed=0, max_shard_size="100KB", progress=False)
     assert not dst.exists() and len(list(partial_of(dst).glob("*.safetensors"))) >= 3

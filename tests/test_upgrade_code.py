@@ -20,7 +20,7 @@ import torch
 
 import mla_dsa
 from mla_dsa.cli import main as cli
-from mla_dsa.conversion.upgrade import payload_files
+from mla_dsa.conversion.payload import payload_files
 from mla_dsa.modeling.compat_mla_dsa import DEPRECATED_CACHE_NAME
 from mla_dsa.modeling.configuration_mla_dsa import PAYLOAD_VERSION, PAYLOAD_VERSION_KEY
 

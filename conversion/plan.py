@@ -1,0 +1,237 @@
+"""Planning a conversion from SRC's config and safetensors headers alone (no tensor data): the output config, and
+which tensors go into which output shard.
+
+The output keeps SRC's tensor names. Name rules, as data below: what is dropped (`DROPPED_TENSORS`, and layers past
+`num_hidden_layers`: DeepSeek-V3's multi-token-prediction layers) and what is added (`INDEXER_PARAMS` per layer that
+has no indexer). Output shards follow SRC's shards, so writing output shard i reads only source shard i (and the odd
+tensor it refers to).
+"""
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+
+from ..modeling.configuration_mla_dsa import MlaDsaConfig
+from ..modeling.deepseek_format_mla_dsa import config_from_deepseek, deepseek_family
+from .source import SCALE_SUFFIX, ConversionError, SourceCheckpoint, TensorInfo
+
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# The tensors of one layer's indexer, under `model.layers.{i}.self_attn.indexer.`.
+INDEXER_PARAMS = ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight")
+# Source tensors the output does not carry: FP8 block scales (the output is dequantized) and RoPE buffers some
+# exporters save (recomputed from the config).
+DROPPED_TENSORS = (re.compile(re.escape(SCALE_SUFFIX) + "$"), re.compile(r"rotary_emb\.inv_freq$"))
+# Kept in float32 whatever --dtype says, as DeepSeek's inference code does.
+FLOAT32_TENSORS = (re.compile(r"e_score_correction_bias$"),)
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+@dataclass
+class ConvertOptions:
+    dtype: str = "auto"
+    index_n_heads: int | None = None
+    index_head_dim: int | None = None
+    index_topk: int | None = None
+    dense_attention_layers: list[int] | None = None
+    indexer_init: str = "random"
+    seed: int = 0
+    max_shard_size: int | str = "5GB"
+    resume: bool = False
+    overwrite: bool = False
+    verify: bool = False
+    verify_tolerance: float | None = None
+    follow_symlinks: bool = False
+    progress: bool = True
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    source: str | None = None  # the source tensor it copies, or None for a new indexer tensor
+    layer: int | None = None
+
+
+@dataclass
+class OutputShard:
+    filename: str
+    tensors: list[OutputTensor] = field(default_factory=list)
+
+
+def target_config(source: SourceCheckpoint, opts: ConvertOptions) -> MlaDsaConfig:
+    """The MlaDsaConfig of the output: SRC's architecture plus the indexer shape from the options."""
+    config_path = source.path / "config.json"
+    has_indexer = source_family(source) in ("deepseek_v32", "mla_dsa")
+    fields = config_from_deepseek(source.config)
+    for name in ("index_n_heads", "index_head_dim", "index_topk"):
+        wanted = getattr(opts, name)
+        if wanted is not None:
+            if has_indexer and name != "index_topk" and fields.get(name) not in (None, wanted):
+                raise ConversionError(config_path, f"SRC already has an indexer with {name}={fields[name]}; "
+                                                   f"cannot change it to {wanted}")  # fmt: skip
+            fields[name] = wanted
+    if not has_indexer:
+        heads, head_dim = default_indexer_shape(fields)
+        fields.setdefault("index_n_heads", heads)
+        fields.setdefault("index_head_dim", head_dim)
+    if opts.dense_attention_layers is not None:
+        fields["dense_attention_layers"] = list(opts.dense_attention_layers)
+    fields["architectures"] = ["MlaDsaForCausalLM"]
+    fields["dtype"] = str(model_dtype(source, opts)).removeprefix("torch.")
+    fields.pop("torch_dtype", None)
+    try:
+        return MlaDsaConfig(**fields)
+    except (ValueError, TypeError) as err:
+        raise ConversionError(config_path, str(err)) from None
+
+
+def source_family(source: SourceCheckpoint) -> str:
+    """The DeepSeek model type SRC is read as: its own, or, for other MLA checkpoints in DeepSeek's format that
+    transformers has no class for (Kimi-K2's "kimi_k2", ...), the family its `architectures` or fields name.
+    transformers' own MLA variants (GLM-4-MoE-Lite, MiniCPM3, LongCat, ...) are refused: their math differs."""
+    config_path = source.path / "config.json"
+    try:
+        family = deepseek_family(source.config)
+    except ValueError as err:
+        raise ConversionError(config_path, str(err)) from None
+    if family != source.model_type and _is_transformers_model_type(source.model_type):
+        raise ConversionError(config_path, f"model_type {source.model_type!r} is transformers' own MLA variant, "
+                                           "whose attention and routing need not be DeepSeek's; mla-dsa converts "
+                                           "DeepSeek-format checkpoints (deepseek_v2/v3/v32, and model types "
+                                           "transformers has no class for whose fields are DeepSeek's, as Kimi-K2's "
+                                           "kimi_k2)")  # fmt: skip
+    return family
+
+
+def _is_transformers_model_type(model_type: str | None) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
+
+
+def default_indexer_shape(fields: dict) -> tuple[int, int]:
+    """64 heads x 128 dims (DeepSeek-V3.2) for large models; smaller models get at least 8 heads (fewer make ReLU
+    ties in the index score common) and a head of max(2 * qk_rope_head_dim, hidden_size / 8) up to 128 dims."""
+    heads = fields.get("num_attention_heads", 128)
+    hidden = fields.get("hidden_size", 7168)
+    rope = fields.get("qk_rope_head_dim", 64)
+    return min(64, max(8, heads)), min(128, max(2 * rope, hidden // 8))
+
+
+def model_dtype(source: SourceCheckpoint, opts: ConvertOptions) -> torch.dtype:
+    if DTYPES[opts.dtype] is not None:
+        return DTYPES[opts.dtype]
+    anchor = source.tensors.get("model.layers.0.self_attn.kv_a_proj_with_mqa.weight")
+    if anchor is None or anchor.is_fp8:
+        return torch.bfloat16
+    return anchor.dtype
+
+
+def expected_tensors(config: MlaDsaConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor an MlaDsaForCausalLM of `config` saves (built on the meta device)."""
+    from ..modeling.modeling_mla_dsa import MlaDsaForCausalLM
+
+    with torch.device("meta"):
+        model = MlaDsaForCausalLM(config)
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def plan_output(source: SourceCheckpoint, config: MlaDsaConfig, opts: ConvertOptions) -> list[OutputShard]:
+    """Output shards in order, each listing its tensors; checks SRC against the config on the way."""
+    expected = expected_tensors(config)
+    dtype_of_model = model_dtype(source, opts)
+    kept = _kept_source_tensors(source, config, expected)
+    indexer_source = _layers_with_indexer(kept, config)
+    groups: list[list[OutputTensor]] = [[] for _ in source.shards]
+    shard_pos = {shard: pos for pos, shard in enumerate(source.shards)}
+    for info in kept.values():
+        dtype = output_dtype(info, opts, dtype_of_model)
+        groups[shard_pos[info.shard]].append(OutputTensor(info.name, dtype, info.shape, source=info.name))
+    for layer in range(config.num_hidden_layers):
+        if layer in indexer_source:
+            continue
+        anchor = f"model.layers.{layer}.self_attn.kv_a_proj_with_mqa.weight"
+        group = groups[shard_pos[kept[anchor].shard]]
+        for param in INDEXER_PARAMS:
+            name = f"model.layers.{layer}.self_attn.indexer.{param}"
+            group.append(OutputTensor(name, dtype_of_model, expected[name], layer=layer))
+    return _split_into_shards(groups, opts.max_shard_size)
+
+
+def _kept_source_tensors(source, config, expected) -> dict[str, TensorInfo]:
+    kept = {}
+    for name, info in source.tensors.items():
+        where = source.path / info.shard
+        layer = _LAYER.match(name)
+        if layer and int(layer.group(1)) >= config.num_hidden_layers:
+            continue  # multi-token-prediction layers
+        if any(rule.search(name) for rule in DROPPED_TENSORS):
+            continue
+        if name not in expected:
+            raise ConversionError(where, f"unexpected tensor {name} (not part of this MLA architecture)")
+        if info.shape != expected[name]:
+            raise ConversionError(where, f"tensor {name} has shape {list(info.shape)}, "
+                                         f"the config expects {list(expected[name])}")  # fmt: skip
+        if info.is_fp8 and name + SCALE_SUFFIX not in source.tensors:
+            raise ConversionError(where, f"FP8 tensor {name} has no {name + SCALE_SUFFIX}")
+        kept[name] = info
+    missing = [name for name in expected if name not in kept and ".self_attn.indexer." not in name]
+    if missing:
+        raise ConversionError(source.path, f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+    return kept
+
+
+def _layers_with_indexer(kept: dict[str, TensorInfo], config) -> set[int]:
+    layers = set()
+    for layer in range(config.num_hidden_layers):
+        present = [f"model.layers.{layer}.self_attn.indexer.{p}" in kept for p in INDEXER_PARAMS]
+        if all(present):
+            layers.add(layer)
+        elif any(present):
+            raise ConversionError(f"layer {layer}", "SRC has some but not all indexer tensors")
+    return layers
+
+
+def output_dtype(info: TensorInfo, opts: ConvertOptions, model_dtype: torch.dtype) -> torch.dtype:
+    if info.is_fp8:
+        return model_dtype
+    target = DTYPES[opts.dtype]
+    if target is None or not info.dtype.is_floating_point or any(rule.search(info.name) for rule in FLOAT32_TENSORS):
+        return info.dtype
+    return target
+
+
+def _split_into_shards(groups: list[list[OutputTensor]], max_shard_size) -> list[OutputShard]:
+    pieces: list[list[OutputTensor]] = []
+    for group in groups:
+        if not group:
+            continue
+        by_name = {tensor.name: tensor for tensor in group}
+        meta = {tensor.name: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta") for tensor in group}
+        split = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
+        pieces.extend([by_name[name] for name in names] for names in split.filename_to_tensors.values())
+    if len(pieces) == 1:
+        return [OutputShard("model.safetensors", pieces[0])]
+    total = len(pieces)
+    return [OutputShard(f"model-{i + 1:05d}-of-{total:05d}.safetensors", p) for i, p in enumerate(pieces)]
+
+
+__all__ = [
+    "DTYPES",
+    "ConvertOptions",
+    "OutputShard",
+    "OutputTensor",
+    "default_indexer_shape",
+    "expected_tensors",
+    "model_dtype",
+    "output_dtype",
+    "plan_output",
+    "source_family",
+    "target_config",
+]

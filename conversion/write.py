@@ -1,0 +1,166 @@
+"""Writing a planned conversion into `.DST.mla-dsa-partial`, resumably: each output shard is written atomically and
+recorded in a state file, so after a kill `--resume` skips finished shards and yields the same bytes; then the
+metadata (config.json, the payload, the index json, tokenizer and generation files), the check that every planned
+tensor is in place, and the final rename to DST.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..modeling.configuration_mla_dsa import MlaDsaConfig
+from .indexer_init import init_indexer
+from .payload import payload_files
+from .plan import ConvertOptions, OutputShard, OutputTensor
+from .source import INDEX_NAME, ConversionError, SourceCheckpoint, read_json
+
+STATE_NAME = ".mla-dsa-convert-state.json"
+_FORMAT_VERSION = 1
+
+
+def _fingerprint(source: SourceCheckpoint, plan: list[OutputShard], opts: ConvertOptions) -> str:
+    """Identifies one conversion: same SRC, options and plan. A partial conversion resumes only if it matches."""
+    described = {
+        "version": _FORMAT_VERSION,
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("resume", "overwrite", "verify", "progress")},
+        "source": sorted((i.name, i.shard, str(i.dtype), i.shape) for i in source.tensors.values()),
+        "sizes": {shard: (source.path / shard).stat().st_size for shard in source.shards},
+        "plan": [(s.filename, [(t.name, str(t.dtype), t.shape, t.source) for t in s.tensors]) for s in plan],
+    }
+    return hashlib.sha256(json.dumps(described, default=str).encode()).hexdigest()
+
+
+def write_shards(source, config, plan: list[OutputShard], partial: Path, opts: ConvertOptions) -> None:
+    fingerprint = _fingerprint(source, plan, opts)
+    state = _start_state(partial, fingerprint, opts.resume)
+    todo = [shard for shard in plan if not _is_done(partial, shard, state)]
+    bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="converting shards", unit="shard",
+               disable=not opts.progress)  # fmt: skip
+    produce = TensorMaker(source, config, opts)
+    for shard in todo:
+        tensors = {}
+        for tensor in shard.tensors:
+            bar.set_postfix_str(tensor.name, refresh=False)
+            tensors[tensor.name] = produce(tensor)
+        tmp = partial / (shard.filename + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, partial / shard.filename)
+        del tensors
+        state["done"][shard.filename] = (partial / shard.filename).stat().st_size
+        _save_state(partial, state)
+        bar.update(1)
+    bar.close()
+
+
+class TensorMaker:
+    """Makes each output tensor: a source tensor (dequantized, cast) or a new indexer tensor. The five indexer tensors
+    of a layer come from one init call, kept until the next layer's are asked for."""
+
+    def __init__(self, source: SourceCheckpoint, config: MlaDsaConfig, opts: ConvertOptions):
+        self.source, self.config, self.opts = source, config, opts
+        self._layer: int | None = None
+        self._indexer: dict[str, torch.Tensor] = {}
+
+    def __call__(self, tensor: OutputTensor) -> torch.Tensor:
+        if tensor.source is not None:
+            return self.source.read(tensor.source, fp8_dtype=tensor.dtype).to(tensor.dtype).contiguous()
+        if self._layer != tensor.layer:
+            self._layer = tensor.layer
+            self._indexer = init_indexer(
+                self.config, tensor.layer, self.opts.indexer_init, self.opts.seed,
+                read=lambda name: self.source.read(name, torch.float32),
+            )  # fmt: skip
+        suffix = tensor.name.split(".self_attn.indexer.")[1]
+        return self._indexer[suffix].to(tensor.dtype).contiguous()
+
+
+def _start_state(partial: Path, fingerprint: str, resume: bool) -> dict:
+    state_path = partial / STATE_NAME
+    if partial.exists() and resume and state_path.exists():
+        state = read_json(state_path)
+        if state.get("fingerprint") == fingerprint:
+            _remove_strays(partial, state)
+            return state
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    state = {"fingerprint": fingerprint, "done": {}}
+    _save_state(partial, state)
+    return state
+
+
+def _remove_strays(partial: Path, state: dict) -> None:
+    """A kill inside a write leaves temporary files (ours, or safetensors' own): drop all but finished shards."""
+    for path in partial.iterdir():
+        if path.name != STATE_NAME and path.name not in state["done"]:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def _is_done(partial: Path, shard: OutputShard, state: dict) -> bool:
+    path = partial / shard.filename
+    return shard.filename in state["done"] and path.exists() and path.stat().st_size == state["done"][shard.filename]
+
+
+def _save_state(partial: Path, state: dict) -> None:
+    tmp = partial / (STATE_NAME + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, partial / STATE_NAME)
+
+
+def write_metadata(source: SourceCheckpoint, config: MlaDsaConfig, plan: list[OutputShard], partial: Path) -> None:
+    config.save_pretrained(partial)
+    for payload in payload_files():
+        shutil.copyfile(payload, partial / payload.name)
+    if len(plan) > 1:
+        total_size = sum(_nbytes(t) for shard in plan for t in shard.tensors)
+        weight_map = {t.name: shard.filename for shard in plan for t in shard.tensors}
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (partial / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    for extra in source.extra_files():
+        shutil.copyfile(extra, partial / extra.name)
+
+
+def _nbytes(tensor: OutputTensor) -> int:
+    count = 1
+    for dim in tensor.shape:
+        count *= dim
+    return count * torch.empty(0, dtype=tensor.dtype).element_size()
+
+
+def check_output(directory: Path, plan: list[OutputShard]) -> None:
+    """Every planned tensor is in its shard with its dtype and shape, and the index json agrees."""
+    written = SourceCheckpoint(directory)
+    planned = {t.name: (shard.filename, t) for shard in plan for t in shard.tensors}
+    if set(written.tensors) != set(planned):
+        missing = sorted(set(planned) - set(written.tensors))
+        extra = sorted(set(written.tensors) - set(planned))
+        raise ConversionError(directory, f"output does not match the plan: missing {missing[:3]}, extra {extra[:3]}")
+    for name, info in written.tensors.items():
+        filename, tensor = planned[name]
+        if info.shard != filename or info.shape != tensor.shape or info.dtype != tensor.dtype:
+            raise ConversionError(directory / info.shard, f"tensor {name} is {info.dtype} {list(info.shape)} in "
+                                                          f"{info.shard}; planned {tensor.dtype} {list(tensor.shape)} "
+                                                          f"in {filename}")  # fmt: skip
+
+
+def move_into_place(partial: Path, dst: Path) -> None:
+    (partial / STATE_NAME).unlink(missing_ok=True)
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.mla-dsa-old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dst, old)
+        os.replace(partial, dst)
+        shutil.rmtree(old)
+    else:
+        os.replace(partial, dst)
+
+
+__all__ = ["check_output", "move_into_place", "write_metadata", "write_shards"]
