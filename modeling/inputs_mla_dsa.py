@@ -1,0 +1,75 @@
+"""What every forward of the model checks and derives from its arguments, and the one rule for what it returns.
+
+Shapes: B batch, S new tokens, T cached + new tokens.
+"""
+
+import warnings
+
+import torch
+
+
+def as_requested(output, config, return_dict: bool | None):
+    """The output object, or its tuple with return_dict=False (the forward's value, else the config's)."""
+    return output if (config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+
+
+def packed_segment_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """[B, S] index of the packed sequence each position belongs to, where position ids restart within a row (a
+    DataCollatorWithFlattening batch, TRL's padding_free); None for ordinary rows (one run of positions each)."""
+    restarts = position_ids[:, 1:] != position_ids[:, :-1] + 1  # [B, S - 1]
+    if not bool(restarts.any()):
+        return None
+    return torch.nn.functional.pad(restarts.long(), (1, 0)).cumsum(-1)
+
+
+def stage_argument(indexer_stage: str | None, kwargs: dict) -> str | None:
+    """`indexer_stage`, or the stage passed under its name before 0.4.0, `indexer_loss=` (which now names only the
+    output's loss tensor)."""
+    if "indexer_loss" in kwargs:
+        warnings.warn("`indexer_loss=` as a forward argument is now `indexer_stage=`", FutureWarning, stacklevel=3)
+        old = kwargs.pop("indexer_loss")
+        indexer_stage = old if indexer_stage is None else indexer_stage
+    return indexer_stage
+
+
+def output_flags(config, hidden_states: bool | None, attentions: bool | None) -> tuple[bool, bool]:
+    """A forward's output flags: each one passed wins, else the config's (transformers' rule)."""
+    return (
+        config.output_hidden_states if hidden_states is None else hidden_states,
+        config.output_attentions if attentions is None else attentions,
+    )
+
+
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    if input_ids.dim() != 2:
+        raise ValueError(f"MlaDsaModel: input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"MlaDsaModel: input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(
+            f"MlaDsaModel: token ids must lie in [0, vocab_size={vocab_size}), got "
+            f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+        )
+
+
+def key_padding_mask_of(attention_mask: torch.Tensor | None, batch_size: int, num_keys: int) -> torch.Tensor | None:
+    """[B, T] bool, True at real tokens; None when nothing is padded."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.shape != (batch_size, num_keys):
+        raise ValueError(
+            f"MlaDsaModel: attention_mask must be 2D [batch, past + new tokens] = ({batch_size}, {num_keys}), "
+            f"got shape {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask.bool()
+    return None if bool(mask.all()) else mask
+
+
+__all__ = [
+    "as_requested",
+    "check_input_ids",
+    "key_padding_mask_of",
+    "output_flags",
+    "packed_segment_ids",
+    "stage_argument",
+]

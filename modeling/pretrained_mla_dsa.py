@@ -1,0 +1,126 @@
+"""What every MLA + DeepSeek Sparse Attention model is built from: the decoder layer, and the pretrained-model base
+(transformers' loading with our checks, weight init). The models themselves are in `modeling_mla_dsa.py`.
+
+Decoder layer = MLA attention with a lightning indexer (`attention_mla_dsa.py`), then a dense MLP (layers below
+`first_k_dense_replace`) or DeepSeek MoE (`moe_mla_dsa.py`). Loading checks beyond transformers' live in
+`loading_mla_dsa.py`.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils import logging
+
+from .attention_mla_dsa import MlaDsaAttention, MlaDsaRMSNorm
+from .compat_mla_dsa import CACHE_NAME, CACHE_NAMES, take_cache
+from .configuration_mla_dsa import MlaDsaConfig
+from .indexer_loss_mla_dsa import IndexerStats
+from .loading_mla_dsa import check_weight_file, warn_if_code_is_older, warn_if_indexer_missing, weight_files
+from .moe_mla_dsa import MlaDsaMLP, MlaDsaMoE, MlaDsaRouter
+from .settings_mla_dsa import DsaSettings
+
+# Keywords transformers passes to `loss_function` (ForCausalLMLoss): Trainer's token count, pre-shifted labels of
+# context/sequence parallelism, the ignored label id.
+
+
+logger = logging.get_logger(__name__)
+
+
+class MlaDsaDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: MlaDsaConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MlaDsaAttention(config, layer_idx)
+        self.mlp = MlaDsaMoE(config) if config.is_moe_layer(layer_idx) else MlaDsaMLP(config)
+        self.input_layernorm = MlaDsaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = MlaDsaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        settings: DsaSettings,
+        key_padding_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, IndexerStats | None, torch.Tensor | None]:
+        # The cache comes by keyword, under the running transformers' name (CACHE_NAME): GradientCheckpointingLayer
+        # looks for it there to drop it (with one warning) when a checkpointed training step asks for a cache.
+        cache = kwargs.pop(CACHE_NAME, None)
+        residual = hidden_states
+        attn_output, stats, attn_weights = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, settings, key_padding_mask, cache,
+            output_attentions=output_attentions, **kwargs,
+        )  # fmt: skip
+        hidden_states = residual + attn_output
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)), stats, attn_weights
+
+
+class MlaDsaPreTrainedModel(PreTrainedModel):
+    config_class = MlaDsaConfig
+    config: MlaDsaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MlaDsaDecoderLayer"]
+    _skip_keys_device_placement = CACHE_NAMES
+    _supports_sdpa = True
+    # The indexer's head weights stay float32 in bf16/fp16 models, as in DeepSeek's inference code.
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "indexer.weights_proj"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`: missing tensors are initialized and unexpected ones ignored, both
+        reported in its load report and in `output_loading_info`; `pretrained_model_name_or_path=None` with
+        `config=` and `state_dict=` works. Ours on top: a truncated or corrupt local weight file, or a tensor whose
+        shape the config contradicts, is one ValueError naming the tensor and the file (`ignore_mismatched_sizes=True`
+        re-initializes it instead, as in transformers); a checkpoint with no indexer at all (a dense MLA one) gets one
+        warning on how to train it; a checkpoint carrying older code of ours, one notice."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        tolerate_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        path = pretrained_model_name_or_path
+        directory = Path(path) if path is not None and os.path.isdir(path) else None
+        files = weight_files(directory) if directory is not None else {}
+        for filename in sorted(set(files.values())):
+            check_weight_file(directory / filename)
+        model, info = super().from_pretrained(path, *args, output_loading_info=True, ignore_mismatched_sizes=True,
+                                              **kwargs)  # fmt: skip
+        for key, checkpoint_shape, model_shape in info.get("mismatched_keys", ()) if not tolerate_mismatch else ():
+            where = directory / files[key] if key in files else path
+            raise ValueError(f"{where}: tensor {key} has shape {list(checkpoint_shape)}, the config gives "
+                             f"{list(model_shape)}")  # fmt: skip
+        if directory is not None and (directory / "modeling_mla_dsa.py").is_file():  # it carries our code
+            warn_if_code_is_older(model.config, directory)
+        warn_if_indexer_missing(model, set(info.get("missing_keys", ())), path)
+        return (model, info) if wants_info else model
+
+    def _backbone(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs):
+        """The base model's output object for a head's forward (the cache under either name)."""
+        cache = take_cache(cache, kwargs, f"{type(self).__name__}.forward")
+        return self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                          inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs)  # fmt: skip
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, MlaDsaRouter):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if hasattr(module, "e_score_correction_bias"):
+                init.zeros_(module.e_score_correction_bias)
+
+
+@dataclass
+class MlaDsaModelOutput(BaseModelOutputWithPast):
+    """`indexer_loss`: mean over layers of the indexer's KL loss (when requested); `indexer_recall`: mean over layers
+    of the attention mass its top-k covers (dense stage; NaN when no query has more than `index_topk` keys)."""
+
+    indexer_loss: torch.FloatTensor | None = None
+    indexer_recall: torch.FloatTensor | None = None
+
+
+__all__ = ["MlaDsaDecoderLayer", "MlaDsaModelOutput", "MlaDsaPreTrainedModel"]
