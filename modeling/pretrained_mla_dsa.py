@@ -88,6 +88,8 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
         files = weight_files(directory) if directory is not None else {}
         for filename in sorted(set(files.values())):
             check_weight_file(directory / filename)
+        # Both through transformers' documented arguments: its own mismatch error is a RuntimeError pointing at a log
+        # report, so the load runs tolerant and the first mismatch (from its loading info) is raised here instead.
         model, info = super().from_pretrained(path, *args, output_loading_info=True, ignore_mismatched_sizes=True,
                                               **kwargs)  # fmt: skip
         for key, checkpoint_shape, model_shape in info.get("mismatched_keys", ()) if not tolerate_mismatch else ():
