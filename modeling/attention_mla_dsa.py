@@ -22,6 +22,11 @@ from .masks_mla_dsa import VisibleKeys, gather_rows, masked_softmax, selected_ke
 from .rope_mla_dsa import apply_rotary_half_split, apply_rotary_interleaved, yarn_softmax_scale
 from .settings_mla_dsa import DsaSettings
 
+try:  # a torch built without distributed support has no DTensor, and then no tensor-parallel weights either
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:
+    _DTensor = None
+
 # Largest block of gathered latent rows [B, queries, k, R + dr] the sparse path materialises at once (128 MiB fp32).
 _GATHER_BLOCK_ELEMENTS = 1 << 25
 
@@ -114,7 +119,7 @@ class MlaDsaAttention(nn.Module):
         attn_output, attn_weights = self._attend(
             q_nope, q_rope, latent, visible, selection if sparse else None, settings, output_attentions
         )
-        attn_output = self.o_proj(attn_output.reshape(batch_size, seq_len, self.num_heads * self.v_head_dim))
+        attn_output = self.o_proj(attn_output.reshape(batch_size, seq_len, -1))  # [B, S, H * dv]
         stats = None
         if stage is not None:
             stats = self._indexer_stats(stage, selection, q_nope, q_rope, latent, visible, settings.index_topk)
@@ -153,7 +158,8 @@ class MlaDsaAttention(nn.Module):
         else:
             query_latent = self.q_a_layernorm(self.q_a_proj(hidden_states))  # c_Q, also the indexer's input
             q = self.q_b_proj(query_latent)
-        q = q.view(batch_size, seq_len, self.num_heads, self.qk_head_dim)
+        # -1: the heads this process holds (all of them, or its share under tensor parallelism)
+        q = q.view(batch_size, seq_len, -1, self.qk_head_dim)
         q_nope, q_rope = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return query_latent, q_nope, q_rope
 
@@ -211,7 +217,7 @@ class MlaDsaAttention(nn.Module):
         the probe's output too, where parameter versions alone miss adapter switches. The probe costs one row."""
         module = self.kv_b_proj
         if type(module) is nn.Linear:
-            weight = module.weight
+            weight = _local(module.weight)  # under tensor parallelism, this process's heads
         elif torch.is_grad_enabled():
             weight = _effective_weight(module, self.kv_lora_rank)
         else:
@@ -221,7 +227,7 @@ class MlaDsaAttention(nn.Module):
                     or cached[0].device != probe.device or not torch.equal(cached[0], probe):  # fmt: skip
                 self._absorbed_cache = cached = (probe, _effective_weight(module, self.kv_lora_rank))
             weight = cached[1]
-        weight = weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        weight = weight.view(-1, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)  # this process's heads
         return weight[:, : self.qk_nope_head_dim], weight[:, self.qk_nope_head_dim :]
 
     def _absorbed_query(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
@@ -266,6 +272,11 @@ class MlaDsaAttention(nn.Module):
         scores = torch.einsum("bshc,bskc->bshk", query, rows)
         probs = masked_softmax(scores * self.scaling, selected_valid.unsqueeze(2))
         return torch.einsum("bshk,bskr->bshr", probs, rows[..., : self.kv_lora_rank])
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a tensor this process holds: a DTensor's local shard (tensor parallelism), else the tensor."""
+    return tensor.to_local() if _DTensor is not None and isinstance(tensor, _DTensor) else tensor
 
 
 def _probe_row(module: nn.Module, in_features: int) -> torch.Tensor:

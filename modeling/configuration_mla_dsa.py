@@ -92,6 +92,26 @@ class MlaDsaConfig(PreTrainedConfig):
     """
 
     model_type = MODEL_TYPE
+    # transformers' tensor-parallel plan (`from_pretrained(..., tp_plan="auto")` under torchrun), as DeepseekV32's:
+    # query and key/value up-projections split by heads, o_proj and the MLPs' down projections reduce. The latent
+    # (kv_a_proj_with_mqa, whose output every head reads) and the indexer stay whole on every process, so each one
+    # caches the same latent and selects the same top-k; the router too, so every process routes alike.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.q_b_proj": "colwise",
+        "layers.*.self_attn.kv_a_proj_with_mqa": "mla_kv_a_proj",
+        "layers.*.self_attn.kv_b_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.experts.*.gate_proj": "colwise",
+        "layers.*.mlp.experts.*.up_proj": "colwise",
+        "layers.*.mlp.experts.*.down_proj": "rowwise",
+        "layers.*.mlp.shared_experts.gate_proj": "colwise",
+        "layers.*.mlp.shared_experts.up_proj": "colwise",
+        "layers.*.mlp.shared_experts.down_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
     _auto_class = "AutoConfig"  # save_pretrained copies this file beside config.json
     keys_to_ignore_at_inference = CACHE_NAMES
     attribute_map = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"}
@@ -322,7 +342,12 @@ class MlaDsaConfig(PreTrainedConfig):
         Warns, naming the field, when an MLA shape field is missing (its default is used) or when an unknown field
         looks like an MLA/DSA one (a typo the model would silently ignore)."""
         fields = config_from_deepseek(config_dict)
-        known = set(cls.__dataclass_fields__) | set(cls.attribute_map) | {"qk_head_dim", "head_dim"}  # derived
+        # derived, and RoPE's legacy fields (transformers turns them into rope_parameters)
+        known = (
+            set(cls.__dataclass_fields__)
+            | set(cls.attribute_map)
+            | {"qk_head_dim", "head_dim", "rope_scaling", "rope_theta"}
+        )
         for name in REQUIRED_SHAPE_FIELDS:
             if name not in fields:
                 logger.warning(f"MlaDsaConfig: config has no {name}; using the default {getattr(cls, name)!r}")

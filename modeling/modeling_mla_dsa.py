@@ -155,6 +155,7 @@ class MlaDsaCausalLMOutput(CausalLMOutputWithPast):
 class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
     _auto_class = "AutoModelForCausalLM"  # save_pretrained copies the payload files beside the weights
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # as DeepseekV32's: vocabulary split, logits gathered
 
     def __init__(self, config: MlaDsaConfig):
         super().__init__(config)

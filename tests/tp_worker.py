@@ -1,0 +1,58 @@
+"""Run by `torchrun --nproc-per-node 2 tests/tp_worker.py CKPT OUT.json` (tests/test_tensor_parallel.py).
+
+Loads CKPT through `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True, tp_plan="auto")` and, in the
+same process without a plan, as the one-process reference; rank 0 writes what the two did on the same inputs: a full
+forward of a batch, cached decoding step by step, greedy generate(), and which weights the plan sharded.
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+
+DECODE_STEPS = 24
+
+
+def decode(model, prompt: torch.Tensor, steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy cached decoding by hand: the tokens and each step's logits."""
+    out = model(prompt, use_cache=True)
+    cache, logits, tokens = out.past_key_values, [out.logits[:, -1]], []
+    for _ in range(steps):
+        token = logits[-1].argmax(-1, keepdim=True)
+        tokens.append(int(token))
+        out = model(token, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits[:, -1])
+    return tokens, logits
+
+
+def main(checkpoint: str, out_path: str) -> None:
+    parallel = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True, tp_plan="auto",
+                                                    dtype=torch.float32).eval()  # fmt: skip
+    single = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True, dtype=torch.float32).eval()
+    batch = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(1))
+    prompt = batch[:1]
+    with torch.no_grad():
+        forward_diff = (parallel(batch).logits - single(batch).logits).abs().max().item()
+        parallel_tokens, parallel_logits = decode(parallel, prompt, DECODE_STEPS)
+        single_tokens, single_logits = decode(single, prompt, DECODE_STEPS)
+        decode_diff = max((a - b).abs().max().item() for a, b in zip(parallel_logits, single_logits, strict=True))
+        greedy = dict(max_new_tokens=DECODE_STEPS, min_new_tokens=DECODE_STEPS, do_sample=False)
+        generated = [parallel.generate(prompt, **greedy).tolist(), single.generate(prompt, **greedy).tolist()]
+    sharded = sorted(name for name, param in parallel.named_parameters()
+                     if isinstance(param, torch.distributed.tensor.DTensor))  # fmt: skip
+    local_heads = parallel.model.layers[0].self_attn.q_b_proj(torch.zeros(1, 1, 48)).shape[-1]
+    if dist.get_rank() == 0:
+        result = {"world_size": dist.get_world_size(), "forward_diff": forward_diff, "decode_diff": decode_diff,
+                  "tokens": [parallel_tokens, single_tokens], "generated": generated, "sharded": sharded,
+                  "local_q_width": local_heads}  # fmt: skip
+        with open(out_path, "w") as handle:
+            json.dump(result, handle)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
