@@ -22,11 +22,6 @@ from .masks_mla_dsa import VisibleKeys, gather_rows, masked_softmax, selected_ke
 from .rope_mla_dsa import apply_rotary_half_split, apply_rotary_interleaved, yarn_softmax_scale
 from .settings_mla_dsa import DsaSettings
 
-try:  # a torch built without distributed support has no DTensor, and then no tensor-parallel weights either
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:
-    _DTensor = None
-
 # Largest block of gathered latent rows [B, queries, k, R + dr] the sparse path materialises at once (128 MiB fp32).
 _GATHER_BLOCK_ELEMENTS = 1 << 25
 
@@ -276,7 +271,8 @@ class MlaDsaAttention(nn.Module):
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The part of a tensor this process holds: a DTensor's local shard (tensor parallelism), else the tensor."""
-    return tensor.to_local() if _DTensor is not None and isinstance(tensor, _DTensor) else tensor
+    to_local = getattr(tensor, "to_local", None)  # only DTensors have it; plain tensors are whole
+    return to_local() if to_local is not None else tensor
 
 
 def _probe_row(module: nn.Module, in_features: int) -> torch.Tensor:

@@ -124,9 +124,7 @@ def test_dense_attention_layers_attend_to_every_token(model):
     layers = list(range(model.config.num_hidden_layers))
     with torch.no_grad():
         sparse = model(input_ids, attention_mask=attention_mask).logits
-        model.config.use_sparse_attention = False
-        dense = model(input_ids, attention_mask=attention_mask).logits
-        model.config.use_sparse_attention = True
+        dense = model(input_ids, attention_mask=attention_mask, use_sparse_attention=False).logits
         model.config.dense_attention_layers = layers
         all_dense = model(input_ids, attention_mask=attention_mask).logits
         model.config.dense_attention_layers = [0]
