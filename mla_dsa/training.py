@@ -11,13 +11,17 @@ data-parallel (gloo on CPU, NCCL on GPUs) with no code of ours involved in the d
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
+from transformers.utils import logging
 
 from .conversion.source import ConversionError
+
+logger = logging.get_logger(__name__)
 
 STAGES = ("dense", "sparse")
 RUN_FILE = "mla-dsa-training.json"  # in OUT: which stage the run there is, so --resume cannot cross stages
@@ -233,15 +237,28 @@ def train_indexer(
     world = max(1, args.world_size)
     dataset = WindowDataset(corpus, seq_len, steps * batch_size * world, seed=seed)
     trainer = IndexerTrainer(model=model, args=args, train_dataset=dataset, stage=stage, index_topk=index_topk)
+    _warn_if_sharding_fell_back(trainer)
     has_checkpoint = resume and any((out_dir / "checkpoints").glob("checkpoint-*"))
     if trainer.is_world_process_zero():
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / RUN_FILE).write_text(json.dumps({"stage": stage, "checkpoint": str(checkpoint)}) + "\n")
+        run = {"stage": stage, "checkpoint": str(checkpoint), "processes": world, "sharded": trainer.is_fsdp_enabled}
+        (out_dir / RUN_FILE).write_text(json.dumps(run) + "\n")
     trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
     if trainer.is_world_process_zero():
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def _warn_if_sharding_fell_back(trainer: Trainer) -> None:
+    """`accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP, but accelerate shards only on GPU-type
+    devices: on a CPU-only machine it runs plain data parallelism without a word. Say so, once."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+        if trainer.is_world_process_zero():
+            logger.warning(
+                "train-indexer: launched with an FSDP config, but accelerate shards only on GPUs: this run is "
+                f"data-parallel (DDP) over {trainer.args.world_size} processes, each holding the whole model"
+            )
 
 
 def check_seq_len(checkpoint: str | Path, config, seq_len: int) -> None:

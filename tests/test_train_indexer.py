@@ -98,6 +98,34 @@ def test_two_process_data_parallel_equals_one_process(dsa_checkpoint, tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_fsdp_config_on_cpu_says_it_runs_data_parallel(dsa_checkpoint, tmp_path):
+    """`accelerate launch` with examples/accelerate_fsdp.yaml on this CPU-only machine: accelerate turns FSDP on only
+    for GPU-type devices and silently runs DDP instead. The run says so (one warning, and `sharded: false` in OUT's
+    run file) and trains exactly as one process does."""
+    common = ["--stage", "dense", "--data", *DATA, "--seq-len", "64", "--steps", "3", "--no-progress",
+              "--optim", "sgd", "--lr", "1.0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    one = tmp_path / "one"
+    subprocess.run([sys.executable, "-m", "mla_dsa", "train-indexer", str(dsa_checkpoint), *common,
+                    "--batch-size", "4", "--out", str(one)], check=True, env=env, capture_output=True)  # fmt: skip
+    two = tmp_path / "two"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "examples" / "accelerate_fsdp.yaml"), "--main_process_port", "29519"]  # fmt: skip
+    command = [*launch, "-m", "mla_dsa", "train-indexer", str(dsa_checkpoint), *common, "--batch-size", "2",
+               "--out", str(two)]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("accelerate shards only on GPUs") == 1, result.stderr[-3000:]
+    run = json.loads((two / "mla-dsa-training.json").read_text())
+    assert run["processes"] == 2 and run["sharded"] is False
+    a, b = weights(one), weights(two)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+    # The DDP config records its processes too, and no warning.
+    assert json.loads((one / "mla-dsa-training.json").read_text())["processes"] == 1
+
+
 @pytest.mark.compat
 def test_lora_adapters_train_save_load_and_merge(dsa_checkpoint, tmp_path):
     sys.path.insert(0, str(REPO / "examples"))
