@@ -18,9 +18,10 @@ WORKER = Path(__file__).parent / "tp_worker.py"
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """Our checkpoint (payload included) from a DeepSeek-V3.2 peer: MoE layers, 4 heads, DSA at k = 5."""
+    """Our checkpoint (payload included) from a DeepSeek-V3.2 peer: MoE layers, 4 heads, DSA at k = 5, a vocabulary
+    that splits evenly over 2 ranks (transformers 5.14's colwise_gather_output for lm_head requires it)."""
     root = tmp_path_factory.mktemp("tp")
-    save_peer("deepseek_v32", root / "peer", index_topk=5)
+    save_peer("deepseek_v32", root / "peer", index_topk=5, vocab_size=96)
     mla_dsa.MlaDsaForCausalLM.from_pretrained(root / "peer").save_pretrained(root / "dsa")
     return root / "dsa"
 

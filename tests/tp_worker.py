@@ -28,6 +28,11 @@ def decode(model, prompt: torch.Tensor, steps: int) -> tuple[list[int], list[tor
     return tokens, logits
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
+
+
 def main(checkpoint: str, out_path: str) -> None:
     parallel = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True, tp_plan="auto",
                                                     dtype=torch.float32).eval()  # fmt: skip
@@ -41,8 +46,11 @@ def main(checkpoint: str, out_path: str) -> None:
         decode_diff = max((a - b).abs().max().item() for a, b in zip(parallel_logits, single_logits, strict=True))
         greedy = dict(max_new_tokens=DECODE_STEPS, min_new_tokens=DECODE_STEPS, do_sample=False)
         generated = [parallel.generate(prompt, **greedy).tolist(), single.generate(prompt, **greedy).tolist()]
+    # Split weights hold fewer elements here than in the one-process model (a DTensor's local shard on transformers
+    # 5.24, a plain tensor on 5.14).
+    whole = dict(single.named_parameters())
     sharded = sorted(name for name, param in parallel.named_parameters()
-                     if isinstance(param, torch.distributed.tensor.DTensor))  # fmt: skip
+                     if _local(param).numel() < whole[name].numel())  # fmt: skip
     local_heads = parallel.model.layers[0].self_attn.q_b_proj(torch.zeros(1, 1, 48)).shape[-1]
     if dist.get_rank() == 0:
         result = {"world_size": dist.get_world_size(), "forward_diff": forward_diff, "decode_diff": decode_diff,
