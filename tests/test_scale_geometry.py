@@ -62,6 +62,7 @@ def per_rank(v32) -> dict[str, tuple[int, int]]:
     return out
 
 
+@pytest.mark.slow  # builds the 671 B model's 45 000 modules (on the meta device)
 def test_v32_builds_on_the_meta_device_with_its_parameter_count(v32):
     assert v32.config.num_hidden_layers == 61 and v32.config.n_routed_experts == 256
     total = sum(param.numel() for param in v32.parameters())
@@ -69,6 +70,7 @@ def test_v32_builds_on_the_meta_device_with_its_parameter_count(v32):
     assert all(param.device.type == "meta" for param in v32.parameters())
 
 
+@pytest.mark.slow  # builds the 671 B model's 45 000 modules (on the meta device)
 def test_every_large_tensor_is_sharded_or_replicated_on_purpose(v32):
     sizes = per_rank(v32)
     for name, (local, whole) in sizes.items():
@@ -78,6 +80,7 @@ def test_every_large_tensor_is_sharded_or_replicated_on_purpose(v32):
     assert sharded / sum(whole for _, whole in sizes.values()) > 0.98  # experts and attention heads
 
 
+@pytest.mark.slow  # builds the 671 B model's 45 000 modules (on the meta device)
 def test_bytes_per_rank_at_tp8(v32):
     """What the README's memory table says: bf16 weights per GPU at TP = 8, from the plan."""
     sizes = per_rank(v32)
