@@ -38,12 +38,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    config = DeepseekV3Config(
-        vocab_size=256, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-        moe_intermediate_size=args.intermediate, num_hidden_layers=1, first_k_dense_replace=0, num_attention_heads=8,
-        num_key_value_heads=8, kv_lora_rank=64, q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, n_routed_experts=64,
-        num_experts_per_tok=6, n_shared_experts=1, n_group=1, topk_group=1,
-    )  # fmt: skip
+    attention = dict(num_attention_heads=8, num_key_value_heads=8, kv_lora_rank=64, q_lora_rank=None,
+                     qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32)  # fmt: skip
+    moe = dict(moe_intermediate_size=args.intermediate, first_k_dense_replace=0, n_routed_experts=64,
+               num_experts_per_tok=6, n_shared_experts=1, n_group=1, topk_group=1)  # fmt: skip
+    config = DeepseekV3Config(vocab_size=256, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                              num_hidden_layers=1, **attention, **moe)  # fmt: skip
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         theirs = DeepseekV3ForCausalLM(config).eval()
