@@ -180,6 +180,26 @@ print(json.dumps(dict(seconds=seconds, peak_rss_gb=peak_rss_gb(), rss_before_gb=
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def decode_row(theirs, ours, context: int, args, weight_bytes: int, bandwidth: float) -> dict:
+    """One context's decode measurements: ours with DSA and dense (absorbed MQA), transformers' where it is not too
+    slow, and the memory-bandwidth rooflines."""
+    k = topk_for(context)
+    set_their_topk(theirs, k)
+    contents = random_cache_contents(context)
+    row = {"context": context, "index_topk": k}
+    row["ours_dsa_ms"], our_logits = time_decode(ours, our_cache(ours, contents), context, args.steps, index_topk=k)
+    row["ours_dense_mqa_ms"], _ = time_decode(ours, our_cache(ours, contents), context, args.steps, index_topk=k,
+                                              use_sparse_attention=False)  # fmt: skip
+    if context <= args.theirs_max_context:
+        steps = args.steps if context <= 16384 else 2
+        row["theirs_ms"], their_logits = time_decode(theirs, their_cache(theirs, contents), context, steps)
+        row["logit_max_abs_diff"] = (their_logits - our_logits).abs().max().item()
+        row["speedup_vs_theirs"] = row["theirs_ms"] / row["ours_dsa_ms"]
+    row["roofline_dsa_ms"] = 1000 * decode_bytes(context, True, weight_bytes) / bandwidth
+    row["roofline_dense_ms"] = 1000 * decode_bytes(context, False, weight_bytes) / bandwidth
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mla-dsa bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -210,25 +230,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"logits ours vs transformers (600 tokens, k=256): max |diff| = {diff:.2e}")
 
         for context in [] if args.no_decode else args.contexts:
-            k = topk_for(context)
-            set_their_topk(theirs, k)
-            contents = random_cache_contents(context)
-            row = {"context": context, "index_topk": k}
-            row["ours_dsa_ms"], our_logits = time_decode(ours, our_cache(ours, contents), context, args.steps,
-                                                         index_topk=k)  # fmt: skip
-            row["ours_dense_mqa_ms"], _ = time_decode(ours, our_cache(ours, contents), context, args.steps,
-                                                      index_topk=k, use_sparse_attention=False)  # fmt: skip
-            if context <= args.theirs_max_context:
-                steps = args.steps if context <= 16384 else 2
-                row["theirs_ms"], their_logits = time_decode(theirs, their_cache(theirs, contents), context, steps)
-                row["logit_max_abs_diff"] = (their_logits - our_logits).abs().max().item()
-                row["speedup_vs_theirs"] = row["theirs_ms"] / row["ours_dsa_ms"]
-            bandwidth = results["bandwidth_gb_s"] * 1e9
-            row["roofline_dsa_ms"] = 1000 * decode_bytes(context, True, weight_bytes) / bandwidth
-            row["roofline_dense_ms"] = 1000 * decode_bytes(context, False, weight_bytes) / bandwidth
+            row = decode_row(theirs, ours, context, args, weight_bytes, results["bandwidth_gb_s"] * 1e9)
             print(json.dumps(row))
             results["decode"].append(row)
-            del contents
 
         for length in args.prefill:
             row = {

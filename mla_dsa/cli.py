@@ -29,6 +29,38 @@ def _shard_size(text: str) -> str:
     return text.strip()
 
 
+def _add_indexer_arguments(group) -> None:
+    group.add_argument(
+        "--index-n-heads",
+        type=int,
+        default=None,
+        help="indexer heads (default 64; min(64, max(8, attention heads)) for small models)",
+    )
+    group.add_argument(
+        "--index-head-dim",
+        type=int,
+        default=None,
+        help="indexer head size (default 128; min(128, max(2*rope dim, hidden/8)) for small models)",
+    )
+    group.add_argument(
+        "--index-topk", type=_positive_int, default=None, help="tokens each query attends to (default 2048)"
+    )
+    group.add_argument(
+        "--indexer-init",
+        default="random",
+        choices=INDEXER_INITS,
+        help="random (as the paper) or svd (derived from the layer's attention weights)",
+    )
+    group.add_argument("--seed", type=int, default=0, help="seed of the indexer init (output is deterministic)")
+    group.add_argument(
+        "--dense-attention-layers",
+        type=int,
+        nargs="*",
+        default=None,
+        help="layers that keep dense attention (DeepSeek-V3.2: none; small models: often the first)",
+    )
+
+
 def _add_convert(commands) -> None:
     parser = commands.add_parser(
         "convert",
@@ -44,35 +76,7 @@ def _add_convert(commands) -> None:
         choices=["auto", "bfloat16", "float16", "float32"],
         help="output dtype; auto keeps each tensor's dtype and turns FP8 into bfloat16 (default)",
     )
-    parser.add_argument(
-        "--index-n-heads",
-        type=int,
-        default=None,
-        help="indexer heads (default 64; min(64, max(8, attention heads)) for small models)",
-    )
-    parser.add_argument(
-        "--index-head-dim",
-        type=int,
-        default=None,
-        help="indexer head size (default 128; min(128, max(2*rope dim, hidden/8)) for small models)",
-    )
-    parser.add_argument(
-        "--index-topk", type=_positive_int, default=None, help="tokens each query attends to (default 2048)"
-    )
-    parser.add_argument(
-        "--indexer-init",
-        default="random",
-        choices=INDEXER_INITS,
-        help="random (as the paper) or svd (derived from the layer's attention weights)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the indexer init (output is deterministic)")
-    parser.add_argument(
-        "--dense-attention-layers",
-        type=int,
-        nargs="*",
-        default=None,
-        help="layers that keep dense attention (DeepSeek-V3.2: none; small models: often the first)",
-    )
+    _add_indexer_arguments(parser.add_argument_group("the grafted indexer"))
     parser.add_argument(
         "--max-shard-size", type=_shard_size, default="5GB", help="largest output shard, e.g. 5GB or 500MB"
     )

@@ -195,7 +195,7 @@ def train_indexer(
 
     Periodic Trainer checkpoints go to `out_dir/checkpoints` (every `save_steps`); `resume=True` continues from the
     newest. Runs data-parallel unchanged under `accelerate launch`: `batch_size` is per process."""
-    from transformers import AutoTokenizer, TrainingArguments
+    from transformers import AutoTokenizer
 
     from .data import text_files_corpus
     from .modeling.configuration_mla_dsa import MlaDsaConfig
@@ -213,7 +213,30 @@ def train_indexer(
     model = MlaDsaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     prepare_indexer_training(model, stage)
     lr = learning_rate if learning_rate is not None else default_learning_rate(stage, model.config.hidden_size)
-    args = TrainingArguments(
+    args = _training_arguments(out_dir, stage, steps, batch_size, lr, save_steps, logging_steps, seed, progress, optim)
+    world = max(1, args.world_size)
+    dataset = WindowDataset(corpus, seq_len, steps * batch_size * world, seed=seed)
+    trainer = IndexerTrainer(model=model, args=args, train_dataset=dataset, stage=stage, index_topk=index_topk)
+    _warn_if_sharding_fell_back(trainer)
+    has_checkpoint = resume and any((out_dir / "checkpoints").glob("checkpoint-*"))
+    if trainer.is_world_process_zero():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run = {"stage": stage, "checkpoint": str(checkpoint), "processes": world, "sharded": trainer.is_fsdp_enabled}
+        (out_dir / RUN_FILE).write_text(json.dumps(run) + "\n")
+    trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
+    if trainer.is_world_process_zero():
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _training_arguments(out_dir: Path, stage: str, steps: int, batch_size: int, lr: float, save_steps: int | None,
+                        logging_steps: int, seed: int, progress: bool, optim: str):  # fmt: skip
+    """The Trainer settings of one stage: constant LR after a 5 % warm-up, no weight decay, clipped gradients, two
+    checkpoints kept, a fixed data order."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
         max_steps=steps,
         per_device_train_batch_size=batch_size,
@@ -230,24 +253,10 @@ def train_indexer(
         data_seed=seed,
         dataloader_num_workers=0,
         disable_tqdm=not progress,
-        ddp_find_unused_parameters=stage == "sparse",
+        ddp_find_unused_parameters=stage == "sparse",  # the sparse stage's dense layers leave their indexer unused
         use_cpu=not torch.cuda.is_available(),
         optim=optim,
     )
-    world = max(1, args.world_size)
-    dataset = WindowDataset(corpus, seq_len, steps * batch_size * world, seed=seed)
-    trainer = IndexerTrainer(model=model, args=args, train_dataset=dataset, stage=stage, index_topk=index_topk)
-    _warn_if_sharding_fell_back(trainer)
-    has_checkpoint = resume and any((out_dir / "checkpoints").glob("checkpoint-*"))
-    if trainer.is_world_process_zero():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        run = {"stage": stage, "checkpoint": str(checkpoint), "processes": world, "sharded": trainer.is_fsdp_enabled}
-        (out_dir / RUN_FILE).write_text(json.dumps(run) + "\n")
-    trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
-    if trainer.is_world_process_zero():
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-    return out_dir
 
 
 def _warn_if_sharding_fell_back(trainer: Trainer) -> None:
