@@ -75,22 +75,28 @@ def test_bad_data_file_is_one_line(dsa_checkpoint, capsys):
     assert "\n" not in err and "/nonexistent.txt" in err
 
 
-def test_two_process_data_parallel_equals_one_process(dsa_checkpoint, tmp_path):
-    """`accelerate launch` with 2 processes x batch 2 == 1 process x batch 4 (SGD: updates are linear in the
-    gradient, so the comparison is at float precision)."""
+def _one_process_and_launched(checkpoint: Path, tmp_path: Path, config_file: str, port: int):
+    """The same dense-stage run as 1 process x batch 4 and under `accelerate launch` (2 processes x batch 2): the two
+    OUT directories and the launch's CompletedProcess. SGD: updates are linear in the gradient, so the two compare at
+    float precision."""
     common = ["--stage", "dense", "--data", *DATA, "--seq-len", "64", "--steps", "3", "--no-progress",
               "--optim", "sgd", "--lr", "1.0"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    one = tmp_path / "one"
-    subprocess.run([sys.executable, "-m", "mla_dsa", "train-indexer", str(dsa_checkpoint), *common,
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "mla_dsa", "train-indexer", str(checkpoint), *common,
                     "--batch-size", "4", "--out", str(one)], check=True, env=env, capture_output=True)  # fmt: skip
-    two = tmp_path / "two"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO / "examples" / "accelerate_ddp.yaml"), "--main_process_port", "29517"]  # fmt: skip
-    command = [*launch, "-m", "mla_dsa", "train-indexer", str(dsa_checkpoint), *common, "--batch-size", "2",
+              str(REPO / "examples" / config_file), "--main_process_port", str(port)]  # fmt: skip
+    command = [*launch, "-m", "mla_dsa", "train-indexer", str(checkpoint), *common, "--batch-size", "2",
                "--out", str(two)]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    return one, two, result
+
+
+def test_two_process_data_parallel_equals_one_process(dsa_checkpoint, tmp_path):
+    """`accelerate launch` with 2 processes x batch 2 == 1 process x batch 4."""
+    one, two, _ = _one_process_and_launched(dsa_checkpoint, tmp_path, "accelerate_ddp.yaml", 29517)
     start, a, b = weights(dsa_checkpoint), weights(one), weights(two)
     moved = max((a[n] - start[n]).abs().max().item() for n in a)
     assert moved > 1e-4  # the run trained something
@@ -103,26 +109,13 @@ def test_fsdp_config_on_cpu_says_it_runs_data_parallel(dsa_checkpoint, tmp_path)
     """`accelerate launch` with examples/accelerate_fsdp.yaml on this CPU-only machine: accelerate turns FSDP on only
     for GPU-type devices and silently runs DDP instead. The run says so (one warning, and `sharded: false` in OUT's
     run file) and trains exactly as one process does."""
-    common = ["--stage", "dense", "--data", *DATA, "--seq-len", "64", "--steps", "3", "--no-progress",
-              "--optim", "sgd", "--lr", "1.0"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    one = tmp_path / "one"
-    subprocess.run([sys.executable, "-m", "mla_dsa", "train-indexer", str(dsa_checkpoint), *common,
-                    "--batch-size", "4", "--out", str(one)], check=True, env=env, capture_output=True)  # fmt: skip
-    two = tmp_path / "two"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO / "examples" / "accelerate_fsdp.yaml"), "--main_process_port", "29519"]  # fmt: skip
-    command = [*launch, "-m", "mla_dsa", "train-indexer", str(dsa_checkpoint), *common, "--batch-size", "2",
-               "--out", str(two)]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    one, two, result = _one_process_and_launched(dsa_checkpoint, tmp_path, "accelerate_fsdp.yaml", 29519)
     assert result.stderr.count("accelerate shards only on GPUs") == 1, result.stderr[-3000:]
     run = json.loads((two / "mla-dsa-training.json").read_text())
     assert run["processes"] == 2 and run["sharded"] is False
     a, b = weights(one), weights(two)
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
-    # The DDP config records its processes too, and no warning.
     assert json.loads((one / "mla-dsa-training.json").read_text())["processes"] == 1
 
 
