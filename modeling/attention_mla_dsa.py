@@ -138,6 +138,11 @@ class MlaDsaAttention(nn.Module):
 
     def _indexer_stats(self, stage: str, selection: TopkSelection, q_nope, q_rope, latent, visible: VisibleKeys,
                        top_k: int) -> IndexerStats:  # fmt: skip
+        if q_nope.shape[2] != self.num_heads:  # tensor parallelism: this process holds only some heads
+            raise ValueError(
+                f"the indexer loss needs all {self.num_heads} heads' attention, this process holds {q_nope.shape[2]} "
+                "(tensor parallelism): train the indexer data-parallel or sharded (accelerate, FSDP) instead"
+            )
         with torch.no_grad():
             main_query = self._absorbed_query(q_nope.detach(), q_rope.detach())  # [B, S, H, R + dr]
         if stage == "sparse":

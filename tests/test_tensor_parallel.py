@@ -49,3 +49,4 @@ def test_two_process_tensor_parallel_equals_one_process(checkpoint, tmp_path):
     assert run["tokens"][0] == run["tokens"][1] and len(run["tokens"][0]) == 24
     assert run["decode_diff"] <= 1e-5
     assert run["generated"][0] == run["generated"][1]
+    assert "needs all 4 heads" in run["indexer_loss_error"]

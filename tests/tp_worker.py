@@ -52,10 +52,15 @@ def main(checkpoint: str, out_path: str) -> None:
     sharded = sorted(name for name, param in parallel.named_parameters()
                      if _local(param).numel() < whole[name].numel())  # fmt: skip
     local_heads = parallel.model.layers[0].self_attn.q_b_proj(torch.zeros(1, 1, 48)).shape[-1]
+    try:  # the indexer loss would see only this process's heads: refused, not silently wrong
+        parallel(batch, indexer_stage="dense")
+        indexer_loss_error = None
+    except ValueError as err:
+        indexer_loss_error = str(err)
     if dist.get_rank() == 0:
         result = {"world_size": dist.get_world_size(), "forward_diff": forward_diff, "decode_diff": decode_diff,
                   "tokens": [parallel_tokens, single_tokens], "generated": generated, "sharded": sharded,
-                  "local_q_width": local_heads}  # fmt: skip
+                  "local_q_width": local_heads, "indexer_loss_error": indexer_loss_error}  # fmt: skip
         with open(out_path, "w") as handle:
             json.dump(result, handle)
     dist.barrier()
