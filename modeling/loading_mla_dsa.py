@@ -25,7 +25,7 @@ def warn_if_indexer_missing(model: nn.Module, missing: set[str], path) -> None:
         logger.warning(
             f"{path} has no DSA indexer weights for {len(layers)} layer(s) ({len(indexer_keys)} tensors): they were "
             "initialized randomly. Train the indexer (mla-dsa train-indexer) before relying on sparse attention, or "
-            "set use_sparse_attention=False."
+            "run dense: use_sparse_attention=False (to from_pretrained, or to each forward / generate call)."
         )
 
 
