@@ -25,6 +25,8 @@ INDEXER_PARAMS = ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "w
 DROPPED_TENSORS = (re.compile(re.escape(SCALE_SUFFIX) + "$"), re.compile(r"rotary_emb\.inv_freq$"))
 # Kept in float32 whatever --dtype says, as DeepSeek's inference code does.
 FLOAT32_TENSORS = (re.compile(r"e_score_correction_bias$"),)
+# Fused expert tensors [E, rows, cols] -> the per-expert checkpoint tensors stacked in them, in order along rows.
+EXPERT_TENSORS = {"mlp.experts.gate_up_proj": ("gate_proj", "up_proj"), "mlp.experts.down_proj": ("down_proj",)}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -136,10 +138,23 @@ def expected_tensors(config: MlaDsaConfig) -> dict[str, tuple[int, ...]]:
 
     with torch.device("meta"):
         model = MlaDsaForCausalLM(config)
-    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    shapes = {}
+    for name, tensor in model.state_dict().items():
+        shapes.update(checkpoint_names(name, tuple(tensor.shape)))
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     return shapes
+
+
+def checkpoint_names(name: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """The checkpoint tensors a model tensor is saved as: DeepSeek's per-expert names for the fused experts
+    (`EXPERT_TENSORS`, what transformers' conversion mapping writes), the name itself otherwise."""
+    for fused, parts in EXPERT_TENSORS.items():
+        if name.endswith(fused):
+            prefix, experts = name[: -len(fused)] + fused.rpartition(".")[0] + ".", shape[0]  # ...mlp.experts.
+            rows = shape[1] // len(parts)
+            return {f"{prefix}{e}.{part}.weight": (rows, shape[2]) for e in range(experts) for part in parts}
+    return {name: shape}
 
 
 def plan_output(source: SourceCheckpoint, config: MlaDsaConfig, opts: ConvertOptions) -> list[OutputShard]:

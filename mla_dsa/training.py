@@ -34,7 +34,9 @@ V3_HIDDEN_SIZE = 7168
 # PEFT `target_modules` patterns (strings are matched with re.fullmatch against module names).
 INDEXER_TARGETS = r".*\.self_attn\.indexer\.(wq_b|wk|weights_proj)"
 ATTENTION_TARGETS = r".*\.self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
-MLP_TARGETS = r".*\.mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj)"
+MLP_TARGETS = r".*\.mlp\.(shared_experts\.)?(gate_proj|up_proj|down_proj)"
+# The routed experts are fused parameters, not Linear modules: PEFT reaches them through `target_parameters`.
+EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 TARGET_PATTERNS = {"indexer": INDEXER_TARGETS, "attention": ATTENTION_TARGETS, "mlp": MLP_TARGETS}
 
 
@@ -86,9 +88,10 @@ def indexer_lora_config(
         raise ValueError(f"targets must be a non-empty subset of {sorted(TARGET_PATTERNS)}, got {targets}")
     pattern = "|".join(f"(?:{TARGET_PATTERNS[t]})" for t in targets)
     modules_to_save = ["k_norm"] if train_indexer_norm and "indexer" in targets else None
+    expert_parameters = list(EXPERT_PARAMETERS) if "mlp" in targets else None
     return LoraConfig(
         r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=pattern,
-        modules_to_save=modules_to_save, task_type="CAUSAL_LM", **kwargs,
+        target_parameters=expert_parameters, modules_to_save=modules_to_save, task_type="CAUSAL_LM", **kwargs,
     )  # fmt: skip
 
 

@@ -1,16 +1,22 @@
 """The feed-forward blocks of DeepSeek's decoder layers: a dense gated MLP (layers below `first_k_dense_replace`)
 and the MoE of routed plus shared experts, with V2 softmax or V3 sigmoid (noaux_tc) routing.
 
-Parameter names are those of the HF DeepSeek checkpoints (per-expert `mlp.experts.E.{gate,up,down}_proj`), so
-deepseek_v2 / v3 / v32 checkpoints load without renaming.
+The routed experts use transformers' fused layout (`MlaDsaExperts`: 3D `gate_up_proj` and `down_proj`), which its
+tensor- and expert-parallel plans shard. Checkpoints keep DeepSeek's per-expert names (`mlp.experts.E.{gate,up,down}
+_proj.weight`): transformers' checkpoint conversion mapping (`EXPERT_LAYOUT`, registered for our model type) fuses
+them on load and splits them again on save, so deepseek_v2 / v3 / v32 checkpoints load and save as they are.
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+from transformers.integrations import use_experts_implementation
 
 from .configuration_mla_dsa import MlaDsaConfig
+from .deepseek_format_mla_dsa import MODEL_TYPE
 
 
 class MlaDsaMLP(nn.Module):
@@ -72,14 +78,64 @@ class MlaDsaRouter(nn.Module):
         return group_mask.repeat_interleave(self.num_experts // self.config.n_group, dim=1)
 
 
-class MlaDsaMoE(nn.Module):
-    """Routed experts (one MLP each, DeepSeek checkpoint names) plus always-on shared experts."""
+def expert_layout() -> list:
+    """transformers' conversion between DeepSeek's per-expert checkpoint tensors and the fused expert parameters (the
+    same rules as its own DeepSeek models')."""
+    return [
+        WeightConverter(
+            source_patterns=["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
+            target_patterns="mlp.experts.gate_up_proj",
+            operations=[MergeModulelist(dim=0), Concatenate(dim=1)],
+        ),
+        WeightConverter(
+            source_patterns="mlp.experts.*.down_proj.weight",
+            target_patterns="mlp.experts.down_proj",
+            operations=[MergeModulelist(dim=0)],
+        ),
+    ]
+
+
+def register_expert_layout() -> None:
+    """Tells transformers' loading and saving how our experts map to checkpoint names (once per process)."""
+    if get_checkpoint_conversion_mapping(MODEL_TYPE) is None:
+        register_checkpoint_conversion_mapping(MODEL_TYPE, expert_layout())
+
+
+@use_experts_implementation
+class MlaDsaExperts(nn.Module):
+    """The routed experts, fused: gate_up_proj [E, 2 * I, H] (each expert's [gate ; up]) and down_proj [E, H, I].
+    transformers' `experts_implementation` may swap the forward (grouped matmuls, expert-parallel dispatch); this one
+    runs each selected expert on its tokens. Routed experts have no biases (DeepSeek's have none)."""
 
     def __init__(self, config: MlaDsaConfig):
         super().__init__()
-        self.experts = nn.ModuleList(
-            [MlaDsaMLP(config, config.moe_intermediate_size) for _ in range(config.n_routed_experts)]
-        )
+        self.num_experts = config.n_routed_experts
+        intermediate, hidden = config.moe_intermediate_size, config.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden, intermediate))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """hidden_states [N, H]; top_k_index and top_k_weights [N, k] -> the weighted sum of the experts [N, H].
+        An index outside this module's experts (expert parallelism's marker for another process's) is skipped."""
+        out = torch.zeros_like(hidden_states)
+        local_experts = self.gate_up_proj.shape[0]
+        for expert_idx in top_k_index.unique().tolist():
+            if not 0 <= expert_idx < local_experts:
+                continue
+            token_idx, slot = torch.where(top_k_index == expert_idx)
+            gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
+            out.index_add_(0, token_idx, (expert_out * top_k_weights[token_idx, slot, None]).to(out.dtype))
+        return out
+
+
+class MlaDsaMoE(nn.Module):
+    """Routed experts (fused, `MlaDsaExperts`) plus always-on shared experts."""
+
+    def __init__(self, config: MlaDsaConfig):
+        super().__init__()
+        self.experts = MlaDsaExperts(config)
         self.gate = MlaDsaRouter(config)
         if config.n_shared_experts:
             self.shared_experts = MlaDsaMLP(config, config.moe_intermediate_size * config.n_shared_experts)
@@ -88,15 +144,10 @@ class MlaDsaMoE(nn.Module):
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
         indices, weights = self.gate(flat)
-        routed = torch.zeros_like(flat)
-        for expert_idx in indices.unique().tolist():
-            token_idx, slot = torch.where(indices == expert_idx)
-            expert_out = self.experts[expert_idx](flat[token_idx]) * weights[token_idx, slot, None]
-            routed.index_add_(0, token_idx, expert_out.to(routed.dtype))
-        routed = routed.view(shape)
+        routed = self.experts(flat, indices, weights).view(shape)
         if hasattr(self, "shared_experts"):
             routed = routed + self.shared_experts(hidden_states)
         return routed
 
 
-__all__ = ["MlaDsaMLP", "MlaDsaMoE", "MlaDsaRouter"]
+__all__ = ["MlaDsaExperts", "MlaDsaMLP", "MlaDsaMoE", "MlaDsaRouter", "expert_layout", "register_expert_layout"]

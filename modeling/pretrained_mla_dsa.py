@@ -23,7 +23,7 @@ from .compat_mla_dsa import CACHE_NAME, CACHE_NAMES, take_cache
 from .configuration_mla_dsa import MlaDsaConfig
 from .indexer_loss_mla_dsa import IndexerStats
 from .loading_mla_dsa import check_weight_file, warn_if_code_is_older, warn_if_indexer_missing, weight_files
-from .moe_mla_dsa import MlaDsaMLP, MlaDsaMoE, MlaDsaRouter
+from .moe_mla_dsa import MlaDsaExperts, MlaDsaMLP, MlaDsaMoE, MlaDsaRouter, register_expert_layout
 from .settings_mla_dsa import DsaSettings
 
 # Keywords transformers passes to `loss_function` (ForCausalLMLoss): Trainer's token count, pre-shifted labels of
@@ -107,9 +107,16 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
         return self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                           inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs)  # fmt: skip
 
+    def __init__(self, config: MlaDsaConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        register_expert_layout()  # before transformers loads or saves weights: per-expert names <-> fused experts
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
+        if isinstance(module, MlaDsaExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=self.config.initializer_range)
+            init.normal_(module.down_proj, mean=0.0, std=self.config.initializer_range)
         if isinstance(module, MlaDsaRouter):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             if hasattr(module, "e_score_correction_bias"):

@@ -2,9 +2,9 @@
 built as our model on the meta device, and what transformers' tensor-parallel plan leaves on each of 8 ranks.
 
 The bytes per rank are derived from the plan the model declares (`base_model_tp_plan`, `_tp_plan`), with the sharding
-rules of transformers' styles: "colwise" splits a Linear's output features (weight dim 0, its bias too), "rowwise" its
-input features (weight dim 1; the bias stays whole), "colwise_gather_output" as colwise; anything else, or no entry,
-keeps the whole tensor on every rank.
+rules of transformers' styles: "colwise" splits a Linear's output features (weight dim -2, its bias too), "rowwise"
+its input features (weight dim -1; the bias stays whole), "colwise_gather_output" as colwise, "packed_colwise" the
+fused experts' [gate ; up] rows (dim -2, each half evenly); anything else, or no entry, keeps the whole tensor.
 """
 
 import json
@@ -18,7 +18,7 @@ from mla_dsa import MlaDsaConfig, MlaDsaForCausalLM
 
 CONFIG = Path(__file__).parent / "fixtures" / "deepseek-v3.2-config.json"
 RANKS = 8
-SHARD_DIM = {"colwise": 0, "colwise_gather_output": 0, "rowwise": 1}
+SHARD_DIM = {"colwise": -2, "colwise_gather_output": -2, "packed_colwise": -2, "rowwise": -1}
 # Tensors over 1 M elements every rank keeps whole, by design, and why.
 REPLICATED = {
     r"model\.embed_tokens\.weight": "token embedding: transformers' DeepseekV32 plan keeps it whole too",
@@ -36,6 +36,10 @@ def _plan(model) -> dict[re.Pattern, str]:
 
 
 def _style(plan: dict[re.Pattern, str], parameter: str) -> str | None:
+    """The style of a parameter: its own entry (the fused experts'), else its module's."""
+    own = next((style for pattern, style in plan.items() if pattern.match(parameter)), None)
+    if own is not None:
+        return own
     module, _, kind = parameter.rpartition(".")
     style = next((style for pattern, style in plan.items() if pattern.match(module)), None)
     return None if style == "rowwise" and kind == "bias" else style

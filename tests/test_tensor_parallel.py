@@ -1,6 +1,8 @@
-"""Tensor parallelism through transformers' own engine: `from_pretrained(..., tp_plan="auto")` under torchrun (CPU,
-gloo) on a DSA checkpoint with MoE layers equals one process."""
+"""Tensor and expert parallelism through transformers' own engine - `from_pretrained(..., tp_plan="auto")` and
+`distributed_config=DistributedConfig(ep_size=...)` under torchrun (CPU, gloo) - on a DSA checkpoint with MoE
+layers equal one process."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -8,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers.distributed import DistributedConfig
 
 import mla_dsa
 
@@ -28,7 +31,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.compat  # transformers 5.14's tensor-parallel engine runs it too
-def test_two_process_tensor_parallel_equals_one_process(checkpoint, tmp_path):
+def test_two_process_tensor_and_expert_parallel_equal_one_process(checkpoint, tmp_path):
     out = tmp_path / "tp.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
@@ -40,8 +43,8 @@ def test_two_process_tensor_parallel_equals_one_process(checkpoint, tmp_path):
     # The plan really split the model: half the query heads per process, attention and expert weights sharded.
     assert run["local_q_width"] == 2 * (16 + 8)  # 2 of 4 heads x (nope 16 + rope 8)
     sharded = " ".join(run["sharded"])
-    for name in ("self_attn.q_b_proj", "self_attn.kv_b_proj", "self_attn.o_proj", "mlp.experts.0.gate_proj",
-                 "mlp.experts.0.down_proj", "mlp.shared_experts.up_proj", "layers.0.mlp.gate_proj"):  # fmt: skip
+    for name in ("self_attn.q_b_proj", "self_attn.kv_b_proj", "self_attn.o_proj", "mlp.experts.gate_up_proj",
+                 "mlp.experts.down_proj", "mlp.shared_experts.up_proj", "layers.0.mlp.gate_proj"):  # fmt: skip
         assert name in sharded, name
     assert "indexer" not in sharded  # every process selects the same top-k from the whole indexer
     assert run["forward_diff"] <= 1e-5
@@ -50,3 +53,12 @@ def test_two_process_tensor_parallel_equals_one_process(checkpoint, tmp_path):
     assert run["decode_diff"] <= 1e-5
     assert run["generated"][0] == run["generated"][1]
     assert "needs all 4 heads" in run["indexer_loss_error"]
+    # Expert parallelism (transformers' ep plan): each process owns 4 of the 8 routed experts, tokens travel to them.
+    # Only where DistributedConfig has `ep_size` (not 5.14, whose expert-parallel styles differ).
+    ep = run["expert_parallel"]
+    if "ep_size" in inspect.signature(DistributedConfig).parameters:
+        assert ep["local_experts"] == 4
+        assert ep["forward_diff"] <= 1e-5 and ep["decode_diff"] <= 1e-5
+        assert ep["tokens"] == run["tokens"][1]
+    else:
+        assert ep is None

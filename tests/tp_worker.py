@@ -1,16 +1,19 @@
 """Run by `torchrun --nproc-per-node 2 tests/tp_worker.py CKPT OUT.json` (tests/test_tensor_parallel.py).
 
-Loads CKPT through `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True, tp_plan="auto")` and, in the
-same process without a plan, as the one-process reference; rank 0 writes what the two did on the same inputs: a full
-forward of a batch, cached decoding step by step, greedy generate(), and which weights the plan sharded.
+Loads CKPT through `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True, tp_plan="auto")`, again with
+expert parallelism (`DistributedConfig`), and, in the same process without a plan, as the one-process reference;
+rank 0 writes what they did on the same inputs: a full forward of a batch, cached decoding step by step, greedy
+generate(), and which weights the plans split.
 """
 
+import inspect
 import json
 import sys
 
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
+from transformers.distributed import DistributedConfig
 
 DECODE_STEPS = 24
 
@@ -26,6 +29,28 @@ def decode(model, prompt: torch.Tensor, steps: int) -> tuple[list[int], list[tor
         cache = out.past_key_values
         logits.append(out.logits[:, -1])
     return tokens, logits
+
+
+# Expert parallelism as our plan declares it (`ep_dispatch_experts`) comes with DistributedConfig's `ep_size`; older
+# releases (5.14) route through an `ep_router` style of their own, which our router does not follow.
+EXPERT_PARALLEL = "ep_size" in inspect.signature(DistributedConfig).parameters
+
+
+def expert_parallel_run(checkpoint: str, single, batch, prompt, single_logits) -> dict:
+    world = dist.get_world_size()
+    experts = AutoModelForCausalLM.from_pretrained(
+        checkpoint,
+        trust_remote_code=True,
+        dtype=torch.float32,
+        distributed_config=DistributedConfig(tp_size=world, ep_size=world),
+    )
+    experts.eval()
+    with torch.no_grad():
+        forward_diff = (experts(batch).logits - single(batch).logits).abs().max().item()
+        tokens, logits = decode(experts, prompt, DECODE_STEPS)
+        decode_diff = max((a - b).abs().max().item() for a, b in zip(logits, single_logits, strict=True))
+    local_experts = _local(experts.model.layers[1].mlp.experts.gate_up_proj).shape[0]
+    return {"forward_diff": forward_diff, "decode_diff": decode_diff, "tokens": tokens, "local_experts": local_experts}
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -57,8 +82,10 @@ def main(checkpoint: str, out_path: str) -> None:
         indexer_loss_error = None
     except ValueError as err:
         indexer_loss_error = str(err)
+    ep = expert_parallel_run(checkpoint, single, batch, prompt, single_logits) if EXPERT_PARALLEL else None
     if dist.get_rank() == 0:
-        result = {"world_size": dist.get_world_size(), "forward_diff": forward_diff, "decode_diff": decode_diff,
+        result = {"expert_parallel": ep, "world_size": dist.get_world_size(),
+                  "forward_diff": forward_diff, "decode_diff": decode_diff,
                   "tokens": [parallel_tokens, single_tokens], "generated": generated, "sharded": sharded,
                   "local_q_width": local_heads, "indexer_loss_error": indexer_loss_error}  # fmt: skip
         with open(out_path, "w") as handle:
