@@ -15,6 +15,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 
 from ..modeling.configuration_mla_dsa import MlaDsaConfig
 from ..modeling.deepseek_format_mla_dsa import config_from_deepseek, deepseek_family
+from ..modeling.moe_mla_dsa import FUSED_EXPERTS
 from .source import SCALE_SUFFIX, ConversionError, SourceCheckpoint, TensorInfo
 
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -25,8 +26,6 @@ INDEXER_PARAMS = ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "w
 DROPPED_TENSORS = (re.compile(re.escape(SCALE_SUFFIX) + "$"), re.compile(r"rotary_emb\.inv_freq$"))
 # Kept in float32 whatever --dtype says, as DeepSeek's inference code does.
 FLOAT32_TENSORS = (re.compile(r"e_score_correction_bias$"),)
-# Fused expert tensors [E, rows, cols] -> the per-expert checkpoint tensors stacked in them, in order along rows.
-EXPERT_TENSORS = {"mlp.experts.gate_up_proj": ("gate_proj", "up_proj"), "mlp.experts.down_proj": ("down_proj",)}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -148,10 +147,10 @@ def expected_tensors(config: MlaDsaConfig) -> dict[str, tuple[int, ...]]:
 
 def checkpoint_names(name: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
     """The checkpoint tensors a model tensor is saved as: DeepSeek's per-expert names for the fused experts
-    (`EXPERT_TENSORS`, what transformers' conversion mapping writes), the name itself otherwise."""
-    for fused, parts in EXPERT_TENSORS.items():
-        if name.endswith(fused):
-            prefix, experts = name[: -len(fused)] + fused.rpartition(".")[0] + ".", shape[0]  # ...mlp.experts.
+    (`FUSED_EXPERTS`, what transformers' conversion mapping writes), the name itself otherwise."""
+    for fused, parts in FUSED_EXPERTS.items():
+        if name.endswith(f"mlp.experts.{fused}"):
+            prefix, experts = name[: -len(fused)], shape[0]  # "...mlp.experts."
             rows = shape[1] // len(parts)
             return {f"{prefix}{e}.{part}.weight": (rows, shape[2]) for e in range(experts) for part in parts}
     return {name: shape}

@@ -78,21 +78,21 @@ class MlaDsaRouter(nn.Module):
         return group_mask.repeat_interleave(self.num_experts // self.config.n_group, dim=1)
 
 
+# Each fused expert parameter [E, rows, cols] and the per-expert checkpoint tensors stacked in it along rows, in order:
+# the one definition of the checkpoint names (loading, saving and the converter's plan all read it).
+FUSED_EXPERTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
 def expert_layout() -> list:
     """transformers' conversion between DeepSeek's per-expert checkpoint tensors and the fused expert parameters (the
     same rules as its own DeepSeek models')."""
-    return [
-        WeightConverter(
-            source_patterns=["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
-            target_patterns="mlp.experts.gate_up_proj",
-            operations=[MergeModulelist(dim=0), Concatenate(dim=1)],
-        ),
-        WeightConverter(
-            source_patterns="mlp.experts.*.down_proj.weight",
-            target_patterns="mlp.experts.down_proj",
-            operations=[MergeModulelist(dim=0)],
-        ),
-    ]
+    layout = []
+    for fused, parts in FUSED_EXPERTS.items():
+        operations = [MergeModulelist(dim=0)] + ([Concatenate(dim=1)] if len(parts) > 1 else [])
+        sources = [f"mlp.experts.*.{part}.weight" for part in parts]
+        layout.append(WeightConverter(source_patterns=sources if len(sources) > 1 else sources[0],
+                                      target_patterns=f"mlp.experts.{fused}", operations=operations))  # fmt: skip
+    return layout
 
 
 def register_expert_layout() -> None:
@@ -150,4 +150,12 @@ class MlaDsaMoE(nn.Module):
         return routed
 
 
-__all__ = ["MlaDsaExperts", "MlaDsaMLP", "MlaDsaMoE", "MlaDsaRouter", "expert_layout", "register_expert_layout"]
+__all__ = [
+    "FUSED_EXPERTS",
+    "MlaDsaExperts",
+    "MlaDsaMLP",
+    "MlaDsaMoE",
+    "MlaDsaRouter",
+    "expert_layout",
+    "register_expert_layout",
+]
