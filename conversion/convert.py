@@ -15,6 +15,7 @@ Peak memory: Python + torch, plus one output shard being assembled, plus the ten
 import os
 from pathlib import Path
 
+from .export import export_refusals
 from .indexer_init import INDEXER_INITS
 from .plan import DTYPES, ConvertOptions, plan_output, target_config
 from .source import ConversionError, SourceCheckpoint
@@ -27,7 +28,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **options
 
     Options (see `ConvertOptions`): dtype ("auto" keeps each tensor's dtype, FP8 becomes bf16), index_n_heads,
     index_head_dim, index_topk, indexer_init ("random" | "svd"), seed, max_shard_size, resume, overwrite,
-    verify (run SRC and DST and compare logits), progress. Raises `ConversionError` (one line naming the file)."""
+    verify (run SRC and DST and compare logits), progress, export ("deepseek_v32": DeepSeek-V3.2's native format,
+    which transformers' DeepseekV32ForCausalLM, vLLM and SGLang load without custom code).
+    Raises `ConversionError` (one line naming the file)."""
     opts = ConvertOptions(**options)
     if opts.dtype not in DTYPES:
         raise ConversionError(dst, f"--dtype must be one of {list(DTYPES)}, got {opts.dtype!r}")
@@ -39,6 +42,11 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **options
     _check_paths(src, dst, opts.overwrite or finished)
     source = SourceCheckpoint(src, follow_symlinks=opts.follow_symlinks)
     config = target_config(source, opts)
+    if opts.export is not None:
+        refusals = export_refusals(config, opts.export)
+        if refusals:
+            source.close()
+            raise ConversionError(dst, f"cannot export to {opts.export}: " + "; ".join(refusals))
     plan = plan_output(source, config, opts)
     if finished:  # a kill after the final rename: --resume finds DST complete, or refuses it as any other DST
         try:
@@ -51,7 +59,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **options
             return dst
     try:
         write_shards(source, config, plan, partial, opts)
-        write_metadata(source, config, plan, partial)
+        write_metadata(source, config, plan, partial, opts.export)
     except OSError as err:  # disk full, permissions...: finished shards stay for --resume
         where = err.filename or partial
         raise ConversionError(where, f"write failed ({err.strerror or err}); fix it and rerun with --resume") from None

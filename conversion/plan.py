@@ -36,6 +36,7 @@ class ConvertOptions:
     index_head_dim: int | None = None
     index_topk: int | None = None
     dense_attention_layers: list[int] | None = None
+    export: str | None = None  # a serving format (`export.EXPORT_FORMATS`), or None for ours
     indexer_init: str = "random"
     seed: int = 0
     max_shard_size: int | str = "5GB"
@@ -81,6 +82,7 @@ def target_config(source: SourceCheckpoint, opts: ConvertOptions) -> MlaDsaConfi
     if opts.dense_attention_layers is not None:
         fields["dense_attention_layers"] = list(opts.dense_attention_layers)
     fields["architectures"] = ["MlaDsaForCausalLM"]
+    fields["num_nextn_predict_layers"] = 0  # SRC's multi-token-prediction layers are not carried over
     fields["dtype"] = str(model_dtype(source, opts)).removeprefix("torch.")
     fields.pop("torch_dtype", None)
     try:

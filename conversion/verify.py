@@ -10,14 +10,18 @@ from .source import SCALE_SUFFIX, ConversionError, SourceCheckpoint
 
 
 def verify_logits(source: SourceCheckpoint, converted: Path, config: MlaDsaConfig, opts: ConvertOptions) -> float:
-    """Runs SRC (transformers' own class where one exists) and the converted model with every token selected on a
+    """Runs SRC (transformers' own class where one exists) and the converted model (an export: through transformers'
+    DeepseekV32ForCausalLM) with every token selected on a
     short random input, in float32; raises ConversionError above tolerance. Returns the max logit difference."""
     from ..modeling.modeling_mla_dsa import MlaDsaForCausalLM
 
     generator = torch.Generator().manual_seed(opts.seed)
     input_ids = torch.randint(0, config.vocab_size, (2, 16), generator=generator)
     reference = _reference_model(source, config, opts)
-    converted_model = MlaDsaForCausalLM.from_pretrained(converted, dtype=torch.float32, use_sparse_attention=False)
+    if opts.export is None:
+        converted_model = MlaDsaForCausalLM.from_pretrained(converted, dtype=torch.float32, use_sparse_attention=False)
+    else:  # the export through transformers' own class, every key selected
+        converted_model = _exported_model(converted)
     with torch.no_grad():
         expected = reference(input_ids).logits.float()
         actual = converted_model.eval()(input_ids).logits.float()
@@ -27,6 +31,17 @@ def verify_logits(source: SourceCheckpoint, converted: Path, config: MlaDsaConfi
     if not diff <= tolerance:
         raise ConversionError(converted, f"--verify failed: max logit difference {diff:.3e} > {tolerance:.1e}")
     return diff
+
+
+def _exported_model(converted: Path) -> torch.nn.Module:
+    from transformers import DeepseekV32ForCausalLM
+
+    model, info = DeepseekV32ForCausalLM.from_pretrained(converted, dtype=torch.float32, index_topk=1 << 30,
+                                                         output_loading_info=True)  # fmt: skip
+    problems = {kind: sorted(names)[:3] for kind, names in info.items() if names}
+    if problems:
+        raise ConversionError(converted, f"transformers' DeepseekV32ForCausalLM does not load the export: {problems}")
+    return model
 
 
 def _reference_model(source: SourceCheckpoint, config: MlaDsaConfig, opts: ConvertOptions) -> torch.nn.Module:

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..modeling.configuration_mla_dsa import MlaDsaConfig
+from .export import deepseek_v32_config
 from .indexer_init import init_indexer
 from .payload import payload_files
 from .plan import ConvertOptions, OutputShard, OutputTensor
@@ -114,10 +115,16 @@ def _save_state(partial: Path, state: dict) -> None:
     os.replace(tmp, partial / STATE_NAME)
 
 
-def write_metadata(source: SourceCheckpoint, config: MlaDsaConfig, plan: list[OutputShard], partial: Path) -> None:
-    config.save_pretrained(partial)
-    for payload in payload_files():
-        shutil.copyfile(payload, partial / payload.name)
+def write_metadata(source: SourceCheckpoint, config: MlaDsaConfig, plan: list[OutputShard], partial: Path,
+                   export: str | None = None) -> None:  # fmt: skip
+    """config.json and the payload (or, for an export, the serving format's config.json alone), the index json, and
+    SRC's tokenizer and generation files."""
+    if export is None:
+        config.save_pretrained(partial)
+        for payload in payload_files():
+            shutil.copyfile(payload, partial / payload.name)
+    else:
+        (partial / "config.json").write_text(json.dumps(deepseek_v32_config(config), indent=2, sort_keys=True) + "\n")
     if len(plan) > 1:
         total_size = sum(_nbytes(t) for shard in plan for t in shard.tensors)
         weight_map = {t.name: shard.filename for shard in plan for t in shard.tensors}

@@ -6,6 +6,7 @@ import re
 import sys
 from collections.abc import Iterator
 
+from .conversion.export import EXPORT_FORMATS
 from .conversion.indexer_init import INDEXER_INITS
 from .conversion.source import ConversionError
 
@@ -80,6 +81,13 @@ def _add_convert(commands) -> None:
     parser.add_argument(
         "--max-shard-size", type=_shard_size, default="5GB", help="largest output shard, e.g. 5GB or 500MB"
     )
+    parser.add_argument(
+        "--export",
+        choices=list(EXPORT_FORMATS),
+        default=None,
+        help="write a serving engine's format instead of ours: deepseek_v32 is DeepSeek-V3.2's, which transformers' "
+        "DeepseekV32ForCausalLM, vLLM and SGLang load without trust_remote_code",
+    )
     parser.add_argument("--resume", action="store_true", help="continue an interrupted conversion into the same DST")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     parser.add_argument(
@@ -107,7 +115,7 @@ def _run_convert(args) -> int:
     dst = convert_checkpoint(
         args.src, args.dst, dtype=args.dtype, index_n_heads=args.index_n_heads, index_head_dim=args.index_head_dim,
         index_topk=args.index_topk, indexer_init=args.indexer_init, seed=args.seed,
-        dense_attention_layers=args.dense_attention_layers,
+        dense_attention_layers=args.dense_attention_layers, export=args.export,
         max_shard_size=args.max_shard_size, resume=args.resume, overwrite=args.overwrite, verify=args.verify,
         verify_tolerance=args.verify_tolerance, follow_symlinks=args.follow_symlinks, progress=not args.no_progress,
     )  # fmt: skip

@@ -51,6 +51,7 @@ def config_from_deepseek(config_dict: dict[str, Any]) -> dict[str, Any]:
         "head_dim",
         "qk_head_dim",
         "layer_types",
+        "ep_size",  # how DeepSeek's own inference code splits experts over processes, not the model
         PAYLOAD_VERSION_KEY,
     ):
         config.pop(name, None)
@@ -65,12 +66,29 @@ def config_from_deepseek(config_dict: dict[str, Any]) -> dict[str, Any]:
     else:
         config.setdefault("scoring_func", "sigmoid")
         config.setdefault("topk_method", "noaux_tc")
+    _drop_mlp_layer_types(config)
     for name in ("n_group", "topk_group"):
         if config.get(name) is None:
             config[name] = 1
     # V3 configs count MTP layers; the model never builds them, conversion drops their tensors.
     config.setdefault("num_nextn_predict_layers", 0)
     return config
+
+
+def _drop_mlp_layer_types(config: dict[str, Any]) -> None:
+    """DeepseekV32's `mlp_layer_types` (written by its config, and by our export) spells out DeepSeek's rule, MoE from
+    `first_k_dense_replace` on, every `moe_layer_freq`-th layer; a list that breaks the rule has no MlaDsaConfig."""
+    types = config.pop("mlp_layer_types", None)
+    if types is None:
+        return
+    first, freq = config.get("first_k_dense_replace", 3), config.get("moe_layer_freq", 1)
+    experts = config.get("n_routed_experts", 256)
+    rule = ["sparse" if experts and i >= first and i % freq == 0 else "dense" for i in range(len(types))]
+    if list(types) != rule:
+        raise ValueError(
+            f"mlp_layer_types {types} does not follow first_k_dense_replace={first}, moe_layer_freq={freq}: "
+            "MLA+DSA models place MoE layers by those two fields"
+        )
 
 
 __all__ = ["DEEPSEEK_MODEL_TYPES", "MLA_FIELDS", "config_from_deepseek", "deepseek_family"]
