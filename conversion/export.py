@@ -27,7 +27,10 @@ DEEPSEEK_V32_FIELDS = (
     "torch_dtype", "transformers_version", "use_cache", "v_head_dim", "vocab_size",
 )  # fmt: skip
 # Our fields that say how to run the model, not what it computes: they do not travel into the export.
-EXECUTION_FIELDS = ("attention_mode", "mha_max_length", "query_chunk_size", "indexer_cache_dtype", "indexer_scale_fmt")
+EXECUTION_FIELDS = (
+    "attention_mode", "mha_max_length", "query_chunk_size", "indexer_cache_dtype", "indexer_scale_fmt",
+    "latent_cache_dtype",
+)  # fmt: skip
 # Ours, checked by `export_refusals` and then left out: the format has one fixed value for each.
 FIXED_FIELDS = ("use_sparse_attention", "dense_attention_layers", "rope_interleave")
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fp8_mla_dsa import pack_latent_rows, unpack_latent_rows
 from .indexer_loss_mla_dsa import IndexerStats, dense_stage_loss, sparse_stage_loss
 from .indexer_mla_dsa import MlaDsaIndexer, TopkSelection
 from .masks_mla_dsa import VisibleKeys, gather_rows, masked_softmax, selected_keys_mask
@@ -68,6 +69,7 @@ class MlaDsaAttention(nn.Module):
         )
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=bias)
         self.indexer = MlaDsaIndexer(config, layer_idx)
+        self.fp8_latent = config.latent_cache_dtype == "fp8"
         self._absorbed_cache: tuple | None = None
 
     def forward(
@@ -100,6 +102,8 @@ class MlaDsaAttention(nn.Module):
         # The indexer reads detached inputs: it learns only from its own loss, the main model only from the LM loss.
         # Training scores keys in full precision; inference caches them in FP8 where the config says so.
         index_keys = self.indexer.keys(hidden_states.detach(), cos, sin, fp8=self.indexer.fp8 and stage is None)
+        if self.fp8_latent and stage is None:
+            latent = pack_latent_rows(latent, self.kv_lora_rank)  # [B, S, 656] uint8 for V3.2's shapes (FlashMLA's)
         if cache is not None:
             latent, index_keys = cache.update(latent, index_keys, self.layer_idx)  # [B, T, ...]
 
@@ -129,10 +133,15 @@ class MlaDsaAttention(nn.Module):
         attn_implementation="eager" (transformers' switch, which every model reads here) is the explicit softmax
         path; "sdpa" is the default: SDPA in MHA mode, the absorbed path for decoding and long sparse prefills."""
         seq_len, num_keys = q_nope.shape[1], latent.shape[1]
-        if output_attentions or getattr(self.config, "_attn_implementation", None) == "eager":
+        eager = output_attentions or getattr(self.config, "_attn_implementation", None) == "eager"
+        absorbed = not eager and self._use_absorbed_mode(settings.attention_mode, seq_len, num_keys,
+                                                         selection is not None)  # fmt: skip
+        if latent.dtype == torch.uint8 and not (absorbed and selection is not None):
+            latent = unpack_latent_rows(latent, self.kv_lora_rank, q_nope.dtype)  # every row is read anyway
+        if eager:
             attn_output, attn_weights = self._mha_attention(q_nope, q_rope, latent, visible, selection, True)
             return attn_output, attn_weights if output_attentions else None
-        if self._use_absorbed_mode(settings.attention_mode, seq_len, num_keys, selection is not None):
+        if absorbed:
             return self._absorbed_attention(q_nope, q_rope, latent, visible, selection), None
         return self._mha_attention(q_nope, q_rope, latent, visible, selection), None
 
@@ -267,8 +276,11 @@ class MlaDsaAttention(nn.Module):
         return torch.einsum("bsht,btr->bshr", probs, latent[..., : self.kv_lora_rank])
 
     def _absorbed_sparse_chunk(self, query, latent, indices, selected_valid) -> torch.Tensor:
-        """query [B, s, H, R + dr] against only its k selected latent rows -> latent output [B, s, H, R]."""
+        """query [B, s, H, R + dr] against only its k selected latent rows -> latent output [B, s, H, R]; FP8 rows
+        (uint8) are decoded after the gather, so only the selected ones are read."""
         rows = gather_rows(latent, indices)  # [B, s, k, R + dr]: only the selected latent rows
+        if rows.dtype == torch.uint8:
+            rows = unpack_latent_rows(rows, self.kv_lora_rank, query.dtype)
         scores = torch.einsum("bshc,bskc->bshk", query, rows)
         probs = masked_softmax(scores * self.scaling, selected_valid.unsqueeze(2))
         return torch.einsum("bshk,bskr->bshr", probs, rows[..., : self.kv_lora_rank])

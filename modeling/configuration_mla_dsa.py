@@ -24,6 +24,7 @@ FIRST_PAYLOAD_VERSION = "0.1.0"
 
 ATTENTION_MODES = ("auto", "mha", "absorbed")
 INDEXER_CACHE_DTYPES = ("auto", "fp8")
+LATENT_CACHE_DTYPES = ("auto", "fp8")
 SCALE_FORMATS = (None, "ue8m0")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -89,6 +90,11 @@ class MlaDsaConfig(PreTrainedConfig):
         `"auto"`: keys are cached in the model's dtype. Training (an indexer loss) always scores in full precision.
     indexer_scale_fmt (`str`, defaults to `None`):
         `"ue8m0"`: FP8 scales rounded up to powers of two (DeepSeek-V3.2's `scale_fmt`).
+    latent_cache_dtype (`str`, defaults to `"auto"`):
+        `"fp8"`: latent rows are cached in FlashMLA's layout, the `kv_lora_rank` values as e4m3 with one float32 scale
+        per 128 and the RoPE values as bfloat16 (656 bytes per token for DeepSeek-V3.2's shapes; 788 with FP8
+        indexer keys). Attention reads the rounded rows, for the new tokens too, as FlashMLA does. `"auto"`: the
+        model's dtype. Training (an indexer loss) always uses full precision.
     """
 
     model_type = MODEL_TYPE
@@ -175,6 +181,7 @@ class MlaDsaConfig(PreTrainedConfig):
     query_chunk_size: int = 256
     indexer_cache_dtype: str = "auto"
     indexer_scale_fmt: str | None = None
+    latent_cache_dtype: str = "auto"
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -261,6 +268,11 @@ class MlaDsaConfig(PreTrainedConfig):
         _require_choice("indexer_cache_dtype", self.indexer_cache_dtype, INDEXER_CACHE_DTYPES)
         _require_choice("indexer_scale_fmt", self.indexer_scale_fmt, SCALE_FORMATS)
         _require_choice("attention_mode", self.attention_mode, ATTENTION_MODES)
+        _require_choice("latent_cache_dtype", self.latent_cache_dtype, LATENT_CACHE_DTYPES)
+        if self.latent_cache_dtype == "fp8":
+            rank, block = self.kv_lora_rank, min(128, self.kv_lora_rank)
+            expected = "a multiple of 128 (or below 128) with latent_cache_dtype='fp8'"
+            _require("kv_lora_rank", rank, rank % block == 0, expected)
         if self.indexer_cache_dtype == "fp8":
             dim = self.index_head_dim
             _require(

@@ -1,8 +1,11 @@
-"""The FP8 codec of the indexer key cache, as DeepSeek-V3.2's inference code stores it.
+"""The FP8 codecs of the cache, as DeepSeek-V3.2's inference code and FlashMLA store it.
 
-Indexer queries and keys are rotated by a Hadamard transform (orthogonal, so q.k is unchanged, and outliers spread
-over all dims), then rounded to float8 e4m3 with one float32 scale per block of 128 values. A cached key is one
-uint8 row `[head_dim e4m3 bytes | 4 bytes per scale]`, so a key and its scales never part.
+- Indexer keys: rotated by a Hadamard transform (orthogonal, so q.k is unchanged, and outliers spread over all dims),
+  then rounded to float8 e4m3 with one float32 scale per block of 128 values. A cached key is one uint8 row
+  `[head_dim e4m3 bytes | 4 bytes per scale]`, so a key and its scales never part.
+- Latent rows (FlashMLA's sparse-decode layout): the `kv_lora_rank` latent values in e4m3 with one float32 scale per
+  128 (no rotation), then the `qk_rope_head_dim` RoPE values in bfloat16: `[512 e4m3 | 4 x 4 scale bytes | 64 x 2
+  bf16 bytes]` = 656 bytes per token for DeepSeek-V3.2's shapes.
 """
 
 import torch
@@ -66,13 +69,39 @@ def fp8_round_trip(x: torch.Tensor, block: int, scale_fmt: str | None = None) ->
     return dequantize_fp8_blocks(quantized, scales, block)
 
 
+def latent_block(kv_lora_rank: int) -> int:
+    """Latent values per scale: 128, or the whole latent when it is shorter (small test models)."""
+    return min(FP8_BLOCK, kv_lora_rank)
+
+
+def pack_latent_rows(latent: torch.Tensor, kv_lora_rank: int) -> torch.Tensor:
+    """uint8 rows [..., R + 4 * R / block + 2 * dr] from latent rows [..., R + dr] (`[c_KV ; k_R]`)."""
+    c_kv, k_rope = latent[..., :kv_lora_rank], latent[..., kv_lora_rank:]
+    quantized, scales = quantize_fp8_blocks(c_kv, latent_block(kv_lora_rank))
+    parts = (quantized, scales.contiguous(), k_rope.to(torch.bfloat16).contiguous())
+    return torch.cat([part.view(torch.uint8) for part in parts], dim=-1)
+
+
+def unpack_latent_rows(packed: torch.Tensor, kv_lora_rank: int, dtype: torch.dtype) -> torch.Tensor:
+    """Latent rows [..., R + dr] in `dtype` from the packed uint8 rows."""
+    block = latent_block(kv_lora_rank)
+    scale_end = kv_lora_rank + 4 * (kv_lora_rank // block)
+    quantized = packed[..., :kv_lora_rank].contiguous().view(torch.float8_e4m3fn)
+    scales = packed[..., kv_lora_rank:scale_end].contiguous().view(torch.float32)
+    k_rope = packed[..., scale_end:].contiguous().view(torch.bfloat16)
+    return torch.cat([dequantize_fp8_blocks(quantized, scales, block).to(dtype), k_rope.to(dtype)], dim=-1)
+
+
 __all__ = [
     "FP8_BLOCK",
     "FP8_MAX",
     "dequantize_fp8_blocks",
     "fp8_round_trip",
     "hadamard_rotate",
+    "latent_block",
     "pack_fp8_rows",
+    "pack_latent_rows",
     "quantize_fp8_blocks",
     "unpack_fp8_rows",
+    "unpack_latent_rows",
 ]

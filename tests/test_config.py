@@ -334,7 +334,7 @@ NON_DEFAULT = dict(
     dense_attention_layers=[0, 3],
     moe_layer_freq=2, num_nextn_predict_layers=1, index_n_heads=4, index_head_dim=32, index_topk=7,
     use_sparse_attention=False, attention_mode="mha", mha_max_length=100, query_chunk_size=16,
-    indexer_cache_dtype="fp8", indexer_scale_fmt="ue8m0",
+    indexer_cache_dtype="fp8", indexer_scale_fmt="ue8m0", latent_cache_dtype="fp8",
 )  # fmt: skip
 
 
