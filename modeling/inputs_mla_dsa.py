@@ -40,20 +40,26 @@ def output_flags(config, hidden_states: bool | None, attentions: bool | None) ->
     )
 
 
-def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+def check_input_ids(input_ids: torch.Tensor) -> None:
+    """Shape and dtype only: reading the values would make the host wait for the device at every step. Out-of-range
+    ids are reported by `out_of_range_ids` once the embedding lookup has failed."""
     if input_ids.dim() != 2:
         raise ValueError(f"MlaDsaModel: input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise ValueError(f"MlaDsaModel: input_ids must be an integer tensor, got {input_ids.dtype}")
-    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
-        raise ValueError(
-            f"MlaDsaModel: token ids must lie in [0, vocab_size={vocab_size}), got "
-            f"[{int(input_ids.min())}, {int(input_ids.max())}]"
-        )
+
+
+def out_of_range_ids(input_ids: torch.Tensor, vocab_size: int) -> ValueError:
+    """The error for token ids outside the vocabulary (raised after the lookup failed, so it may read them)."""
+    return ValueError(
+        f"MlaDsaModel: token ids must lie in [0, vocab_size={vocab_size}), got "
+        f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+    )
 
 
 def key_padding_mask_of(attention_mask: torch.Tensor | None, batch_size: int, num_keys: int) -> torch.Tensor | None:
-    """[B, T] bool, True at real tokens; None when nothing is padded."""
+    """[B, T] bool, True at real tokens, or None without a mask. An all-ones mask is kept as it is: finding that out
+    would make the host wait for the device."""
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2 or attention_mask.shape != (batch_size, num_keys):
@@ -61,14 +67,14 @@ def key_padding_mask_of(attention_mask: torch.Tensor | None, batch_size: int, nu
             f"MlaDsaModel: attention_mask must be 2D [batch, past + new tokens] = ({batch_size}, {num_keys}), "
             f"got shape {tuple(attention_mask.shape)}"
         )
-    mask = attention_mask.bool()
-    return None if bool(mask.all()) else mask
+    return attention_mask.bool()
 
 
 __all__ = [
     "as_requested",
     "check_input_ids",
     "key_padding_mask_of",
+    "out_of_range_ids",
     "output_flags",
     "packed_segment_ids",
     "stage_argument",

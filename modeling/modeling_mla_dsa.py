@@ -3,6 +3,11 @@ the classification heads (their common base and decoder layer are in `pretrained
 
 Decoder layer = MLA attention with a lightning indexer (`attention_mla_dsa.py`), then a dense MLP (layers below
 `first_k_dense_replace`) or DeepSeek MoE (`moe_mla_dsa.py`).
+
+The routed experts are `@use_experts_implementation` (in `moe_mla_dsa.py`). transformers decides whether a model's
+`experts_implementation` may be chosen by finding that decorator's name in the source of the module that defines the
+model class - this one - which is why it is named here: so "grouped_mm" (transformers' default, as for DeepseekV32)
+and "batched_mm" can be chosen for our models too.
 """
 
 from dataclasses import dataclass
@@ -26,6 +31,7 @@ from .inputs_mla_dsa import (
     as_requested,
     check_input_ids,
     key_padding_mask_of,
+    out_of_range_ids,
     output_flags,
     packed_segment_ids,
     stage_argument,
@@ -126,8 +132,11 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("MlaDsaModel: pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
-            check_input_ids(input_ids, self.config.vocab_size)
-            inputs_embeds = self.embed_tokens(input_ids)
+            check_input_ids(input_ids)
+            try:
+                inputs_embeds = self.embed_tokens(input_ids)
+            except IndexError:  # an id outside the vocabulary (CPU; on GPUs the lookup asserts on the device)
+                raise out_of_range_ids(input_ids, self.config.vocab_size) from None
         if inputs_embeds.shape[1] == 0:
             raise ValueError("MlaDsaModel: got an empty sequence (0 new tokens)")
         return inputs_embeds
