@@ -81,10 +81,12 @@ class MlaDsaAttention(nn.Module):
         cache=None,
         output_attentions: bool = False,
         segment_ids: torch.Tensor | None = None,
+        past_len: int | torch.Tensor = 0,
         **kwargs,
     ) -> tuple[torch.Tensor, IndexerStats | None, torch.Tensor | None]:
         """hidden_states [B, S, hidden]; key_padding_mask [B, T] bool (True = real token) or None; segment_ids [B, T]
-        for a packed batch (attention and the indexer stay inside each sequence) or None.
+        for a packed batch (attention and the indexer stay inside each sequence) or None; past_len: tokens cached
+        before this call (a device scalar for a static cache, whose rows past the current length the causal mask hides).
 
         Returns the attention output [B, S, hidden]; with an indexer training stage in `settings`, the indexer's KL
         loss and recall for this layer; with `output_attentions`, the attention probabilities [B, H, S, T] (0 at keys
@@ -108,7 +110,8 @@ class MlaDsaAttention(nn.Module):
             latent, index_keys = cache.update(latent, index_keys, self.layer_idx)  # [B, T, ...]
 
         num_keys = latent.shape[1]
-        visible = VisibleKeys(num_keys - seq_len, num_keys, key_padding_mask, hidden_states.device, segment_ids)
+        past_len = past_len if cache is not None else 0  # without a cache, this call's tokens are all the keys
+        visible = VisibleKeys(past_len, num_keys, key_padding_mask, hidden_states.device, segment_ids)
         sparse = settings.use_sparse_attention and settings.index_topk < num_keys and dsa_layer
         selection = None
         if sparse or stage is not None:  # otherwise the keys are needed only for the cache, not scored

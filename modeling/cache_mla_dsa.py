@@ -6,10 +6,13 @@ is amortized O(1) and `update` returns views, never a concatenation of the whole
 
 `MlaDsaCacheLayer` registers itself as the cache layer of type `LAYER_TYPE`, and `MlaDsaConfig.layer_types` names it
 for every layer, so `DynamicCache(config=model.config)` - what `generate()` builds - holds these layers too.
+`MlaDsaStaticCacheLayer` registers itself as the static layer of the same type, so `StaticCache(config=...,
+max_cache_len=...)` and `generate(cache_implementation="static")` preallocate latent and indexer keys, for a compiled
+decode step with fixed shapes.
 """
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, StaticLayer
 
 _MIN_CAPACITY = 64
 LAYER_TYPE = "mla_dsa_latent"  # the entry of `config.layer_types` that `DynamicCache(config)` builds this layer for
@@ -115,6 +118,98 @@ class MlaDsaCacheLayer(CacheLayerMixin):
         return _row_bytes(self.latent) + _row_bytes(self.index_keys)
 
 
+class MlaDsaStaticCacheLayer(StaticLayer):
+    """One layer's latent rows `[batch, max_cache_len, kv_lora_rank + qk_rope_head_dim]` and indexer keys
+    `[batch, max_cache_len, index_head_dim]`, allocated once and written in place at `cumulative_length` (a device
+    scalar, as transformers' StaticLayer), so a decode step has the same shapes and no host-side length.
+
+    Attention sees all `max_cache_len` rows: rows past the current length belong to positions later than every query,
+    so the causal mask hides them (and `crop` only moves the length back)."""
+
+    _layer_type = LAYER_TYPE  # a StaticLayer subclass registers as the static layer of this type
+    is_compileable = True
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self, max_cache_len: int, **kwargs):
+        super().__init__(max_cache_len=max_cache_len)
+        self.latent: torch.Tensor | None = None
+        self.index_keys: torch.Tensor | None = None
+
+    def lazy_initialization(self, latent: torch.Tensor, index_keys: torch.Tensor) -> None:
+        self.device, self.dtype = latent.device, latent.dtype
+        self.batch_size = latent.shape[0]
+        self.latent = latent.new_zeros(self.batch_size, self.max_cache_len, latent.shape[-1])
+        self.index_keys = index_keys.new_zeros(self.batch_size, self.max_cache_len, index_keys.shape[-1])
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        self.is_initialized = True
+
+    def update(
+        self, latent: torch.Tensor, index_keys: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes `latent` [B, S, R + rope] and `index_keys` [B, S, Di] at the next S slots; returns the whole
+        buffers [B, max_cache_len, ...]."""
+        if not self.is_initialized:
+            self.lazy_initialization(latent, index_keys)
+        slots = torch.arange(latent.shape[1], device=self.device) + self.cumulative_length
+        self.cumulative_length.add_(latent.shape[1])  # in place: the compiled step keeps one tensor
+        self.latent.index_copy_(1, slots, latent.to(self.latent.dtype))
+        self.index_keys.index_copy_(1, slots, index_keys.to(self.index_keys.dtype))
+        return self.latent, self.index_keys
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.latent.zero_()
+            self.index_keys.zero_()
+        self.cumulative_length.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """In place (the buffers keep their addresses): beam search reorders rows without a new graph."""
+        if self.is_initialized:
+            indices = indices.to(self.device)
+            self.latent.copy_(self.latent.index_select(0, indices))
+            self.index_keys.copy_(self.index_keys.index_select(0, indices))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.latent = self.latent.repeat_interleave(repeats, dim=0)
+            self.index_keys = self.index_keys.repeat_interleave(repeats, dim=0)
+            self.batch_size = self.latent.shape[0]
+
+    def offload(self) -> None:
+        if self.is_initialized:
+            self.latent = self.latent.to("cpu", non_blocking=True)
+            self.index_keys = self.index_keys.to("cpu", non_blocking=True)
+
+    def prefetch(self) -> None:
+        if self.is_initialized and self.latent.device != self.device:
+            self.latent = self.latent.to(self.device, non_blocking=True)
+            self.index_keys = self.index_keys.to(self.device, non_blocking=True)
+
+    def bytes_per_token(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return _row_bytes(self.latent) + _row_bytes(self.index_keys)
+
+
+CACHE_LAYERS = (MlaDsaCacheLayer, MlaDsaStaticCacheLayer)
+
+
+def cache_lengths(cache, seq_len: int) -> tuple[int | torch.Tensor, int]:
+    """(tokens cached before this forward, keys attention sees after it). A growing cache gives ints; a static one
+    gives its length as a device scalar (a copy: the layers advance theirs in place) and its fixed size."""
+    if cache is None:
+        return 0, seq_len
+    layer = cache.layers[0]
+    if isinstance(layer, MlaDsaStaticCacheLayer):
+        return layer.cumulative_length.clone(), layer.max_cache_len
+    past_len = cache.get_seq_length()
+    return past_len, past_len + seq_len
+
+
 class MlaDsaCache(Cache):
     """Latent KV + indexer-key cache for `MlaDsaForCausalLM`, one `MlaDsaCacheLayer` per decoder layer.
 
@@ -167,7 +262,7 @@ def check_cache(cache, num_layers: int, owner: str) -> None:
         isinstance(cache, Cache)
         and layers is not None
         and len(layers) == num_layers
-        and all(isinstance(layer, MlaDsaCacheLayer) for layer in layers)
+        and all(isinstance(layer, CACHE_LAYERS) for layer in layers)
     ):
         return
     found = type(cache).__name__
@@ -175,7 +270,8 @@ def check_cache(cache, num_layers: int, owner: str) -> None:
         found += f" with {len(layers)} layers ({', '.join(sorted({type(layer).__name__ for layer in layers}))})"
     raise ValueError(
         f"{owner}: the cache must be an MlaDsaCache (one MlaDsaCacheLayer of latent + indexer keys per each of the "
-        f"{num_layers} layers), got {found}; pass MlaDsaCache(model.config), DynamicCache(config=model.config) or None"
+        f"{num_layers} layers), got {found}; pass MlaDsaCache(model.config), DynamicCache(config=model.config), "
+        "StaticCache(config=model.config, max_cache_len=...) or None"
     )
 
 
@@ -189,4 +285,5 @@ def _row_bytes(buffer: torch.Tensor) -> int:
     return buffer.shape[-1] * buffer.element_size()
 
 
-__all__ = ["LAYER_TYPE", "MlaDsaCache", "MlaDsaCacheLayer", "check_cache"]
+__all__ = ["CACHE_LAYERS", "LAYER_TYPE", "MlaDsaCache", "MlaDsaCacheLayer", "MlaDsaStaticCacheLayer", "cache_lengths",
+           "check_cache"]  # fmt: skip

@@ -15,10 +15,9 @@ def as_requested(output, config, return_dict: bool | None):
 
 def packed_segment_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
     """[B, S] index of the packed sequence each position belongs to, where position ids restart within a row (a
-    DataCollatorWithFlattening batch, TRL's padding_free); None for ordinary rows (one run of positions each)."""
+    DataCollatorWithFlattening batch, TRL's padding_free)."""
     restarts = position_ids[:, 1:] != position_ids[:, :-1] + 1  # [B, S - 1]
-    if not bool(restarts.any()):
-        return None
+    # All zeros for an ordinary row (the same mask as none): asking whether any row restarts would make the host wait.
     return torch.nn.functional.pad(restarts.long(), (1, 0)).cumsum(-1)
 
 
@@ -57,11 +56,15 @@ def out_of_range_ids(input_ids: torch.Tensor, vocab_size: int) -> ValueError:
     )
 
 
-def key_padding_mask_of(attention_mask: torch.Tensor | None, batch_size: int, num_keys: int) -> torch.Tensor | None:
+def key_padding_mask_of(attention_mask: torch.Tensor | None, batch_size: int, num_keys: int, static: bool = False
+                        ) -> torch.Tensor | None:  # fmt: skip
     """[B, T] bool, True at real tokens, or None without a mask. An all-ones mask is kept as it is: finding that out
-    would make the host wait for the device."""
+    would make the host wait for the device. With a static cache (T its fixed size) a mask of the tokens so far is
+    padded to T: the slots past them are later than every query, which the causal mask hides anyway."""
     if attention_mask is None:
         return None
+    if static and attention_mask.dim() == 2 and attention_mask.shape[0] == batch_size:
+        attention_mask = torch.nn.functional.pad(attention_mask, (0, max(0, num_keys - attention_mask.shape[1])))
     if attention_mask.dim() != 2 or attention_mask.shape != (batch_size, num_keys):
         raise ValueError(
             f"MlaDsaModel: attention_mask must be 2D [batch, past + new tokens] = ({batch_size}, {num_keys}), "

@@ -12,7 +12,7 @@ class VisibleKeys:
 
     def __init__(
         self,
-        past_len: int,
+        past_len: int | torch.Tensor,
         num_keys: int,
         key_padding_mask: torch.Tensor | None,
         device: torch.device,
@@ -25,7 +25,8 @@ class VisibleKeys:
 
     def mask(self, start: int, end: int) -> torch.Tensor:
         """[B or 1, end - start, T] bool for queries start..end-1 of this forward."""
-        query_pos = torch.arange(self.past_len + start, self.past_len + end, device=self.device)
+        # past_len: an int, or a static cache's device scalar (then T is the cache's fixed size)
+        query_pos = torch.arange(start, end, device=self.device) + self.past_len
         visible = (torch.arange(self.num_keys, device=self.device) <= query_pos[:, None]).unsqueeze(0)  # [1, s, T]
         if self.key_padding_mask is not None:
             visible = visible & self.key_padding_mask[:, None, :]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from transformers import GenerationMixin
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import (
@@ -24,7 +25,7 @@ from transformers.modeling_outputs import (
 from transformers.utils import logging
 
 from .attention_mla_dsa import MlaDsaRMSNorm
-from .cache_mla_dsa import MlaDsaCache, check_cache
+from .cache_mla_dsa import MlaDsaCache, cache_lengths, check_cache
 from .compat_mla_dsa import CACHE_NAME, cache_field, take_cache
 from .configuration_mla_dsa import MlaDsaConfig
 from .inputs_mla_dsa import (
@@ -92,12 +93,14 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
         if use_cache and cache is None:
             cache = MlaDsaCache(self.config)
         batch_size, seq_len = inputs_embeds.shape[:2]
-        past_len = cache.get_seq_length() if cache is not None else 0
-        key_padding_mask = key_padding_mask_of(attention_mask, batch_size, past_len + seq_len)
+        # A static cache's length is a device scalar and its key count fixed: no host-side length, one shape per step.
+        past_len, num_keys = cache_lengths(cache, seq_len)
+        static = isinstance(past_len, torch.Tensor)
+        key_padding_mask = key_padding_mask_of(attention_mask, batch_size, num_keys, static)
         segment_ids = None
         if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device).unsqueeze(0)
-        elif past_len == 0:
+            position_ids = (torch.arange(seq_len, device=inputs_embeds.device) + past_len).unsqueeze(0)
+        elif not static and past_len == 0:
             segment_ids = packed_segment_ids(position_ids)
 
         hidden_states = inputs_embeds
@@ -110,7 +113,7 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
                 all_hidden_states += (hidden_states,)
             hidden_states, stats, attn_weights = layer(
                 hidden_states, position_embeddings, settings, key_padding_mask, output_attentions=output_attentions,
-                segment_ids=segment_ids, **cache_field(cache if use_cache else None), **kwargs,
+                segment_ids=segment_ids, past_len=past_len, **cache_field(cache if use_cache else None), **kwargs,
             )  # fmt: skip
             layer_stats += [stats] if stats is not None else []
             all_attentions = all_attentions + (attn_weights,) if output_attentions else None
@@ -246,16 +249,27 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
         return as_requested(output, self.config, return_dict)
 
     def generate(self, *args, **kwargs):
-        """transformers' `generate()`, on a cache of MlaDsaCacheLayer (what `DynamicCache(config)` builds for this
-        config). Static and quantized caches hold per-head keys and values, which this model does not make."""
+        """transformers' `generate()`, on a cache of our layers: `DynamicCache(config)` builds MlaDsaCacheLayer for
+        this config, `cache_implementation="static"` (and "offloaded_static") MlaDsaStaticCacheLayer, preallocated
+        for a compiled decode step. Quantized caches hold per-head keys and values, which this model does not make."""
         generation_config = kwargs.get("generation_config") or self.generation_config
         implementation = kwargs.get("cache_implementation", generation_config.cache_implementation)
-        if implementation not in (None, "dynamic", "dynamic_full"):
+        if implementation not in (None, "dynamic", "dynamic_full", "static", "offloaded_static"):
             raise ValueError(
                 f"MlaDsaForCausalLM.generate: cache_implementation={implementation!r} is not supported; the model "
-                "caches latent + indexer keys in its own layers (leave cache_implementation unset)"
+                'caches latent + indexer keys in its own layers (leave it unset, or "static" for a fixed-size cache)'
             )
         return super().generate(*args, **kwargs)
+
+    def create_masks_for_generate(self, *args, attention_mask: torch.Tensor | None = None, **kwargs):
+        """What `generate()` passes as the attention mask with a static cache (transformers' hook for models that
+        mask their own way): our 2D key padding mask, padded to the cache's fixed size, so every compiled decode
+        step sees one shape (the slots past the tokens so far are later than every query: causality hides them)."""
+        cache = kwargs.get(CACHE_NAME, kwargs.get("past_key_values"))
+        if attention_mask is None or attention_mask.dim() != 2 or cache is None:
+            return attention_mask
+        _, num_keys = cache_lengths(cache, 0)
+        return F.pad(attention_mask.bool(), (0, max(0, num_keys - attention_mask.shape[1])))
 
 
 class MlaDsaForSequenceClassification(MlaDsaPreTrainedModel):

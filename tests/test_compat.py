@@ -241,7 +241,7 @@ def test_generate_raises_no_deprecation_warning(models, prompt, other_assistant)
     assert not about_cache, about_cache
 
 
-@pytest.mark.parametrize("implementation", ["static", "quantized"])
+@pytest.mark.parametrize("implementation", ["quantized", "hybrid"])
 def test_a_per_head_cache_implementation_is_one_clear_error(models, prompt, implementation):
     _, ours = models["deepseek_v32"]
     with pytest.raises(ValueError, match="cache_implementation"):

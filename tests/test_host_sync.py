@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 import mla_dsa
 from mla_dsa import MlaDsaConfig, MlaDsaForCausalLM
@@ -58,13 +58,15 @@ def _model(device: str = "cpu", experts: str | None = None, **overrides) -> MlaD
     return model.eval()
 
 
-def _prefill_and_decode(model, device: str = "cpu", recorder: SyncRecorder | None = None, **settings):
+def _prefill_and_decode(model, device: str = "cpu", recorder: SyncRecorder | None = None, static: bool = False,
+                        **settings):  # fmt: skip
     """A left-padded batch of 2 x 20 (top-6 of up to 21 keys: the sparse path), then one decode step, on
-    `DynamicCache(config)` as generate() makes it; the recorder is on for both forwards only."""
+    `DynamicCache(config)` as generate() makes it (or a 32-slot `StaticCache`); the recorder is on for both forwards
+    only."""
     input_ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones(2, 20, dtype=torch.long, device=device)
     mask[1, :4] = 0
-    cache = DynamicCache(config=model.config)
+    cache = StaticCache(config=model.config, max_cache_len=32) if static else DynamicCache(config=model.config)
     with torch.no_grad(), recorder or _Nothing():
         out = model(input_ids, attention_mask=mask, cache=cache, use_cache=True, **settings)
         next_token = out.logits[:, -1:].argmax(-1)
@@ -100,8 +102,9 @@ def test_the_recorder_sees_every_kind_of_sync():
         ({"use_sparse_attention": False}, {}),
         ({}, {"latent_cache_dtype": "fp8", "indexer_cache_dtype": "fp8"}),
         ({}, {"dense_attention_layers": [0], "n_routed_experts": None}),
+        ({"static": True}, {}),
     ],
-    ids=["auto", "absorbed", "mha", "dense", "fp8-caches", "dense-layer-no-moe"],
+    ids=["auto", "absorbed", "mha", "dense", "fp8-caches", "dense-layer-no-moe", "static-cache"],
 )
 def test_prefill_and_decode_never_wait_for_the_device(settings, overrides):
     recorder = SyncRecorder()

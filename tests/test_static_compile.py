@@ -1,0 +1,145 @@
+"""A fixed-size cache and a compiled decode step: `generate(cache_implementation="static")` builds
+`StaticCache(config)` of our `MlaDsaStaticCacheLayer` (transformers' convention: a StaticLayer subclass registered for
+the config's layer type), and `torch.compile(model.forward, fullgraph=True)` decodes on it with no graph break and no
+recompilation per token, equal to eager. Graphs are counted with torch._dynamo's counters."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from transformers import DynamicCache, StaticCache
+
+from mla_dsa import MlaDsaConfig, MlaDsaForCausalLM
+from mla_dsa.modeling.cache_mla_dsa import MlaDsaStaticCacheLayer
+
+from peers import VOCAB
+
+CONFIG = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              q_lora_rank=48, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+              first_k_dense_replace=1, n_routed_experts=4, n_group=1, topk_group=1, num_experts_per_tok=2,
+              index_n_heads=8, index_head_dim=32, index_topk=6, max_position_embeddings=512,
+              pad_token_id=0)  # fmt: skip
+
+
+def _model(**overrides) -> MlaDsaForCausalLM:
+    torch.manual_seed(0)
+    return MlaDsaForCausalLM(MlaDsaConfig(**{**CONFIG, **overrides})).eval()
+
+
+def _padded_prompt() -> tuple[torch.Tensor, torch.Tensor]:
+    input_ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(input_ids)
+    mask[1, :3], input_ids[1, :3] = 0, 0
+    return input_ids, mask
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def test_static_cache_is_built_of_our_layers():
+    model = _model()
+    cache = StaticCache(config=model.config, max_cache_len=40)
+    assert all(type(layer) is MlaDsaStaticCacheLayer for layer in cache.layers) and cache.is_compileable
+    with torch.no_grad():
+        model(torch.randint(3, VOCAB, (1, 9)), cache=cache, use_cache=True)
+    assert cache.layers[0].latent.shape == (1, 40, 32 + 8) and int(cache.get_seq_length()) == 9
+    assert cache.layers[0].bytes_per_token() == (32 + 8 + 32) * 4
+
+
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize(
+    "strategy, overrides",
+    [
+        pytest.param({}, {}, id="greedy"),
+        pytest.param({}, {"latent_cache_dtype": "fp8", "indexer_cache_dtype": "fp8"}, id="fp8-caches"),
+        pytest.param({"num_beams": 2}, {}, id="beams", marks=SLOW),
+        pytest.param({"use_sparse_attention": False}, {}, id="dense", marks=SLOW),
+        pytest.param({"attention_mode": "mha"}, {}, id="mha", marks=SLOW),
+    ],
+)
+def test_generate_on_a_static_cache_equals_the_dynamic_cache(strategy, overrides):
+    """A left-padded batch; the static cache is longer than the context, so attention sees empty slots it must hide."""
+    model = _model(**overrides)
+    input_ids, mask = _padded_prompt()
+    settings = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, **strategy)
+    dynamic = model.generate(input_ids, **settings)
+    static = model.generate(input_ids, cache_implementation="static", **settings)
+    assert torch.equal(static, dynamic)
+
+
+def _decode_steps(forward, model, steps: int, cache_len: int = 48) -> torch.Tensor:
+    """Eager prefill of a padded batch into a static cache, then `steps` greedy decode steps through `forward` with
+    a fixed-size mask (what generate() passes with a static cache); returns every step's logits."""
+    input_ids, prompt_mask = _padded_prompt()
+    mask = torch.nn.functional.pad(prompt_mask, (0, cache_len - prompt_mask.shape[1]), value=1)
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    logits = []
+    with torch.no_grad():
+        out = model(input_ids, attention_mask=mask, cache=cache, use_cache=True)
+        positions = prompt_mask.sum(-1, keepdim=True)
+        for _ in range(steps):
+            token = out.logits[:, -1:].argmax(-1)
+            out = forward(token, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+            logits.append(out.logits)
+            positions = positions + 1
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("overrides", [{}, {"latent_cache_dtype": "fp8", "indexer_cache_dtype": "fp8"}],
+                         ids=["bf16-caches", "fp8-caches"])  # fmt: skip
+def test_compiled_decode_has_no_graph_break_and_no_recompilation_per_token(overrides):
+    """Dynamo's own tracing (backend="eager": the graph capture, without code generation): fullgraph=True fails on
+    any graph break; after the first compiled step, more steps make no new graph."""
+    model = _model(**overrides)
+    compiled = torch.compile(model.forward, fullgraph=True, backend="eager")
+    expected = _decode_steps(model.forward, model, steps=6)
+    _decode_steps(compiled, model, steps=2)
+    graphs = counters["stats"]["unique_graphs"]
+    actual = _decode_steps(compiled, model, steps=6)
+    assert counters["stats"]["unique_graphs"] == graphs == 1
+    assert not counters["graph_break"]
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_generate_with_a_compiled_forward_compiles_once_per_shape():
+    """generate(cache_implementation="static") with `model.forward` compiled (fullgraph): one graph for the prefill,
+    one for every decode step, the same tokens as eager."""
+    model = _model()
+    input_ids, mask = _padded_prompt()
+    expected = model.generate(input_ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")
+    actual = model.generate(input_ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                            cache_implementation="static")  # fmt: skip
+    assert torch.equal(actual, expected)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+
+
+@pytest.mark.slow
+def test_inductor_compiled_decode_equals_eager():
+    """The real compiler (inductor, C++ on CPU): one graph for every decode step, logits equal to eager."""
+    model = _model()
+    compiled = torch.compile(model.forward, fullgraph=True)
+    expected = _decode_steps(model.forward, model, steps=5)
+    actual = _decode_steps(compiled, model, steps=5)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-4)
+
+
+def test_a_dynamic_cache_still_works_under_the_same_forward():
+    """The static path changes nothing for the growing cache: its decode logits equal a full recomputation."""
+    model = _model()
+    input_ids = torch.randint(3, VOCAB, (1, 10))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids[:, :-1], cache=cache, use_cache=True)
+        step = model(input_ids[:, -1:], cache=cache, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(step, model(input_ids).logits[:, -1], rtol=0, atol=1e-5)
