@@ -125,8 +125,10 @@ def _select(scorer: IndexScorer, visible: VisibleKeys, top_k: int, with_scores: 
     parts = []
     for start in range(0, seq_len, block):
         end = min(seq_len, start + block)
-        args = (scorer.queries[:, start:end], scorer.weights[:, start:end], scorer.keys,
-                visible.mask(start, end).expand(batch_size, -1, -1), k, scorer.softmax_scale, with_scores)  # fmt: skip
+        keys = visible.causal_prefix(end, k)  # keys later than the block's last query are never scored
+        args = (scorer.queries[:, start:end], scorer.weights[:, start:end], scorer.keys[:, :keys],
+                visible.mask(start, end)[..., :keys].expand(batch_size, -1, -1), k, scorer.softmax_scale,
+                with_scores)  # fmt: skip
         if checkpointed:
             parts.append(checkpoint(_select_block, *args, use_reentrant=False))
         else:

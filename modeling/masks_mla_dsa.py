@@ -35,6 +35,13 @@ class VisibleKeys:
             visible = visible & (query_segments[:, :, None] == self.segment_ids[:, None, :])
         return visible
 
+    def causal_prefix(self, end: int, at_least: int) -> int:
+        """How many leading keys queries before `end` may see, but at least `at_least` (so every query block selects
+        the same number of keys), at most all. A static cache's device-side length gives no host-side bound: all."""
+        if isinstance(self.past_len, torch.Tensor):
+            return self.num_keys
+        return min(self.num_keys, max(self.past_len + end, at_least))
+
 
 def selected_keys_mask(indices: torch.Tensor, num_keys: int) -> torch.Tensor:
     """[B, S, T] bool, True at the selected key positions `indices` [B, S, k]."""

@@ -201,3 +201,26 @@ def test_sparse_multi_token_step_scores_are_k_wide(models, monkeypatch, mode):
     assert gathered == [(1, queries, TOPK, row)] * num_layers
     for _, _, shape in shapes:
         assert keys not in shape, shapes
+
+
+def test_prefill_scores_only_the_causal_prefix_of_each_query_block(models, monkeypatch):
+    """A long prefill scores its queries in blocks; block [start, end) needs keys [0, end) only (the rest are later
+    than all of its queries). Forced into blocks of 4 queries: each block scores max(end, k) keys, and the
+    selection, hence the logits, equals one block scoring every key."""
+    model = models["absorbed"]
+    input_ids = torch.randint(3, VOCAB, (1, CONTEXT), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(input_ids).logits
+    scored, original = [], indexer_mla_dsa.index_scores
+
+    def recording(queries, weights, keys, softmax_scale):
+        scored.append((queries.shape[1], keys.shape[1]))
+        return original(queries, weights, keys, softmax_scale)
+
+    monkeypatch.setattr(indexer_mla_dsa, "index_scores", recording)
+    monkeypatch.setattr(indexer_mla_dsa, "query_block", lambda *shape: 4)
+    with torch.no_grad():
+        actual = model(input_ids).logits
+    per_layer = [max(end, TOPK) for end in range(4, CONTEXT + 1, 4)]
+    assert [keys for _, keys in scored] == per_layer * model.config.num_hidden_layers
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
