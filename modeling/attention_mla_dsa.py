@@ -259,6 +259,10 @@ class MlaDsaAttention(nn.Module):
         else:
             per_query = batch_size * selection.indices.shape[-1] * latent.shape[-1]  # gathered rows
         chunk = max(1, min(self.config.query_chunk_size, _GATHER_BLOCK_ELEMENTS // per_query))
+        buffer = None
+        if selection is not None and seq_len > chunk and not (torch.is_grad_enabled() and latent.requires_grad):
+            # One buffer for every chunk's gathered rows (a long inference prefill): see gather_rows.
+            buffer = latent.new_empty(batch_size, chunk, selection.indices.shape[-1], latent.shape[-1])
         outputs = []
         for start in range(0, seq_len, chunk):
             end = min(seq_len, start + chunk)
@@ -267,7 +271,7 @@ class MlaDsaAttention(nn.Module):
                 latent_out = self._absorbed_dense_chunk(query, latent, visible.mask(start, end))
             else:
                 latent_out = self._absorbed_sparse_chunk(
-                    query, latent, selection.indices[:, start:end], selection.valid[:, start:end]
+                    query, latent, selection.indices[:, start:end], selection.valid[:, start:end], buffer
                 )
             outputs.append(torch.einsum("bshr,hvr->bshv", latent_out, w_uv))  # W_UV after attention
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
@@ -278,10 +282,10 @@ class MlaDsaAttention(nn.Module):
         probs = masked_softmax(scores * self.scaling, valid.unsqueeze(2))
         return torch.einsum("bsht,btr->bshr", probs, latent[..., : self.kv_lora_rank])
 
-    def _absorbed_sparse_chunk(self, query, latent, indices, selected_valid) -> torch.Tensor:
+    def _absorbed_sparse_chunk(self, query, latent, indices, selected_valid, buffer=None) -> torch.Tensor:
         """query [B, s, H, R + dr] against only its k selected latent rows -> latent output [B, s, H, R]; FP8 rows
         (uint8) are decoded after the gather, so only the selected ones are read."""
-        rows = gather_rows(latent, indices)  # [B, s, k, R + dr]: only the selected latent rows
+        rows = gather_rows(latent, indices, buffer)  # [B, s, k, R + dr]: only the selected latent rows
         if rows.dtype == torch.uint8:
             rows = unpack_latent_rows(rows, self.kv_lora_rank, query.dtype)
         scores = torch.einsum("bshc,bskc->bshk", query, rows)

@@ -49,9 +49,15 @@ def selected_keys_mask(indices: torch.Tensor, num_keys: int) -> torch.Tensor:
     return mask.scatter_(-1, indices, True)
 
 
-def gather_rows(rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def gather_rows(rows: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """rows [B, T, C] picked by indices [B, s, k] -> [B, s, k, C] (index_select per batch row: a copy of just the
-    selected rows, never of all T)."""
+    selected rows, never of all T). `out` (contiguous [B, >= s, k, C], outside autograd): written in place, so a loop
+    over query chunks reuses one buffer (a fresh large allocation per chunk costs more than the gather on CPU)."""
+    if out is not None:
+        out = out[:, : indices.shape[1]]
+        for b in range(rows.shape[0]):
+            torch.index_select(rows[b], 0, indices[b].reshape(-1), out=out[b].view(-1, rows.shape[-1]))
+        return out
     picked = [rows[b].index_select(0, indices[b].reshape(-1)) for b in range(rows.shape[0])]
     stacked = picked[0].unsqueeze(0) if len(picked) == 1 else torch.stack(picked)
     return stacked.view(*indices.shape, rows.shape[-1])
