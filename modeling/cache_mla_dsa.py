@@ -18,7 +18,38 @@ _MIN_CAPACITY = 64
 LAYER_TYPE = "mla_dsa_latent"  # the entry of `config.layer_types` that `DynamicCache(config)` builds this layer for
 
 
-class MlaDsaCacheLayer(CacheLayerMixin):
+class LatentRows:
+    """What both cache layers do alike with their `latent` and `index_keys` buffers [batch, slots, *]."""
+
+    latent: torch.Tensor | None
+    index_keys: torch.Tensor | None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.latent = self.latent.repeat_interleave(repeats, dim=0)
+            self.index_keys = self.index_keys.repeat_interleave(repeats, dim=0)
+
+    def offload(self) -> None:
+        if self.is_initialized:
+            self.latent = self.latent.to("cpu", non_blocking=True)
+            self.index_keys = self.index_keys.to("cpu", non_blocking=True)
+
+    def prefetch(self) -> None:
+        if self.is_initialized and self.latent.device != self.device:
+            self.latent = self.latent.to(self.device, non_blocking=True)
+            self.index_keys = self.index_keys.to(self.device, non_blocking=True)
+
+    def bytes_per_token(self) -> int:
+        """Bytes one cached token costs in this layer (latent row plus indexer key)."""
+        if not self.is_initialized:
+            return 0
+        return _row_bytes(self.latent) + _row_bytes(self.index_keys)
+
+
+class MlaDsaCacheLayer(LatentRows, CacheLayerMixin):
     """One layer's latent rows `[batch, capacity, kv_lora_rank + qk_rope_head_dim]` and indexer keys
     `[batch, capacity, index_head_dim]`; the first `length` positions along dim 1 are filled."""
 
@@ -87,38 +118,14 @@ class MlaDsaCacheLayer(CacheLayerMixin):
             max_length = self.length + max_length
         self.length = max(0, min(self.length, max_length))
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.batch_select_indices(beam_idx)
-
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             indices = indices.to(self.latent.device)
             self.latent = self.latent.index_select(0, indices)
             self.index_keys = self.index_keys.index_select(0, indices)
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self.latent = self.latent.repeat_interleave(repeats, dim=0)
-            self.index_keys = self.index_keys.repeat_interleave(repeats, dim=0)
 
-    def offload(self) -> None:
-        if self.is_initialized:
-            self.latent = self.latent.to("cpu", non_blocking=True)
-            self.index_keys = self.index_keys.to("cpu", non_blocking=True)
-
-    def prefetch(self) -> None:
-        if self.is_initialized and self.latent.device != self.device:
-            self.latent = self.latent.to(self.device, non_blocking=True)
-            self.index_keys = self.index_keys.to(self.device, non_blocking=True)
-
-    def bytes_per_token(self) -> int:
-        """Bytes one cached token costs in this layer (latent row plus indexer key)."""
-        if not self.is_initialized:
-            return 0
-        return _row_bytes(self.latent) + _row_bytes(self.index_keys)
-
-
-class MlaDsaStaticCacheLayer(StaticLayer):
+class MlaDsaStaticCacheLayer(LatentRows, StaticLayer):
     """One layer's latent rows `[batch, max_cache_len, kv_lora_rank + qk_rope_head_dim]` and indexer keys
     `[batch, max_cache_len, index_head_dim]`, allocated once and written in place at `cumulative_length` (a device
     scalar, as transformers' StaticLayer), so a decode step has the same shapes and no host-side length.
@@ -163,36 +170,12 @@ class MlaDsaStaticCacheLayer(StaticLayer):
             self.index_keys.zero_()
         self.cumulative_length.zero_()
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.batch_select_indices(beam_idx)
-
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """In place (the buffers keep their addresses): beam search reorders rows without a new graph."""
         if self.is_initialized:
             indices = indices.to(self.device)
             self.latent.copy_(self.latent.index_select(0, indices))
             self.index_keys.copy_(self.index_keys.index_select(0, indices))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self.latent = self.latent.repeat_interleave(repeats, dim=0)
-            self.index_keys = self.index_keys.repeat_interleave(repeats, dim=0)
-            self.batch_size = self.latent.shape[0]
-
-    def offload(self) -> None:
-        if self.is_initialized:
-            self.latent = self.latent.to("cpu", non_blocking=True)
-            self.index_keys = self.index_keys.to("cpu", non_blocking=True)
-
-    def prefetch(self) -> None:
-        if self.is_initialized and self.latent.device != self.device:
-            self.latent = self.latent.to(self.device, non_blocking=True)
-            self.index_keys = self.index_keys.to(self.device, non_blocking=True)
-
-    def bytes_per_token(self) -> int:
-        if not self.is_initialized:
-            return 0
-        return _row_bytes(self.latent) + _row_bytes(self.index_keys)
 
 
 CACHE_LAYERS = (MlaDsaCacheLayer, MlaDsaStaticCacheLayer)
@@ -285,5 +268,13 @@ def _row_bytes(buffer: torch.Tensor) -> int:
     return buffer.shape[-1] * buffer.element_size()
 
 
-__all__ = ["CACHE_LAYERS", "LAYER_TYPE", "MlaDsaCache", "MlaDsaCacheLayer", "MlaDsaStaticCacheLayer", "cache_lengths",
-           "check_cache"]  # fmt: skip
+__all__ = [
+    "CACHE_LAYERS",
+    "LAYER_TYPE",
+    "LatentRows",
+    "MlaDsaCache",
+    "MlaDsaCacheLayer",
+    "MlaDsaStaticCacheLayer",
+    "cache_lengths",
+    "check_cache",
+]
