@@ -32,7 +32,8 @@ EXECUTION_FIELDS = (
     "latent_cache_dtype",
 )  # fmt: skip
 # Ours, checked by `export_refusals` and then left out: the format has one fixed value for each.
-FIXED_FIELDS = ("use_sparse_attention", "dense_attention_layers", "rope_interleave")
+FIXED_FIELDS = ("use_sparse_attention", "dense_attention_layers", "rope_interleave", "indexer_types",
+                "indexer_rope_interleave")  # fmt: skip
 
 
 def export_refusals(config: MlaDsaConfig, export: str) -> list[str]:
@@ -46,6 +47,12 @@ def export_refusals(config: MlaDsaConfig, export: str) -> list[str]:
     if not config.use_sparse_attention:
         reasons.append("use_sparse_attention=False: DeepSeek-V3.2's format always attends to the index_topk keys its "
                        "indexer selects")  # fmt: skip
+    if config.indexer_types:
+        reasons.append(f"indexer_types={config.indexer_types}: DeepSeek-V3.2's format has no shared-indexer layers "
+                       "(GLM-5's glm_moe_dsa format has)")  # fmt: skip
+    if config.indexer_rope_interleave:
+        reasons.append("indexer_rope_interleave=True: DeepSeek-V3.2's indexer rotates half-split RoPE pairs (GLM-5's "
+                       "rotates adjacent ones)")  # fmt: skip
     if config.q_lora_rank is None:
         reasons.append("q_lora_rank=None: DeepSeek-V3.2's format always compresses the query (q_a_proj, q_b_proj)")
     if not config.rope_interleave:

@@ -66,7 +66,7 @@ class OutputShard:
 def target_config(source: SourceCheckpoint, opts: ConvertOptions) -> MlaDsaConfig:
     """The MlaDsaConfig of the output: SRC's architecture plus the indexer shape from the options."""
     config_path = source.path / "config.json"
-    has_indexer = source_family(source) in ("deepseek_v32", "mla_dsa")
+    has_indexer = source_family(source) in ("deepseek_v32", "glm_moe_dsa", "mla_dsa")
     fields = config_from_deepseek(source.config)
     for name in ("index_n_heads", "index_head_dim", "index_topk"):
         wanted = getattr(opts, name)
@@ -170,7 +170,7 @@ def plan_output(source: SourceCheckpoint, config: MlaDsaConfig, opts: ConvertOpt
         dtype = output_dtype(info, opts, dtype_of_model)
         groups[shard_pos[info.shard]].append(OutputTensor(info.name, dtype, info.shape, source=info.name))
     for layer in range(config.num_hidden_layers):
-        if layer in indexer_source:
+        if layer in indexer_source or config.is_shared_indexer_layer(layer):  # a shared layer has no indexer
             continue
         anchor = f"model.layers.{layer}.self_attn.kv_a_proj_with_mqa.weight"
         group = groups[shard_pos[kept[anchor].shard]]

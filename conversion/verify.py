@@ -59,7 +59,7 @@ def _reference_model(source: SourceCheckpoint, config: MlaDsaConfig, opts: Conve
     else:
         fields = {k: v for k, v in source.config.items() if k not in ("model_type", "quantization_config")}
         peer_config = transformers.AutoConfig.for_model(model_type, **{**fields, "dtype": "float32"})
-        if model_type == "deepseek_v32":
+        if model_type in ("deepseek_v32", "glm_moe_dsa"):
             peer_config.index_topk = 1 << 30  # every key selected: the dense reference
         model_class = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(peer_config)]
     dtype_of_model = model_dtype(source, opts)

@@ -68,7 +68,8 @@ class MlaDsaAttention(nn.Module):
             self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=bias)
-        self.indexer = MlaDsaIndexer(config, layer_idx)
+        # A "shared" layer (GLM-5's indexer_types) reuses the nearest previous full layer's selection: no indexer here.
+        self.indexer = None if config.is_shared_indexer_layer(layer_idx) else MlaDsaIndexer(config, layer_idx)
         self.fp8_latent = config.latent_cache_dtype == "fp8"
         self._absorbed_cache: tuple | None = None
 
@@ -82,15 +83,17 @@ class MlaDsaAttention(nn.Module):
         output_attentions: bool = False,
         segment_ids: torch.Tensor | None = None,
         past_len: int | torch.Tensor = 0,
+        shared_selection: TopkSelection | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, IndexerStats | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, IndexerStats | None, torch.Tensor | None, TopkSelection | None]:
         """hidden_states [B, S, hidden]; key_padding_mask [B, T] bool (True = real token) or None; segment_ids [B, T]
         for a packed batch (attention and the indexer stay inside each sequence) or None; past_len: tokens cached
         before this call (a device scalar for a static cache, whose rows past the current length the causal mask hides).
 
         Returns the attention output [B, S, hidden]; with an indexer training stage in `settings`, the indexer's KL
         loss and recall for this layer; with `output_attentions`, the attention probabilities [B, H, S, T] (0 at keys
-        the indexer did not select), computed on the explicit (eager) MHA path whatever the attention mode."""
+        the indexer did not select), computed on the explicit (eager) MHA path whatever the attention mode; and the
+        top-k selection it attended with (a shared layer's is `shared_selection`, its source layer's), or None."""
         batch_size, seq_len, _ = hidden_states.shape
         cos, sin = position_embeddings
         query_latent, q_nope, q_rope = self._project_queries(hidden_states)
@@ -100,10 +103,15 @@ class MlaDsaAttention(nn.Module):
         latent = torch.cat([self.kv_a_layernorm(c_kv), k_rope], dim=-1)  # [B, S, R + dr]
 
         dsa_layer = self.layer_idx not in (self.config.dense_attention_layers or ())
-        stage = settings.indexer_stage if dsa_layer else None  # a dense-attention layer's indexer is never used
-        # The indexer reads detached inputs: it learns only from its own loss, the main model only from the LM loss.
-        # Training scores keys in full precision; inference caches them in FP8 where the config says so.
-        index_keys = self.indexer.keys(hidden_states.detach(), cos, sin, fp8=self.indexer.fp8 and stage is None)
+        shared = self.indexer is None
+        # A dense-attention layer's indexer is never used; a shared layer has none to train.
+        stage = settings.indexer_stage if dsa_layer and not shared else None
+        if shared:  # caches no indexer keys
+            index_keys = latent.new_empty(batch_size, seq_len, 0)
+        else:
+            # The indexer reads detached inputs: it learns only from its own loss, the main model only from the LM
+            # loss. Training scores keys in full precision; inference caches them in FP8 where the config says so.
+            index_keys = self.indexer.keys(hidden_states.detach(), cos, sin, fp8=self.indexer.fp8 and stage is None)
         if self.fp8_latent and stage is None:
             latent = pack_latent_rows(latent, self.kv_lora_rank)  # [B, S, 656] uint8 for V3.2's shapes (FlashMLA's)
         if cache is not None:
@@ -113,8 +121,8 @@ class MlaDsaAttention(nn.Module):
         past_len = past_len if cache is not None else 0  # without a cache, this call's tokens are all the keys
         visible = VisibleKeys(past_len, num_keys, key_padding_mask, hidden_states.device, segment_ids)
         sparse = settings.use_sparse_attention and settings.index_topk < num_keys and dsa_layer
-        selection = None
-        if sparse or stage is not None:  # otherwise the keys are needed only for the cache, not scored
+        selection = shared_selection if shared and sparse else None
+        if not shared and (sparse or stage is not None):  # otherwise the keys are needed only for the cache
             top_k = settings.index_topk if sparse or stage == "sparse" else None
             selection = self.indexer(hidden_states.detach(), query_latent.detach(), position_embeddings, index_keys,
                                      visible, top_k, with_scores=stage == "sparse")  # fmt: skip
@@ -125,7 +133,7 @@ class MlaDsaAttention(nn.Module):
         stats = None
         if stage is not None:
             stats = self._indexer_stats(stage, selection, q_nope, q_rope, latent, visible, settings.index_topk)
-        return attn_output, stats, attn_weights
+        return attn_output, stats, attn_weights, selection
 
     def _attend(
         self, q_nope, q_rope, latent, visible: VisibleKeys, selection: TopkSelection | None, settings: DsaSettings,

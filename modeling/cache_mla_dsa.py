@@ -220,9 +220,16 @@ class MlaDsaCache(Cache):
         sizes = {layer.bytes_per_token() for layer in self.layers if layer.is_initialized}
         if not sizes:
             return 0
-        if len(sizes) > 1:
-            raise ValueError(f"cache layers differ in bytes per token: {sorted(sizes)}")
+        if len(sizes) > 1:  # layers that share another's top-k cache no indexer keys
+            raise ValueError(
+                f"cache layers differ in bytes per token ({sorted(sizes)}): see bytes_per_token_by_layer()"
+            )
         return sizes.pop()
+
+    def bytes_per_token_by_layer(self) -> list[int]:
+        """Exact bytes one token costs in each layer (0 before the first update): a layer that shares another's
+        top-k (`indexer_types`) holds its latent row only."""
+        return [layer.bytes_per_token() for layer in self.layers]
 
     def memory_bytes(self) -> int:
         """Bytes of the cached tokens (not of the spare capacity) over all layers and the batch."""

@@ -25,6 +25,7 @@ FIRST_PAYLOAD_VERSION = "0.1.0"
 ATTENTION_MODES = ("auto", "mha", "absorbed")
 INDEXER_CACHE_DTYPES = ("auto", "fp8")
 LATENT_CACHE_DTYPES = ("auto", "fp8")
+INDEXER_TYPES = ("full", "shared")
 SCALE_FORMATS = (None, "ue8m0")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -74,6 +75,12 @@ class MlaDsaConfig(PreTrainedConfig):
         `"absorbed"`: MQA over the latent with W_UK folded into the query and W_UV applied after attention
         (top-k applied by gathering the selected latent rows); `"auto"`: absorbed for decoding and for sparse
         prefill longer than `mha_max_length`, MHA otherwise.
+    indexer_types (`list[str]`, defaults to `None`):
+        Per layer, `"full"` (runs its own indexer) or `"shared"` (reuses the top-k selection of the nearest previous
+        full layer, and has no indexer weights and caches no indexer keys), as GLM-5's `indexer_types`. `None`: every
+        layer full (DeepSeek-V3.2).
+    indexer_rope_interleave (`bool`, defaults to `False`):
+        How the indexer rotates its RoPE dims: half-split pairs (DeepSeek-V3.2) or adjacent pairs (`True`, GLM-5).
     dense_attention_layers (`list[int]`, defaults to `None`):
         Layers that attend to every token even with DSA on (DeepSeek-V3.2 has none). Small models' first layer often
         spreads its attention over the whole context, which no top-k can cover.
@@ -174,6 +181,8 @@ class MlaDsaConfig(PreTrainedConfig):
     index_head_dim: int = 128
     index_topk: int = 2048
     use_sparse_attention: bool = True
+    indexer_types: list[str] | None = None
+    indexer_rope_interleave: bool = False
     dense_attention_layers: list[int] | None = None
     # Execution
     attention_mode: str = "auto"
@@ -292,6 +301,36 @@ class MlaDsaConfig(PreTrainedConfig):
             ),
             f"None or a list of layer indices below num_hidden_layers={self.num_hidden_layers}",
         )
+
+        types = self.indexer_types
+        _require(
+            "indexer_types",
+            types,
+            types is None
+            or (
+                isinstance(types, (list, tuple))
+                and len(types) == self.num_hidden_layers
+                and all(kind in INDEXER_TYPES for kind in types)
+                and types[0] == "full"
+            ),
+            f"None or one of {INDEXER_TYPES} per layer ({self.num_hidden_layers}), the first 'full'",
+        )
+        for layer in range(self.num_hidden_layers):
+            if self.is_shared_indexer_layer(layer) and self.indexer_source_layer(layer) in (layers or ()):
+                raise ValueError(
+                    f"MlaDsaConfig: layer {layer} shares the selection of layer {self.indexer_source_layer(layer)}, "
+                    "which is in dense_attention_layers and selects nothing"
+                )
+
+    def is_shared_indexer_layer(self, layer_idx: int) -> bool:
+        """Whether the layer reuses an earlier layer's top-k instead of running an indexer of its own."""
+        return self.indexer_types is not None and self.indexer_types[layer_idx] == "shared"
+
+    def indexer_source_layer(self, layer_idx: int) -> int:
+        """The layer whose indexer selects this layer's keys: itself, or the nearest previous full layer."""
+        while self.is_shared_indexer_layer(layer_idx):
+            layer_idx -= 1
+        return layer_idx
 
     def validate_rope_type(self) -> None:
         if not isinstance(self.rope_parameters, dict) or "rope_type" not in self.rope_parameters:

@@ -6,7 +6,7 @@ from typing import Any
 
 MODEL_TYPE = "mla_dsa"
 PAYLOAD_VERSION_KEY = "mla_dsa_payload_version"
-DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa")
 # What makes a config Multi-head Latent Attention: a compressed KV latent and a query/key split into a position-free
 # part and a decoupled RoPE part. Checkpoints of other names in DeepSeek's format (Kimi-K2's "kimi_k2", ...) are read
 # as the DeepSeek family their `architectures` names, or, without one, the one their fields describe.
@@ -15,6 +15,7 @@ DEEPSEEK_ARCHITECTURES = {
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
     "DeepseekV32ForCausalLM": "deepseek_v32",
+    "GlmMoeDsaForCausalLM": "glm_moe_dsa",
 }
 
 
@@ -55,6 +56,12 @@ def config_from_deepseek(config_dict: dict[str, Any]) -> dict[str, Any]:
         PAYLOAD_VERSION_KEY,
     ):
         config.pop(name, None)
+    if source_type == "glm_moe_dsa":
+        config.setdefault("indexer_rope_interleave", True)  # GLM's indexer rotates adjacent pairs (its peer code)
+        config.setdefault("n_group", 1)
+        config.setdefault("topk_group", 1)
+        config.setdefault("rms_norm_eps", 1e-5)
+        config["indexer_types"] = glm_indexer_types(config)
     if source_type == "deepseek_v2":
         # V2 rotates rope pairs as complex numbers: the same math as V3's interleaved layout.
         config.setdefault("rope_interleave", True)
@@ -75,6 +82,21 @@ def config_from_deepseek(config_dict: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def glm_indexer_types(config: dict[str, Any]) -> list[str] | None:
+    """GLM-5's per-layer indexer types, from `indexer_types` or, as transformers' GlmMoeDsaConfig derives them, from
+    an "FSS..." `index_topk_pattern` or one full layer in `index_topk_freq` from `index_skip_topk_offset` on (those
+    fields are popped); None when every layer is full."""
+    pattern = config.pop("index_topk_pattern", None)
+    freq, offset = config.pop("index_topk_freq", 1), config.pop("index_skip_topk_offset", 2)
+    types = config.get("indexer_types")
+    if types is None and pattern is not None:
+        types = [{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(pattern, str) else list(pattern)
+    if types is None:
+        freq, layers = max(freq or 1, 1), range(config.get("num_hidden_layers", 61))
+        types = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in layers]
+    return None if all(kind == "full" for kind in types) else list(types)
+
+
 def _drop_mlp_layer_types(config: dict[str, Any]) -> None:
     """DeepseekV32's `mlp_layer_types` (written by its config, and by our export) spells out DeepSeek's rule, MoE from
     `first_k_dense_replace` on, every `moe_layer_freq`-th layer; a list that breaks the rule has no MlaDsaConfig."""
@@ -91,4 +113,4 @@ def _drop_mlp_layer_types(config: dict[str, Any]) -> None:
         )
 
 
-__all__ = ["DEEPSEEK_MODEL_TYPES", "MLA_FIELDS", "config_from_deepseek", "deepseek_family"]
+__all__ = ["DEEPSEEK_MODEL_TYPES", "glm_indexer_types", "MLA_FIELDS", "config_from_deepseek", "deepseek_family"]

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .fp8_mla_dsa import FP8_BLOCK, fp8_round_trip, pack_fp8_rows, unpack_fp8_rows
 from .masks_mla_dsa import VisibleKeys
-from .rope_mla_dsa import apply_rotary_half_split
+from .rope_mla_dsa import apply_rotary_half_split, apply_rotary_interleaved
 
 # Largest [keys, queries, heads] block of float32 per-head index scores materialised at once (64 MiB).
 _SCORE_BLOCK_ELEMENTS = 1 << 24
@@ -80,11 +80,12 @@ class MlaDsaIndexer(nn.Module):
         self.fp8 = config.indexer_cache_dtype == "fp8"
         self.scale_fmt = config.indexer_scale_fmt
         self.fp8_block = min(FP8_BLOCK, self.head_dim)
+        self.rope_interleave = config.indexer_rope_interleave
 
     def keys(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp8: bool) -> torch.Tensor:
         """The keys of the new tokens as the cache holds them: rotated [B, S, D], or with `fp8` the packed rows
         [B, S, D + 4 * D / 128] (uint8, see `fp8_mla_dsa.py`)."""
-        keys = _rotate_leading_dims(self.k_norm(self.wk(hidden_states)), cos, sin, self.rope_dim)
+        keys = _rotate_leading_dims(self.k_norm(self.wk(hidden_states)), cos, sin, self.rope_dim, self.rope_interleave)
         return pack_fp8_rows(keys, self.fp8_block, self.scale_fmt) if fp8 else keys
 
     def forward(
@@ -106,7 +107,7 @@ class MlaDsaIndexer(nn.Module):
         cos, sin = position_embeddings
         batch_size, seq_len, _ = hidden_states.shape
         queries = self.wq_b(query_latent).view(batch_size, seq_len, self.n_heads, self.head_dim)
-        queries = _rotate_leading_dims(queries, cos.unsqueeze(2), sin.unsqueeze(2), self.rope_dim)
+        queries = _rotate_leading_dims(queries, cos.unsqueeze(2), sin.unsqueeze(2), self.rope_dim, self.rope_interleave)
         weights = self.weights_proj(hidden_states.to(self.weights_proj.weight.dtype)).float() * self.n_heads**-0.5
         if keys.dtype == torch.uint8:
             queries = fp8_round_trip(queries, self.fp8_block, self.scale_fmt)
@@ -185,9 +186,11 @@ def select_topk(scores: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[torc
     return indices, valid.gather(-1, indices)
 
 
-def _rotate_leading_dims(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int) -> torch.Tensor:
-    rotated = apply_rotary_half_split(x[..., :rope_dim], cos, sin)
-    return torch.cat([rotated, x[..., rope_dim:]], dim=-1)
+def _rotate_leading_dims(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int,
+                         interleave: bool) -> torch.Tensor:  # fmt: skip
+    """RoPE on the first `rope_dim` dims: half-split pairs (DeepSeek-V3.2's indexer) or adjacent pairs (GLM-5's)."""
+    rotate = apply_rotary_interleaved if interleave else apply_rotary_half_split
+    return torch.cat([rotate(x[..., :rope_dim], cos, sin), x[..., rope_dim:]], dim=-1)
 
 
 __all__ = ["IndexScorer", "MlaDsaIndexer", "TopkSelection", "index_scores", "query_block", "select_topk"]

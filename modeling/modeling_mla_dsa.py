@@ -107,13 +107,15 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden_states = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        layer_stats = []
+        layer_stats, selection = [], None
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states, stats, attn_weights = layer(
+            # `selection`: the last full layer's top-k, which the shared layers after it reuse (GLM-5's indexer_types)
+            hidden_states, stats, attn_weights, selection = layer(
                 hidden_states, position_embeddings, settings, key_padding_mask, output_attentions=output_attentions,
-                segment_ids=segment_ids, past_len=past_len, **cache_field(cache if use_cache else None), **kwargs,
+                segment_ids=segment_ids, past_len=past_len, shared_selection=selection,
+                **cache_field(cache if use_cache else None), **kwargs,
             )  # fmt: skip
             layer_stats += [stats] if stats is not None else []
             all_attentions = all_attentions + (attn_weights,) if output_attentions else None

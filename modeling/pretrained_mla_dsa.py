@@ -22,6 +22,7 @@ from .attention_mla_dsa import MlaDsaAttention, MlaDsaRMSNorm
 from .compat_mla_dsa import CACHE_NAME, CACHE_NAMES, take_cache
 from .configuration_mla_dsa import MlaDsaConfig
 from .indexer_loss_mla_dsa import IndexerStats
+from .indexer_mla_dsa import TopkSelection
 from .loading_mla_dsa import check_weight_file, warn_if_code_is_older, warn_if_indexer_missing, weight_files
 from .moe_mla_dsa import MlaDsaExperts, MlaDsaMLP, MlaDsaMoE, MlaDsaRouter, register_expert_layout
 from .settings_mla_dsa import DsaSettings
@@ -49,17 +50,18 @@ class MlaDsaDecoderLayer(GradientCheckpointingLayer):
         key_padding_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         **kwargs,
-    ) -> tuple[torch.Tensor, IndexerStats | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, IndexerStats | None, torch.Tensor | None, TopkSelection | None]:
         # The cache comes by keyword, under the running transformers' name (CACHE_NAME): GradientCheckpointingLayer
         # looks for it there to drop it (with one warning) when a checkpointed training step asks for a cache.
         cache = kwargs.pop(CACHE_NAME, None)
         residual = hidden_states
-        attn_output, stats, attn_weights = self.self_attn(
+        attn_output, stats, attn_weights, selection = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, settings, key_padding_mask, cache,
             output_attentions=output_attentions, **kwargs,
         )  # fmt: skip
         hidden_states = residual + attn_output
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)), stats, attn_weights
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, stats, attn_weights, selection
 
 
 class MlaDsaPreTrainedModel(PreTrainedModel):

@@ -90,7 +90,7 @@ def test_loss_equals_unchunked_reference(checkpoint, stage):
         hook.remove()
     layer_losses = []
     for idx, layer in enumerate(model.model.layers):
-        args, kwargs, (_, stats, _) = captured[idx]
+        args, kwargs, (_, stats, _, _) = captured[idx]
         hidden, position_embeddings, key_padding_mask = args[0], args[1], args[3]
         with torch.no_grad():
             expected = reference_layer_kl(

@@ -1,0 +1,155 @@
+"""GLM-5 (`glm_moe_dsa`): MLA + DSA whose indexer rotates adjacent RoPE pairs and whose "shared" layers
+(`indexer_types`) reuse the previous full layer's top-k with no indexer of their own. Checkpoints written by
+transformers' GlmMoeDsaForCausalLM, with and without shared layers, load into ours and give its logits and tokens;
+where GLM's conventions differ from DeepSeek's, the peer decides (the other RoPE layout gives other logits)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, GlmMoeDsaConfig, GlmMoeDsaForCausalLM
+
+import mla_dsa
+from mla_dsa import MlaDsaCache, MlaDsaConfig, MlaDsaForCausalLM
+
+from peers import _COMMON, _V3_MOE, INDEXER, VOCAB, left_padded_batch, peer_cache_kwarg, perturb_, positions_from_mask
+
+TOPK = 5
+SHARED = ["full", "shared", "full"]
+
+
+def glm_config(**overrides) -> GlmMoeDsaConfig:
+    return GlmMoeDsaConfig(**{**_COMMON, **_V3_MOE, "q_lora_rank": 48, **INDEXER, "index_topk": TOPK, **overrides})
+
+
+@pytest.fixture(scope="module", params=[None, SHARED], ids=["every-layer-full", "full-shared-full"])
+def models(request, tmp_path_factory):
+    torch.manual_seed(0)
+    peer = perturb_(GlmMoeDsaForCausalLM(glm_config(indexer_types=request.param)), seed=1).eval()
+    directory = tmp_path_factory.mktemp("glm")
+    peer.save_pretrained(directory)
+    return peer, MlaDsaForCausalLM.from_pretrained(directory).eval(), directory
+
+
+def _ids(batch: int = 2, seq_len: int = 20, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.compat
+def test_config_reads_glms_fields(models):
+    peer, ours, _ = models
+    assert ours.config.indexer_rope_interleave is True
+    expected = None if all(kind == "full" for kind in peer.config.indexer_types) else peer.config.indexer_types
+    assert ours.config.indexer_types == expected
+    shared = [i for i, kind in enumerate(peer.config.indexer_types) if kind == "shared"]
+    assert [i for i, layer in enumerate(ours.model.layers) if layer.self_attn.indexer is None] == shared
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("mode", ["absorbed", "mha"])
+def test_full_forward_equals_glm_with_topk_below_the_length(models, mode):
+    peer, ours, _ = models
+    input_ids = _ids()
+    with torch.no_grad():
+        expected = peer(input_ids).logits
+        torch.testing.assert_close(ours(input_ids, attention_mode=mode).logits, expected, rtol=0, atol=1e-4)
+        assert (ours(input_ids, use_sparse_attention=False).logits - expected).abs().max() > 1e-3  # top-k mattered
+
+
+def test_the_indexer_rope_layout_is_the_peers(models):
+    """GLM's indexer rotates adjacent pairs, DeepSeek-V3.2's half-split pairs: with DeepSeek's layout the same weights
+    select other keys, and the logits move."""
+    peer, _, directory = models
+    deepseek_layout = MlaDsaForCausalLM.from_pretrained(directory, indexer_rope_interleave=False).eval()
+    with torch.no_grad():
+        assert (deepseek_layout(_ids()).logits - peer(_ids()).logits).abs().max() > 1e-3
+
+
+@pytest.mark.compat
+def test_cached_decode_past_topk_equals_glm(models):
+    peer, ours, _ = models
+    input_ids = _ids(seq_len=16)
+    theirs_cache, our_cache = DynamicCache(config=peer.config), MlaDsaCache(ours.config)
+    with torch.no_grad():
+        peer(input_ids[:, :8], use_cache=True, **peer_cache_kwarg(theirs_cache))
+        ours(input_ids[:, :8], cache=our_cache, use_cache=True)
+        for step in range(8, 16):  # 9..16 keys, top-5: every step past index_topk
+            token = input_ids[:, step : step + 1]
+            expected = peer(token, use_cache=True, **peer_cache_kwarg(theirs_cache)).logits
+            actual = ours(token, cache=our_cache, use_cache=True).logits
+            torch.testing.assert_close(actual, expected, rtol=0, atol=1e-4)
+
+
+def test_left_padded_batch_and_greedy_generate_equal_glm(models):
+    peer, ours, _ = models
+    input_ids, mask = left_padded_batch(seq_len=14)
+    with torch.no_grad():
+        expected = peer(input_ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+        actual = ours(input_ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+    rows = mask.bool()
+    torch.testing.assert_close(actual[rows], expected[rows], rtol=0, atol=1e-4)
+    prompt = _ids(batch=1, seq_len=8, seed=3)
+    settings = dict(max_new_tokens=12, do_sample=False)
+    assert torch.equal(ours.generate(prompt, **settings), peer.generate(prompt, **settings))
+
+
+def test_shared_layers_cache_no_indexer_keys(models):
+    peer, ours, _ = models
+    cache = MlaDsaCache(ours.config)
+    with torch.no_grad():
+        ours(_ids(seq_len=9), cache=cache, use_cache=True)
+    latent, index_key = (32 + 8) * 4, 32 * 4
+    expected = [latent if kind == "shared" else latent + index_key for kind in peer.config.indexer_types]
+    assert cache.bytes_per_token_by_layer() == expected
+    if "shared" in peer.config.indexer_types:
+        with pytest.raises(ValueError, match="bytes_per_token_by_layer"):
+            cache.bytes_per_token_per_layer()
+
+
+@pytest.mark.parametrize("cache_dtype", ["auto", "fp8"])
+def test_shared_layers_decode_as_they_prefill(cache_dtype):
+    """Shared selection on every path: cached decode (absorbed, FP8 indexer keys too) equals a full recomputation."""
+    torch.manual_seed(0)
+    sharing = {"indexer_types": ["full", "shared", "shared"], "indexer_cache_dtype": cache_dtype}
+    config = MlaDsaConfig(**{**_COMMON, **_V3_MOE, "q_lora_rank": 48, **INDEXER, "index_topk": TOPK, **sharing})
+    model = perturb_(MlaDsaForCausalLM(config)).eval()
+    input_ids = _ids(seq_len=14)
+    with torch.no_grad():
+        cache = MlaDsaCache(config)
+        model(input_ids[:, :-1], cache=cache, use_cache=True)
+        step = model(input_ids[:, -1:], cache=cache, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(step, model(input_ids).logits[:, -1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"index_topk_freq": 2, "index_skip_topk_offset": 1}, {"index_topk_pattern": "FSF"}, {"index_topk_freq": 3}],
+)
+def test_glms_other_sharing_fields_give_its_indexer_types(fields):
+    """GLM configs may say which layers share through a frequency and offset or a pattern instead of indexer_types:
+    ours derives the same list as transformers' GlmMoeDsaConfig."""
+    glm_dict = {**glm_config().to_dict(), **fields}
+    glm_dict.pop("indexer_types")
+    expected = GlmMoeDsaConfig.from_dict(glm_dict).indexer_types
+    ours = MlaDsaConfig.from_dict(glm_dict).indexer_types
+    assert (ours or ["full"] * len(expected)) == expected
+
+
+def test_sharing_patterns_that_cannot_run_are_refused():
+    base = {**_COMMON, "index_n_heads": 8, "index_head_dim": 32, "n_routed_experts": None}
+    with pytest.raises(ValueError, match="indexer_types must be"):
+        MlaDsaConfig(**base, indexer_types=["shared", "full", "full"])
+    with pytest.raises(ValueError, match="indexer_types must be"):
+        MlaDsaConfig(**base, indexer_types=["full", "full"])
+    with pytest.raises(ValueError, match="layer 1 shares the selection of layer 0, which is in dense_attention_layers"):
+        MlaDsaConfig(**base, indexer_types=["full", "shared", "full"], dense_attention_layers=[0])
+
+
+def test_converted_glm_checkpoint_loads_with_trust_remote_code(models, tmp_path):
+    peer, _, directory = models
+    converted = mla_dsa.convert_checkpoint(directory, tmp_path / "converted", verify=True, progress=False)
+    config = json.loads((converted / "config.json").read_text())
+    assert config["model_type"] == "mla_dsa" and config["indexer_rope_interleave"] is True
+    model = AutoModelForCausalLM.from_pretrained(converted, trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()).logits, peer(_ids()).logits, rtol=0, atol=1e-4)
