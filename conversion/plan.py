@@ -14,7 +14,7 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 
 from ..modeling.configuration_mla_dsa import MlaDsaConfig
-from ..modeling.deepseek_format_mla_dsa import config_from_deepseek, deepseek_family
+from ..modeling.deepseek_format_mla_dsa import config_from_deepseek, deepseek_family, glm_indexer_types
 from ..modeling.moe_mla_dsa import FUSED_EXPERTS
 from .source import SCALE_SUFFIX, ConversionError, SourceCheckpoint, TensorInfo
 
@@ -36,6 +36,8 @@ class ConvertOptions:
     index_head_dim: int | None = None
     index_topk: int | None = None
     dense_attention_layers: list[int] | None = None
+    index_share: int | None = None  # one full indexer in N layers (GLM-5.2's pattern), the rest shared
+    indexer_types: str | list[str] | None = None  # "FSSF..." or ["full", "shared", ...]
     export: str | None = None  # a serving format (`export.EXPORT_FORMATS`), or None for ours
     indexer_init: str = "random"
     seed: int = 0
@@ -81,6 +83,8 @@ def target_config(source: SourceCheckpoint, opts: ConvertOptions) -> MlaDsaConfi
         fields.setdefault("index_head_dim", head_dim)
     if opts.dense_attention_layers is not None:
         fields["dense_attention_layers"] = list(opts.dense_attention_layers)
+    if opts.index_share is not None or opts.indexer_types is not None:
+        fields["indexer_types"] = sharing_pattern(opts, fields.get("num_hidden_layers", 61), config_path)
     fields["architectures"] = ["MlaDsaForCausalLM"]
     fields["num_nextn_predict_layers"] = 0  # SRC's multi-token-prediction layers are not carried over
     fields["dtype"] = str(model_dtype(source, opts)).removeprefix("torch.")
@@ -89,6 +93,21 @@ def target_config(source: SourceCheckpoint, opts: ConvertOptions) -> MlaDsaConfi
         return MlaDsaConfig(**fields)
     except (ValueError, TypeError) as err:
         raise ConversionError(config_path, str(err)) from None
+
+
+def sharing_pattern(opts: ConvertOptions, num_layers: int, config_path) -> list[str] | None:
+    """The output's indexer_types from --index-share N (GLM's rule: full where max(i - 1, 0) % N == 0) or
+    --indexer-types FSSF...; None when every layer stays full."""
+    if opts.index_share is not None and opts.indexer_types is not None:
+        raise ConversionError(config_path, "pass --index-share or --indexer-types, not both")
+    if opts.index_share is not None:
+        return glm_indexer_types({"num_hidden_layers": num_layers, "index_topk_freq": opts.index_share})
+    types = opts.indexer_types
+    if isinstance(types, str):
+        if set(types) - {"F", "S"}:
+            raise ConversionError(config_path, f"--indexer-types is one F or S per layer, got {types!r}")
+        types = ["full" if letter == "F" else "shared" for letter in types]
+    return None if all(kind == "full" for kind in types) else list(types)
 
 
 def source_family(source: SourceCheckpoint) -> str:
@@ -189,6 +208,8 @@ def _kept_source_tensors(source, config, expected) -> dict[str, TensorInfo]:
             continue  # multi-token-prediction layers
         if any(rule.search(name) for rule in DROPPED_TENSORS):
             continue
+        if layer and ".self_attn.indexer." in name and config.is_shared_indexer_layer(int(layer.group(1))):
+            continue  # SRC's indexer of a layer that now shares another's top-k
         if name not in expected:
             raise ConversionError(where, f"unexpected tensor {name} (not part of this MLA architecture)")
         if info.shape != expected[name]:

@@ -77,7 +77,23 @@ def _add_convert(commands) -> None:
         choices=["auto", "bfloat16", "float16", "float32"],
         help="output dtype; auto keeps each tensor's dtype and turns FP8 into bfloat16 (default)",
     )
-    _add_indexer_arguments(parser.add_argument_group("the grafted indexer"))
+    indexer = parser.add_argument_group("the grafted indexer")
+    _add_indexer_arguments(indexer)
+    sharing = indexer.add_mutually_exclusive_group()
+    sharing.add_argument(
+        "--index-share",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="one full indexer in N layers, the rest reuse the previous full layer's top-k (GLM-5.2's pattern: "
+        "layers 0 and 1 full, then every N-th from layer 1 + N); shared layers get no indexer weights",
+    )
+    sharing.add_argument(
+        "--indexer-types",
+        default=None,
+        metavar="FSSF...",
+        help="the sharing pattern, one letter per layer: F (full, runs its indexer) or S (shared)",
+    )
     parser.add_argument(
         "--max-shard-size", type=_shard_size, default="5GB", help="largest output shard, e.g. 5GB or 500MB"
     )
@@ -115,7 +131,8 @@ def _run_convert(args) -> int:
     dst = convert_checkpoint(
         args.src, args.dst, dtype=args.dtype, index_n_heads=args.index_n_heads, index_head_dim=args.index_head_dim,
         index_topk=args.index_topk, indexer_init=args.indexer_init, seed=args.seed,
-        dense_attention_layers=args.dense_attention_layers, export=args.export,
+        dense_attention_layers=args.dense_attention_layers, export=args.export, index_share=args.index_share,
+        indexer_types=args.indexer_types,
         max_shard_size=args.max_shard_size, resume=args.resume, overwrite=args.overwrite, verify=args.verify,
         verify_tolerance=args.verify_tolerance, follow_symlinks=args.follow_symlinks, progress=not args.no_progress,
     )  # fmt: skip

@@ -153,3 +153,48 @@ def test_converted_glm_checkpoint_loads_with_trust_remote_code(models, tmp_path)
     model = AutoModelForCausalLM.from_pretrained(converted, trust_remote_code=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(_ids()).logits, peer(_ids()).logits, rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ sharing as a conversion option
+@pytest.mark.parametrize(
+    "option, expected",
+    [
+        (["--index-share", "2"], ["full", "full", "shared", "full"]),
+        (["--indexer-types", "FSSF"], ["full", "shared", "shared", "full"]),
+    ],
+)
+def test_convert_to_a_sharing_pattern_drops_the_shared_layers_indexers(tmp_path, option, expected):
+    """A DeepSeek-V3.2 checkpoint (an indexer in every layer) converted with a sharing pattern keeps the full layers'
+    indexers bit for bit and drops the shared layers'; --verify (every token selected) still passes, and the result
+    equals the source run with the same pattern (shared layers then ignore their own indexers)."""
+    from mla_dsa.cli import main
+
+    from checkpoints import read_checkpoint
+    from peers import save_peer
+
+    save_peer("deepseek_v32", tmp_path / "v32", num_hidden_layers=4, index_topk=TOPK)
+    status = main(["convert", str(tmp_path / "v32"), str(tmp_path / "shared"), *option, "--verify", "--no-progress"])
+    assert status == 0
+    source, converted = read_checkpoint(tmp_path / "v32"), read_checkpoint(tmp_path / "shared")
+    for layer, kind in enumerate(expected):
+        names = [name for name in source if name.startswith(f"model.layers.{layer}.self_attn.indexer.")]
+        assert names and all((name in converted) == (kind == "full") for name in names)
+        assert all(torch.equal(converted[name], source[name]) for name in names if kind == "full")
+    model = MlaDsaForCausalLM.from_pretrained(tmp_path / "shared").eval()
+    assert model.config.indexer_types == expected
+    reference = MlaDsaForCausalLM.from_pretrained(tmp_path / "v32", indexer_types=expected).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()).logits, reference(_ids()).logits, rtol=0, atol=1e-5)
+        every_layer = MlaDsaForCausalLM.from_pretrained(tmp_path / "v32").eval()
+        assert (every_layer(_ids()).logits - model(_ids()).logits).abs().max() > 1e-4  # the sharing is real
+
+
+def test_sharing_options_are_checked(tmp_path):
+    from peers import save_peer
+
+    save_peer("deepseek_v3", tmp_path / "v3")
+    with pytest.raises(mla_dsa.ConversionError, match="one F or S per layer"):
+        mla_dsa.convert_checkpoint(tmp_path / "v3", tmp_path / "out", indexer_types="FXF", progress=False)
+    with pytest.raises(mla_dsa.ConversionError, match="indexer_types must be"):
+        mla_dsa.convert_checkpoint(tmp_path / "v3", tmp_path / "out", indexer_types="SFF", progress=False)
+    assert not (tmp_path / "out").exists()
