@@ -1,16 +1,23 @@
-"""`--export deepseek_v32`: a checkpoint in DeepSeek-V3.2's native format, what transformers'
-`DeepseekV32ForCausalLM`, vLLM and SGLang load with no custom code.
+"""`--export deepseek_v32 | glm_moe_dsa`: a checkpoint in DeepSeek-V3.2's or GLM-5's native format, what
+transformers' `DeepseekV32ForCausalLM` / `GlmMoeDsaForCausalLM`, vLLM and SGLang load with no custom code.
 
-The tensors are ours unchanged (our names are DeepSeek's: per-expert MoE weights, `self_attn.indexer.*`); only
-config.json differs, and no payload is written. What the format cannot express is refused (`export_refusals`), not
-approximated: the exported model computes exactly what ours computes with its sparse attention on.
+The tensors are ours (our names are DeepSeek's and GLM's: per-expert MoE weights, `self_attn.indexer.*`); config.json
+is the format's, and no payload is written. The two formats differ in how the indexer rotates its RoPE dims
+(DeepSeek: half-split pairs, GLM: adjacent pairs): a model in the other layout is exported with its indexer's RoPE rows
+permuted (`permute_indexer_rope`), which leaves every index score unchanged. What a format cannot express is refused
+(`export_refusals`), not approximated: the exported model computes what ours computes with its sparse attention on.
 """
 
 from typing import Any
 
+import torch
+
 from ..modeling.configuration_mla_dsa import MlaDsaConfig
 
-EXPORT_FORMATS = ("deepseek_v32",)
+EXPORT_FORMATS = ("deepseek_v32", "glm_moe_dsa")
+FORMAT_NAMES = {"deepseek_v32": "DeepSeek-V3.2's", "glm_moe_dsa": "GLM-5's"}
+# How each format's indexer rotates RoPE pairs (its transformers class): adjacent (True) or half-split (False).
+INDEXER_ROPE_INTERLEAVE = {"deepseek_v32": False, "glm_moe_dsa": True}
 
 # The fields of DeepSeek's published DeepSeek-V3.2 config.json (less `quantization_config`: the export is not FP8),
 # every one written. Serving engines read some that transformers' DeepseekV32Config does not write: vLLM reads
@@ -32,53 +39,80 @@ EXECUTION_FIELDS = (
     "latent_cache_dtype",
 )  # fmt: skip
 # Ours, checked by `export_refusals` and then left out: the format has one fixed value for each.
-FIXED_FIELDS = ("use_sparse_attention", "dense_attention_layers", "rope_interleave", "indexer_types",
-                "indexer_rope_interleave")  # fmt: skip
+FIXED_FIELDS = ("use_sparse_attention", "dense_attention_layers", "rope_interleave", "indexer_rope_interleave")
 
 
 def export_refusals(config: MlaDsaConfig, export: str) -> list[str]:
     """Why `config` cannot be written as `export` (empty when it can): each reason names the field."""
     if export not in EXPORT_FORMATS:
         return [f"--export must be one of {list(EXPORT_FORMATS)}, got {export!r}"]
+    name = FORMAT_NAMES[export]
     reasons = []
     if config.dense_attention_layers:
-        reasons.append(f"dense_attention_layers={config.dense_attention_layers}: DeepSeek-V3.2's format runs its "
-                       "indexer in every layer (GLM-5's glm_moe_dsa format will carry per-layer choices)")  # fmt: skip
+        reasons.append(f"dense_attention_layers={config.dense_attention_layers}: {name} format runs sparse "
+                       "attention in every layer")  # fmt: skip
     if not config.use_sparse_attention:
-        reasons.append("use_sparse_attention=False: DeepSeek-V3.2's format always attends to the index_topk keys its "
+        reasons.append(f"use_sparse_attention=False: {name} format always attends to the index_topk keys its "
                        "indexer selects")  # fmt: skip
-    if config.indexer_types:
+    if config.indexer_types and export == "deepseek_v32":
         reasons.append(f"indexer_types={config.indexer_types}: DeepSeek-V3.2's format has no shared-indexer layers "
-                       "(GLM-5's glm_moe_dsa format has)")  # fmt: skip
-    if config.indexer_rope_interleave:
-        reasons.append("indexer_rope_interleave=True: DeepSeek-V3.2's indexer rotates half-split RoPE pairs (GLM-5's "
-                       "rotates adjacent ones)")  # fmt: skip
+                       "(export to glm_moe_dsa, whose format has)")  # fmt: skip
     if config.q_lora_rank is None:
-        reasons.append("q_lora_rank=None: DeepSeek-V3.2's format always compresses the query (q_a_proj, q_b_proj)")
+        reasons.append(f"q_lora_rank=None: {name} format always compresses the query (q_a_proj, q_b_proj)")
     if not config.rope_interleave:
-        reasons.append("rope_interleave=False: DeepSeek-V3.2's attention rotates interleaved RoPE pairs")
+        reasons.append(f"rope_interleave=False: {name} attention rotates interleaved RoPE pairs")
     moe = any(config.is_moe_layer(layer) for layer in range(config.num_hidden_layers))
     if moe and (config.scoring_func, config.topk_method) != ("sigmoid", "noaux_tc"):
-        reasons.append(f"scoring_func={config.scoring_func!r}, topk_method={config.topk_method!r}: DeepSeek-V3.2's "
-                       "router is sigmoid scores with a correction bias (noaux_tc), not DeepSeek-V2's")  # fmt: skip
+        reasons.append(f"scoring_func={config.scoring_func!r}, topk_method={config.topk_method!r}: {name} router is "
+                       "sigmoid scores with a correction bias (noaux_tc), not DeepSeek-V2's")  # fmt: skip
     return reasons
 
 
-def deepseek_v32_config(config: MlaDsaConfig) -> dict[str, Any]:
-    """The config.json of the export: transformers' DeepseekV32Config fields plus DeepSeek's own
-    (`DEEPSEEK_V32_FIELDS`), built through transformers' class so a field it refuses fails here, not in the serving
-    engine."""
-    from transformers import DeepseekV32Config
+def permutes_indexer_rope(config: MlaDsaConfig, export: str | None) -> bool:
+    """Whether the export's indexer rotates RoPE pairs in the other layout than `config`'s."""
+    return export is not None and INDEXER_ROPE_INTERLEAVE[export] != config.indexer_rope_interleave
+
+
+def permute_indexer_rope(name: str, tensor: torch.Tensor, config: MlaDsaConfig, to_interleave: bool) -> torch.Tensor:
+    """An indexer tensor with the rows that feed its RoPE dims reordered from one pair layout to the other.
+
+    Half-split pairs (i, i + d/2) and adjacent pairs (2i, 2i + 1) rotate by the same frequency i, so moving dim i to
+    2i and i + d/2 to 2i + 1 in both queries and keys (wq_b's rows per head, wk's rows, k_norm's per-dim weight and
+    bias: LayerNorm's statistics do not depend on the order) gives the same rotated dot products. Other tensors are
+    returned as they are."""
+    rope, head_dim = config.qk_rope_head_dim, config.index_head_dim
+    suffix = name.split(".self_attn.indexer.")[-1]
+    if suffix not in ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias"):
+        return tensor
+    half = torch.arange(rope // 2)
+    interleaved = torch.stack([half, half + rope // 2], dim=-1).flatten()  # new dim j reads old dim interleaved[j]
+    order = interleaved if to_interleave else torch.argsort(interleaved)
+    order = torch.cat([order, torch.arange(rope, head_dim)])
+    rows = tensor.view(-1, head_dim, *tensor.shape[1:])  # [heads (1 for wk and k_norm), head_dim, ...]
+    return rows[:, order].reshape(tensor.shape).contiguous()
+
+
+def export_config(config: MlaDsaConfig, export: str) -> dict[str, Any]:
+    """The config.json of the export: the fields of transformers' class for the format plus the ones serving engines
+    read (`DEEPSEEK_V32_FIELDS`), built through that class so a field it refuses fails here, not in the engine."""
+    import transformers
 
     fields = config.to_dict()
-    for name in (*EXECUTION_FIELDS, *FIXED_FIELDS, "auto_map", "model_type", "transformers_version", "_name_or_path"):
-        fields.pop(name, None)
-    fields = {name: value for name, value in fields.items() if not name.startswith("mla_dsa_")}
-    fields["architectures"] = ["DeepseekV32ForCausalLM"]
+    for field_name in (*EXECUTION_FIELDS, *FIXED_FIELDS, "auto_map", "model_type", "transformers_version",
+                       "_name_or_path"):  # fmt: skip
+        fields.pop(field_name, None)
+    fields = {key: value for key, value in fields.items() if not key.startswith("mla_dsa_")}
     layers = range(config.num_hidden_layers)
     fields["mlp_layer_types"] = ["sparse" if config.is_moe_layer(layer) else "dense" for layer in layers]
-    exported = DeepseekV32Config(**fields).to_dict()
-    exported.pop("layer_types", None)  # derived by DeepseekV32Config: every layer runs its indexer
+    if export == "glm_moe_dsa":
+        fields["architectures"] = ["GlmMoeDsaForCausalLM"]
+        fields["indexer_types"] = list(config.indexer_types or ["full"] * config.num_hidden_layers)
+        exported = transformers.GlmMoeDsaConfig(**fields).to_dict()
+    else:
+        fields.pop("indexer_types", None)
+        fields["architectures"] = ["DeepseekV32ForCausalLM"]
+        exported = transformers.DeepseekV32Config(**fields).to_dict()
+    exported.pop("layer_types", None)  # derived by the class: every layer's attention is indexed
     rope = dict(config.rope_parameters)
     exported.update(
         ep_size=1,
@@ -87,10 +121,17 @@ def deepseek_v32_config(config: MlaDsaConfig) -> dict[str, Any]:
         rope_scaling=None if rope.get("rope_type") == "default" else rope,
         torch_dtype=exported.get("dtype"),
     )
-    missing = [name for name in DEEPSEEK_V32_FIELDS if name not in exported]
+    missing = [key for key in DEEPSEEK_V32_FIELDS if key not in exported]
     if missing:
-        raise RuntimeError(f"the installed DeepseekV32Config no longer writes {missing}")
+        raise RuntimeError(f"the installed transformers' {export} config no longer writes {missing}")
     return exported
 
 
-__all__ = ["DEEPSEEK_V32_FIELDS", "EXPORT_FORMATS", "deepseek_v32_config", "export_refusals"]
+__all__ = [
+    "DEEPSEEK_V32_FIELDS",
+    "EXPORT_FORMATS",
+    "export_config",
+    "export_refusals",
+    "permute_indexer_rope",
+    "permutes_indexer_rope",
+]

@@ -21,7 +21,7 @@ def verify_logits(source: SourceCheckpoint, converted: Path, config: MlaDsaConfi
     if opts.export is None:
         converted_model = MlaDsaForCausalLM.from_pretrained(converted, dtype=torch.float32, use_sparse_attention=False)
     else:  # the export through transformers' own class, every key selected
-        converted_model = _exported_model(converted)
+        converted_model = _exported_model(converted, opts.export)
     with torch.no_grad():
         expected = reference(input_ids).logits.float()
         actual = converted_model.eval()(input_ids).logits.float()
@@ -33,14 +33,15 @@ def verify_logits(source: SourceCheckpoint, converted: Path, config: MlaDsaConfi
     return diff
 
 
-def _exported_model(converted: Path) -> torch.nn.Module:
-    from transformers import DeepseekV32ForCausalLM
+def _exported_model(converted: Path, export: str) -> torch.nn.Module:
+    import transformers
 
-    model, info = DeepseekV32ForCausalLM.from_pretrained(converted, dtype=torch.float32, index_topk=1 << 30,
-                                                         output_loading_info=True)  # fmt: skip
+    model_class = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[transformers.CONFIG_MAPPING[export]]
+    model, info = model_class.from_pretrained(converted, dtype=torch.float32, index_topk=1 << 30,
+                                              output_loading_info=True)  # fmt: skip
     problems = {kind: sorted(names)[:3] for kind, names in info.items() if names}
     if problems:
-        raise ConversionError(converted, f"transformers' DeepseekV32ForCausalLM does not load the export: {problems}")
+        raise ConversionError(converted, f"transformers' {model_class.__name__} does not load the export: {problems}")
     return model
 
 

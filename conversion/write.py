@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..modeling.configuration_mla_dsa import MlaDsaConfig
-from .export import deepseek_v32_config
+from .export import export_config, permute_indexer_rope, permutes_indexer_rope
 from .indexer_init import init_indexer
 from .payload import payload_files
 from .plan import ConvertOptions, OutputShard, OutputTensor
@@ -61,8 +61,9 @@ def write_shards(source, config, plan: list[OutputShard], partial: Path, opts: C
 
 
 class TensorMaker:
-    """Makes each output tensor: a source tensor (dequantized, cast) or a new indexer tensor. The five indexer tensors
-    of a layer come from one init call, kept until the next layer's are asked for."""
+    """Makes each output tensor: a source tensor (dequantized, cast) or a new indexer tensor, its RoPE rows reordered
+    for an export whose indexer rotates pairs the other way. The five indexer tensors of a layer come from one init
+    call, kept until the next layer's are asked for."""
 
     def __init__(self, source: SourceCheckpoint, config: MlaDsaConfig, opts: ConvertOptions):
         self.source, self.config, self.opts = source, config, opts
@@ -70,6 +71,14 @@ class TensorMaker:
         self._indexer: dict[str, torch.Tensor] = {}
 
     def __call__(self, tensor: OutputTensor) -> torch.Tensor:
+        made = self._make(tensor)
+        if ".self_attn.indexer." in tensor.name and permutes_indexer_rope(self.config, self.opts.export):
+            made = permute_indexer_rope(
+                tensor.name, made, self.config, to_interleave=not self.config.indexer_rope_interleave
+            )
+        return made
+
+    def _make(self, tensor: OutputTensor) -> torch.Tensor:
         if tensor.source is not None:
             return self.source.read(tensor.source, fp8_dtype=tensor.dtype).to(tensor.dtype).contiguous()
         if self._layer != tensor.layer:
@@ -124,7 +133,7 @@ def write_metadata(source: SourceCheckpoint, config: MlaDsaConfig, plan: list[Ou
         for payload in payload_files():
             shutil.copyfile(payload, partial / payload.name)
     else:
-        (partial / "config.json").write_text(json.dumps(deepseek_v32_config(config), indent=2, sort_keys=True) + "\n")
+        (partial / "config.json").write_text(json.dumps(export_config(config, export), indent=2, sort_keys=True) + "\n")
     if len(plan) > 1:
         total_size = sum(_nbytes(t) for shard in plan for t in shard.tensors)
         weight_map = {t.name: shard.filename for shard in plan for t in shard.tensors}

@@ -158,7 +158,6 @@ def test_export_keeps_rope_scaling_and_moe_placement(tmp_path, overrides):
         ({"use_sparse_attention": False}, "use_sparse_attention"),
         ({"rope_interleave": False}, "rope_interleave"),
         ({"indexer_types": ["full", "shared", "full"]}, "indexer_types"),
-        ({"indexer_rope_interleave": True}, "indexer_rope_interleave"),
     ],
 )
 def test_what_the_format_cannot_express_is_refused(exported, tmp_path, edit, field):

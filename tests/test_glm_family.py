@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, GlmMoeDsaConfig, Gl
 import mla_dsa
 from mla_dsa import MlaDsaCache, MlaDsaConfig, MlaDsaForCausalLM
 
+from checkpoints import read_checkpoint
 from peers import _COMMON, _V3_MOE, INDEXER, VOCAB, left_padded_batch, peer_cache_kwarg, perturb_, positions_from_mask
 
 TOPK = 5
@@ -198,3 +199,51 @@ def test_sharing_options_are_checked(tmp_path):
     with pytest.raises(mla_dsa.ConversionError, match="indexer_types must be"):
         mla_dsa.convert_checkpoint(tmp_path / "v3", tmp_path / "out", indexer_types="SFF", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ export to GLM's format
+def _load_glm(directory) -> GlmMoeDsaForCausalLM:
+    model, info = GlmMoeDsaForCausalLM.from_pretrained(directory, output_loading_info=True)
+    assert info == {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
+    return model.eval()
+
+
+def test_glm_checkpoint_exports_back_to_glms_format(models, tmp_path):
+    """A GLM checkpoint read by us and exported to glm_moe_dsa: transformers' own class loads it with no custom code
+    and no loading complaint, and it computes what the original computes."""
+    peer, _, directory = models
+    export = mla_dsa.convert_checkpoint(directory, tmp_path / "export", export="glm_moe_dsa", verify=True,
+                                        progress=False)  # fmt: skip
+    config = json.loads((export / "config.json").read_text())
+    assert config["model_type"] == "glm_moe_dsa" and "auto_map" not in config and not list(export.glob("*.py"))
+    assert config["indexer_types"] == peer.config.indexer_types
+    assert type(AutoModelForCausalLM.from_pretrained(export)) is GlmMoeDsaForCausalLM
+    with torch.no_grad():
+        torch.testing.assert_close(_load_glm(export)(_ids()).logits, peer(_ids()).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("export, native", [("glm_moe_dsa", GlmMoeDsaForCausalLM), ("deepseek_v32", None)])
+def test_exporting_to_the_other_indexer_rope_layout_permutes_and_keeps_the_logits(tmp_path, export, native):
+    """DeepSeek-V3.2's indexer rotates half-split pairs, GLM's adjacent pairs. A DeepSeek-layout model with shared
+    layers (`--index-share 2`) exported to GLM's format, and a GLM model exported to DeepSeek-V3.2's, get their
+    indexers' RoPE rows reordered: transformers' own class of the target computes what ours computed."""
+    from transformers import DeepseekV32ForCausalLM
+
+    from peers import save_peer
+
+    if export == "glm_moe_dsa":
+        save_peer("deepseek_v32", tmp_path / "src", num_hidden_layers=4, index_topk=TOPK)
+        ours = mla_dsa.convert_checkpoint(tmp_path / "src", tmp_path / "ours", index_share=2, progress=False)
+    else:
+        torch.manual_seed(0)
+        perturb_(GlmMoeDsaForCausalLM(glm_config()), seed=1).save_pretrained(tmp_path / "src")
+        ours = mla_dsa.convert_checkpoint(tmp_path / "src", tmp_path / "ours", progress=False)
+    exported = mla_dsa.convert_checkpoint(ours, tmp_path / "export", export=export, progress=False)
+    native = native or DeepseekV32ForCausalLM
+    model, info = native.from_pretrained(exported, output_loading_info=True)
+    assert not any(info.values())
+    reference = MlaDsaForCausalLM.from_pretrained(ours).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(_ids()).logits, reference(_ids()).logits, rtol=0, atol=1e-4)
+    moved = read_checkpoint(exported)["model.layers.0.self_attn.indexer.wk.weight"]
+    assert not torch.equal(moved, read_checkpoint(ours)["model.layers.0.self_attn.indexer.wk.weight"])
