@@ -37,6 +37,7 @@ def test_bench_smoke(tmp_path):
     assert not (tmp_path / "prefill.png").exists()  # no prefill rows: no prefill plot
 
 
+@pytest.mark.slow  # a subprocess or a full script: over 6 s on 2 cores
 def test_bench_prefill_only(tmp_path):
     """--no-decode used to crash in the plot (log scale of no data); with one layer and no transformers rows too."""
     results = run_bench(tmp_path, "--no-decode", "--prefill", "300", "--theirs-prefill-max", "0", "--layers", "1")
@@ -148,6 +149,7 @@ def test_cuda_without_cuda_is_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()  # refused before any work
 
 
+@pytest.mark.slow  # a subprocess or a full script: over 6 s on 2 cores
 def test_cuda_without_cuda_from_the_shell(tmp_path):
     """The same from the command line, with no traceback (CUDA hidden, so this holds on a GPU machine too)."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")

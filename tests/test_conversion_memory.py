@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -38,6 +39,7 @@ def peak_rss_bytes(process: subprocess.Popen) -> int:
     return int(re.search(r"MAXRSS_KB (\d+)", out).group(1)) * 1024
 
 
+@pytest.mark.slow  # a subprocess or a full script: over 6 s on 2 cores
 def test_peak_memory_is_a_few_shards_above_the_interpreter(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     baseline_process = measured(sys.executable, "-c", "import torch, mla_dsa")

@@ -26,6 +26,7 @@ def run_example(*args: str, cwd: Path) -> str:
     return result.stdout
 
 
+@pytest.mark.slow  # a subprocess or a full script: over 6 s on 2 cores
 def test_generate_example(dsa_checkpoint, tmp_path):
     out = run_example(str(EXAMPLES / "generate.py"), str(dsa_checkpoint), "--max-new-tokens", "12", cwd=tmp_path)
     assert out.startswith("def fibonacci(n):") and "[12 tokens in" in out and "sparse attention]" in out
@@ -34,6 +35,7 @@ def test_generate_example(dsa_checkpoint, tmp_path):
     assert "dense attention]" in dense
 
 
+@pytest.mark.slow  # a subprocess or a full script: over 6 s on 2 cores
 def test_warmup_example(dsa_checkpoint, tmp_path):
     out = run_example(str(EXAMPLES / "warmup_indexer.py"), str(dsa_checkpoint), "--data", *DATA, "--out",
                       str(tmp_path / "warm"), "--steps", "4", "--seq-len", "64", "--batch-size", "2",
@@ -59,6 +61,7 @@ def _reports(text: str) -> list[str]:
     return blocks
 
 
+@pytest.mark.slow  # a subprocess or a full script: over 6 s on 2 cores
 def test_convert_deepseek_script(tmp_path):
     """examples/convert_deepseek.sh on a tiny V3 checkpoint (its defaults overridden by the extra options)."""
     source = tmp_path / "v3"
@@ -74,6 +77,7 @@ def test_convert_deepseek_script(tmp_path):
     assert config["model_type"] == "mla_dsa" and config["index_n_heads"] == 8 and config["index_topk"] == 16
 
 
+@pytest.mark.slow  # a subprocess or a full script: over 6 s on 2 cores
 def test_classify_lora_example(tmp_path):
     """A LoRA fine-tune of the sequence classifier (on the embedded stdlib model's backbone) through Trainer learns
     the task on held-out windows."""

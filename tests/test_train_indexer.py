@@ -94,6 +94,7 @@ def _one_process_and_launched(checkpoint: Path, tmp_path: Path, config_file: str
     return one, two, result
 
 
+@pytest.mark.slow  # a subprocess or a full script: over 6 s on 2 cores
 def test_two_process_data_parallel_equals_one_process(dsa_checkpoint, tmp_path):
     """`accelerate launch` with 2 processes x batch 2 == 1 process x batch 4."""
     one, two, _ = _one_process_and_launched(dsa_checkpoint, tmp_path, "accelerate_ddp.yaml", 29517)
