@@ -104,8 +104,7 @@ class MlaDsaAttention(nn.Module):
 
         dsa_layer = self.layer_idx not in (self.config.dense_attention_layers or ())
         shared = self.indexer is None
-        # A dense-attention layer's indexer is never used; a shared layer has none to train.
-        stage = settings.indexer_stage if dsa_layer and not shared else None
+        stage = settings.indexer_stage if dsa_layer else None  # a dense-attention layer's indexer is never used
         if shared:  # caches no indexer keys
             index_keys = latent.new_empty(batch_size, seq_len, 0)
         else:
@@ -121,7 +120,9 @@ class MlaDsaAttention(nn.Module):
         past_len = past_len if cache is not None else 0  # without a cache, this call's tokens are all the keys
         visible = VisibleKeys(past_len, num_keys, key_padding_mask, hidden_states.device, segment_ids)
         sparse = settings.use_sparse_attention and settings.index_topk < num_keys and dsa_layer
-        selection = shared_selection if shared and sparse else None
+        # A shared layer attends with its source layer's selection, and in training scores that layer's indexer
+        # against its own attention: the source's indexer learns from every layer it selects for.
+        selection = shared_selection if shared else None
         if not shared and (sparse or stage is not None):  # otherwise the keys are needed only for the cache
             top_k = settings.index_topk if sparse or stage == "sparse" else None
             selection = self.indexer(hidden_states.detach(), query_latent.detach(), position_embeddings, index_keys,
@@ -131,7 +132,7 @@ class MlaDsaAttention(nn.Module):
         )
         attn_output = self.o_proj(attn_output.reshape(batch_size, seq_len, -1))  # [B, S, H * dv]
         stats = None
-        if stage is not None:
+        if stage is not None and selection is not None:
             stats = self._indexer_stats(stage, selection, q_nope, q_rope, latent, visible, settings.index_topk)
         return attn_output, stats, attn_weights, selection
 

@@ -247,3 +247,41 @@ def test_exporting_to_the_other_indexer_rope_layout_permutes_and_keeps_the_logit
         torch.testing.assert_close(model.eval()(_ids()).logits, reference(_ids()).logits, rtol=0, atol=1e-4)
     moved = read_checkpoint(exported)["model.layers.0.self_attn.indexer.wk.weight"]
     assert not torch.equal(moved, read_checkpoint(ours)["model.layers.0.self_attn.indexer.wk.weight"])
+
+
+# ------------------------------------------------------------------------------------------- training shared indexers
+def test_a_full_indexer_learns_from_every_layer_it_selects_for():
+    """Dense warm-up with `full, shared, shared`: each shared layer scores its source's indexer against its own
+    attention, so layer 0's indexer gets a gradient from all three layers' KL, not from its own alone."""
+    torch.manual_seed(0)
+    config = MlaDsaConfig(**{**_COMMON, **_V3_MOE, "q_lora_rank": 48, **INDEXER, "index_topk": TOPK,
+                             "indexer_types": ["full", "shared", "shared"]})  # fmt: skip
+    model = perturb_(MlaDsaForCausalLM(config)).train()
+    stats = []
+    hooks = [
+        layer.self_attn.register_forward_hook(lambda m, a, out: stats.append(out[1])) for layer in model.model.layers
+    ]
+    out = model(_ids(seq_len=16), indexer_stage="dense")
+    for hook in hooks:
+        hook.remove()
+    assert all(s is not None for s in stats) and len(stats) == 3
+    torch.testing.assert_close(out.indexer_loss, torch.stack([s.kl for s in stats]).mean())
+    indexer = model.model.layers[0].self_attn.indexer
+    own = torch.autograd.grad(stats[0].kl, indexer.wq_b.weight, retain_graph=True)[0]
+    shared = torch.autograd.grad(stats[1].kl + stats[2].kl, indexer.wq_b.weight, retain_graph=True)[0]
+    assert own.abs().sum() > 0 and shared.abs().sum() > 0
+    assert not torch.allclose(own, shared)
+
+
+def test_the_mean_of_kls_trains_as_the_kl_of_the_mean_attention():
+    """Why each shared layer adds its own KL to its source's indexer: sum_l KL(p_l || q) = n KL(mean p || q) + a
+    constant, so the gradient is the one of the mean target (the issue's example), up to the factor n."""
+    from mla_dsa.modeling.indexer_loss_mla_dsa import _kl
+
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.softmax(torch.randn(3, 2, 5, 9, generator=generator), dim=-1)  # 3 layers' attention [B, S, T]
+    logits = torch.randn(2, 5, 9, generator=generator, requires_grad=True)
+    valid = torch.ones(2, 5, 9, dtype=torch.bool)
+    each = torch.autograd.grad(sum(_kl(target, logits, valid)[0] for target in targets), logits)[0]
+    mean = torch.autograd.grad(3 * _kl(targets.mean(0), logits, valid)[0], logits)[0]
+    torch.testing.assert_close(each, mean)
