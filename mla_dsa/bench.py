@@ -639,16 +639,8 @@ def plot_decode(results: dict, path: Path) -> bool:
             points = [(r["context"], r[key]) for r in mine if key in r]
             if points:
                 ax.plot(*zip(*points, strict=True), style, color=colour, label=label + tag)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("context (tokens)")
-    ax.set_ylabel("ms per decode step (one token per sequence)")
-    ax.set_title(_title(results, "Decode"), fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_log_plot(plt, fig, ax, path, "context (tokens)", "ms per decode step (one token per sequence)",
+                   _title(results, "Decode"))  # fmt: skip
     return True
 
 
@@ -666,17 +658,22 @@ def plot_prefill(results: dict, path: Path) -> bool:
     ax.plot(
         [r["length"] for r in rows], [r["roofline_s"] for r in rows], "kx--", label="roofline (FLOPs / matmul rate)"
     )
+    _save_log_plot(plt, fig, ax, path, "prefill length (tokens)", "seconds", _title(results, "Prefill"))
+    return True
+
+
+def _save_log_plot(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    """Log-log axes (x in powers of two), labels, grid and legend; written to `path` and closed."""
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("prefill length (tokens)")
-    ax.set_ylabel("seconds")
-    ax.set_title(_title(results, "Prefill"), fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
 
 
 if __name__ == "__main__":
