@@ -186,11 +186,19 @@ def cache_lengths(cache, seq_len: int) -> tuple[int | torch.Tensor, int]:
     gives its length as a device scalar (a copy: the layers advance theirs in place) and its fixed size."""
     if cache is None:
         return 0, seq_len
-    layer = cache.layers[0]
-    if isinstance(layer, MlaDsaStaticCacheLayer):
-        return layer.cumulative_length.clone(), layer.max_cache_len
+    size = static_cache_size(cache)
+    if size is not None:
+        return cache.layers[0].cumulative_length.clone(), size
     past_len = cache.get_seq_length()
     return past_len, past_len + seq_len
+
+
+def static_cache_size(cache) -> int | None:
+    """The fixed number of slots of a static cache of our layers, or None for any other cache (or none)."""
+    layers = getattr(cache, "layers", None)
+    if layers and isinstance(layers[0], MlaDsaStaticCacheLayer):
+        return layers[0].max_cache_len
+    return None
 
 
 class MlaDsaCache(Cache):
@@ -284,4 +292,5 @@ __all__ = [
     "MlaDsaStaticCacheLayer",
     "cache_lengths",
     "check_cache",
+    "static_cache_size",
 ]

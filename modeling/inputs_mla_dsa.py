@@ -64,13 +64,20 @@ def key_padding_mask_of(attention_mask: torch.Tensor | None, batch_size: int, nu
     if attention_mask is None:
         return None
     if static and attention_mask.dim() == 2 and attention_mask.shape[0] == batch_size:
-        attention_mask = torch.nn.functional.pad(attention_mask, (0, max(0, num_keys - attention_mask.shape[1])))
+        attention_mask = padded_to_keys(attention_mask, num_keys)
     if attention_mask.dim() != 2 or attention_mask.shape != (batch_size, num_keys):
         raise ValueError(
             f"MlaDsaModel: attention_mask must be 2D [batch, past + new tokens] = ({batch_size}, {num_keys}), "
             f"got shape {tuple(attention_mask.shape)}"
         )
     return attention_mask.bool()
+
+
+def padded_to_keys(attention_mask: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """A 2D mask [B, t] of the tokens so far, as [B, num_keys] (a static cache's size); the added slots are False.
+    A mask of that size already (what generate() passes with a static cache) is returned as it is."""
+    missing = num_keys - attention_mask.shape[1]
+    return torch.nn.functional.pad(attention_mask, (0, missing)) if missing > 0 else attention_mask
 
 
 __all__ = [
@@ -80,5 +87,6 @@ __all__ = [
     "out_of_range_ids",
     "output_flags",
     "packed_segment_ids",
+    "padded_to_keys",
     "stage_argument",
 ]

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from transformers import GenerationMixin
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import (
@@ -25,7 +24,7 @@ from transformers.modeling_outputs import (
 from transformers.utils import logging
 
 from .attention_mla_dsa import MlaDsaRMSNorm
-from .cache_mla_dsa import MlaDsaCache, cache_lengths, check_cache
+from .cache_mla_dsa import MlaDsaCache, cache_lengths, check_cache, static_cache_size
 from .compat_mla_dsa import CACHE_NAME, cache_field, take_cache
 from .configuration_mla_dsa import MlaDsaConfig
 from .inputs_mla_dsa import (
@@ -35,6 +34,7 @@ from .inputs_mla_dsa import (
     out_of_range_ids,
     output_flags,
     packed_segment_ids,
+    padded_to_keys,
     stage_argument,
 )
 from .pretrained_mla_dsa import MlaDsaDecoderLayer, MlaDsaModelOutput, MlaDsaPreTrainedModel
@@ -268,10 +268,10 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
         mask their own way): our 2D key padding mask, padded to the cache's fixed size, so every compiled decode
         step sees one shape (the slots past the tokens so far are later than every query: causality hides them)."""
         cache = kwargs.get(CACHE_NAME, kwargs.get("past_key_values"))
-        if attention_mask is None or attention_mask.dim() != 2 or cache is None:
+        size = static_cache_size(cache)
+        if attention_mask is None or attention_mask.dim() != 2 or size is None:
             return attention_mask
-        _, num_keys = cache_lengths(cache, 0)
-        return F.pad(attention_mask.bool(), (0, max(0, num_keys - attention_mask.shape[1])))
+        return padded_to_keys(attention_mask.bool(), size)
 
 
 class MlaDsaForSequenceClassification(MlaDsaPreTrainedModel):
