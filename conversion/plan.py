@@ -101,13 +101,12 @@ def sharing_pattern(opts: ConvertOptions, num_layers: int, config_path) -> list[
     if opts.index_share is not None and opts.indexer_types is not None:
         raise ConversionError(config_path, "pass --index-share or --indexer-types, not both")
     if opts.index_share is not None:
-        return glm_indexer_types({"num_hidden_layers": num_layers, "index_topk_freq": opts.index_share})
-    types = opts.indexer_types
-    if isinstance(types, str):
-        if set(types) - {"F", "S"}:
-            raise ConversionError(config_path, f"--indexer-types is one F or S per layer, got {types!r}")
-        types = ["full" if letter == "F" else "shared" for letter in types]
-    return None if all(kind == "full" for kind in types) else list(types)
+        sharing = {"index_topk_freq": opts.index_share}
+    else:
+        if isinstance(opts.indexer_types, str) and set(opts.indexer_types) - {"F", "S"}:
+            raise ConversionError(config_path, f"--indexer-types is one F or S per layer, got {opts.indexer_types!r}")
+        sharing = {"index_topk_pattern": opts.indexer_types}
+    return glm_indexer_types({"num_hidden_layers": num_layers, **sharing})  # GLM's own two ways of saying it
 
 
 def source_family(source: SourceCheckpoint) -> str:
