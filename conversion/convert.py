@@ -15,6 +15,7 @@ Peak memory: Python + torch, plus one output shard being assembled, plus the ten
 import os
 from pathlib import Path
 
+from .calibrate import CalibrationOptions, calibration_windows
 from .export import export_refusals
 from .indexer_init import INDEXER_INITS
 from .plan import DTYPES, ConvertOptions, plan_output, target_config
@@ -27,7 +28,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **options
     """Converts the dense MLA checkpoint at `src` into a DSA checkpoint at `dst`; returns `dst`.
 
     Options (see `ConvertOptions`): dtype ("auto" keeps each tensor's dtype, FP8 becomes bf16), index_n_heads,
-    index_head_dim, index_topk, indexer_init ("random" | "svd"), seed, max_shard_size, resume, overwrite,
+    index_head_dim, index_topk, indexer_init ("random" | "svd" | "calibrate", which fits each indexer to its layer's
+    attention on `calibration_data` text files: calibration_tokens, calibration_seq_len, calibration_steps,
+    calibration_lr), seed, max_shard_size, resume, overwrite,
     verify (run SRC and DST and compare logits), progress, export ("deepseek_v32": DeepSeek-V3.2's native format,
     which transformers' DeepseekV32ForCausalLM, vLLM and SGLang load without custom code).
     Raises `ConversionError` (one line naming the file)."""
@@ -36,6 +39,14 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **options
         raise ConversionError(dst, f"--dtype must be one of {list(DTYPES)}, got {opts.dtype!r}")
     if opts.indexer_init not in INDEXER_INITS:
         raise ConversionError(dst, f"--indexer-init must be one of {INDEXER_INITS}, got {opts.indexer_init!r}")
+    if opts.indexer_init == "calibrate" and not opts.calibration_data:
+        raise ConversionError(dst, "--indexer-init calibrate needs --calibration-data FILES (a few thousand tokens)")
+    if opts.indexer_init != "calibrate" and opts.calibration_data:
+        raise ConversionError(dst, f"--calibration-data is read only with --indexer-init calibrate, not "
+                                   f"{opts.indexer_init}")  # fmt: skip
+    for path in opts.calibration_data or ():
+        if not Path(path).is_file():
+            raise ConversionError(path, "calibration data file not found")
     src, dst = Path(src).resolve(), Path(dst).resolve()
     partial = dst.parent / f".{dst.name}.mla-dsa-partial"
     finished = opts.resume and not partial.exists() and dst.is_dir() and any(dst.iterdir())
@@ -48,6 +59,16 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **options
             source.close()
             raise ConversionError(dst, f"cannot export to {opts.export}: " + "; ".join(refusals))
     plan = plan_output(source, config, opts)
+    if opts.indexer_init == "calibrate" and not any(t.source is None for shard in plan for t in shard.tensors):
+        source.close()
+        raise ConversionError(src, "SRC has an indexer in every layer that needs one: --indexer-init calibrate fits "
+                                   "only the indexers a conversion grafts")  # fmt: skip
+    if opts.indexer_init == "calibrate":
+        try:  # refuse unusable data (no tokenizer, too few tokens) before anything is written
+            calibration_windows(source, config, CalibrationOptions.of(opts))
+        except ConversionError:
+            source.close()
+            raise
     if finished:  # a kill after the final rename: --resume finds DST complete, or refuses it as any other DST
         try:
             check_output(dst, plan)

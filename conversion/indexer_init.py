@@ -13,11 +13,13 @@
   [sum_h W_QR,h ; sum_h (M_h V)^T] c_Q. The rope rows are permuted from the main attention's interleaved pairs to the
   indexer's half-split pairs, so both rotate by the same angles. `weights_proj` stays random (it has no bias, so no
   data-free choice makes the head weights positive); the LayerNorm and ReLU are approximated away.
+- `calibrate`: `svd`, then fitted to the layer's attention on calibration text (`calibrate.py`).
 """
 
 import torch
 
-INDEXER_INITS = ("random", "svd")
+INDEXER_INITS = ("random", "svd", "calibrate")
+_DATA_FREE_INITS = ("random", "svd")
 
 
 def init_indexer(config, layer_idx: int, method: str, seed: int, read) -> dict[str, torch.Tensor]:
@@ -25,8 +27,8 @@ def init_indexer(config, layer_idx: int, method: str, seed: int, read) -> dict[s
 
     `read(name)` returns one source tensor (dequantized) by its full checkpoint name; `config` is the target
     MlaDsaConfig. Deterministic in (seed, layer_idx)."""
-    if method not in INDEXER_INITS:
-        raise ValueError(f"indexer init must be one of {INDEXER_INITS}, got {method!r}")
+    if method not in _DATA_FREE_INITS:
+        raise ValueError(f"indexer init must be one of {_DATA_FREE_INITS} (calibrate: calibrate.py), got {method!r}")
     generator = torch.Generator().manual_seed(seed * 1_000_003 + layer_idx)
     tensors = _random_indexer(config, generator)
     if method == "svd":

@@ -40,6 +40,11 @@ class ConvertOptions:
     indexer_types: str | list[str] | None = None  # "FSSF..." or ["full", "shared", ...]
     export: str | None = None  # a serving format (`export.EXPORT_FORMATS`), or None for ours
     indexer_init: str = "random"
+    calibration_data: list[str] | None = None  # text files for indexer_init="calibrate"
+    calibration_tokens: int = 4096
+    calibration_seq_len: int = 512
+    calibration_steps: int = 100
+    calibration_lr: float = 1e-2
     seed: int = 0
     max_shard_size: int | str = "5GB"
     resume: bool = False

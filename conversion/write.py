@@ -12,10 +12,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..modeling.configuration_mla_dsa import MlaDsaConfig
+from .calibrate import CalibrationOptions, calibrate_indexers
 from .export import export_config, permute_indexer_rope, permutes_indexer_rope
 from .indexer_init import init_indexer
 from .payload import payload_files
@@ -23,6 +24,10 @@ from .plan import ConvertOptions, OutputShard, OutputTensor
 from .source import INDEX_NAME, ConversionError, SourceCheckpoint, read_json
 
 STATE_NAME = ".mla-dsa-convert-state.json"
+# --indexer-init calibrate: the fitted indexers, kept in the partial directory so --resume does not fit them again,
+# and the fit's report, which stays in DST (how its indexers were made).
+CALIBRATED_NAME = ".mla-dsa-calibrated-indexers.safetensors"
+CALIBRATION_REPORT = "indexer_calibration.json"
 _FORMAT_VERSION = 1
 
 
@@ -33,6 +38,7 @@ def _fingerprint(source: SourceCheckpoint, plan: list[OutputShard], opts: Conver
         "options": {k: v for k, v in asdict(opts).items() if k not in ("resume", "overwrite", "verify", "progress")},
         "source": sorted((i.name, i.shard, str(i.dtype), i.shape) for i in source.tensors.values()),
         "sizes": {shard: (source.path / shard).stat().st_size for shard in source.shards},
+        "calibration": [(str(p), Path(p).stat().st_size) for p in opts.calibration_data or ()],
         "plan": [(s.filename, [(t.name, str(t.dtype), t.shape, t.source) for t in s.tensors]) for s in plan],
     }
     return hashlib.sha256(json.dumps(described, default=str).encode()).hexdigest()
@@ -42,9 +48,10 @@ def write_shards(source, config, plan: list[OutputShard], partial: Path, opts: C
     fingerprint = _fingerprint(source, plan, opts)
     state = _start_state(partial, fingerprint, opts.resume)
     todo = [shard for shard in plan if not _is_done(partial, shard, state)]
+    calibrated = calibrated_indexers(source, config, todo, partial, opts)  # before the shards' progress bar
     bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="converting shards", unit="shard",
                disable=not opts.progress)  # fmt: skip
-    produce = TensorMaker(source, config, opts)
+    produce = TensorMaker(source, config, opts, calibrated)
     for shard in todo:
         tensors = {}
         for tensor in shard.tensors:
@@ -60,13 +67,33 @@ def write_shards(source, config, plan: list[OutputShard], partial: Path, opts: C
     bar.close()
 
 
+def calibrated_indexers(source, config, todo: list[OutputShard], partial: Path, opts: ConvertOptions) -> dict | None:
+    """With --indexer-init calibrate and an indexer still to write: the fitted indexers by layer and suffix, fitted
+    now (and kept in `partial`, with their report) or read back from an interrupted run's `partial`."""
+    if opts.indexer_init != "calibrate" or not any(t.source is None for shard in todo for t in shard.tensors):
+        return None
+    kept = partial / CALIBRATED_NAME
+    if not kept.exists():
+        fitted, report = calibrate_indexers(source, config, CalibrationOptions.of(opts), opts.seed, opts.progress)
+        (partial / CALIBRATION_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        flat = {f"{layer}.{suffix}": tensor for layer, tensors in fitted.items() for suffix, tensor in tensors.items()}
+        save_file(flat, str(kept.with_suffix(".tmp")))
+        os.replace(kept.with_suffix(".tmp"), kept)
+    indexers: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in load_file(str(kept)).items():
+        layer, suffix = name.split(".", 1)
+        indexers.setdefault(int(layer), {})[suffix] = tensor
+    return indexers
+
+
 class TensorMaker:
     """Makes each output tensor: a source tensor (dequantized, cast) or a new indexer tensor, its RoPE rows reordered
     for an export whose indexer rotates pairs the other way. The five indexer tensors of a layer come from one init
-    call, kept until the next layer's are asked for."""
+    call, kept until the next layer's are asked for, or from `calibrated` (--indexer-init calibrate)."""
 
-    def __init__(self, source: SourceCheckpoint, config: MlaDsaConfig, opts: ConvertOptions):
-        self.source, self.config, self.opts = source, config, opts
+    def __init__(self, source: SourceCheckpoint, config: MlaDsaConfig, opts: ConvertOptions,
+                 calibrated: dict[int, dict[str, torch.Tensor]] | None = None):  # fmt: skip
+        self.source, self.config, self.opts, self.calibrated = source, config, opts, calibrated
         self._layer: int | None = None
         self._indexer: dict[str, torch.Tensor] = {}
 
@@ -81,6 +108,8 @@ class TensorMaker:
     def _make(self, tensor: OutputTensor) -> torch.Tensor:
         if tensor.source is not None:
             return self.source.read(tensor.source, fp8_dtype=tensor.dtype).to(tensor.dtype).contiguous()
+        if self.calibrated is not None:
+            return self.calibrated[tensor.layer][tensor.name.split(".self_attn.indexer.")[1]].to(tensor.dtype)
         if self._layer != tensor.layer:
             self._layer = tensor.layer
             self._indexer = init_indexer(
@@ -109,7 +138,7 @@ def _start_state(partial: Path, fingerprint: str, resume: bool) -> dict:
 def _remove_strays(partial: Path, state: dict) -> None:
     """A kill inside a write leaves temporary files (ours, or safetensors' own): drop all but finished shards."""
     for path in partial.iterdir():
-        if path.name != STATE_NAME and path.name not in state["done"]:
+        if path.name not in (STATE_NAME, CALIBRATED_NAME, CALIBRATION_REPORT) and path.name not in state["done"]:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
@@ -168,6 +197,7 @@ def check_output(directory: Path, plan: list[OutputShard]) -> None:
 
 def move_into_place(partial: Path, dst: Path) -> None:
     (partial / STATE_NAME).unlink(missing_ok=True)
+    (partial / CALIBRATED_NAME).unlink(missing_ok=True)
     if dst.exists():
         old = dst.parent / f".{dst.name}.mla-dsa-old"
         if old.exists():

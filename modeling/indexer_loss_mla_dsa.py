@@ -58,7 +58,7 @@ def _dense_chunk(index_q, index_w, index_k, main_query, latent, visible, softmax
         target = masked_softmax(scores.float(), visible.unsqueeze(2)).mean(dim=2)  # heads summed, L1-normalised
         del scores
     index = IndexScorer(index_q, index_w, index_k, softmax_scale).scores(0, index_q.shape[1])  # [B, s, T]
-    kl_sum, count = _kl(target, index, visible)
+    kl_sum, count = kl_to_target(target, index, visible)
     with torch.no_grad():
         long_rows = visible.sum(-1) > top_k  # recall is only informative where top-k must leave keys out
         indices, _ = select_topk(index, visible, top_k)
@@ -83,11 +83,11 @@ def sparse_stage_loss(
             scores = torch.einsum("bshc,bskc->bshk", main_query[:, start:end], rows) * scaling
             targets.append(masked_softmax(scores.float(), selection.valid[:, start:end].unsqueeze(2)).mean(dim=2))
     target = torch.cat(targets, dim=1) if len(targets) > 1 else targets[0]  # [B, S, k]
-    kl_sum, count = _kl(target, selection.scores, selection.valid)
+    kl_sum, count = kl_to_target(target, selection.scores, selection.valid)
     return IndexerStats(kl_sum / count.clamp(min=1), torch.full_like(kl_sum, float("nan")).detach())
 
 
-def _kl(target: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_to_target(target: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over rows of KL(target || softmax(logits)) restricted to `valid`, and the number of rows with a valid key."""
     log_probs = torch.log_softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
     log_probs = torch.where(valid, log_probs, torch.zeros_like(log_probs))
@@ -96,4 +96,4 @@ def _kl(target: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor) -> tupl
     return (per_row * has_key).sum(), has_key.sum()
 
 
-__all__ = ["IndexerStats", "dense_stage_loss", "sparse_stage_loss"]
+__all__ = ["IndexerStats", "dense_stage_loss", "kl_to_target", "sparse_stage_loss"]

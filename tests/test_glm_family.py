@@ -276,12 +276,12 @@ def test_a_full_indexer_learns_from_every_layer_it_selects_for():
 def test_the_mean_of_kls_trains_as_the_kl_of_the_mean_attention():
     """Why each shared layer adds its own KL to its source's indexer: sum_l KL(p_l || q) = n KL(mean p || q) + a
     constant, so the gradient is the one of the mean target (the issue's example), up to the factor n."""
-    from mla_dsa.modeling.indexer_loss_mla_dsa import _kl
+    from mla_dsa.modeling.indexer_loss_mla_dsa import kl_to_target
 
     generator = torch.Generator().manual_seed(0)
     targets = torch.softmax(torch.randn(3, 2, 5, 9, generator=generator), dim=-1)  # 3 layers' attention [B, S, T]
     logits = torch.randn(2, 5, 9, generator=generator, requires_grad=True)
     valid = torch.ones(2, 5, 9, dtype=torch.bool)
-    each = torch.autograd.grad(sum(_kl(target, logits, valid)[0] for target in targets), logits)[0]
-    mean = torch.autograd.grad(3 * _kl(targets.mean(0), logits, valid)[0], logits)[0]
+    each = torch.autograd.grad(sum(kl_to_target(target, logits, valid)[0] for target in targets), logits)[0]
+    mean = torch.autograd.grad(3 * kl_to_target(targets.mean(0), logits, valid)[0], logits)[0]
     torch.testing.assert_close(each, mean)
