@@ -2,6 +2,7 @@
 
 import argparse
 import contextlib
+import json
 import re
 import sys
 from collections.abc import Iterator
@@ -50,8 +51,30 @@ def _add_indexer_arguments(group) -> None:
         "--indexer-init",
         default="random",
         choices=INDEXER_INITS,
-        help="random (as the paper) or svd (derived from the layer's attention weights)",
+        help="random (as the paper), svd (derived from the layer's attention weights) or calibrate (svd, then fitted "
+        "to each layer's attention on --calibration-data)",
     )
+    group.add_argument(
+        "--calibration-data",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="text files for --indexer-init calibrate (tokenized with SRC's tokenizer)",
+    )
+    group.add_argument(
+        "--calibration-tokens",
+        type=_positive_int,
+        default=4096,
+        help="tokens of the calibration data used (default 4096)",
+    )
+    group.add_argument(
+        "--calibration-seq-len",
+        type=_positive_int,
+        default=512,
+        help="calibration window length (default 512, at most SRC's max_position_embeddings)",
+    )
+    group.add_argument("--calibration-steps", type=int, default=100, help="fit steps per layer (default 100)")
+    group.add_argument("--calibration-lr", type=float, default=1e-2, help="the fit's Adam learning rate (1e-2)")
     group.add_argument("--seed", type=int, default=0, help="seed of the indexer init (output is deterministic)")
     group.add_argument(
         "--dense-attention-layers",
@@ -131,11 +154,22 @@ def _run_convert(args) -> int:
     dst = convert_checkpoint(
         args.src, args.dst, dtype=args.dtype, index_n_heads=args.index_n_heads, index_head_dim=args.index_head_dim,
         index_topk=args.index_topk, indexer_init=args.indexer_init, seed=args.seed,
+        calibration_data=args.calibration_data, calibration_tokens=args.calibration_tokens,
+        calibration_seq_len=args.calibration_seq_len, calibration_steps=args.calibration_steps,
+        calibration_lr=args.calibration_lr,
         dense_attention_layers=args.dense_attention_layers, export=args.export, index_share=args.index_share,
         indexer_types=args.indexer_types,
         max_shard_size=args.max_shard_size, resume=args.resume, overwrite=args.overwrite, verify=args.verify,
         verify_tolerance=args.verify_tolerance, follow_symlinks=args.follow_symlinks, progress=not args.no_progress,
     )  # fmt: skip
+    report = dst / "indexer_calibration.json"
+    if args.indexer_init == "calibrate" and report.is_file():
+        calibrated = json.loads(report.read_text())
+        kl = [(layer["kl_before"], layer["kl_after"]) for layer in calibrated["layers"].values()]
+        print(
+            f"calibrated {len(kl)} indexers on {calibrated['tokens']} tokens; "
+            f"KL to the attention {sum(b for b, _ in kl) / len(kl):.3f} -> {sum(a for _, a in kl) / len(kl):.3f}"
+        )
     print(f"wrote {dst}")
     return 0
 
@@ -168,6 +202,26 @@ def _add_train_indexer(commands) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--optim", default="adamw_torch", help="a transformers optimizer name (adamw_torch, sgd, ...)")
+    parser.add_argument(
+        "--lora",
+        type=_positive_int,
+        default=None,
+        metavar="R",
+        help="train LoRA adapters of rank R (PEFT; attention, MLP and indexer) instead of the weights",
+    )
+    parser.add_argument(
+        "--lora-save",
+        choices=["merged", "adapter"],
+        default="merged",
+        help="merged (default): OUT "
+        "is a plain checkpoint with the adapters merged in; adapter: OUT is the PEFT adapter alone",
+    )
+    parser.add_argument(
+        "--dense-control",
+        action="store_true",
+        help="sparse stage: the control run, the same "
+        "training with dense attention and no indexer loss (what more training alone gains)",
+    )
     parser.add_argument("--no-progress", action="store_true")  # fmt: skip
 
 
@@ -180,7 +234,7 @@ def _run_train_indexer(args) -> int:
         args.checkpoint, args.stage, args.data, args.out, steps=args.steps, seq_len=args.seq_len,
         batch_size=args.batch_size, learning_rate=args.lr, index_topk=args.index_topk, save_steps=args.save_steps,
         logging_steps=args.logging_steps, resume=args.resume, seed=args.seed, progress=not args.no_progress,
-        optim=args.optim,
+        optim=args.optim, lora_rank=args.lora, lora_save=args.lora_save, dense_control=args.dense_control,
     )  # fmt: skip
     _leave_process_group()
     print(f"wrote {out}")
@@ -202,11 +256,15 @@ def _add_eval(commands) -> None:
     parser = commands.add_parser(
         "eval",
         help="dense vs sparse loss, KL and recall@k of a DSA checkpoint on text files (JSON)",
-        description="Prints JSON: dense_loss, sparse_loss, loss_ratio (sparse/dense), kl (indexer vs dense "
-        "attention), recall (share of the dense head-summed attention mass inside the indexer's top-k, averaged over "
-        "layers and over queries with more than k keys).",
+        description="Prints JSON: dense_loss, sparse_loss, loss_ratio (sparse loss over the dense loss of --source, "
+        "or of the checkpoint itself), kl (indexer vs the checkpoint's dense attention), kl_uniform and captured_kl "
+        "(1 - kl / kl_uniform), recall (share of the dense head-summed attention mass inside the indexer's top-k, "
+        "averaged over layers and over queries with more than k keys). Evaluate on files never used for calibration "
+        "or training.",
     )
     parser.add_argument("checkpoint")
+    parser.add_argument("--source", default=None, help="the dense model the checkpoint was made from: loss_ratio is "
+                        "against its dense loss (source_dense_loss)")  # fmt: skip
     parser.add_argument("--data", required=True, nargs="+", help="text files to evaluate on")
     parser.add_argument("--seq-len", type=_positive_int, default=512)
     parser.add_argument(
@@ -223,32 +281,44 @@ def _run_eval(args) -> int:
     import json
 
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data import fixed_windows, text_files_corpus
     from .modeling.configuration_mla_dsa import MlaDsaConfig
-    from .modeling.modeling_mla_dsa import MlaDsaForCausalLM
-    from .training import check_data_length, check_seq_len, evaluate_indexer
+    from .training import check_data_length, check_seq_len, evaluate_indexer, load_trained, trained_base
 
-    _check_checkpoint(args.checkpoint)
+    _check_checkpoint(args.checkpoint, adapter_ok=True)
     _check_files(args.data)
-    check_seq_len(args.checkpoint, MlaDsaConfig.from_pretrained(args.checkpoint), args.seq_len)
+    check_seq_len(args.checkpoint, MlaDsaConfig.from_pretrained(trained_base(args.checkpoint)), args.seq_len)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     corpus = text_files_corpus(args.data, tokenizer)
     check_data_length(args.data, corpus, args.seq_len)
-    model = MlaDsaForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
+    model = load_trained(args.checkpoint)
+    source = None
+    if args.source is not None:
+        _check_checkpoint(args.source)
+        source = AutoModelForCausalLM.from_pretrained(args.source, dtype=torch.float32)
+        if source.config.vocab_size != model.config.vocab_size:
+            vocab = f"vocab_size {source.config.vocab_size}, the checkpoint's {model.config.vocab_size}"
+            raise ConversionError(args.source, f"{vocab}: not the model the checkpoint was made from")
     windows = fixed_windows(corpus, args.windows, args.seq_len)
-    result = evaluate_indexer(model, windows, index_topk=args.index_topk, batch_size=args.batch_size)
+    result = evaluate_indexer(model, windows, index_topk=args.index_topk, batch_size=args.batch_size, source=source)
     print(json.dumps(result, indent=2))
     return 0
 
 
-def _check_checkpoint(path: str) -> None:
-    """A local checkpoint directory, checked before anything is loaded (not a Hub id: nothing is downloaded)."""
+def _check_checkpoint(path: str, adapter_ok: bool = False) -> None:
+    """A local checkpoint directory (or, with `adapter_ok`, a LoRA adapter train-indexer saved), checked before
+    anything is loaded (not a Hub id: nothing is downloaded)."""
     from pathlib import Path
 
     if not Path(path).is_dir():
         raise ConversionError(path, "no such checkpoint directory")
+    if adapter_ok and (Path(path) / "adapter_config.json").is_file():
+        return
+    if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+        raise ConversionError(path, "is a LoRA adapter: train from a checkpoint (save the earlier stage with "
+                                    "--lora-save merged)")  # fmt: skip
     if not (Path(path) / "config.json").is_file():
         raise ConversionError(path, "not a checkpoint directory (no config.json)")
 

@@ -3,7 +3,10 @@
 - Dense warm-up (`stage="dense"`): everything but the indexer frozen, dense attention, loss = KL(p_t || softmax(I_t))
   to the head-summed main attention over all causal keys.
 - Sparse stage (`stage="sparse"`): top-k selection on, everything trainable; the indexer learns only from the KL over
-  its selected keys (its inputs are detached inside the model), the main model only from the LM loss.
+  its selected keys (its inputs are detached inside the model), the main model only from the LM loss, so it adapts
+  to sparse attention. Fully, or through LoRA (`lora_rank`: PEFT adapters on attention, MLP and indexer, merged into
+  the saved checkpoint or saved as an adapter). `dense_control=True` is the control run: the same training with dense
+  attention and no indexer loss, so that what sparse attention costs is not confused with what more training gains.
 
 `mla-dsa train-indexer` runs either stage on a checkpoint and text files; under `accelerate launch` it is
 data-parallel (gloo on CPU, NCCL on GPUs) with no code of ours involved in the distribution.
@@ -24,6 +27,7 @@ from .conversion.source import ConversionError
 logger = logging.get_logger(__name__)
 
 STAGES = ("dense", "sparse")
+LORA_SAVES = ("merged", "adapter")
 RUN_FILE = "mla-dsa-training.json"  # in OUT: which stage the run there is, so --resume cannot cross stages
 # Default learning rates: the paper's (dense warm-up 1e-3; sparse stage 7.3e-6 for a 7168-wide model), the sparse
 # one scaled up by sqrt(7168 / hidden_size) for narrower models, which tolerate larger steps.
@@ -101,36 +105,57 @@ def _is_peft(model: torch.nn.Module) -> bool:
 
 @torch.no_grad()
 def evaluate_indexer(
-    model: torch.nn.Module, windows: torch.Tensor, index_topk: int | None = None, batch_size: int = 4
-) -> dict[str, float]:
+    model: torch.nn.Module, windows: torch.Tensor, index_topk: int | None = None, batch_size: int = 4,
+    source: torch.nn.Module | None = None,
+) -> dict[str, float]:  # fmt: skip
     """Dense vs sparse LM loss and the indexer's agreement with dense attention, on token windows [N, L].
 
-    Returns dense_loss, sparse_loss, loss_ratio (sparse / dense), kl (mean over layers and queries of
-    KL(p_t || softmax(I_t)), dense), recall (share of the dense head-summed attention mass inside the indexer's top-k,
-    averaged over layers and over queries with more than k keys), index_topk and seq_len."""
+    Returns dense_loss (this model, dense attention), sparse_loss, loss_ratio (sparse_loss over the dense loss of
+    `source`, the dense model this one came from, when given - `source_dense_loss` - else over this model's own),
+    kl (mean over the DSA layers and queries of KL(p_t || softmax(I_t)), p_t this model's dense head-summed
+    attention), kl_uniform (the same KL for a uniform choice over the visible keys), captured_kl
+    (1 - kl / kl_uniform: 1 is a perfect indexer, 0 no better than uniform), recall (share of p_t's mass inside the
+    indexer's top-k, over queries with more than k keys), index_topk, seq_len and windows."""
     dsa = _dsa_model(model)
     k = index_topk or dsa.config.index_topk
-    was_training = model.training
-    model.eval()
-    totals = {"dense_loss": 0.0, "sparse_loss": 0.0, "kl": 0.0, "recall": 0.0}
+    dsa_layers = [i for i in range(dsa.config.num_hidden_layers) if i not in (dsa.config.dense_attention_layers or ())]
+    models = [model] + ([source] if source is not None else [])
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    names = ("dense_loss", "sparse_loss", "kl", "kl_uniform", "recall") + (("source_dense_loss",) if source else ())
+    totals = dict.fromkeys(names, 0.0)
     batches = 0
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
         dense = model(batch, labels=batch, indexer_stage="dense", index_topk=k, use_sparse_attention=False,
-                      use_cache=False)  # fmt: skip
+                      use_cache=False, output_attentions=True)  # fmt: skip
         sparse = model(batch, labels=batch, index_topk=k, use_sparse_attention=True, use_cache=False)
         totals["dense_loss"] += dense.lm_loss.item()
         totals["sparse_loss"] += sparse.lm_loss.item()
         totals["kl"] += dense.indexer_loss.item()
+        totals["kl_uniform"] += sum(_kl_to_uniform(dense.attentions[i]) for i in dsa_layers) / len(dsa_layers)
         totals["recall"] += dense.indexer_recall.item()
+        if source is not None:
+            totals["source_dense_loss"] += source(batch, labels=batch, use_cache=False).loss.item()
         batches += 1
-    model.train(was_training)
+    for m, training in zip(models, was_training, strict=True):
+        m.train(training)
     result = {name: value / max(1, batches) for name, value in totals.items()}
-    result["loss_ratio"] = result["sparse_loss"] / result["dense_loss"]
+    result["loss_ratio"] = result["sparse_loss"] / result["source_dense_loss" if source else "dense_loss"]
+    result["captured_kl"] = 1 - result["kl"] / result["kl_uniform"]
     result.update(index_topk=k, seq_len=int(windows.shape[1]), windows=int(windows.shape[0]))
     if math.isnan(result["recall"]):
         result["recall"] = None  # no query had more than k keys
     return result
+
+
+def _kl_to_uniform(probs: torch.Tensor) -> float:
+    """Mean over queries of KL(p_t || uniform over the causal keys) = log(t + 1) - H(p_t), for one layer's attention
+    probabilities [B, H, L, L] (p_t the head-summed, L1-normalised row)."""
+    mass = probs.float().mean(1)  # [B, L, L]
+    keys = torch.arange(1, mass.shape[-1] + 1, dtype=mass.dtype)  # query t sees t + 1 keys
+    return (keys.log() + torch.xlogy(mass, mass).sum(-1)).mean().item()
 
 
 @torch.no_grad()
@@ -193,9 +218,16 @@ def train_indexer(
     progress: bool = True,
     max_tokens: int | None = None,
     optim: str = "adamw_torch",
+    lora_rank: int | None = None,
+    lora_save: str = "merged",
+    dense_control: bool = False,
 ) -> Path:
     """One stage of indexer training with transformers' Trainer; saves a loadable DSA checkpoint to `out_dir`.
 
+    `lora_rank`: train PEFT LoRA adapters of that rank (attention, MLP and indexer; the indexer's k_norm in full)
+    instead of the weights; `lora_save="merged"` writes them merged into a plain checkpoint, "adapter" writes the
+    PEFT adapter alone (`load_trained(out_dir)` or PEFT's `PeftModel.from_pretrained(base, out_dir)` loads it).
+    `dense_control` (sparse stage): the same training with dense attention and no indexer loss.
     Periodic Trainer checkpoints go to `out_dir/checkpoints` (every `save_steps`); `resume=True` continues from the
     newest. Runs data-parallel unchanged under `accelerate launch`: `batch_size` is per process."""
     from transformers import AutoTokenizer
@@ -206,6 +238,10 @@ def train_indexer(
 
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if lora_save not in LORA_SAVES:
+        raise ValueError(f"lora_save must be one of {LORA_SAVES}, got {lora_save!r}")
+    if dense_control and stage != "sparse":
+        raise ValueError("dense_control is the sparse stage's control run: pass stage='sparse'")
     out_dir = Path(out_dir)
     if resume:
         _check_resumed_stage(out_dir, stage)
@@ -214,23 +250,57 @@ def train_indexer(
     corpus = text_files_corpus(data_files, tokenizer, max_tokens=max_tokens)
     check_data_length(data_files, corpus, seq_len)
     model = MlaDsaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    if lora_rank is not None:
+        from peft import get_peft_model
+        from transformers import set_seed
+
+        set_seed(seed)  # the adapters' random init: the same seed, the same run
+        model = get_peft_model(model, indexer_lora_config(("attention", "mlp", "indexer"), r=lora_rank,
+                                                          lora_alpha=2 * lora_rank))  # fmt: skip
     prepare_indexer_training(model, stage)
     lr = learning_rate if learning_rate is not None else default_learning_rate(stage, model.config.hidden_size)
     args = _training_arguments(out_dir, stage, steps, batch_size, lr, save_steps, logging_steps, seed, progress, optim)
     world = max(1, args.world_size)
     dataset = WindowDataset(corpus, seq_len, steps * batch_size * world, seed=seed)
-    trainer = IndexerTrainer(model=model, args=args, train_dataset=dataset, stage=stage, index_topk=index_topk)
+    trainer = IndexerTrainer(model=model, args=args, train_dataset=dataset, stage=stage, index_topk=index_topk,
+                             dense_attention=dense_control)  # fmt: skip
     _warn_if_sharding_fell_back(trainer)
     has_checkpoint = resume and any((out_dir / "checkpoints").glob("checkpoint-*"))
     if trainer.is_world_process_zero():
         out_dir.mkdir(parents=True, exist_ok=True)
-        run = {"stage": stage, "checkpoint": str(checkpoint), "processes": world, "sharded": trainer.is_fsdp_enabled}
+        run = {"stage": stage, "checkpoint": str(checkpoint), "processes": world, "sharded": trainer.is_fsdp_enabled,
+               "lora_rank": lora_rank, "dense_control": dense_control}  # fmt: skip
         (out_dir / RUN_FILE).write_text(json.dumps(run) + "\n")
     trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
     if trainer.is_world_process_zero():
+        if lora_rank is not None and lora_save == "merged":
+            model = model.merge_and_unload()
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def load_trained(path: str | Path, **kwargs) -> torch.nn.Module:
+    """The model `train_indexer` saved at `path`: a checkpoint, or a LoRA adapter (`lora_save="adapter"`) applied to
+    the checkpoint it was trained from and merged. `kwargs` go to `from_pretrained` (float32 unless given)."""
+    from .modeling.modeling_mla_dsa import MlaDsaForCausalLM
+
+    path = Path(path)
+    kwargs.setdefault("dtype", torch.float32)
+    base = MlaDsaForCausalLM.from_pretrained(trained_base(path), **kwargs)
+    if base.name_or_path == str(path):
+        return base
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, path).merge_and_unload()
+
+
+def trained_base(path: str | Path) -> Path:
+    """The checkpoint whose weights `path` holds: `path` itself, or for a LoRA adapter the checkpoint it adapts."""
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        return path
+    return Path(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])
 
 
 def _training_arguments(out_dir: Path, stage: str, steps: int, batch_size: int, lr: float, save_steps: int | None,
@@ -313,14 +383,15 @@ class _ProgressPostfix(TrainerCallback):
 
 class IndexerTrainer(Trainer):
     """Trainer for one stage of indexer training: every forward runs with `indexer_stage=stage` (and `index_topk`
-    when given; the checkpoint's otherwise). It logs the indexer's KL and recall next to the loss, and keeps the data
-    order fixed so that one process and N processes see the same global batches."""
+    when given; the checkpoint's otherwise), or with `dense_attention` as the sparse stage's dense control. It logs
+    the indexer's KL and recall next to the loss, and keeps the data order fixed so that one process and N processes
+    see the same global batches."""
 
-    def __init__(self, *args, stage: str, index_topk: int | None = None, **kwargs):
+    def __init__(self, *args, stage: str, index_topk: int | None = None, dense_attention: bool = False, **kwargs):
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         super().__init__(*args, **kwargs)
-        self.stage, self.index_topk = stage, index_topk
+        self.stage, self.index_topk, self.dense_attention = stage, index_topk, dense_attention
         # Trainer's token-count loss scaling (x num_processes, expecting a globally normalised sum) would also scale
         # the indexer's KL, which is a per-process mean: keep both losses per-process means, which DDP averages.
         self.model_accepts_loss_kwargs = False
@@ -332,7 +403,10 @@ class IndexerTrainer(Trainer):
         return torch.utils.data.SequentialSampler(self.train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-        inputs = {**inputs, "indexer_stage": self.stage, "index_topk": self.index_topk}
+        if self.dense_attention:  # the control run: the LM loss under dense attention, no indexer loss
+            inputs = {**inputs, "use_sparse_attention": False}
+        else:
+            inputs = {**inputs, "indexer_stage": self.stage, "index_topk": self.index_topk}
         if self.stage == "dense":
             inputs.pop("labels", None)  # the LM loss trains nothing in this stage
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
@@ -359,6 +433,8 @@ __all__ = [
     "WindowDataset",
     "evaluate_indexer",
     "indexer_lora_config",
+    "load_trained",
+    "trained_base",
     "oracle_recall",
     "prepare_indexer_training",
     "train_indexer",

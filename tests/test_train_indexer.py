@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import mla_dsa
 from mla_dsa.cli import main as cli
 from mla_dsa.data import stdlib_files
+from mla_dsa.training import load_trained
 
 from peers import save_byte_level_dsa
 
@@ -67,6 +68,35 @@ def test_eval_prints_json(dsa_checkpoint, capsys):
     assert result["loss_ratio"] == pytest.approx(result["sparse_loss"] / result["dense_loss"])
     assert 0.0 < result["recall"] <= 1.0 and result["kl"] > 0.0
     assert result["sparse_loss"] != result["dense_loss"]
+
+
+def test_eval_against_the_source_reports_captured_kl(tmp_path, capsys):
+    """--source: loss_ratio is over the source's dense loss, computed by transformers' model; kl_uniform is the KL
+    of a uniform choice over the causal keys to the dense head-summed attention (computed here from the source's own
+    attention probabilities), and captured_kl = 1 - kl / kl_uniform."""
+    from transformers import DeepseekV3ForCausalLM
+
+    from mla_dsa.data import byte_tokenizer, fixed_windows, text_files_corpus
+
+    dense, dsa = tmp_path / "dense", save_byte_level_dsa(tmp_path / "dense", tmp_path / "dsa", 8)
+    assert cli(["eval", str(dsa), "--source", str(dense), "--data", *DATA, "--seq-len", "32", "--windows", "4",
+                "--batch-size", "2"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    windows = fixed_windows(text_files_corpus(DATA, byte_tokenizer()), 4, 32)
+    peer = DeepseekV3ForCausalLM.from_pretrained(dense, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        halves = [peer(half, labels=half, output_attentions=True) for half in windows.split(2)]
+    assert result["source_dense_loss"] == pytest.approx(sum(h.loss.item() for h in halves) / 2, abs=1e-5)
+    assert result["loss_ratio"] == pytest.approx(result["sparse_loss"] / result["source_dense_loss"])
+    uniform = []
+    for half in halves:
+        for probs in half.attentions:  # [B, H, L, L]
+            p = probs.mean(1)
+            entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
+            uniform.append((torch.arange(1, 33).log() - entropy).mean())
+    assert result["kl_uniform"] == pytest.approx(torch.stack(uniform).mean().item(), rel=1e-4)
+    assert result["captured_kl"] == pytest.approx(1 - result["kl"] / result["kl_uniform"])
+    assert result["kl_uniform"] > 0
 
 
 def test_bad_data_file_is_one_line(dsa_checkpoint, capsys):
@@ -161,3 +191,58 @@ def test_lora_adapters_train_save_load_and_merge(dsa_checkpoint, tmp_path):
     result = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "MlaDsaForCausalLM 256" in result.stdout
+
+
+SPARSE_RUN = ["--stage", "sparse", "--data", *DATA, "--steps", "3", "--seq-len", "64", "--batch-size", "2",
+              "--lr", "1e-3", "--no-progress"]  # fmt: skip
+
+
+def test_sparse_stage_through_lora_saves_merged_or_as_an_adapter(dsa_checkpoint, tmp_path, capsys):
+    """`--lora R`: the same run saved merged (a plain checkpoint) and as an adapter gives the same model; eval reads
+    either; the adapter cannot be trained from (its weights are not a checkpoint's)."""
+    merged, adapter = tmp_path / "merged", tmp_path / "adapter"
+    assert cli(["train-indexer", str(dsa_checkpoint), *SPARSE_RUN, "--lora", "4", "--out", str(merged)]) == 0
+    assert cli(["train-indexer", str(dsa_checkpoint), *SPARSE_RUN, "--lora", "4", "--lora-save", "adapter",
+                "--out", str(adapter)]) == 0  # fmt: skip
+    assert not (merged / "adapter_config.json").exists() and (merged / "config.json").exists()
+    assert (adapter / "adapter_config.json").exists() and not (adapter / "model.safetensors").exists()
+    before, after = weights(dsa_checkpoint), weights(merged)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert any("kv_b_proj" in name for name in changed) and any(".indexer.wq_b" in name for name in changed)
+    assert any(".mlp.experts." in name for name in changed)  # fused experts, through PEFT's target_parameters
+    input_ids = torch.randint(3, 256, (2, 48))
+    with torch.no_grad():
+        from_adapter = load_trained(adapter).eval()(input_ids).logits
+        from_merged = mla_dsa.MlaDsaForCausalLM.from_pretrained(merged).eval()(input_ids).logits
+    torch.testing.assert_close(from_adapter, from_merged, atol=1e-5, rtol=0)
+
+    capsys.readouterr()  # the training runs' output
+    results = []
+    for trained in (merged, adapter):
+        assert cli(["eval", str(trained), "--data", *DATA, "--seq-len", "64", "--windows", "2"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0]["sparse_loss"] == pytest.approx(results[1]["sparse_loss"], abs=1e-5)
+    assert cli(["train-indexer", str(adapter), *SPARSE_RUN, "--out", str(tmp_path / "again")]) == 1
+    assert "is a LoRA adapter" in capsys.readouterr().err
+
+
+def test_dense_control_trains_the_model_with_dense_attention(tmp_path):
+    """`--dense-control`: the main weights learn under dense attention, so two checkpoints that differ only in their
+    indexers train to the same weights (and the indexers are left alone); the sparse stage, at k < L, does not."""
+    dense = tmp_path / "dense"
+    first = save_byte_level_dsa(dense, tmp_path / "seed0", 16)
+    second = mla_dsa.convert_checkpoint(dense, tmp_path / "seed1", index_topk=16, seed=1, progress=False)
+    trained = {}
+    for run, extra in (("control", ["--dense-control"]), ("sparse", [])):
+        for name, checkpoint in (("seed0", first), ("seed1", second)):
+            out = tmp_path / f"{run}-{name}"
+            assert cli(["train-indexer", str(checkpoint), *SPARSE_RUN, *extra, "--out", str(out)]) == 0
+            trained[run, name] = weights(out)
+    main_weights = [name for name in trained["control", "seed0"] if ".indexer." not in name]
+    assert all(torch.equal(trained["control", "seed0"][n], trained["control", "seed1"][n]) for n in main_weights)
+    assert not all(torch.equal(trained["sparse", "seed0"][n], trained["sparse", "seed1"][n]) for n in main_weights)
+    start, control = weights(first), trained["control", "seed0"]
+    assert all(torch.equal(control[name], start[name]) for name in control if ".indexer." in name)
+    assert not any(torch.equal(control[name], start[name]) for name in control if "kv_b_proj" in name)
+    with pytest.raises(ValueError, match="sparse stage's control"):
+        mla_dsa.train_indexer(first, "dense", DATA, tmp_path / "x", steps=1, dense_control=True, progress=False)
