@@ -234,7 +234,8 @@ def _run_train_indexer(args) -> int:
         args.checkpoint, args.stage, args.data, args.out, steps=args.steps, seq_len=args.seq_len,
         batch_size=args.batch_size, learning_rate=args.lr, index_topk=args.index_topk, save_steps=args.save_steps,
         logging_steps=args.logging_steps, resume=args.resume, seed=args.seed, progress=not args.no_progress,
-        optim=args.optim, lora_rank=args.lora, lora_save=args.lora_save, dense_control=args.dense_control,
+        optim=args.optim, lr_scheduler=args.lr_scheduler, lora_rank=args.lora, lora_save=args.lora_save,
+        dense_control=args.dense_control,
     )  # fmt: skip
     _leave_process_group()
     print(f"wrote {out}")

@@ -221,13 +221,17 @@ def train_indexer(
     lora_rank: int | None = None,
     lora_save: str = "merged",
     dense_control: bool = False,
+    callbacks: list[TrainerCallback] | None = None,
+    lr_scheduler: str = "constant_with_warmup",
 ) -> Path:
     """One stage of indexer training with transformers' Trainer; saves a loadable DSA checkpoint to `out_dir`.
 
     `lora_rank`: train PEFT LoRA adapters of that rank (attention, MLP and indexer; the indexer's k_norm in full)
     instead of the weights; `lora_save="merged"` writes them merged into a plain checkpoint, "adapter" writes the
     PEFT adapter alone (`load_trained(out_dir)` or PEFT's `PeftModel.from_pretrained(base, out_dir)` loads it).
-    `dense_control` (sparse stage): the same training with dense attention and no indexer loss.
+    `dense_control` (sparse stage): the same training with dense attention and no indexer loss. `callbacks`: more
+    transformers `TrainerCallback`s (an evaluation every N steps, early stopping, ...). `lr_scheduler`: a transformers
+    `lr_scheduler_type` ("constant_with_warmup", as the paper; "cosine", "linear", ...), after a 5 % warm-up.
     Periodic Trainer checkpoints go to `out_dir/checkpoints` (every `save_steps`); `resume=True` continues from the
     newest. Runs data-parallel unchanged under `accelerate launch`: `batch_size` is per process."""
     from transformers import AutoTokenizer
@@ -259,11 +263,12 @@ def train_indexer(
                                                           lora_alpha=2 * lora_rank))  # fmt: skip
     prepare_indexer_training(model, stage)
     lr = learning_rate if learning_rate is not None else default_learning_rate(stage, model.config.hidden_size)
-    args = _training_arguments(out_dir, stage, steps, batch_size, lr, save_steps, logging_steps, seed, progress, optim)
+    args = _training_arguments(out_dir, stage, steps, batch_size, lr, save_steps, logging_steps, seed, progress, optim,
+                               lr_scheduler)  # fmt: skip
     world = max(1, args.world_size)
     dataset = WindowDataset(corpus, seq_len, steps * batch_size * world, seed=seed)
     trainer = IndexerTrainer(model=model, args=args, train_dataset=dataset, stage=stage, index_topk=index_topk,
-                             dense_attention=dense_control)  # fmt: skip
+                             dense_attention=dense_control, callbacks=callbacks)  # fmt: skip
     _warn_if_sharding_fell_back(trainer)
     has_checkpoint = resume and any((out_dir / "checkpoints").glob("checkpoint-*"))
     if trainer.is_world_process_zero():
@@ -304,9 +309,9 @@ def trained_base(path: str | Path) -> Path:
 
 
 def _training_arguments(out_dir: Path, stage: str, steps: int, batch_size: int, lr: float, save_steps: int | None,
-                        logging_steps: int, seed: int, progress: bool, optim: str):  # fmt: skip
-    """The Trainer settings of one stage: constant LR after a 5 % warm-up, no weight decay, clipped gradients, two
-    checkpoints kept, a fixed data order."""
+                        logging_steps: int, seed: int, progress: bool, optim: str, lr_scheduler: str):  # fmt: skip
+    """The Trainer settings of one stage: the LR schedule after a 5 % warm-up (constant by default), no weight decay,
+    clipped gradients, two checkpoints kept, a fixed data order."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -314,7 +319,7 @@ def _training_arguments(out_dir: Path, stage: str, steps: int, batch_size: int, 
         max_steps=steps,
         per_device_train_batch_size=batch_size,
         learning_rate=lr,
-        lr_scheduler_type="constant_with_warmup",
+        lr_scheduler_type=lr_scheduler,
         warmup_steps=max(1, steps // 20),
         weight_decay=0.0,
         max_grad_norm=1.0,
