@@ -203,6 +203,11 @@ def _add_train_indexer(commands) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--optim", default="adamw_torch", help="a transformers optimizer name (adamw_torch, sgd, ...)")
     parser.add_argument(
+        "--lr-scheduler",
+        default="constant_with_warmup",
+        help="a transformers lr_scheduler_type: constant_with_warmup (default, as the paper), cosine, linear, ...",
+    )
+    parser.add_argument(
         "--lora",
         type=_positive_int,
         default=None,
@@ -213,14 +218,14 @@ def _add_train_indexer(commands) -> None:
         "--lora-save",
         choices=["merged", "adapter"],
         default="merged",
-        help="merged (default): OUT "
-        "is a plain checkpoint with the adapters merged in; adapter: OUT is the PEFT adapter alone",
+        help="merged (default): OUT is a plain checkpoint with the adapters merged in; adapter: OUT is the PEFT "
+        "adapter alone",
     )
     parser.add_argument(
         "--dense-control",
         action="store_true",
-        help="sparse stage: the control run, the same "
-        "training with dense attention and no indexer loss (what more training alone gains)",
+        help="sparse stage: the control run, the same training with dense attention and no indexer loss (what more "
+        "training alone gains)",
     )
     parser.add_argument("--no-progress", action="store_true")  # fmt: skip
 

@@ -246,3 +246,17 @@ def test_dense_control_trains_the_model_with_dense_attention(tmp_path):
     assert not any(torch.equal(control[name], start[name]) for name in control if "kv_b_proj" in name)
     with pytest.raises(ValueError, match="sparse stage's control"):
         mla_dsa.train_indexer(first, "dense", DATA, tmp_path / "x", steps=1, dense_control=True, progress=False)
+
+
+def test_lr_scheduler_is_the_trainers(dsa_checkpoint, tmp_path):
+    """`--lr-scheduler cosine`: the learning rate decays after the warm-up (the default stays constant)."""
+    rates = {}
+    for schedule in ("constant_with_warmup", "cosine"):
+        out = tmp_path / schedule
+        assert cli(["train-indexer", str(dsa_checkpoint), "--stage", "dense", "--data", *DATA, "--out", str(out),
+                    "--steps", "6", "--seq-len", "32", "--batch-size", "1", "--logging-steps", "1",
+                    "--lr-scheduler", schedule, "--no-progress"]) == 0  # fmt: skip
+        state = json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+        rates[schedule] = [entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry]
+    assert rates["constant_with_warmup"][1:] == [1e-3] * 5
+    assert rates["cosine"][1] > rates["cosine"][3] > rates["cosine"][5]
