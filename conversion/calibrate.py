@@ -161,8 +161,8 @@ def _read(source: SourceCheckpoint, name: str, dtype: torch.dtype) -> torch.Tens
 
 class StreamedExperts(torch.nn.Module):
     """A layer's routed experts read from SRC as needed: each expert the tokens selected is loaded (DeepSeek's
-    per-expert tensors, or one slice of fused ones), run through our own `MlaDsaExperts` holding it alone (indices of
-    other experts are skipped there), and dropped."""
+    per-expert tensors, which the converter's plan requires), run through our own `MlaDsaExperts` holding it alone
+    (indices of other experts are skipped there), and dropped."""
 
     def __init__(self, source: SourceCheckpoint, config: MlaDsaConfig, prefix: str, dtype: torch.dtype):
         super().__init__()
@@ -179,12 +179,8 @@ class StreamedExperts(torch.nn.Module):
         with torch.device("meta"):
             one = MlaDsaExperts(self.config)
         for fused, parts in FUSED_EXPERTS.items():
-            if self.prefix + fused in self.source.tensors:  # a checkpoint saved with fused experts
-                tensor = _read(self.source, self.prefix + fused, self.dtype)[expert : expert + 1]
-            else:
-                rows = [_read(self.source, f"{self.prefix}{expert}.{part}.weight", self.dtype) for part in parts]
-                tensor = torch.cat(rows, dim=0)[None]  # [1, rows, cols]
-            setattr(one, fused, torch.nn.Parameter(tensor, requires_grad=False))
+            rows = [_read(self.source, f"{self.prefix}{expert}.{part}.weight", self.dtype) for part in parts]
+            setattr(one, fused, torch.nn.Parameter(torch.cat(rows)[None], requires_grad=False))  # [1, rows, cols]
         return one
 
 
