@@ -18,8 +18,9 @@ from mla_dsa.conversion.source import ConversionError, SourceCheckpoint
 from mla_dsa.data import byte_tokenizer, fixed_windows, read_corpus, stdlib_files
 from mla_dsa.default_model import ASSET_DIR
 from mla_dsa.training import evaluate_indexer
-from tests.checkpoints import file_bytes
-from tests.peers import save_peer
+
+from checkpoints import file_bytes
+from peers import save_peer
 
 SEQ_LEN = 64
 CALIBRATION = dict(calibration_tokens=4 * SEQ_LEN, calibration_seq_len=SEQ_LEN, calibration_steps=5)
