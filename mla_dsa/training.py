@@ -118,7 +118,6 @@ def evaluate_indexer(
     indexer's top-k, over queries with more than k keys), index_topk, seq_len and windows."""
     dsa = _dsa_model(model)
     k = index_topk or dsa.config.index_topk
-    dsa_layers = [i for i in range(dsa.config.num_hidden_layers) if i not in (dsa.config.dense_attention_layers or ())]
     models = [model] + ([source] if source is not None else [])
     was_training = [m.training for m in models]
     for m in models:
@@ -129,12 +128,12 @@ def evaluate_indexer(
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
         dense = model(batch, labels=batch, indexer_stage="dense", index_topk=k, use_sparse_attention=False,
-                      use_cache=False, output_attentions=True)  # fmt: skip
+                      use_cache=False)  # fmt: skip
         sparse = model(batch, labels=batch, index_topk=k, use_sparse_attention=True, use_cache=False)
         totals["dense_loss"] += dense.lm_loss.item()
         totals["sparse_loss"] += sparse.lm_loss.item()
         totals["kl"] += dense.indexer_loss.item()
-        totals["kl_uniform"] += sum(_kl_to_uniform(dense.attentions[i]) for i in dsa_layers) / len(dsa_layers)
+        totals["kl_uniform"] += dense.indexer_kl_uniform.item()
         totals["recall"] += dense.indexer_recall.item()
         if source is not None:
             totals["source_dense_loss"] += source(batch, labels=batch, use_cache=False).loss.item()
@@ -148,14 +147,6 @@ def evaluate_indexer(
     if math.isnan(result["recall"]):
         result["recall"] = None  # no query had more than k keys
     return result
-
-
-def _kl_to_uniform(probs: torch.Tensor) -> float:
-    """Mean over queries of KL(p_t || uniform over the causal keys) = log(t + 1) - H(p_t), for one layer's attention
-    probabilities [B, H, L, L] (p_t the head-summed, L1-normalised row)."""
-    mass = probs.float().mean(1)  # [B, L, L]
-    keys = torch.arange(1, mass.shape[-1] + 1, dtype=mass.dtype)  # query t sees t + 1 keys
-    return (keys.log() + torch.xlogy(mass, mass).sum(-1)).mean().item()
 
 
 @torch.no_grad()

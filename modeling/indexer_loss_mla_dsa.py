@@ -21,11 +21,14 @@ _GATHER_BLOCK_ELEMENTS = 1 << 25
 
 
 class IndexerStats(NamedTuple):
-    """One layer's indexer training signal: mean KL over queries (differentiable in the indexer only) and the
-    attention-mass recall of its top-k (NaN when no query has more than k keys, or in the sparse stage)."""
+    """One layer's indexer training signal: mean KL over queries (differentiable in the indexer only), the
+    attention-mass recall of its top-k (NaN when no query has more than k keys, or in the sparse stage), and the mean
+    KL of a uniform choice over the visible keys, log(n_t) - H(p_t), the scale `kl` is judged against (NaN in the
+    sparse stage)."""
 
     kl: torch.Tensor
     recall: torch.Tensor
+    kl_uniform: torch.Tensor
 
 
 def dense_stage_loss(
@@ -36,7 +39,8 @@ def dense_stage_loss(
     activation checkpointing (each chunk's index scores are computed once forward, once in backward), so no
     [heads, S, T] tensor is ever alive: peak extra memory is O(chunk * T * max(H, index heads))."""
     seq_len = main_query.shape[1]
-    totals = main_query.new_zeros(4, dtype=torch.float32)  # kl sum, queries, recall sum, queries with > k keys
+    # kl sum, queries, recall sum, queries with > k keys, uniform-choice kl sum
+    totals = main_query.new_zeros(5, dtype=torch.float32)
     for start in range(0, seq_len, chunk_size):
         end = min(seq_len, start + chunk_size)
         chunk = checkpoint(
@@ -47,11 +51,12 @@ def dense_stage_loss(
         totals = totals + chunk
     kl = totals[0] / totals[1].clamp(min=1)
     recall = totals[2] / totals[3] if totals[3] > 0 else torch.full_like(totals[2], float("nan"))
-    return IndexerStats(kl, recall.detach())
+    return IndexerStats(kl, recall.detach(), (totals[4] / totals[1].clamp(min=1)).detach())
 
 
 def _dense_chunk(index_q, index_w, index_k, main_query, latent, visible, softmax_scale, scaling, top_k):
-    """[kl sum, queries, recall sum, recall queries] of one query chunk; only the kl sum carries gradients."""
+    """[kl sum, queries, recall sum, recall queries, uniform kl sum] of one query chunk; only the kl sum carries
+    gradients."""
     visible = visible.expand(main_query.shape[0], -1, -1)  # [B, s, T]
     with torch.no_grad():
         scores = torch.einsum("bshc,btc->bsht", main_query, latent) * scaling  # [B, s, H, T]
@@ -64,7 +69,9 @@ def _dense_chunk(index_q, index_w, index_k, main_query, latent, visible, softmax
         indices, _ = select_topk(index, visible, top_k)
         recall = target.gather(-1, indices).sum(-1)
         recall_sum, recall_count = (recall * long_rows).sum(), long_rows.sum()
-    return torch.stack([kl_sum, count.float(), recall_sum, recall_count.float()])
+        keys = visible.sum(-1)  # [B, s]
+        uniform = (keys.clamp(min=1).float().log() + torch.xlogy(target, target).sum(-1)) * (keys > 0)
+    return torch.stack([kl_sum, count.float(), recall_sum, recall_count.float(), uniform.sum()])
 
 
 def sparse_stage_loss(
@@ -84,7 +91,8 @@ def sparse_stage_loss(
             targets.append(masked_softmax(scores.float(), selection.valid[:, start:end].unsqueeze(2)).mean(dim=2))
     target = torch.cat(targets, dim=1) if len(targets) > 1 else targets[0]  # [B, S, k]
     kl_sum, count = kl_to_target(target, selection.scores, selection.valid)
-    return IndexerStats(kl_sum / count.clamp(min=1), torch.full_like(kl_sum, float("nan")).detach())
+    unmeasured = torch.full_like(kl_sum, float("nan")).detach()
+    return IndexerStats(kl_sum / count.clamp(min=1), unmeasured, unmeasured)
 
 
 def kl_to_target(target: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

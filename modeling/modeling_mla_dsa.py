@@ -129,6 +129,7 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
             attentions=all_attentions,
             indexer_loss=torch.stack([s.kl for s in layer_stats]).mean() if layer_stats else None,
             indexer_recall=torch.stack([s.recall for s in layer_stats]).nanmean() if layer_stats else None,
+            indexer_kl_uniform=torch.stack([s.kl_uniform for s in layer_stats]).mean() if layer_stats else None,
         )
         return as_requested(output, self.config, return_dict)
 
@@ -164,6 +165,7 @@ class MlaDsaCausalLMOutput(CausalLMOutputWithPast):
     lm_loss: torch.FloatTensor | None = None
     indexer_loss: torch.FloatTensor | None = None
     indexer_recall: torch.FloatTensor | None = None
+    indexer_kl_uniform: torch.FloatTensor | None = None
 
 
 class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
@@ -247,6 +249,7 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
             lm_loss=lm_loss,
             indexer_loss=outputs.indexer_loss,
             indexer_recall=outputs.indexer_recall,
+            indexer_kl_uniform=outputs.indexer_kl_uniform,
         )
         return as_requested(output, self.config, return_dict)
 

@@ -128,10 +128,13 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
 @dataclass
 class MlaDsaModelOutput(BaseModelOutputWithPast):
     """`indexer_loss`: mean over layers of the indexer's KL loss (when requested); `indexer_recall`: mean over layers
-    of the attention mass its top-k covers (dense stage; NaN when no query has more than `index_topk` keys)."""
+    of the attention mass its top-k covers (dense stage; NaN when no query has more than `index_topk` keys);
+    `indexer_kl_uniform`: mean over layers of the KL a uniform choice among the visible keys would have (dense stage),
+    so 1 - indexer_loss / indexer_kl_uniform is the share of that KL the indexer removes."""
 
     indexer_loss: torch.FloatTensor | None = None
     indexer_recall: torch.FloatTensor | None = None
+    indexer_kl_uniform: torch.FloatTensor | None = None
 
 
 __all__ = ["MlaDsaDecoderLayer", "MlaDsaModelOutput", "MlaDsaPreTrainedModel"]
