@@ -72,7 +72,8 @@ def run(args) -> dict:
         extra = {"calibration_data": calibration_files} if init == "calibrate" else {}
         start = time.time()
         converted = mla_dsa.convert_checkpoint(ASSET_DIR, out / f"init-{init}", indexer_init=init, index_topk=KS[0],
-                                               overwrite=True, progress=False, **extra)  # fmt: skip
+                                               indexer_types=args.indexer_types, overwrite=True, progress=False,
+                                               **extra)  # fmt: skip
         seconds = time.time() - start
         results["inits"][init] = {"convert_seconds": seconds, "eval": evaluate(load_trained(converted))}
         print(init, json.dumps(results["inits"][init]), flush=True)
@@ -186,6 +187,7 @@ if __name__ == "__main__":
     parser.add_argument("--json", default=None)
     parser.add_argument("--inits", nargs="+", default=["random", "svd", "calibrate"])
     parser.add_argument("--calibration-files", type=int, default=40, help="first N train-split files (>= 4096 tokens)")
+    parser.add_argument("--indexer-types", default=None, help="a shared top-k pattern (FSSS: one indexer in 4)")
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--sparse-steps", type=int, default=300)
     parser.add_argument("--methods", nargs="+", default=["full", "lora"], choices=["full", "lora"])
