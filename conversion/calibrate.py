@@ -216,18 +216,19 @@ class _Pending:
         mask = visible.mask(0, attn.shape[1]).expand(attn.shape[0], -1, -1)  # [N, L, L] causal
         optimizer = torch.optim.Adam(indexer.parameters(), lr=opts.lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, opts.steps))
-        losses = []
-        for _ in range(opts.steps + 1):  # the last pass only measures
+        kl_before = None
+        for _ in range(opts.steps):
             loss = self._loss(indexer, attn, query_latent, mask)
-            losses.append(loss.item())
-            if len(losses) > opts.steps:
-                break
+            kl_before = loss.item() if kl_before is None else kl_before
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
+        with torch.no_grad():
+            kl_after = self._loss(indexer, attn, query_latent, mask).item()
         tensors = {name: value.detach().float().clone() for name, value in indexer.state_dict().items()}
-        return tensors, {"kl_before": losses[0], "kl_after": losses[-1], "shared_layers": len(self.targets) - 1}
+        report = {"kl_before": kl_after if kl_before is None else kl_before, "kl_after": kl_after}
+        return tensors, {**report, "shared_layers": len(self.targets) - 1}
 
     def _loss(self, indexer, attn, query_latent, mask) -> torch.Tensor:
         """Mean over the group's layers and the queries of KL(p_t || softmax(I_t))."""

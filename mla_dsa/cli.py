@@ -150,6 +150,7 @@ def _add_convert(commands) -> None:
 
 def _run_convert(args) -> int:
     from .conversion.convert import convert_checkpoint
+    from .conversion.write import CALIBRATION_REPORT
 
     dst = convert_checkpoint(
         args.src, args.dst, dtype=args.dtype, index_n_heads=args.index_n_heads, index_head_dim=args.index_head_dim,
@@ -162,7 +163,7 @@ def _run_convert(args) -> int:
         max_shard_size=args.max_shard_size, resume=args.resume, overwrite=args.overwrite, verify=args.verify,
         verify_tolerance=args.verify_tolerance, follow_symlinks=args.follow_symlinks, progress=not args.no_progress,
     )  # fmt: skip
-    report = dst / "indexer_calibration.json"
+    report = dst / CALIBRATION_REPORT
     if args.indexer_init == "calibrate" and report.is_file():
         calibrated = json.loads(report.read_text())
         kl = [(layer["kl_before"], layer["kl_after"]) for layer in calibrated["layers"].values()]
@@ -284,8 +285,6 @@ def _add_eval(commands) -> None:
 
 
 def _run_eval(args) -> int:
-    import json
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
