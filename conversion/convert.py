@@ -13,13 +13,15 @@ Peak memory: Python + torch, plus one output shard being assembled, plus the ten
 """
 
 import os
+import shutil
 from pathlib import Path
 
 from .calibrate import CalibrationOptions, calibration_windows
 from .export import export_refusals
+from .gqa import GQA_MODEL_TYPES, is_gqa_source, write_mla_stage
 from .indexer_init import INDEXER_INITS
 from .plan import DTYPES, ConvertOptions, plan_output, target_config
-from .source import ConversionError, SourceCheckpoint
+from .source import ConversionError, SourceCheckpoint, read_json
 from .verify import verify_logits
 from .write import check_output, move_into_place, write_metadata, write_shards
 
@@ -35,6 +37,13 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **options
     which transformers' DeepseekV32ForCausalLM, vLLM and SGLang load without custom code).
     Raises `ConversionError` (one line naming the file)."""
     opts = ConvertOptions(**options)
+    src_config = read_json(Path(src) / "config.json") if Path(src, "config.json").is_file() else {}
+    if opts.from_gqa or (opts.from_gqa is None and is_gqa_source(src_config)):
+        return _convert_gqa(Path(src), Path(dst), opts)
+    if opts.from_gqa is not None or opts.kv_lora_rank is not None:
+        what = "--kv-lora-rank" if opts.kv_lora_rank is not None else "--from-gqa"
+        raise ConversionError(src, f"{what} applies to GQA sources ({', '.join(GQA_MODEL_TYPES)}); SRC's model_type "
+                                   f"is {src_config.get('model_type')!r}")  # fmt: skip
     if opts.dtype not in DTYPES:
         raise ConversionError(dst, f"--dtype must be one of {list(DTYPES)}, got {opts.dtype!r}")
     if opts.indexer_init not in INDEXER_INITS:
@@ -91,6 +100,35 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **options
         verify_logits(source, partial, config, opts)
     move_into_place(partial, dst)
     return dst
+
+
+def _convert_gqa(src: Path, dst: Path, opts: ConvertOptions) -> Path:
+    """GQA SRC: its dense MLA checkpoint first (`gqa.py`, in `.DST.mla-dsa-gqa`), then that converted to DSA."""
+    from dataclasses import asdict
+
+    src, dst = src.resolve(), dst.resolve()
+    _check_paths(src, dst, True)  # DST's own emptiness is checked by the second stage
+    for path in opts.calibration_data or ():
+        if not Path(path).is_file():
+            raise ConversionError(path, "calibration data file not found")
+    stage = dst.parent / f".{dst.name}.mla-dsa-gqa"
+    source = SourceCheckpoint(src, follow_symlinks=opts.follow_symlinks)
+    try:
+        if not is_gqa_source(source.config):
+            raise ConversionError(src / "config.json", f"--from-gqa: model_type {source.model_type!r} is not one of "
+                                                       f"{', '.join(GQA_MODEL_TYPES)}")  # fmt: skip
+        write_mla_stage(source, stage, opts)
+    except OSError as err:
+        raise ConversionError(err.filename or stage, f"write failed ({err.strerror or err}); fix it and rerun with "
+                                                     "--resume") from None  # fmt: skip
+    finally:
+        source.close()
+    rest = {k: v for k, v in asdict(opts).items() if k not in ("from_gqa", "kv_lora_rank", "follow_symlinks")}
+    if opts.indexer_init != "calibrate":
+        rest["calibration_data"] = None  # read by the first stage only
+    result = convert_checkpoint(stage, dst, **rest)
+    shutil.rmtree(stage)
+    return result
 
 
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:

@@ -40,6 +40,8 @@ class ConvertOptions:
     indexer_types: str | list[str] | None = None  # "FSSF..." or ["full", "shared", ...]
     export: str | None = None  # a serving format (`export.EXPORT_FORMATS`), or None for ours
     indexer_init: str = "random"
+    from_gqa: bool | None = None  # None: GQA sources (llama, mistral, qwen2, ...) are detected from model_type
+    kv_lora_rank: int | None = None  # a GQA source's latent width (default: its full key/value width, no compression)
     calibration_data: list[str] | None = None  # text files for indexer_init="calibrate"
     calibration_tokens: int = 4096
     calibration_seq_len: int = 512

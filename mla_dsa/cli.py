@@ -59,7 +59,8 @@ def _add_indexer_arguments(group) -> None:
         nargs="+",
         default=None,
         metavar="FILE",
-        help="text files for --indexer-init calibrate (tokenized with SRC's tokenizer)",
+        help="text files for --indexer-init calibrate and for fitting a GQA source's latent (tokenized with SRC's "
+        "tokenizer)",
     )
     group.add_argument(
         "--calibration-tokens",
@@ -88,9 +89,12 @@ def _add_indexer_arguments(group) -> None:
 def _add_convert(commands) -> None:
     parser = commands.add_parser(
         "convert",
-        help="turn a dense MLA checkpoint (DeepSeek-V2/V3/V3.1/R1, Kimi-K2, ...) into a DSA checkpoint",
+        help="turn a dense MLA checkpoint (DeepSeek-V2/V3/V3.1/R1, Kimi-K2, ...) or a GQA one (Llama, Mistral, Qwen2) "
+        "into a DSA checkpoint",
         description="Grafts a lightning indexer into every layer of a dense MLA checkpoint, streaming shard by shard. "
-        "DST is built in a hidden sibling directory and renamed into place when complete; SRC is never written.",
+        "A GQA checkpoint (llama, mistral, qwen2 model types) is first rewritten as MLA, fitted on "
+        "--calibration-data. DST is built in a hidden sibling directory and renamed into place when complete; SRC "
+        "is never written.",
     )
     parser.add_argument("src", help="source checkpoint directory (config.json + safetensors)")
     parser.add_argument("dst", help="output directory (must not exist or be empty, unless --overwrite)")
@@ -99,6 +103,21 @@ def _add_convert(commands) -> None:
         default="auto",
         choices=["auto", "bfloat16", "float16", "float32"],
         help="output dtype; auto keeps each tensor's dtype and turns FP8 into bfloat16 (default)",
+    )
+    gqa = parser.add_argument_group("a GQA source (Llama, Mistral, Qwen2): GQA -> MLA first")
+    gqa.add_argument(
+        "--from-gqa",
+        action="store_true",
+        default=None,
+        help="SRC is a GQA model (detected from its model_type without this flag); needs --calibration-data",
+    )
+    gqa.add_argument(
+        "--kv-lora-rank",
+        type=_positive_int,
+        default=None,
+        metavar="R",
+        help="latent width; the cache holds R + head_dim numbers per token per layer (default: the GQA key/value "
+        "width less one RoPE head, (2 x kv_heads - 1) x head_dim, the same cache as SRC)",
     )
     indexer = parser.add_argument_group("the grafted indexer")
     _add_indexer_arguments(indexer)
@@ -159,7 +178,7 @@ def _run_convert(args) -> int:
         calibration_seq_len=args.calibration_seq_len, calibration_steps=args.calibration_steps,
         calibration_lr=args.calibration_lr,
         dense_attention_layers=args.dense_attention_layers, export=args.export, index_share=args.index_share,
-        indexer_types=args.indexer_types,
+        indexer_types=args.indexer_types, from_gqa=args.from_gqa, kv_lora_rank=args.kv_lora_rank,
         max_shard_size=args.max_shard_size, resume=args.resume, overwrite=args.overwrite, verify=args.verify,
         verify_tolerance=args.verify_tolerance, follow_symlinks=args.follow_symlinks, progress=not args.no_progress,
     )  # fmt: skip

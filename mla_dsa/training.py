@@ -42,6 +42,16 @@ MLP_TARGETS = r".*\.mlp\.(shared_experts\.)?(gate_proj|up_proj|down_proj)"
 # The routed experts are fused parameters, not Linear modules: PEFT reaches them through `target_parameters`.
 EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 TARGET_PATTERNS = {"indexer": INDEXER_TARGETS, "attention": ATTENTION_TARGETS, "mlp": MLP_TARGETS}
+# A model converted from GQA (`linear_latent_norm` in its config) holds its query and key/value latents scaled down
+# into their norms' linear regime (conversion/gqa_math.py): an optimizer step of ordinary size on q_a_proj or
+# kv_a_proj_with_mqa would leave it, so those projections are never trained (nor given LoRA) there; the rest of the
+# attention (q_b_proj, kv_b_proj, o_proj) adapts around them.
+PRESCALED_PROJECTIONS = ("q_a_proj", "kv_a_proj_with_mqa")
+
+
+def has_prescaled_latent(model_or_config) -> bool:
+    config = getattr(model_or_config, "config", model_or_config)
+    return bool(getattr(config, "linear_latent_norm", False))
 
 
 def _dsa_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -64,10 +74,13 @@ def prepare_indexer_training(model: torch.nn.Module, stage: str) -> torch.nn.Mod
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     _dsa_model(model)  # fails clearly on a model with no mla_dsa inside
     peft = _is_peft(model)
+    prescaled = has_prescaled_latent(_dsa_model(model))
     for name, param in model.named_parameters():
         trainable = not peft or "lora_" in name or ".modules_to_save." in name
         if stage == "dense":
             trainable = trainable and ".indexer." in name
+        if prescaled and any(f".{projection}." in name for projection in PRESCALED_PROJECTIONS):
+            trainable = False
         param.requires_grad_(trainable)
     return model
 
@@ -78,19 +91,24 @@ def indexer_lora_config(
     lora_alpha: int = 16,
     lora_dropout: float = 0.0,
     train_indexer_norm: bool = True,
+    prescaled_latent: bool = False,
     **kwargs,
 ):
     """A `peft.LoraConfig` for MLA+DSA models.
 
     `targets` picks LoRA sites among "indexer" (wq_b, wk, weights_proj), "attention" (q/kv projections, o_proj) and
     "mlp" (dense MLP, experts, shared experts). With `train_indexer_norm`, the indexer's small LayerNorm `k_norm` is
-    trained in full (`modules_to_save`) when the indexer is targeted."""
+    trained in full (`modules_to_save`) when the indexer is targeted. `prescaled_latent` (a model converted from GQA,
+    `has_prescaled_latent(model)`): no LoRA on q_a_proj and kv_a_proj_with_mqa, whose latents are scaled far down."""
     from peft import LoraConfig
 
     unknown = set(targets) - set(TARGET_PATTERNS)
     if unknown or not targets:
         raise ValueError(f"targets must be a non-empty subset of {sorted(TARGET_PATTERNS)}, got {targets}")
-    pattern = "|".join(f"(?:{TARGET_PATTERNS[t]})" for t in targets)
+    patterns = dict(TARGET_PATTERNS)
+    if prescaled_latent:
+        patterns["attention"] = r".*\.self_attn\.(q_proj|q_b_proj|kv_b_proj|o_proj)"
+    pattern = "|".join(f"(?:{patterns[t]})" for t in targets)
     modules_to_save = ["k_norm"] if train_indexer_norm and "indexer" in targets else None
     expert_parameters = list(EXPERT_PARAMETERS) if "mlp" in targets else None
     return LoraConfig(
@@ -250,8 +268,9 @@ def train_indexer(
         from transformers import set_seed
 
         set_seed(seed)  # the adapters' random init: the same seed, the same run
-        model = get_peft_model(model, indexer_lora_config(("attention", "mlp", "indexer"), r=lora_rank,
-                                                          lora_alpha=2 * lora_rank))  # fmt: skip
+        lora = indexer_lora_config(("attention", "mlp", "indexer"), r=lora_rank, lora_alpha=2 * lora_rank,
+                                   prescaled_latent=has_prescaled_latent(model))  # fmt: skip
+        model = get_peft_model(model, lora)
     prepare_indexer_training(model, stage)
     lr = learning_rate if learning_rate is not None else default_learning_rate(stage, model.config.hidden_size)
     args = _training_arguments(out_dir, stage, steps, batch_size, lr, save_steps, logging_steps, seed, progress, optim,

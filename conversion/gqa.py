@@ -1,0 +1,344 @@
+"""`mla-dsa convert SRC DST` with a GQA SRC (Llama, Mistral, Qwen2, ...): GQA -> MLA, then MLA -> DSA as for any MLA
+checkpoint.
+
+Stage 1 (here) writes, next to DST (`.DST.mla-dsa-gqa`), a dense MLA checkpoint in DeepSeek-V3's format, which
+transformers' own `DeepseekV3ForCausalLM` loads: SRC's embeddings, norms and MLP unchanged (DeepSeek's dense MLP is
+Llama's), each attention rewritten by `gqa_math.mla_attention_weights` from calibration statistics gathered by
+running SRC's own layers (transformers' class for its model type) on the calibration text. Stage 2 is the ordinary
+conversion of that checkpoint into DST (indexers, `--indexer-init`, `--verify` against DeepseekV3, the atomic
+rename); the stage directory is removed once DST is in place.
+
+Streaming: one SRC decoder layer is in memory at a time, in float32, beside the calibration activations
+[windows, L, hidden] and that layer's attention [1, H, L, L]; finished output shards are written as they fill (up to
+`max_shard_size`) and recorded, so `--resume` reruns SRC's layers (cheap) but refits and rewrites nothing finished.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .calibrate import CalibrationOptions, calibration_windows
+from .gqa_math import GqaGeometry, LayerStats, mla_attention_weights
+from .plan import DTYPES, ConvertOptions
+from .source import SINGLE_NAME, ConversionError, SourceCheckpoint, read_json
+
+# Model types read as GQA sources: transformers' Llama-style decoders (q/k/v/o projections, RoPE on the whole head,
+# RMSNorm, a gated MLP); each is checked by `gqa_refusals` for what MLA cannot carry.
+GQA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+STAGE_STATE = ".mla-dsa-gqa-state.json"
+REPORT_NAME = "mla_conversion.json"  # kept in DST: how its attention was made
+_LAYER_TENSORS = ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
+                  "mlp.up_proj.weight", "mlp.down_proj.weight")  # fmt: skip
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def is_gqa_source(config: dict) -> bool:
+    return config.get("model_type") in GQA_MODEL_TYPES
+
+
+def gqa_refusals(source: SourceCheckpoint) -> list[str]:
+    """What DeepSeek's MLA cannot carry of SRC, one reason each (empty: convertible)."""
+    config, reasons = source.config, []
+    model_type = config.get("model_type")
+    if model_type not in GQA_MODEL_TYPES:
+        reasons.append(f"model_type {model_type!r} is not a GQA family mla-dsa converts ({', '.join(GQA_MODEL_TYPES)})")
+        return reasons
+    names = source.tensors
+    if any(name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")) for name in names):
+        reasons.append("QK-norm (self_attn.q_norm/k_norm): each head's key is normalised on its own before RoPE, "
+                       "which one shared latent cannot reproduce")  # fmt: skip
+    window = config.get("sliding_window")
+    sliding_layers = [kind for kind in config.get("layer_types") or () if kind != "full_attention"]
+    uses_window = window is not None and (model_type != "qwen2" or config.get("use_sliding_window", False))
+    if uses_window or sliding_layers:
+        reasons.append(f"sliding-window attention (sliding_window={window}): DSA attends over the whole context")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        reasons.append(f"rope_type {rope_type!r}: the GQA conversion carries plain RoPE (rope_type 'default')")
+    if (rope.get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0) != 1.0:
+        reasons.append("partial_rotary_factor != 1: only RoPE on the whole head is carried")
+    biased = sorted({name.rsplit(".", 2)[-2] for name in names if ".self_attn." in name and name.endswith(".bias")
+                     and source.read(name).abs().max() > 0})  # fmt: skip
+    if biased:
+        reasons.append(f"attention biases ({', '.join(biased)}): DeepSeek's MLA query projection has no bias")
+    if any(".mlp." in name and name.endswith(".bias") for name in names):
+        reasons.append("MLP biases (mlp_bias): DeepSeek's MLP has none")
+    heads, kv_heads = config.get("num_attention_heads", 0), config.get("num_key_value_heads") or 0
+    if not kv_heads or heads % kv_heads:
+        reasons.append(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    return reasons
+
+
+def geometry_of(config: dict) -> GqaGeometry:
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return GqaGeometry(heads, config.get("num_key_value_heads") or heads, head_dim)
+
+
+def mla_config_fields(config: dict, rank: int) -> dict:
+    """SRC's architecture as a dense DeepSeek-V3 config with `rank` latent dims (every layer's MLP dense)."""
+    geometry = geometry_of(config)
+    rope = dict(config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0)})
+    rope.setdefault("rope_type", "default")
+    return {
+        "vocab_size": config["vocab_size"],
+        "hidden_size": config["hidden_size"],
+        "intermediate_size": config["intermediate_size"],
+        "moe_intermediate_size": config["intermediate_size"],
+        "num_hidden_layers": config["num_hidden_layers"],
+        "first_k_dense_replace": config["num_hidden_layers"],  # no MoE layers: Llama's MLP is DeepSeek's dense one
+        "n_routed_experts": 1,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "num_attention_heads": geometry.heads,
+        "num_key_value_heads": geometry.heads,
+        "q_lora_rank": config["hidden_size"],  # the identity, exact (gqa_math.mla_attention_weights)
+        "kv_lora_rank": rank,
+        "qk_nope_head_dim": geometry.nope_dim,
+        "qk_rope_head_dim": geometry.head_dim,
+        "v_head_dim": geometry.head_dim,
+        "hidden_act": config.get("hidden_act", "silu"),
+        "max_position_embeddings": config.get("max_position_embeddings", 4096),
+        "rms_norm_eps": config.get("rms_norm_eps", 1e-6),
+        "rope_parameters": rope,
+        "rope_interleave": True,
+        "attention_bias": False,
+        "tie_word_embeddings": config.get("tie_word_embeddings", False),
+        "bos_token_id": config.get("bos_token_id"),
+        "eos_token_id": config.get("eos_token_id"),
+        "pad_token_id": config.get("pad_token_id"),
+        "num_nextn_predict_layers": 0,
+        "linear_latent_norm": True,  # c_Q, c_KV are scaled into their norms' linear regime: gqa_math.py, step 3
+    }
+
+
+def full_rank(config: dict) -> int:
+    return geometry_of(config).full_rank
+
+
+def write_mla_stage(source: SourceCheckpoint, stage: Path, opts: ConvertOptions) -> Path:
+    """Stage 1: the dense MLA checkpoint of GQA `source` in `stage` (resumable); returns `stage`."""
+    reasons = gqa_refusals(source)
+    if reasons:
+        raise ConversionError(
+            source.path / "config.json", "cannot convert this GQA model to MLA: " + "; ".join(reasons)
+        )
+    if not opts.calibration_data:
+        raise ConversionError(source.path, "converting a GQA model to MLA fits the latent to the model's attention on "
+                                           "text: pass --calibration-data FILES (a few thousand tokens)")  # fmt: skip
+    rank = opts.kv_lora_rank or full_rank(source.config)
+    if not 0 < rank <= full_rank(source.config):
+        raise ConversionError(source.path, f"--kv-lora-rank must be in 1..{full_rank(source.config)} (the GQA "
+                                           f"key/value width without RoPE's shared key), got {rank}")  # fmt: skip
+    from transformers import DeepseekV3Config
+
+    mla_config = DeepseekV3Config(**mla_config_fields(source.config, rank))
+    fingerprint = _stage_fingerprint(source, opts, rank)
+    state = _start_stage(stage, fingerprint, opts.resume)
+    if state.get("complete"):
+        return stage
+    windows = calibration_windows(source, mla_config, CalibrationOptions.of(opts))
+    dtype = _stage_dtype(source, opts)
+    writer = _ShardWriter(stage, state, opts.max_shard_size)
+    report = {"source_model_type": source.model_type, "kv_lora_rank": rank, "full_rank": full_rank(source.config),
+              "calibration_tokens": int(windows.numel()), "layers": {}}  # fmt: skip
+    bar = tqdm(total=source.config["num_hidden_layers"], desc="GQA -> MLA", unit="layer", disable=not opts.progress)
+    for layer_idx, stats in gqa_layer_stats(source, windows):
+        prefix = f"model.layers.{layer_idx}."
+        if not writer.done(prefix):
+            attention = [source.read(f"{prefix}self_attn.{p}.weight", torch.float32).float() for p in _ATTENTION]
+            tensors = mla_attention_weights(*attention, stats, geometry_of(source.config), _inv_freq(source.config),
+                                            rank)  # fmt: skip
+            out = {prefix + "self_attn." + name: tensor for name, tensor in tensors.items()}
+            out.update({prefix + name: source.read(prefix + name, torch.float32).float() for name in _LAYER_TENSORS})
+            writer.add(prefix, {name: tensor.to(dtype).contiguous() for name, tensor in out.items()})
+        bar.update(1)
+    bar.close()
+    top = {
+        name: source.read(name, torch.float32).to(dtype).contiguous()
+        for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+        if name in source.tensors
+    }
+    if mla_config.tie_word_embeddings:
+        top.pop("lm_head.weight", None)
+    writer.add("top", top)
+    writer.finish()
+    mla_config.save_pretrained(stage)
+    for extra in source.extra_files():
+        shutil.copyfile(extra, stage / extra.name)
+    (stage / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    state["complete"] = True
+    _save(stage, state)
+    return stage
+
+
+def gqa_layer_stats(source: SourceCheckpoint, windows: torch.Tensor):
+    """(layer index, LayerStats) for each SRC layer, run densely in float32 with transformers' own decoder layer on
+    `windows` [N, L] one window at a time, each layer's output feeding the next."""
+    import transformers
+
+    fields = {k: v for k, v in source.config.items() if k not in ("model_type", "quantization_config", "dtype")}
+    config = transformers.AutoConfig.for_model(source.model_type, **fields)
+    config._attn_implementation = "eager"  # the attention probabilities come back from eager attention only
+    model_class = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    with torch.device("meta"):
+        skeleton = model_class(config)
+    rotary = type(skeleton.model.rotary_emb)(config)
+    length = windows.shape[1]
+    hidden = source.read("model.embed_tokens.weight", torch.float32).float()[windows]  # [N, L, hidden]
+    position_embeddings = rotary(hidden[:1], torch.arange(length)[None])
+    causal = torch.full((length, length), float("-inf")).triu(1)[None, None]  # [1, 1, L, L]
+    delta = (torch.arange(length)[:, None] - torch.arange(length)[None]).clamp_min(0).flatten()
+    for layer_idx in range(config.num_hidden_layers):
+        layer = skeleton.model.layers[layer_idx]
+        prefix = f"model.layers.{layer_idx}."
+        state = {name[len(prefix):]: source.read(name, torch.float32).float()
+                 for name in source.tensors if name.startswith(prefix)}  # fmt: skip
+        layer.load_state_dict(state, assign=True, strict=True)
+        heads = config.num_attention_heads
+        moment = torch.zeros(config.hidden_size, config.hidden_size, dtype=torch.float64)
+        distance = torch.zeros(heads, length, dtype=torch.float64)
+        largest = 0.0
+        captured: dict[str, torch.Tensor] = {}
+        hooks = [
+            layer.self_attn.register_forward_pre_hook(partial(_keep_input, captured), with_kwargs=True),
+            layer.self_attn.register_forward_hook(partial(_keep_probabilities, captured)),
+        ]
+        outputs = []
+        with torch.no_grad():
+            for window in hidden:
+                outputs.append(layer(window[None], attention_mask=causal, position_embeddings=position_embeddings)[0])
+                x = captured["x"][0].double()  # [L, hidden]
+                moment += x.T @ x
+                largest = max(largest, x.pow(2).sum(-1).max().item())
+                distance.index_add_(1, delta, captured["p"][0].double().reshape(heads, -1))
+        for hook in hooks:
+            hook.remove()
+        hidden = torch.stack(outputs)
+        skeleton.model.layers[layer_idx] = torch.nn.Identity()  # drop the layer's tensors
+        yield layer_idx, LayerStats(moment / hidden[..., 0].numel(), largest, distance)
+
+
+def _keep_input(captured: dict, module, args, kwargs) -> None:
+    captured["x"] = kwargs["hidden_states"]
+
+
+def _keep_probabilities(captured: dict, module, args, output) -> None:
+    captured["p"] = output[1]  # eager attention's probabilities [B, H, L, L]
+
+
+def _inv_freq(config: dict) -> torch.Tensor:
+    geometry = geometry_of(config)
+    rope = config.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    return 1.0 / theta ** (torch.arange(0, geometry.head_dim, 2, dtype=torch.float64) / geometry.head_dim)
+
+
+def _stage_dtype(source: SourceCheckpoint, opts: ConvertOptions) -> torch.dtype:
+    if DTYPES[opts.dtype] is not None:
+        return DTYPES[opts.dtype]
+    anchor = source.tensors.get("model.layers.0.self_attn.q_proj.weight")
+    return (
+        anchor.dtype if anchor is not None and anchor.dtype.is_floating_point and not anchor.is_fp8 else torch.bfloat16
+    )
+
+
+class _ShardWriter:
+    """Collects finished layers' tensors into shards of up to `max_shard_size`, each written atomically and recorded
+    (with the layers it holds) in the stage state, so --resume skips them."""
+
+    def __init__(self, stage: Path, state: dict, max_shard_size):
+        from huggingface_hub.serialization._base import parse_size_to_int
+
+        self.stage, self.state = stage, state
+        self.limit = parse_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_keys: list[str] = []
+
+    def done(self, key: str) -> bool:
+        return any(key in shard["keys"] for shard in self.state["shards"].values())
+
+    def add(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        held = sum(t.numel() * t.element_size() for t in self.pending.values())
+        if self.pending and held + size > self.limit:
+            self._flush()
+        self.pending.update(tensors)
+        self.pending_keys.append(key)
+
+    def _flush(self) -> None:
+        name = f"stage-{len(self.state['shards']) + 1:05d}.safetensors"
+        tmp = self.stage / (name + ".tmp")
+        save_file(self.pending, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, self.stage / name)
+        self.state["shards"][name] = {"keys": self.pending_keys, "tensors": sorted(self.pending)}
+        _save(self.stage, self.state)
+        self.pending, self.pending_keys = {}, []
+
+    def finish(self) -> None:
+        if self.pending:
+            self._flush()
+        shards = self.state["shards"]
+        if len(shards) == 1:  # one file: the plain name, as transformers writes it
+            os.replace(self.stage / next(iter(shards)), self.stage / SINGLE_NAME)
+            self.state["shards"] = {SINGLE_NAME: next(iter(shards.values()))}
+            _save(self.stage, self.state)
+            return
+        weight_map = {tensor: name for name, shard in shards.items() for tensor in shard["tensors"]}
+        index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.stage / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _stage_fingerprint(source: SourceCheckpoint, opts: ConvertOptions, rank: int) -> str:
+    options = {
+        k: v
+        for k, v in asdict(opts).items()
+        if k in ("dtype", "calibration_data", "calibration_tokens", "calibration_seq_len", "max_shard_size")
+    }
+    described = {
+        "options": options,
+        "rank": rank,
+        "source": sorted((i.name, i.shard, str(i.dtype), i.shape) for i in source.tensors.values()),
+        "sizes": {shard: (source.path / shard).stat().st_size for shard in source.shards},
+        "calibration": [(str(p), Path(p).stat().st_size) for p in opts.calibration_data or ()],
+    }
+    return hashlib.sha256(json.dumps(described, default=str).encode()).hexdigest()
+
+
+def _start_stage(stage: Path, fingerprint: str, resume: bool) -> dict:
+    state_path = stage / STAGE_STATE
+    if stage.exists() and resume and state_path.exists():
+        state = read_json(state_path)
+        if state.get("fingerprint") == fingerprint:
+            kept = set(state["shards"]) | {STAGE_STATE}
+            if not state.get("complete"):
+                for path in stage.iterdir():
+                    if path.name not in kept:
+                        shutil.rmtree(path) if path.is_dir() else path.unlink()
+            return state
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    state = {"fingerprint": fingerprint, "shards": {}}
+    _save(stage, state)
+    return state
+
+
+def _save(stage: Path, state: dict) -> None:
+    tmp = stage / (STAGE_STATE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, stage / STAGE_STATE)
+
+
+__all__ = ["GQA_MODEL_TYPES", "gqa_refusals", "is_gqa_source", "write_mla_stage"]

@@ -1,0 +1,207 @@
+"""GQA -> MLA, one layer's linear algebra: from a Llama-style attention (q/k/v/o projections, RoPE on every key
+dimension, `G` key/value heads shared by `H / G` query heads each) to DeepSeek's MLA (one latent `c_KV` of
+`kv_lora_rank`, one RoPE key of `qk_rope_head_dim` shared by every head, per-head up-projections `kv_b_proj`).
+
+Everything is computed from two calibration statistics of the layer's attention input `x` (the hidden state after
+`input_layernorm`): its second moment `E[x x^T]`, and each query head's attention distribution over the distance
+`t - s` to the keys it reads.
+
+1. **RoPE decoupling** (the lossy step). RoPE rotates the two dimensions of frequency pair `i` of every key head by the
+   same angle, so an orthogonal mix of the `G` heads' pair `i` commutes with it (TransMLA's observation). Per frequency
+   the mix is the key covariance's eigenbasis: its first direction carries most of the keys' energy and becomes the
+   shared RoPE key (64 dims hold every one of the source's 32 frequencies, the same `rope_theta`), exact. The other
+   `G - 1` directions cannot keep their rotation: they become position-free ("nope") keys, and the query reading them
+   is multiplied by the head's expected rotation `E[R(-(t - s) f_i)]` under its own attention distribution (a 2 x 2
+   matrix per head and frequency: near the identity for slow frequencies, near 0 for fast ones), the least-squares
+   stand-in for the rotation it lost. With one key/value head (MQA) nothing is lost.
+2. **The latent.** Keys-without-RoPE and values, `y = [k_nope; v] = W_y x`, are factored through `kv_lora_rank`
+   dimensions: `c = A x`, `y ~ B c`, minimising the error where it matters: key errors as the scores they change
+   (weighted by the queries' second moment), value errors as the output they change (weighted by `o_proj`), both
+   under the input's own second moment (activation-aware). At the full width `(2G - 1) * head_dim` it is exact.
+3. **The latent norm.** MLA normalises `c` (`kv_a_layernorm`, eps 1e-6). `c` is written scaled down so that its mean
+   square is far below the norm's eps, where RMSNorm is linear (`c / sqrt(eps)`), and the norm's weight scales it back
+   (`latent_scale`): exact to a relative `mean(c^2) / (2 eps)`, at most 5e-6. DeepSeek-V3.2's format also compresses
+   the query through a normed latent (q_a_proj -> q_a_layernorm -> q_b_proj): at rank `hidden_size` that compression is
+   the identity, held in the same linear regime. Training either down-projection would leave the regime (an optimizer
+   step is not scaled down), so mla-dsa's training freezes them on such models (`linear_latent_norm` in the config)
+   and adapts q_b_proj, kv_b_proj, o_proj and the MLP instead.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+NORM_EPS = 1e-6  # MlaDsaRMSNorm's default, the eps of DeepSeek's kv_a_layernorm
+LINEAR_NORM_RATIO = 1e-5  # the latent's largest calibrated mean square, as a fraction of NORM_EPS
+
+
+@dataclass
+class GqaGeometry:
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+    @property
+    def nope_dim(self) -> int:  # keys that lose RoPE: G - 1 mixed heads
+        return (self.kv_heads - 1) * self.head_dim
+
+    @property
+    def full_rank(self) -> int:  # the latent width at which the factorisation is exact
+        return self.nope_dim + self.kv_heads * self.head_dim
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one layer: E[x x^T] [d, d] of the attention input, the largest squared norm of x
+    (for the latent scale), and per query head the attention mass at each distance t - s [H, T]."""
+
+    x_moment: torch.Tensor
+    x_max_sq: float
+    distance: torch.Tensor
+
+
+def pairs(head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two dimensions of each RoPE frequency pair in the half-split layout transformers' Llama uses."""
+    half = torch.arange(head_dim // 2)
+    return half, half + head_dim // 2
+
+
+def expected_rotation(distance: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """[H, F, 2, 2]: E[R(-delta f)] over each head's attention distribution over delta = t - s, for each frequency
+    f. R(a) rotates (x1, x2) by a; a query q and key k at distance delta score q^T R(-delta f) k after RoPE."""
+    weights = distance / distance.sum(-1, keepdim=True).clamp_min(1e-30)  # [H, T]
+    angles = torch.arange(distance.shape[-1], dtype=torch.float64)[:, None] * inv_freq.double()[None]  # [T, F]
+    cos, sin = weights.double() @ torch.cos(angles), weights.double() @ torch.sin(angles)  # [H, F]
+    return torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)  # R(-a) = [[c, s], [-s, c]]
+
+
+def decouple_rope(w_q, w_k, stats: LayerStats, geometry: GqaGeometry, inv_freq: torch.Tensor):
+    """Splits each head's scores into one shared RoPE key and position-free keys (module docstring, step 1).
+
+    w_q [H*D, d], w_k [G*D, d] (half-split RoPE layout). Returns, in float64, with the source's scores unscaled:
+    q_rope [H, D, d] and k_rope [D, d] (half-split), q_nope [H, (G-1)*D, d] and k_nope [(G-1)*D, d], where the
+    nope dims are ordered (mixed head j, pair i, component c)."""
+    heads, kv_heads, head_dim = geometry.heads, geometry.kv_heads, geometry.head_dim
+    first, second = pairs(head_dim)
+    wq = w_q.double().view(heads, head_dim, -1)
+    wk = w_k.double().view(kv_heads, head_dim, -1)
+    x_moment = stats.x_moment.double()
+    rotation = expected_rotation(stats.distance, inv_freq)  # [H, F, 2, 2]
+    group_of = torch.arange(heads) // geometry.group
+    q_rope, k_rope = torch.zeros_like(wq), torch.zeros(head_dim, wq.shape[-1], dtype=torch.float64)
+    q_nope = torch.zeros(heads, kv_heads - 1, head_dim // 2, 2, wq.shape[-1], dtype=torch.float64)
+    k_nope = torch.zeros(kv_heads - 1, head_dim // 2, 2, wq.shape[-1], dtype=torch.float64)
+    for i in range(head_dim // 2):
+        pair = torch.stack([first[i], second[i]])
+        k_pair = wk[:, pair]  # [G, 2, d]
+        covariance = torch.einsum("gcd,de,hce->gh", k_pair, x_moment, k_pair)  # both components: RoPE-invariant
+        _, vectors = torch.linalg.eigh(covariance)
+        mix = vectors.flip(-1).T  # [G (mixed head j), G]: row 0 is the most energetic direction
+        mixed = torch.einsum("jg,gcd->jcd", mix, k_pair)  # [G, 2, d]
+        k_rope[pair] = mixed[0]
+        k_nope[:, i] = mixed[1:]
+        q_pair = wq[:, pair]  # [H, 2, d]
+        weight = mix[:, group_of].T  # [H, G]: how much of head h's key group each mixed head carries
+        q_rope[:, pair] = weight[:, 0, None, None] * q_pair
+        # q^T R k over the lost rotation becomes (M^T q)^T k with M = E[R(-delta f)] (2 x 2 per head)
+        folded = torch.einsum("hab,had->hbd", rotation[:, i], q_pair)  # M^T q
+        q_nope[:, :, i] = weight[:, 1:, None, None] * folded[:, None]
+    return q_rope, k_rope, q_nope.flatten(1, 3), k_nope.flatten(0, 2)
+
+
+def _psd_sqrt(matrix: torch.Tensor, floor: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    values = values.clamp_min(floor * values.max().clamp_min(floor))
+    return (vectors * values.sqrt()) @ vectors.T, (vectors * values.rsqrt()) @ vectors.T
+
+
+def factor_latent(k_nope, q_nope, w_v, w_o, stats: LayerStats, geometry: GqaGeometry, rank: int, key_weight: float):
+    """c = A x of `rank` dims, with k_nope ~ B_k c and v ~ B_v c (module docstring, step 2). k_nope [(G-1)*D, d],
+    q_nope [H, (G-1)*D, d] (already scaled as the scores are), w_v [G*D, d], w_o [hidden, H*D]. Returns A [rank, d],
+    B_k [(G-1)*D, rank], B_v [G*D, rank] in float64."""
+    heads, kv_heads, head_dim = geometry.heads, geometry.kv_heads, geometry.head_dim
+    x_moment = stats.x_moment.double()
+    w_y = torch.cat([k_nope, w_v.double()])  # [N, d]
+    query_moment = torch.einsum("hnd,de,hme->nm", q_nope, x_moment, q_nope)  # key error e costs e^T E[q q^T] e
+    wo = w_o.double().view(-1, heads, head_dim)
+    groups = [wo[:, g * geometry.group : (g + 1) * geometry.group] for g in range(kv_heads)]  # [hidden, H/G, D] each
+    value_moment = torch.block_diag(*[torch.einsum("ohv,ohw->vw", w, w) for w in groups])  # e_v costs |W_o e_v|^2
+    value_root, value_inv = _psd_sqrt(value_moment)
+    if k_nope.shape[0] == 0:  # one key/value head: every key dim keeps RoPE, the latent holds values only
+        weighted = value_root @ w_v.double() @ x_moment @ w_v.double().T @ value_root
+        basis = torch.linalg.eigh((weighted + weighted.T) / 2)[1].flip(-1)[:, :rank]
+        return basis.T @ value_root @ w_v.double(), k_nope.new_zeros(0, rank), value_inv @ basis
+    key_root, key_inv = _psd_sqrt(query_moment)
+    # Balance the two kinds of error by their totals, then let key_weight tilt it.
+    key_energy = torch.trace(key_root @ k_nope @ x_moment @ k_nope.T @ key_root)
+    value_energy = torch.trace(value_root @ w_v.double() @ x_moment @ w_v.double().T @ value_root)
+    scale = key_weight * (value_energy / key_energy.clamp_min(1e-30)).sqrt()
+    omega = torch.block_diag(scale * key_root, value_root)
+    omega_inv = torch.block_diag(key_inv / scale, value_inv)
+    weighted = omega @ w_y @ x_moment @ w_y.T @ omega.T
+    _, vectors = torch.linalg.eigh((weighted + weighted.T) / 2)
+    basis = vectors.flip(-1)[:, :rank]  # [N, rank]
+    a = basis.T @ omega @ w_y
+    b = omega_inv @ basis
+    return a, b[: k_nope.shape[0]], b[k_nope.shape[0] :]
+
+
+def latent_scale(a: torch.Tensor, stats: LayerStats) -> float:
+    """The factor that puts c = A x's largest calibrated mean square at LINEAR_NORM_RATIO * NORM_EPS."""
+    largest = torch.linalg.matrix_norm(a, ord=2).item() ** 2 * stats.x_max_sq / a.shape[0]  # bound on mean(c^2)
+    return math.sqrt(LINEAR_NORM_RATIO * NORM_EPS / max(largest, 1e-30))
+
+
+def interleave_order(rope_dim: int) -> torch.Tensor:
+    """Half-split RoPE dims -> DeepSeek's interleaved layout (pair i at dims 2i, 2i+1): new dim j reads old order[j]."""
+    first, second = pairs(rope_dim)
+    return torch.stack([first, second], -1).flatten()
+
+
+def mla_attention_weights(w_q, w_k, w_v, w_o, stats: LayerStats, geometry: GqaGeometry, inv_freq: torch.Tensor,
+                          rank: int, key_weight: float = 1.0) -> dict[str, torch.Tensor]:  # fmt: skip
+    """One layer's MLA attention tensors (our names under `self_attn.`, float32) computing what the GQA projections
+    compute: q_a_proj [d, d], q_a_layernorm.weight [d], q_b_proj [H*(dn+dr), d], kv_a_proj_with_mqa [rank+dr, d],
+    kv_a_layernorm.weight [rank], kv_b_proj [H*(dn+dv), rank], o_proj (unchanged). dn = (G-1)*D, dr = dv = D; RoPE
+    interleaved."""
+    heads, head_dim = geometry.heads, geometry.head_dim
+    q_rope, k_rope, q_nope, k_nope = decouple_rope(w_q, w_k, stats, geometry, inv_freq)
+    # Ours scales scores by 1/sqrt(dn + dr), the source by 1/sqrt(D): the queries make up the difference.
+    q_scale = math.sqrt((geometry.nope_dim + head_dim) / head_dim)
+    q_rope, q_nope = q_rope * q_scale, q_nope * q_scale
+    a, b_k, b_v = factor_latent(k_nope, q_nope, w_v, w_o, stats, geometry, rank, key_weight)
+    scale = latent_scale(a, stats)
+    order = interleave_order(head_dim)
+    q_proj = torch.cat([q_nope, q_rope[:, order]], dim=1)  # [H, dn + dr, d]
+    group_of = torch.arange(heads) // geometry.group
+    b_v = b_v.view(geometry.kv_heads, head_dim, rank)[group_of]  # [H, dv, rank]: each head reads its group's values
+    kv_b = torch.cat([b_k.expand(heads, -1, -1), b_v], dim=1)  # [H, dn + dv, rank]
+    # DeepSeek-V3.2's format always compresses the query (q_a_proj -> q_a_layernorm -> q_b_proj): at rank d the
+    # compression is the identity, held in the norm's linear regime like the latent (step 3). c_Q is then the
+    # attention input itself, which the indexer reads.
+    q_scale_down = math.sqrt(LINEAR_NORM_RATIO * NORM_EPS * w_q.shape[1] / max(stats.x_max_sq, 1e-30))
+    return {
+        "q_a_proj.weight": torch.eye(w_q.shape[1]) * q_scale_down,
+        "q_a_layernorm.weight": torch.full((w_q.shape[1],), math.sqrt(NORM_EPS) / q_scale_down, dtype=torch.float32),
+        "q_b_proj.weight": q_proj.flatten(0, 1).float(),
+        "kv_a_proj_with_mqa.weight": torch.cat([a * scale, k_rope[order]]).float(),
+        "kv_a_layernorm.weight": torch.full((rank,), math.sqrt(NORM_EPS) / scale, dtype=torch.float32),
+        "kv_b_proj.weight": kv_b.flatten(0, 1).float(),
+        "o_proj.weight": w_o.float().clone(),
+    }
+
+
+__all__ = [
+    "GqaGeometry",
+    "LayerStats",
+    "decouple_rope",
+    "expected_rotation",
+    "factor_latent",
+    "latent_scale",
+    "mla_attention_weights",
+]

@@ -1,0 +1,247 @@
+"""GQA -> MLA -> DSA (issue #19): `mla-dsa convert` on checkpoints written by transformers' own LlamaForCausalLM /
+Qwen2ForCausalLM / MistralForCausalLM / Qwen3ForCausalLM.
+
+Exact where the math is: with one key/value head, or with key heads whose RoPE pairs are linearly dependent, the
+full-width conversion equals the source within float error; otherwise RoPE decoupling loses what the README
+measures, and less latent rank loses more. What MLA cannot carry is refused naming it. Downstream: remote code,
+generate(), PEFT (never on the prescaled latent), the export to DeepSeek-V3.2's format, resume after a crash.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV32ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from mla_dsa.conversion.convert import convert_checkpoint
+from mla_dsa.conversion.gqa_math import GqaGeometry, LayerStats, decouple_rope, pairs
+from mla_dsa.conversion.source import ConversionError
+from mla_dsa.data import byte_tokenizer, stdlib_files
+
+from peers import perturb_
+
+SEQ_LEN = 64
+SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_files() -> list[str]:
+    return [str(p) for p in stdlib_files("train")[:3]]
+
+
+def calibration(files) -> dict:
+    return dict(calibration_data=files, calibration_tokens=4 * SEQ_LEN, calibration_seq_len=SEQ_LEN, progress=False)
+
+
+def save_gqa(directory: Path, model_class=LlamaForCausalLM, config_class=LlamaConfig, seed: int = 0,
+             edit=None, **overrides) -> torch.nn.Module:  # fmt: skip
+    torch.manual_seed(seed)
+    model = perturb_(model_class(config_class(**{**SMALL, "num_key_value_heads": 2, **overrides})), seed=seed + 1)
+    if edit is not None:
+        edit(model)
+    model.save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)
+    return model.eval()
+
+
+def converted(directory: Path, **kwargs) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32,
+                                                **kwargs).eval()  # fmt: skip
+
+
+def max_logit_error(source, model, seed: int = 0, **kwargs) -> float:
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return (source(ids).logits - model(ids, **kwargs).logits).abs().max().item()
+
+
+def test_one_kv_head_full_width_equals_source(tmp_path, data_files):
+    """MQA (one key/value head): nothing to decouple; at the full width the converted DSA model, every key selected,
+    equals transformers' LlamaForCausalLM, and greedy generation is the same."""
+    source = save_gqa(tmp_path / "src", num_key_value_heads=1)
+    dst = convert_checkpoint(tmp_path / "src", tmp_path / "dst", verify=True, **calibration(data_files))
+    model = converted(dst, use_sparse_attention=False)
+    assert model.config.kv_lora_rank == 16 and model.config.qk_rope_head_dim == 16
+    assert max_logit_error(source, model) < 1e-4
+    prompt = torch.tensor([[5, 17, 99, 3, 42]])
+    with torch.no_grad():
+        expected = source.generate(prompt, max_new_tokens=12, do_sample=False)
+        assert torch.equal(model.generate(prompt, max_new_tokens=12, do_sample=False), expected)
+
+
+def test_dependent_rope_keys_full_width_equals_source(tmp_path, data_files):
+    """Two key heads whose keys are multiples of one another: per RoPE frequency the mix of heads puts all the keys'
+    energy into the shared RoPE key, so decoupling loses nothing and the full width is exact, with query heads of both
+    groups reading it (each with its own weight)."""
+
+    def dependent_keys(model):
+        for layer in model.model.layers:
+            k = layer.self_attn.k_proj.weight.data.view(2, 16, -1)
+            k[1] = -0.5 * k[0]
+
+    source = save_gqa(tmp_path / "src", edit=dependent_keys)
+    dst = convert_checkpoint(tmp_path / "src", tmp_path / "dst", **calibration(data_files))
+    assert max_logit_error(source, converted(dst, use_sparse_attention=False)) < 1e-4
+
+
+def test_less_rank_loses_more(tmp_path, data_files):
+    """Independent key heads: decoupling loses a little at the full width; a narrower latent loses more."""
+    source = save_gqa(tmp_path / "src")
+    errors = {}
+    for rank in (48, 24, 8):  # full width (2 x 2 - 1) x 16 = 48
+        dst = convert_checkpoint(tmp_path / "src", tmp_path / f"r{rank}", kv_lora_rank=rank, **calibration(data_files))
+        errors[rank] = max_logit_error(source, converted(dst, use_sparse_attention=False))
+    assert 0 < errors[48] < errors[24] < errors[8], errors
+    report = json.loads((tmp_path / "r24" / "mla_conversion.json").read_text())
+    assert report["kv_lora_rank"] == 24 and report["full_rank"] == 48 and report["source_model_type"] == "llama"
+
+
+def test_expected_rotation_is_exact_for_one_distance():
+    """A head that reads only keys at distance d: the rotation its position-free keys lose is exactly R(-d f), so
+    the decoupled scores at distance d equal the source's RoPE scores for every frequency and both key heads."""
+    geometry = GqaGeometry(heads=2, kv_heads=2, head_dim=8)
+    d, distance = 3, torch.zeros(2, 16)
+    distance[:, d] = 1.0
+    torch.manual_seed(0)
+    w_q, w_k, x_moment = torch.randn(16, 12), torch.randn(16, 12), torch.eye(12)
+    inv_freq = 1.0 / 10.0 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    q_rope, k_rope, q_nope, k_nope = decouple_rope(w_q, w_k, LayerStats(x_moment, 1.0, distance), geometry, inv_freq)
+    x_t, x_s = torch.randn(12, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    first, second = pairs(8)
+
+    def rotate(v, position):  # half-split RoPE of one head's vector
+        angle = position * inv_freq
+        a, b = v[first], v[second]
+        return torch.cat([a * angle.cos() - b * angle.sin(), b * angle.cos() + a * angle.sin()])
+
+    t, s = 10, 10 - d
+    for head in range(2):
+        group = head  # two heads, two groups
+        q = w_q.double().view(2, 8, 12)[head] @ x_t
+        k = w_k.double().view(2, 8, 12)[group] @ x_s
+        expected = rotate(q, t) @ rotate(k, s)
+        actual = rotate(q_rope[head] @ x_t, t) @ rotate(k_rope @ x_s, s) + (q_nope[head] @ x_t) @ (k_nope @ x_s)
+        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_qwen2_converts_and_refuses_query_bias(tmp_path, data_files):
+    """Qwen2 is read as a GQA source; its q/k/v biases are refused (MLA's query projection has none) unless zero."""
+    save_gqa(tmp_path / "zero", Qwen2ForCausalLM, Qwen2Config, edit=_zero_attention_biases)
+    dst = convert_checkpoint(tmp_path / "zero", tmp_path / "dst", **calibration(data_files))
+    assert converted(dst).config.model_type == "mla_dsa"
+    save_gqa(tmp_path / "biased", Qwen2ForCausalLM, Qwen2Config)
+    with pytest.raises(ConversionError, match=r"attention biases \(k_proj, q_proj, v_proj\)"):
+        convert_checkpoint(tmp_path / "biased", tmp_path / "dst2", **calibration(data_files))
+    assert not (tmp_path / "dst2").exists()
+
+
+def _zero_attention_biases(model):
+    for layer in model.model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            proj.bias.data.zero_()
+
+
+@pytest.mark.parametrize(
+    "model_class, config_class, overrides, reason",
+    [
+        (Qwen3ForCausalLM, Qwen3Config, {}, "QK-norm"),
+        (MistralForCausalLM, MistralConfig, {"sliding_window": 32}, "sliding-window attention"),
+        (LlamaForCausalLM, LlamaConfig, {"rope_parameters": {"rope_type": "linear", "factor": 2.0,
+                                                             "rope_theta": 10000.0}}, "rope_type 'linear'"),
+    ],
+)  # fmt: skip
+def test_what_mla_cannot_carry_is_refused(tmp_path, data_files, model_class, config_class, overrides, reason):
+    save_gqa(tmp_path / "src", model_class, config_class, **overrides)
+    with pytest.raises(ConversionError, match=reason):
+        convert_checkpoint(tmp_path / "src", tmp_path / "dst", **calibration(data_files))
+    assert not (tmp_path / "dst").exists() and not (tmp_path / ".dst.mla-dsa-gqa").exists()
+
+
+def test_option_errors(tmp_path, data_files):
+    save_gqa(tmp_path / "src")
+    with pytest.raises(ConversionError, match="pass --calibration-data"):
+        convert_checkpoint(tmp_path / "src", tmp_path / "dst", progress=False)
+    with pytest.raises(ConversionError, match=r"--kv-lora-rank must be in 1\.\.48"):
+        convert_checkpoint(tmp_path / "src", tmp_path / "dst", kv_lora_rank=49, **calibration(data_files))
+    mla = tmp_path / "mla"
+    convert_checkpoint(tmp_path / "src", mla, **calibration(data_files))
+    with pytest.raises(ConversionError, match="--kv-lora-rank applies to GQA sources"):
+        convert_checkpoint(mla, tmp_path / "again", kv_lora_rank=8, progress=False)
+    with pytest.raises(ConversionError, match="--from-gqa: model_type 'mla_dsa' is not one of llama"):
+        convert_checkpoint(mla, tmp_path / "again", from_gqa=True, progress=False)
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_gives_the_same_bytes(tmp_path, data_files, monkeypatch):
+    """A write failure in the GQA stage (one shard per layer here) leaves finished shards; --resume finishes with the
+    bytes of an uninterrupted run."""
+    import mla_dsa.conversion.gqa as gqa
+
+    save_gqa(tmp_path / "src", num_hidden_layers=3)
+    options = dict(max_shard_size=60_000, **calibration(data_files))
+    clean = convert_checkpoint(tmp_path / "src", tmp_path / "clean", **options)
+    real_save, calls = gqa.save_file, []
+
+    def failing_save(tensors, path, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", path)
+        return real_save(tensors, path, **kwargs)
+
+    monkeypatch.setattr(gqa, "save_file", failing_save)
+    with pytest.raises(ConversionError, match="--resume"):
+        convert_checkpoint(tmp_path / "src", tmp_path / "dst", **options)
+    monkeypatch.setattr(gqa, "save_file", real_save)
+    dst = convert_checkpoint(tmp_path / "src", tmp_path / "dst", resume=True, **options)
+    files = sorted(p.name for p in clean.iterdir())
+    assert files == sorted(p.name for p in dst.iterdir())
+    for name in files:
+        assert (clean / name).read_bytes() == (dst / name).read_bytes(), name
+    assert not (tmp_path / ".dst.mla-dsa-gqa").exists()
+
+
+@pytest.mark.slow
+def test_downstream_export_peft_and_training(tmp_path, data_files):
+    """The converted checkpoint exports to DeepSeek-V3.2's format (transformers' DeepseekV32ForCausalLM loads it with
+    equal logits); PEFT LoRA never targets the prescaled latent projection, and training leaves it unchanged."""
+    from peft import get_peft_model
+
+    from mla_dsa.training import indexer_lora_config, prepare_indexer_training
+
+    save_gqa(tmp_path / "src")
+    ours = converted(convert_checkpoint(tmp_path / "src", tmp_path / "ours", index_topk=16, **calibration(data_files)))
+    exported = convert_checkpoint(tmp_path / "src", tmp_path / "v32", index_topk=16, export="deepseek_v32",
+                                  **calibration(data_files))  # fmt: skip
+    native = DeepseekV32ForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    assert max_logit_error(native, ours) < 1e-4
+
+    lora = get_peft_model(ours, indexer_lora_config(("attention", "mlp"), prescaled_latent=True))
+    adapted = {name.split(".base_layer")[0] for name, _ in lora.named_parameters() if "lora_A" in name}
+    assert any(name.endswith("kv_b_proj.lora_A.default.weight") for name in adapted)
+    assert not any("kv_a_proj_with_mqa" in name or "q_a_proj" in name for name in adapted)
+
+    model = prepare_indexer_training(converted(tmp_path / "ours"), "sparse")
+    attention = model.model.layers[0].self_attn
+    frozen = [attention.kv_a_proj_with_mqa.weight, attention.q_a_proj.weight]
+    before = [p.detach().clone() for p in frozen]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    loss = model(ids, labels=ids, indexer_stage="sparse").loss
+    loss.backward()
+    optimizer.step()
+    assert math.isfinite(loss.item()) and attention.q_b_proj.weight.requires_grad
+    assert not any(p.requires_grad for p in frozen) and all(map(torch.equal, frozen, before))
