@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .calibrate import CalibrationOptions, calibration_windows
 from .export import export_refusals
-from .gqa import GQA_MODEL_TYPES, is_gqa_source, write_mla_stage
+from .gqa import GQA_MODEL_TYPES, is_gqa_source, verify_mla_stage, write_mla_stage
 from .indexer_init import INDEXER_INITS
 from .plan import DTYPES, ConvertOptions, plan_output, target_config
 from .source import ConversionError, SourceCheckpoint, read_json
@@ -118,6 +118,8 @@ def _convert_gqa(src: Path, dst: Path, opts: ConvertOptions) -> Path:
             raise ConversionError(src / "config.json", f"--from-gqa: model_type {source.model_type!r} is not one of "
                                                        f"{', '.join(GQA_MODEL_TYPES)}")  # fmt: skip
         write_mla_stage(source, stage, opts)
+        if opts.verify:
+            verify_mla_stage(source, stage, opts)
     except OSError as err:
         raise ConversionError(err.filename or stage, f"write failed ({err.strerror or err}); fix it and rerun with "
                                                      "--resume") from None  # fmt: skip

@@ -183,6 +183,36 @@ def write_mla_stage(source: SourceCheckpoint, stage: Path, opts: ConvertOptions)
     return stage
 
 
+def verify_mla_stage(source: SourceCheckpoint, stage: Path, opts: ConvertOptions) -> float:
+    """--verify for the GQA step: SRC through transformers' class for its model type and the MLA stage through
+    transformers' DeepseekV3ForCausalLM, on a short random input in float32. Exact with one key/value head at the full
+    width (held to the tolerance); otherwise RoPE decoupling's loss, reported. Returns the max logit difference."""
+    import transformers
+
+    generator = torch.Generator().manual_seed(opts.seed)
+    input_ids = torch.randint(0, source.config["vocab_size"], (2, 16), generator=generator)
+    with torch.no_grad():
+        reference = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
+        expected = reference(input_ids).logits
+        del reference
+        mla = transformers.DeepseekV3ForCausalLM.from_pretrained(stage, dtype=torch.float32).eval()
+        diff = (expected - mla(input_ids).logits).abs().max().item()
+    geometry, rank = geometry_of(source.config), mla.config.kv_lora_rank
+    exact = geometry.kv_heads == 1 and rank == geometry.full_rank
+    tolerance = opts.verify_tolerance or 1e-4 * max(1.0, expected.abs().max().item())
+    why = (
+        "exact: one key/value head at the full width"
+        if exact
+        else (
+            f"not exact: {geometry.kv_heads} key/value heads share one RoPE key, latent {rank} of {geometry.full_rank}"
+        )
+    )
+    print(f"verify GQA -> MLA: max |logit difference| = {diff:.3e} ({why})")  # fmt: skip
+    if exact and not diff <= tolerance:
+        raise ConversionError(stage, f"--verify failed: GQA -> MLA max logit difference {diff:.3e} > {tolerance:.1e}")
+    return diff
+
+
 def gqa_layer_stats(source: SourceCheckpoint, windows: torch.Tensor):
     """(layer index, LayerStats) for each SRC layer, run densely in float32 with transformers' own decoder layer on
     `windows` [N, L] one window at a time, each layer's output feeding the next."""
@@ -341,4 +371,4 @@ def _save(stage: Path, state: dict) -> None:
     os.replace(tmp, stage / STAGE_STATE)
 
 
-__all__ = ["GQA_MODEL_TYPES", "gqa_refusals", "is_gqa_source", "write_mla_stage"]
+__all__ = ["GQA_MODEL_TYPES", "gqa_refusals", "is_gqa_source", "verify_mla_stage", "write_mla_stage"]

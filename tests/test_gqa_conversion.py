@@ -69,11 +69,12 @@ def max_logit_error(source, model, seed: int = 0, **kwargs) -> float:
         return (source(ids).logits - model(ids, **kwargs).logits).abs().max().item()
 
 
-def test_one_kv_head_full_width_equals_source(tmp_path, data_files):
+def test_one_kv_head_full_width_equals_source(tmp_path, data_files, capsys):
     """MQA (one key/value head): nothing to decouple; at the full width the converted DSA model, every key selected,
-    equals transformers' LlamaForCausalLM, and greedy generation is the same."""
+    equals transformers' LlamaForCausalLM, and greedy generation is the same; --verify holds both steps to it."""
     source = save_gqa(tmp_path / "src", num_key_value_heads=1)
     dst = convert_checkpoint(tmp_path / "src", tmp_path / "dst", verify=True, **calibration(data_files))
+    assert "verify GQA -> MLA: max |logit difference|" in capsys.readouterr().out
     model = converted(dst, use_sparse_attention=False)
     assert model.config.kv_lora_rank == 16 and model.config.qk_rope_head_dim == 16
     assert max_logit_error(source, model) < 1e-4
