@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from .calibrate import CalibrationOptions, calibration_windows
 from .gqa_math import GqaGeometry, LayerStats, mla_attention_weights
 from .plan import DTYPES, ConvertOptions
-from .source import SINGLE_NAME, ConversionError, SourceCheckpoint, read_json
+from .source import SINGLE_NAME, ConversionError, SourceCheckpoint
+from .write import save_state, start_state
 
 # Model types read as GQA sources: transformers' Llama-style decoders (q/k/v/o projections, RoPE on the whole head,
 # RMSNorm, a gated MLP); each is checked by `gqa_refusals` for what MLA cannot carry.
@@ -145,7 +146,7 @@ def write_mla_stage(source: SourceCheckpoint, stage: Path, opts: ConvertOptions)
 
     mla_config = DeepseekV3Config(**mla_config_fields(source.config, rank))
     fingerprint = _stage_fingerprint(source, opts, rank)
-    state = _start_stage(stage, fingerprint, opts.resume)
+    state = start_state(stage, fingerprint, opts.resume, name=STAGE_STATE, progress="shards", kept=())
     if state.get("complete"):
         return stage
     windows = calibration_windows(source, mla_config, CalibrationOptions.of(opts))
@@ -179,7 +180,7 @@ def write_mla_stage(source: SourceCheckpoint, stage: Path, opts: ConvertOptions)
         shutil.copyfile(extra, stage / extra.name)
     (stage / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     state["complete"] = True
-    _save(stage, state)
+    save_state(stage, state, STAGE_STATE)
     return stage
 
 
@@ -313,7 +314,7 @@ class _ShardWriter:
         save_file(self.pending, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, self.stage / name)
         self.state["shards"][name] = {"keys": self.pending_keys, "tensors": sorted(self.pending)}
-        _save(self.stage, self.state)
+        save_state(self.stage, self.state, STAGE_STATE)
         self.pending, self.pending_keys = {}, []
 
     def finish(self) -> None:
@@ -323,7 +324,7 @@ class _ShardWriter:
         if len(shards) == 1:  # one file: the plain name, as transformers writes it
             os.replace(self.stage / next(iter(shards)), self.stage / SINGLE_NAME)
             self.state["shards"] = {SINGLE_NAME: next(iter(shards.values()))}
-            _save(self.stage, self.state)
+            save_state(self.stage, self.state, STAGE_STATE)
             return
         weight_map = {tensor: name for name, shard in shards.items() for tensor in shard["tensors"]}
         index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
@@ -344,31 +345,6 @@ def _stage_fingerprint(source: SourceCheckpoint, opts: ConvertOptions, rank: int
         "calibration": [(str(p), Path(p).stat().st_size) for p in opts.calibration_data or ()],
     }
     return hashlib.sha256(json.dumps(described, default=str).encode()).hexdigest()
-
-
-def _start_stage(stage: Path, fingerprint: str, resume: bool) -> dict:
-    state_path = stage / STAGE_STATE
-    if stage.exists() and resume and state_path.exists():
-        state = read_json(state_path)
-        if state.get("fingerprint") == fingerprint:
-            kept = set(state["shards"]) | {STAGE_STATE}
-            if not state.get("complete"):
-                for path in stage.iterdir():
-                    if path.name not in kept:
-                        shutil.rmtree(path) if path.is_dir() else path.unlink()
-            return state
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
-    state = {"fingerprint": fingerprint, "shards": {}}
-    _save(stage, state)
-    return state
-
-
-def _save(stage: Path, state: dict) -> None:
-    tmp = stage / (STAGE_STATE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, stage / STAGE_STATE)
 
 
 __all__ = ["GQA_MODEL_TYPES", "gqa_refusals", "is_gqa_source", "verify_mla_stage", "write_mla_stage"]

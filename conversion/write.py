@@ -46,7 +46,7 @@ def _fingerprint(source: SourceCheckpoint, plan: list[OutputShard], opts: Conver
 
 def write_shards(source, config, plan: list[OutputShard], partial: Path, opts: ConvertOptions) -> None:
     fingerprint = _fingerprint(source, plan, opts)
-    state = _start_state(partial, fingerprint, opts.resume)
+    state = start_state(partial, fingerprint, opts.resume)
     todo = [shard for shard in plan if not _is_done(partial, shard, state)]
     calibrated = calibrated_indexers(source, config, todo, partial, opts)  # before the shards' progress bar
     bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="converting shards", unit="shard",
@@ -62,7 +62,7 @@ def write_shards(source, config, plan: list[OutputShard], partial: Path, opts: C
         os.replace(tmp, partial / shard.filename)
         del tensors
         state["done"][shard.filename] = (partial / shard.filename).stat().st_size
-        _save_state(partial, state)
+        save_state(partial, state)
         bar.update(1)
     bar.close()
 
@@ -120,26 +120,26 @@ class TensorMaker:
         return self._indexer[suffix].to(tensor.dtype).contiguous()
 
 
-def _start_state(partial: Path, fingerprint: str, resume: bool) -> dict:
-    state_path = partial / STATE_NAME
-    if partial.exists() and resume and state_path.exists():
+def start_state(directory: Path, fingerprint: str, resume: bool, name: str = STATE_NAME, progress: str = "done",
+                kept: tuple[str, ...] = (CALIBRATED_NAME, CALIBRATION_REPORT)) -> dict:  # fmt: skip
+    """The state of a resumable write into `directory`, recorded in its file `name`: the interrupted run's, if
+    `resume` and it was the same conversion (`fingerprint`), with everything but its state, its finished files
+    (the keys of `state[progress]`) and `kept` removed (a kill inside a write leaves temporary files, ours or
+    safetensors' own), or untouched if it finished (`state["complete"]`); else a fresh, empty directory."""
+    state_path = directory / name
+    if directory.exists() and resume and state_path.exists():
         state = read_json(state_path)
         if state.get("fingerprint") == fingerprint:
-            _remove_strays(partial, state)
+            for path in [] if state.get("complete") else directory.iterdir():
+                if path.name not in (name, *kept) and path.name not in state[progress]:
+                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
             return state
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    state = {"fingerprint": fingerprint, "done": {}}
-    _save_state(partial, state)
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    state = {"fingerprint": fingerprint, progress: {}}
+    save_state(directory, state, name)
     return state
-
-
-def _remove_strays(partial: Path, state: dict) -> None:
-    """A kill inside a write leaves temporary files (ours, or safetensors' own): drop all but finished shards."""
-    for path in partial.iterdir():
-        if path.name not in (STATE_NAME, CALIBRATED_NAME, CALIBRATION_REPORT) and path.name not in state["done"]:
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def _is_done(partial: Path, shard: OutputShard, state: dict) -> bool:
@@ -147,10 +147,10 @@ def _is_done(partial: Path, shard: OutputShard, state: dict) -> bool:
     return shard.filename in state["done"] and path.exists() and path.stat().st_size == state["done"][shard.filename]
 
 
-def _save_state(partial: Path, state: dict) -> None:
-    tmp = partial / (STATE_NAME + ".tmp")
+def save_state(directory: Path, state: dict, name: str = STATE_NAME) -> None:
+    tmp = directory / (name + ".tmp")
     tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, partial / STATE_NAME)
+    os.replace(tmp, directory / name)
 
 
 def write_metadata(source: SourceCheckpoint, config: MlaDsaConfig, plan: list[OutputShard], partial: Path,

@@ -271,3 +271,27 @@ def test_code_parses_reads_the_first_code_block():
     assert code_parses(good) and code_parses("def f(n):\n    return n\n")
     assert not code_parses("```python\ndef f(n)\n    return n\n```")  # missing colon
     assert not code_parses("```python\nx = 1\n```")  # parses, defines nothing
+
+
+@pytest.mark.slow
+def test_resume_after_the_gqa_stage_reuses_it(tmp_path, data_files, monkeypatch):
+    """A failure in the DSA step keeps the finished MLA stage: --resume goes on from it without rerunning SRC."""
+    import mla_dsa.conversion.convert as convert
+    import mla_dsa.conversion.gqa as gqa
+
+    save_gqa(tmp_path / "src")
+    clean = convert_checkpoint(tmp_path / "src", tmp_path / "clean", **calibration(data_files))
+    real_write = convert.write_shards
+
+    def failing_write(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "dst"))
+
+    monkeypatch.setattr(convert, "write_shards", failing_write)
+    with pytest.raises(ConversionError, match="--resume"):
+        convert_checkpoint(tmp_path / "src", tmp_path / "dst", **calibration(data_files))
+    assert (tmp_path / ".dst.mla-dsa-gqa" / "config.json").is_file()
+    monkeypatch.setattr(convert, "write_shards", real_write)
+    monkeypatch.setattr(gqa, "gqa_layer_stats", lambda *a: pytest.fail("the finished stage was recomputed"))
+    dst = convert_checkpoint(tmp_path / "src", tmp_path / "dst", resume=True, **calibration(data_files))
+    for path in clean.iterdir():
+        assert path.read_bytes() == (dst / path.name).read_bytes(), path.name
