@@ -76,8 +76,12 @@ def run(args) -> dict:
     print(json.dumps(results["source"], indent=1), flush=True)
     del source
     calibration = calibration_files()
+    earlier = json.loads(Path(args.reuse).read_text())["models"] if args.reuse else {}
     for name, rank in RANKS.items():
         dst = out / f"mla-{rank}"
+        if name in earlier and (dst / "config.json").is_file():  # --reuse: converted and measured before
+            results["models"][name] = earlier[name]
+            continue
         seconds = mla_dsa("convert", str(source_dir), str(dst), "--kv-lora-rank", str(rank), "--indexer-init",
                           "calibrate", "--calibration-data", *calibration, "--calibration-tokens", "4096",
                           "--calibration-steps", "40",
@@ -125,6 +129,8 @@ def main() -> None:
     parser.add_argument("--heal-steps", type=int, default=200)
     parser.add_argument("--heal-lr", type=float, default=5e-4)
     parser.add_argument("--warmup-steps", type=int, default=40)
+    parser.add_argument("--reuse", default=None, metavar="JSON",
+                        help="keep the conversions of an earlier run (its JSON, its --out) and heal again")  # fmt: skip
     parser.add_argument("--report", action="store_true", help="print the table of --json and exit")
     args = parser.parse_args()
     if args.report:

@@ -72,9 +72,16 @@ def kv_bytes(config) -> dict:
     return {"mla_kv_bytes": mla, "dsa_kv_bytes": mla + config.index_head_dim * 2}
 
 
-def run_smollm2_demo(out_dir: str | Path | None = None, kv_lora_rank: int | None = None, eval_windows: int = 4,
-                     progress: bool = True) -> dict:  # fmt: skip
-    """Runs the demo, prints its table, returns what it measured (also in OUT/results.json)."""
+def run_smollm2_demo(
+    out_dir: str | Path | None = None,
+    kv_lora_rank: int | None = None,
+    eval_windows: int = 4,
+    calibration_tokens: int = 4096,
+    calibration_steps: int = 40,
+    progress: bool = True,
+) -> dict:
+    """Runs the demo, prints its table, returns what it measured (also in OUT/results.json, with the DSA checkpoint's
+    path under "checkpoint")."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .conversion.convert import convert_checkpoint
@@ -91,8 +98,8 @@ def run_smollm2_demo(out_dir: str | Path | None = None, kv_lora_rank: int | None
     if not (dst / "config.json").is_file():
         print(f"== mla-dsa convert {source_dir} {dst} (GQA -> MLA -> DSA)", flush=True)
         convert_checkpoint(source_dir, dst, kv_lora_rank=kv_lora_rank, indexer_init="calibrate",
-                           calibration_data=calibration_files(), calibration_tokens=4096, calibration_steps=40,
-                           index_topk=SEQ_LEN // 8, progress=progress)  # fmt: skip
+                           calibration_data=calibration_files(), calibration_tokens=calibration_tokens,
+                           calibration_steps=calibration_steps, index_topk=SEQ_LEN // 8, progress=progress)  # fmt: skip
     source = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
     results = {"source": {"ppl": perplexity(source, windows), "kv_bytes": GQA_KV_BYTES,
                           "chat": answer(source, tokenizer)}}  # fmt: skip
@@ -103,7 +110,7 @@ def run_smollm2_demo(out_dir: str | Path | None = None, kv_lora_rank: int | None
                       "dsa_ppl": perplexity(model, windows), "index_topk": model.config.index_topk,
                       "kv_lora_rank": model.config.kv_lora_rank, **kv_bytes(model.config),
                       "chat": answer(model, tokenizer)}  # fmt: skip
-    results["seconds"] = time.time() - started
+    results["seconds"], results["checkpoint"] = time.time() - started, str(dst)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(format_results(results))

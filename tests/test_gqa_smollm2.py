@@ -7,17 +7,18 @@ DSA at k = L/8 stays close to its MLA model, it answers the chat prompt with Pyt
 DeepSeek-V3.2's format, which transformers' own DeepseekV32ForCausalLM loads with equal logits.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV32ForCausalLM
 
 from mla_dsa.conversion.convert import convert_checkpoint
-from mla_dsa.data import stdlib_files, text_files_corpus
-from mla_dsa.demo_smollm2 import answer, calibration_files, perplexity
+from mla_dsa.data import stdlib_files
+from mla_dsa.demo_smollm2 import run_smollm2_demo
 from mla_dsa.smollm2 import INSTALL_HINT, gguf_path, smollm2_checkpoint
 
 pytestmark = pytest.mark.slow
-SEQ_LEN = 512
 
 
 @pytest.fixture(scope="module")
@@ -29,26 +30,21 @@ def source_dir(tmp_path_factory):
     return smollm2_checkpoint()
 
 
-def test_smollm2_becomes_dsa_and_exports(source_dir, tmp_path):
-    tokenizer = AutoTokenizer.from_pretrained(source_dir)
-    windows = text_files_corpus(stdlib_files("held_out"), tokenizer, max_tokens=4 * SEQ_LEN).view(4, SEQ_LEN)
-    source = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
-    source_ppl = perplexity(source, windows)
-    del source
-    dst = convert_checkpoint(source_dir, tmp_path / "dsa", indexer_init="calibrate",
-                             calibration_data=calibration_files(), calibration_tokens=2048, index_topk=SEQ_LEN // 8,
-                             calibration_steps=20, progress=False)  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(dst, trust_remote_code=True, dtype=torch.float32).eval()
-    assert model.config.kv_lora_rank + model.config.qk_rope_head_dim == 2 * 3 * 64  # SRC's cache width
-    mla_ppl = perplexity(model, windows, use_sparse_attention=False)
-    dsa_ppl = perplexity(model, windows)
-    assert source_ppl < 12 and mla_ppl <= 1.3 * source_ppl, (source_ppl, mla_ppl)
-    assert dsa_ppl <= 1.05 * mla_ppl, (mla_ppl, dsa_ppl)
-    reply = answer(model, tokenizer)
-    assert reply["parses"], reply["reply"]  # it still talks: the chat prompt's code block parses
+def test_smollm2_becomes_dsa_answers_and_exports(source_dir, tmp_path):
+    """`mla-dsa demo --model smollm2` (a lighter indexer calibration): perplexity kept, DSA close to MLA, it still
+    talks; then the export loads in transformers' DeepseekV32ForCausalLM with our logits (top-k < L: sparse)."""
+    results = run_smollm2_demo(tmp_path, calibration_tokens=2048, calibration_steps=20, progress=False)
+    source, dsa = results["source"], results["dsa"]
+    assert dsa["kv_lora_rank"] + 64 == 2 * 3 * 64  # SRC's cache width: nothing compressed
+    assert source["ppl"] < 12 and dsa["mla_ppl"] <= 1.3 * source["ppl"], results
+    assert dsa["dsa_ppl"] <= 1.05 * dsa["mla_ppl"], results
+    assert source["chat"]["parses"] and dsa["chat"]["parses"], dsa["chat"]["reply"]
 
-    exported = convert_checkpoint(dst, tmp_path / "v32", export="deepseek_v32", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(results["checkpoint"], trust_remote_code=True,
+                                                 dtype=torch.float32).eval()  # fmt: skip
+    exported = convert_checkpoint(results["checkpoint"], tmp_path / "v32", export="deepseek_v32", progress=False)
     native = DeepseekV32ForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(source_dir)(Path(stdlib_files("held_out")[0]).read_text()).input_ids[:128]
     with torch.no_grad():
-        ours, theirs = model(windows[:1, :128]).logits, native(windows[:1, :128]).logits
+        ours, theirs = model(torch.tensor([ids])).logits, native(torch.tensor([ids])).logits
     assert (ours - theirs).abs().max() < 1e-3 * ours.abs().max()
