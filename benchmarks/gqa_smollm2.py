@@ -108,14 +108,21 @@ def run(args) -> dict:
 
 def table(results: dict) -> str:
     source = results["source"]
-    rows = ["| model | KV bytes/token/layer (bf16) | perplexity | x source | DSA k=L/8 | DSA / MLA | time |",
-            "|---|---:|---:|---:|---:|---:|---|",
-            f"| SmolLM2-135M (GQA, source) | {source['kv_bytes']} | {source['ppl']:.2f} | 1.00 | | | |"]  # fmt: skip
+    rows = ["| model | command | KV bytes / token / layer, bf16 (+ DSA's indexer key) | held-out perplexity | x source "
+            "| every layer DSA, k = 64 | DSA / MLA | time |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
+            f"| SmolLM2-135M (GQA, 3 KV heads) | | {source['kv_bytes']} | {source['ppl']:.2f} | 1.00 | | | |",
+            ]  # fmt: skip
     for name, entry in results["models"].items():
-        took = f"convert {entry['convert_s']:.0f} s" if "convert_s" in entry else \
-            f"heal {entry['heal_s'] / 60:.0f} min + warm-up {entry['warmup_s']:.0f} s"  # fmt: skip
-        rows.append(f"| MLA {name} (R={entry['rank']}) | {entry['mla']} (+{entry['dsa'] - entry['mla']} DSA) | "
-                    f"{entry['mla_ppl']:.2f} | {entry['mla_ppl'] / source['ppl']:.2f} | {entry['dsa_ppl']:.2f} | "
+        if "convert_s" in entry:
+            command = f"`convert --kv-lora-rank {entry['rank']} --indexer-init calibrate`"
+            took = f"{entry['convert_s'] / 60:.1f} min"
+        else:
+            command = f"`train-indexer --stage sparse --dense-control --lora 16 --steps {entry['heal_steps']}`, then " \
+                      f"`--stage dense --steps {entry['warmup_steps']}`"  # fmt: skip
+            took = f"{entry['heal_s'] / 60:.1f} min + {entry['warmup_s'] / 60:.1f} min"
+        rows.append(f"| MLA {name} (R = {entry['rank']}) | {command} | {entry['mla']} (+{entry['dsa'] - entry['mla']}) "
+                    f"| {entry['mla_ppl']:.2f} | {entry['mla_ppl'] / source['ppl']:.3f} | {entry['dsa_ppl']:.2f} | "
                     f"{entry['dsa_ppl'] / entry['mla_ppl']:.3f} | {took} |")  # fmt: skip
     return "\n".join(rows)
 
