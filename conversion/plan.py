@@ -124,7 +124,8 @@ def source_family(source: SourceCheckpoint) -> str:
     try:
         family = deepseek_family(source.config)
     except ValueError as err:
-        raise ConversionError(config_path, str(err)) from None
+        raise ConversionError(config_path, f"{err}; GQA models (model_type llama, mistral, qwen2) are converted "
+                                           "through MLA") from None  # fmt: skip
     if family != source.model_type and _is_transformers_model_type(source.model_type):
         raise ConversionError(config_path, f"model_type {source.model_type!r} is transformers' own MLA variant, "
                                            "whose attention and routing need not be DeepSeek's; mla-dsa converts "

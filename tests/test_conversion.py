@@ -550,7 +550,7 @@ def test_api_returns_dst_and_raises_conversion_error(converted_v3, tmp_path):
     with pytest.raises(mla_dsa.ConversionError, match="not a directory"):
         mla_dsa.convert_checkpoint(tmp_path / "nowhere", tmp_path / "bad", progress=False)
     shutil.copytree(converted_v3 / "src", tmp_path / "not_mla")
-    edit_config(tmp_path / "not_mla", model_type="llama")
+    edit_config(tmp_path / "not_mla", model_type="gpt2")
     with pytest.raises(mla_dsa.ConversionError, match="config.json") as error:
         mla_dsa.convert_checkpoint(tmp_path / "not_mla", tmp_path / "bad", progress=False)
     assert error.value.path == str(tmp_path / "not_mla" / "config.json")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import mla_dsa
 from mla_dsa import ConversionError, convert_checkpoint
@@ -98,12 +98,11 @@ def fp8_sharded(tmp_path_factory):
     return root / "src"
 
 
-def _llama(root: Path, sharded_v3: Path):
-    src = root / "llama"
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(src)
-    return src, root / "dst", src / "config.json", ("llama", "not a Multi-head Latent Attention model", "kv_lora_rank")
+def _gpt2(root: Path, sharded_v3: Path):
+    """Neither MLA nor a GQA family the converter reads (llama/mistral/qwen2 are: tests/test_gqa_conversion.py)."""
+    src = root / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(src)
+    return src, root / "dst", src / "config.json", ("gpt2", "not a Multi-head Latent Attention model", "llama")
 
 
 def _copy(root: Path, sharded_v3: Path) -> Path:
@@ -244,7 +243,7 @@ def _not_safetensors(root, sharded_v3):
 
 
 BAD_INPUTS = {
-    "llama": _llama,
+    "gpt2": _gpt2,
     "missing_shard": _missing_shard,
     "truncated_shard": _truncated_shard,
     "truncated_header": _truncated_header,
@@ -299,7 +298,7 @@ def test_fp8_scale_of_the_wrong_shape_fails_cleanly(tmp_path, fp8_sharded, capsy
 
 def test_cli_process_bad_input_prints_exactly_one_line(tmp_path, sharded_v3):
     """The installed entry point, in its own process: exit status 1 and one stderr line, nothing else."""
-    src, dst, named, words = _llama(tmp_path, sharded_v3)
+    src, dst, named, words = _gpt2(tmp_path, sharded_v3)
     before = snapshot(src)
     result = subprocess.run(
         [sys.executable, "-m", "mla_dsa", "convert", str(src), str(dst)], capture_output=True, text=True, timeout=120
@@ -370,7 +369,7 @@ def test_failed_conversion_with_overwrite_keeps_the_old_dst(small_src, sharded_v
     dst.mkdir()
     (dst / "precious.txt").write_text("keep me")
     kept = snapshot(dst)
-    src, _, named, words = _llama(tmp_path, sharded_v3)  # bad input
+    src, _, named, words = _gpt2(tmp_path, sharded_v3)  # bad input
     rc, _, err = run_cli(capsys, src, dst, "--overwrite")
     assert rc != 0 and assert_one_line_error(err, named, *words)
     assert snapshot(dst) == kept
