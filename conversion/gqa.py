@@ -153,7 +153,7 @@ def write_mla_stage(source: SourceCheckpoint, stage: Path, opts: ConvertOptions)
     dtype = _stage_dtype(source, opts)
     writer = _ShardWriter(stage, state, opts.max_shard_size)
     report = {"source_model_type": source.model_type, "kv_lora_rank": rank, "full_rank": full_rank(source.config),
-              "calibration_tokens": int(windows.numel()), "layers": {}}  # fmt: skip
+              "calibration_tokens": int(windows.numel())}  # fmt: skip
     bar = tqdm(total=source.config["num_hidden_layers"], desc="GQA -> MLA", unit="layer", disable=not opts.progress)
     for layer_idx, stats in gqa_layer_stats(source, windows):
         prefix = f"model.layers.{layer_idx}."
@@ -166,14 +166,10 @@ def write_mla_stage(source: SourceCheckpoint, stage: Path, opts: ConvertOptions)
             writer.add(prefix, {name: tensor.to(dtype).contiguous() for name, tensor in out.items()})
         bar.update(1)
     bar.close()
-    top = {
-        name: source.read(name, torch.float32).to(dtype).contiguous()
-        for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
-        if name in source.tensors
-    }
-    if mla_config.tie_word_embeddings:
-        top.pop("lm_head.weight", None)
-    writer.add("top", top)
+    if not writer.done("top"):  # embeddings, final norm, LM head: unchanged
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        names += [] if mla_config.tie_word_embeddings else ["lm_head.weight"]
+        writer.add("top", {name: source.read(name, torch.float32).to(dtype).contiguous() for name in names})
     writer.finish()
     mla_config.save_pretrained(stage)
     for extra in source.extra_files():
