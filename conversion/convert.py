@@ -14,6 +14,7 @@ Peak memory: Python + torch, plus one output shard being assembled, plus the ten
 
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 from .calibrate import CalibrationOptions, calibration_windows
@@ -104,8 +105,6 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **options
 
 def _convert_gqa(src: Path, dst: Path, opts: ConvertOptions) -> Path:
     """GQA SRC: its dense MLA checkpoint first (`gqa.py`, in `.DST.mla-dsa-gqa`), then that converted to DSA."""
-    from dataclasses import asdict
-
     src, dst = src.resolve(), dst.resolve()
     _check_paths(src, dst, True)  # DST's own emptiness is checked by the second stage
     for path in opts.calibration_data or ():

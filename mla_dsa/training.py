@@ -47,6 +47,7 @@ TARGET_PATTERNS = {"indexer": INDEXER_TARGETS, "attention": ATTENTION_TARGETS, "
 # kv_a_proj_with_mqa would leave it, so those projections are never trained (nor given LoRA) there; the rest of the
 # attention (q_b_proj, kv_b_proj, o_proj) adapts around them.
 PRESCALED_PROJECTIONS = ("q_a_proj", "kv_a_proj_with_mqa")
+PRESCALED_ATTENTION_TARGETS = r".*\.self_attn\.(q_proj|q_b_proj|kv_b_proj|o_proj)"  # ATTENTION_TARGETS less those
 
 
 def has_prescaled_latent(model_or_config) -> bool:
@@ -72,9 +73,8 @@ def prepare_indexer_training(model: torch.nn.Module, stage: str) -> torch.nn.Mod
     indexer's adapters, sparse all adapters."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    _dsa_model(model)  # fails clearly on a model with no mla_dsa inside
+    prescaled = has_prescaled_latent(_dsa_model(model))  # _dsa_model fails clearly on a model with no mla_dsa inside
     peft = _is_peft(model)
-    prescaled = has_prescaled_latent(_dsa_model(model))
     for name, param in model.named_parameters():
         trainable = not peft or "lora_" in name or ".modules_to_save." in name
         if stage == "dense":
@@ -107,7 +107,7 @@ def indexer_lora_config(
         raise ValueError(f"targets must be a non-empty subset of {sorted(TARGET_PATTERNS)}, got {targets}")
     patterns = dict(TARGET_PATTERNS)
     if prescaled_latent:
-        patterns["attention"] = r".*\.self_attn\.(q_proj|q_b_proj|kv_b_proj|o_proj)"
+        patterns["attention"] = PRESCALED_ATTENTION_TARGETS
     pattern = "|".join(f"(?:{patterns[t]})" for t in targets)
     modules_to_save = ["k_norm"] if train_indexer_norm and "indexer" in targets else None
     expert_parameters = list(EXPERT_PARAMETERS) if "mlp" in targets else None
