@@ -50,6 +50,11 @@ PRESCALED_PROJECTIONS = ("q_a_proj", "kv_a_proj_with_mqa")
 PRESCALED_ATTENTION_TARGETS = r".*\.self_attn\.(q_proj|q_b_proj|kv_b_proj|o_proj)"  # ATTENTION_TARGETS less those
 
 
+def has_routed_experts(model: torch.nn.Module) -> bool:
+    """Whether any layer holds fused routed-expert parameters (`EXPERT_PARAMETERS`) that LoRA can target."""
+    return any(name.endswith(EXPERT_PARAMETERS) for name, _ in model.named_parameters())
+
+
 def has_prescaled_latent(model_or_config) -> bool:
     config = getattr(model_or_config, "config", model_or_config)
     return bool(getattr(config, "linear_latent_norm", False))
@@ -92,6 +97,7 @@ def indexer_lora_config(
     lora_dropout: float = 0.0,
     train_indexer_norm: bool = True,
     prescaled_latent: bool = False,
+    routed_experts: bool = True,
     **kwargs,
 ):
     """A `peft.LoraConfig` for MLA+DSA models.
@@ -99,7 +105,9 @@ def indexer_lora_config(
     `targets` picks LoRA sites among "indexer" (wq_b, wk, weights_proj), "attention" (q/kv projections, o_proj) and
     "mlp" (dense MLP, experts, shared experts). With `train_indexer_norm`, the indexer's small LayerNorm `k_norm` is
     trained in full (`modules_to_save`) when the indexer is targeted. `prescaled_latent` (a model converted from GQA,
-    `has_prescaled_latent(model)`): no LoRA on q_a_proj and kv_a_proj_with_mqa, whose latents are scaled far down."""
+    `has_prescaled_latent(model)`): no LoRA on q_a_proj and kv_a_proj_with_mqa, whose latents are scaled far down.
+    `routed_experts=False` (`has_routed_experts(model)` is False: every MLP dense) asks PEFT for no expert parameters,
+    which it would otherwise warn it could not find."""
     from peft import LoraConfig
 
     unknown = set(targets) - set(TARGET_PATTERNS)
@@ -110,7 +118,7 @@ def indexer_lora_config(
         patterns["attention"] = PRESCALED_ATTENTION_TARGETS
     pattern = "|".join(f"(?:{patterns[t]})" for t in targets)
     modules_to_save = ["k_norm"] if train_indexer_norm and "indexer" in targets else None
-    expert_parameters = list(EXPERT_PARAMETERS) if "mlp" in targets else None
+    expert_parameters = list(EXPERT_PARAMETERS) if "mlp" in targets and routed_experts else None
     return LoraConfig(
         r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=pattern,
         target_parameters=expert_parameters, modules_to_save=modules_to_save, task_type="CAUSAL_LM", **kwargs,
@@ -269,7 +277,8 @@ def train_indexer(
 
         set_seed(seed)  # the adapters' random init: the same seed, the same run
         lora = indexer_lora_config(("attention", "mlp", "indexer"), r=lora_rank, lora_alpha=2 * lora_rank,
-                                   prescaled_latent=has_prescaled_latent(model))  # fmt: skip
+                                   prescaled_latent=has_prescaled_latent(model),
+                                   routed_experts=has_routed_experts(model))  # fmt: skip
         model = get_peft_model(model, lora)
     prepare_indexer_training(model, stage)
     lr = learning_rate if learning_rate is not None else default_learning_rate(stage, model.config.hidden_size)
@@ -447,6 +456,7 @@ __all__ = [
     "STAGES",
     "WindowDataset",
     "evaluate_indexer",
+    "has_routed_experts",
     "indexer_lora_config",
     "load_trained",
     "trained_base",
