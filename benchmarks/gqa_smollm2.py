@@ -25,17 +25,26 @@ from pathlib import Path
 
 import torch
 
-from mla_dsa.data import stdlib_files, text_files_corpus
+from mla_dsa.data import chat_code_files, stdlib_files, text_files_corpus
 from mla_dsa.demo_smollm2 import GQA_KV_BYTES, answer, calibration_files, perplexity
 from mla_dsa.smollm2 import smollm2_checkpoint
 
 SEQ_LEN = 512
 TOPK = SEQ_LEN // 8
+HEAL_DATA = {"code": "code", "chat": "chat turns + code"}
 RANKS = {"full": 320, "50%": 128, "25%": 32}  # SRC's cache: 2 x 3 KV heads x 64 = 384 numbers; ours R + 64
 
 
 def training_files() -> list[str]:
     return [str(p) for p in stdlib_files("train")[1::3]]
+
+
+def healing_data(kind: str, tokenizer, out: Path) -> list[str]:
+    """code: the training files as they are. chat: their documented functions as chat turns (a request, answered
+    with the code) beside every second file as it is - about a third of the tokens are chat."""
+    if kind == "code":
+        return training_files()
+    return chat_code_files([Path(p) for p in training_files()], tokenizer, out / "chat-data") + training_files()[::2]
 
 
 def mla_dsa(*args: str) -> float:
@@ -79,7 +88,7 @@ def run(args) -> dict:
     earlier = json.loads(Path(args.reuse).read_text())["models"] if args.reuse else {}
     for name, rank in RANKS.items():
         dst = out / f"mla-{rank}"
-        if name in earlier and (dst / "config.json").is_file():  # --reuse: converted and measured before
+        if name in earlier and (name not in args.heal or (dst / "config.json").is_file()):  # --reuse: measured before
             results["models"][name] = earlier[name]
             continue
         seconds = mla_dsa("convert", str(source_dir), str(dst), "--kv-lora-rank", str(rank), "--indexer-init",
@@ -88,7 +97,8 @@ def run(args) -> dict:
                           "--index-topk", str(TOPK), "--overwrite", "--no-progress")  # fmt: skip
         results["models"][name] = {"rank": rank, "convert_s": seconds, **evaluate(dst, windows)}
         print(name, json.dumps(results["models"][name]), flush=True)
-    data = training_files()
+    results["models"].update({name: entry for name, entry in earlier.items() if "heal_s" in entry})  # earlier heals
+    data = healing_data(args.heal_data, tokenizer, out)
     for name in args.heal:
         rank = RANKS[name]
         healed, warmed = out / f"mla-{rank}-healed", out / f"mla-{rank}-healed-dsa"
@@ -99,9 +109,10 @@ def run(args) -> dict:
         warm_s = mla_dsa("train-indexer", str(healed), "--stage", "dense", "--data", *data, "--steps",
                          str(args.warmup_steps), "--batch-size", "2", "--seq-len", str(SEQ_LEN), "--out", str(warmed),
                          "--no-progress")  # fmt: skip
-        entry = {"rank": rank, "heal_s": heal_s, "heal_steps": args.heal_steps, "warmup_s": warm_s,
-                 "warmup_steps": args.warmup_steps, **evaluate(warmed, windows)}  # fmt: skip
-        results["models"][f"{name} healed"] = entry
+        entry = {"rank": rank, "heal_s": heal_s, "heal_steps": args.heal_steps, "heal_data": args.heal_data,
+                 "heal_lr": args.heal_lr, "warmup_s": warm_s, "warmup_steps": args.warmup_steps,
+                 **evaluate(warmed, windows)}  # fmt: skip
+        results["models"][f"{name} healed, {args.heal_steps} steps, {args.heal_data}"] = entry
         print(name, "healed", json.dumps(entry), flush=True)
     return results
 
@@ -118,8 +129,9 @@ def table(results: dict) -> str:
             command = f"`convert --kv-lora-rank {entry['rank']} --indexer-init calibrate`"
             took = f"{entry['convert_s'] / 60:.1f} min"
         else:
-            command = f"`train-indexer --stage sparse --dense-control --lora 16 --steps {entry['heal_steps']}`, then " \
-                      f"`--stage dense --steps {entry['warmup_steps']}`"  # fmt: skip
+            data = HEAL_DATA[entry.get("heal_data", "code")]
+            command = f"`train-indexer --stage sparse --dense-control --lora 16 --steps {entry['heal_steps']}` on " \
+                      f"{data}, then `--stage dense --steps {entry['warmup_steps']}`"  # fmt: skip
             took = f"{entry['heal_s'] / 60:.1f} min + {entry['warmup_s'] / 60:.1f} min"
         rows.append(f"| MLA {name} (R = {entry['rank']}) | {command} | {entry['mla']} (+{entry['dsa'] - entry['mla']}) "
                     f"| {entry['mla_ppl']:.2f} | {entry['mla_ppl'] / source['ppl']:.3f} | {entry['dsa_ppl']:.2f} | "
@@ -135,6 +147,8 @@ def main() -> None:
     parser.add_argument("--heal", nargs="*", default=["50%"], choices=list(RANKS))
     parser.add_argument("--heal-steps", type=int, default=200)
     parser.add_argument("--heal-lr", type=float, default=5e-4)
+    parser.add_argument("--heal-data", choices=["chat", "code"], default="chat",
+                        help="chat: documented functions as chat turns beside raw code; code: raw code")  # fmt: skip
     parser.add_argument("--warmup-steps", type=int, default=40)
     parser.add_argument("--reuse", default=None, metavar="JSON",
                         help="keep the conversions of an earlier run (its JSON, its --out) and heal again")  # fmt: skip

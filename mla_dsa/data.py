@@ -5,8 +5,10 @@ machine and every Python version that has the file. A byte-level tokenizer (256 
 real `PreTrainedTokenizerFast`, saved with the checkpoints that use it.
 """
 
+import ast
 import hashlib
 import sysconfig
+import textwrap
 from pathlib import Path
 
 import torch
@@ -72,6 +74,51 @@ def fixed_windows(corpus: torch.Tensor, count: int, seq_len: int) -> torch.Tenso
     return torch.stack([corpus[s : s + seq_len] for s in starts.tolist()]).long()
 
 
+def documented_functions(path: Path, min_lines: int = 3, max_lines: int = 40) -> list[tuple[str, str]]:
+    """(request, code) pairs from one Python file: every public function or method with a docstring, as a request
+    built from its signature and the docstring's first paragraph, and its source (dedented)."""
+    text = Path(path).read_text(errors="replace")
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return []
+    lines = text.splitlines()
+    nodes = [(None, node) for node in tree.body]
+    nodes += [(cls.name, node) for cls in tree.body if isinstance(cls, ast.ClassDef) for node in cls.body]
+    pairs = []
+    for owner, node in nodes:
+        if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+            continue
+        docstring = ast.get_docstring(node)
+        if not docstring or not min_lines <= node.end_lineno - node.lineno <= max_lines:
+            continue
+        start = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+        code = textwrap.dedent("\n".join(lines[start - 1 : node.end_lineno]))
+        kind = f"method of the class `{owner}`" if owner else "function"
+        summary = textwrap.shorten(docstring.split("\n\n")[0], 400, placeholder=" ...")
+        pairs.append((f"Write a Python {kind} `{node.name}({ast.unparse(node.args)})`: {summary}", code))
+    return pairs
+
+
+def chat_code_files(files: list[Path], tokenizer, out_dir: str | Path) -> list[str]:
+    """Instruction data for healing a chat model on code without unlearning the chat: for each source file, its
+    `documented_functions` as user requests answered with a ```python block, rendered with the tokenizer's own chat
+    template (its special tokens as text, which the tokenizer maps back to their ids) into OUT_DIR/NAME.txt."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, path in enumerate(files):
+        chats = [tokenizer.apply_chat_template([{"role": "user", "content": request},
+                                                {"role": "assistant", "content": f"```python\n{code}\n```"}],
+                                               tokenize=False)
+                 for request, code in documented_functions(path)]  # fmt: skip
+        if chats:
+            target = out_dir / f"{index:04d}-{Path(path).stem}.txt"
+            target.write_text("".join(chats))
+            written.append(str(target))
+    return written
+
+
 def byte_tokenizer():
     """A `PreTrainedTokenizerFast` whose ids are byte values (0..255): lossless for any text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -113,6 +160,8 @@ __all__ = [
     "EOS_ID",
     "PAD_ID",
     "byte_tokenizer",
+    "chat_code_files",
+    "documented_functions",
     "fixed_windows",
     "random_windows",
     "read_corpus",

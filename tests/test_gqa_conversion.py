@@ -9,6 +9,7 @@ generate(), PEFT (never on the prescaled latent), the export to DeepSeek-V3.2's 
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -221,7 +222,7 @@ def test_downstream_export_peft_and_training(tmp_path, data_files):
     equal logits); PEFT LoRA never targets the prescaled latent projection, and training leaves it unchanged."""
     from peft import get_peft_model
 
-    from mla_dsa.training import indexer_lora_config, prepare_indexer_training
+    from mla_dsa.training import has_routed_experts, indexer_lora_config, prepare_indexer_training
 
     save_gqa(tmp_path / "src")
     ours = converted(convert_checkpoint(tmp_path / "src", tmp_path / "ours", index_topk=16, **calibration(data_files)))
@@ -230,7 +231,11 @@ def test_downstream_export_peft_and_training(tmp_path, data_files):
     native = DeepseekV32ForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
     assert max_logit_error(native, ours) < 1e-4
 
-    lora = get_peft_model(ours, indexer_lora_config(("attention", "mlp"), prescaled_latent=True))
+    assert not has_routed_experts(ours)  # a dense MLP: PEFT is asked for no expert parameters, so it has no warning
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no parameter was matched")
+        lora = get_peft_model(ours, indexer_lora_config(("attention", "mlp"), prescaled_latent=True,
+                                                        routed_experts=False))  # fmt: skip
     adapted = {name.split(".base_layer")[0] for name, _ in lora.named_parameters() if "lora_A" in name}
     assert any(name.endswith("kv_b_proj.lora_A.default.weight") for name in adapted)
     assert not any("kv_a_proj_with_mqa" in name or "q_a_proj" in name for name in adapted)
@@ -271,6 +276,63 @@ def test_code_parses_reads_the_first_code_block():
     assert code_parses(good) and code_parses("def f(n):\n    return n\n")
     assert not code_parses("```python\ndef f(n)\n    return n\n```")  # missing colon
     assert not code_parses("```python\nx = 1\n```")  # parses, defines nothing
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")  # fmt: skip
+
+
+def test_chat_healing_data_answers_documented_functions_with_their_code(tmp_path):
+    from mla_dsa.data import chat_code_files, documented_functions
+
+    source = tmp_path / "module.py"
+    source.write_text('''
+def public(a, b=2):
+    """Add two numbers.
+
+    A second paragraph that is not part of the request.
+    """
+    total = a + b
+    return total
+
+
+def _private(x):
+    """Hidden."""
+    y = x
+    return y + 1
+
+
+def undocumented(x):
+    y = x
+    z = y
+    return z
+
+
+class Box:
+    @staticmethod
+    def make(size):
+        """Build a box of SIZE."""
+        box = [0] * size
+        return box
+''')
+    pairs = documented_functions(source)
+    assert [request for request, _ in pairs] == [
+        "Write a Python function `public(a, b=2)`: Add two numbers.",
+        "Write a Python method of the class `Box` `make(size)`: Build a box of SIZE.",
+    ]
+    assert pairs[1][1].startswith("@staticmethod\ndef make(size):")  # dedented, decorator kept
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    bare = tmp_path / "bare.py"
+    bare.write_text("def f(x):\n    y = x\n    z = y\n    return z\n")
+    (written,) = chat_code_files([bare, source], tokenizer, tmp_path / "chat")  # bare.py has nothing to ask for
+    text = Path(written).read_text()
+    assert text.count("<|user|>") == 2 and text.count("<|assistant|>") == 2
+    reply = text.split("<|assistant|>")[1].split("<|end|>")[0]
+    assert reply.startswith("```python\n") and reply.endswith("\n```")
+    namespace = {}
+    exec(compile(reply[len("```python\n") : -len("\n```")], "reply", "exec"), namespace)
+    assert namespace["public"](1) == 3  # the answer is the function itself
 
 
 @pytest.mark.slow
