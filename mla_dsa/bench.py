@@ -15,7 +15,8 @@ One benchmark model is built by transformers' DeepseekV32ForCausalLM and loaded 
 
 Decode: caches filled with random latents (identical for both implementations) instead of a prefill; a batch of
 sequences shares the same cache contents. The memory roofline is the bytes a step must touch (weights once, the
-cache rows read per sequence) / this device's measured copy bandwidth. Prefill: one forward per length, each in its
+cache rows read per sequence) / this device's measured copy bandwidth; beside it, the time the weights alone take
+through this device's matrix-vector products (`time_weight_gemvs`). Prefill: one forward per length, each in its
 own process so that its peak memory is its own; the compute roofline is the FLOPs a prefill must do (projections,
 MLP, indexer, selected attention: see `prefill_flops`) / this device's measured matmul throughput in --dtype.
 Writes results.json, decode.png and prefill.png (each plot only when it has rows).
@@ -270,6 +271,20 @@ def decode_weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding)
 
 
+def linear_weights(model) -> list[torch.Tensor]:
+    """The weight of every nn.Linear a decode step multiplies by (the LM head included, the embedding table not)."""
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def time_weight_gemvs(model, batch: int, device: torch.device, repeats: int = 5) -> float:
+    """Seconds for `batch` rows through every Linear weight once (F.linear, this device's BLAS), fastest of
+    `repeats`: what a decode step's weights alone cost at the matrix-vector throughput this machine's library
+    reaches, the floor below which only other kernels (not better Python) can take a step."""
+    pairs = [(torch.randn(batch, w.shape[1], device=device, dtype=w.dtype), w) for w in linear_weights(model)]
+    with torch.no_grad():
+        return best_seconds(lambda: [torch.nn.functional.linear(x, w) for x, w in pairs], device, repeats)
+
+
 def decode_bytes(
     config: dict, context: int, k: int, sparse: bool, weight_bytes: int, itemsize: int, batch: int = 1
 ) -> int:
@@ -425,6 +440,10 @@ def decode_row(theirs, ours, run: Run, context: int, batch: int, args: argparse.
         step_bytes = decode_bytes(run.config, context, k, sparse, weight_bytes, run.itemsize, batch)
         row[f"roofline_{name}_ms"] = 1000 * step_bytes / run.bandwidth
     row["ours_dsa_vs_roofline"] = row["ours_dsa_ms"] / row["roofline_dsa_ms"]
+    row["weights_gemv_ms"] = 1000 * time_weight_gemvs(ours, batch, run.device)
+    row["weights_gemv_gb_s"] = (
+        sum(w.numel() * w.element_size() for w in linear_weights(ours)) / row["weights_gemv_ms"] / 1e6
+    )
     row["ours_dense_vs_roofline"] = row["ours_dense_mqa_ms"] / row["roofline_dense_ms"]
     row["ours_dsa_tokens_per_s"] = 1000 * batch / row["ours_dsa_ms"]
     return row

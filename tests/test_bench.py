@@ -30,6 +30,9 @@ def test_bench_smoke(tmp_path):
     assert row["context"] == 512 and row["batch"] == 1 and row["logit_max_abs_diff"] < 1e-3
     assert row["ours_dsa_ms"] > 0 and row["ours_dense_mqa_ms"] > 0 and row["theirs_ms"] > 0
     assert row["ours_dsa_vs_roofline"] == pytest.approx(row["ours_dsa_ms"] / row["roofline_dsa_ms"])
+    # the BLAS floor multiplies by every weight the roofline counts, bar the norms' few vectors
+    gemv_bytes = row["weights_gemv_gb_s"] * row["weights_gemv_ms"] * 1e6
+    assert 0.99 * results["decode_weight_bytes"] < gemv_bytes <= results["decode_weight_bytes"]
     assert results["cache_bytes_per_token_per_layer"] == {"fp32": 2816, "bf16": 1408}
     assert results["dtype"] == "float32" and results["device"] == "cpu" and results["preset"] == "small"
     assert results["device_name"] and results["bandwidth_gb_s"] > 0 and results["gemm_tflop_s"] > 0
