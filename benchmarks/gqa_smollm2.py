@@ -27,11 +27,13 @@ import torch
 
 from mla_dsa.data import chat_code_files, stdlib_files, text_files_corpus
 from mla_dsa.demo_smollm2 import GQA_KV_BYTES, answer, calibration_files, perplexity
+from mla_dsa.modeling.compat_mla_dsa import loading_kwargs
 from mla_dsa.smollm2 import smollm2_checkpoint
 
 SEQ_LEN = 512
 TOPK = SEQ_LEN // 8
-HEAL_DATA = {"code": "code", "chat": "chat turns + code"}
+HEAL_DATA = {"code": "code", "chat": "chat turns + code", "chat-heavy": "chat turns + less code"}
+RAW_CODE_EVERY = {"chat": 2, "chat-heavy": 4}  # chat turns beside every Nth training file as raw code
 RANKS = {"full": 320, "50%": 128, "25%": 32}  # SRC's cache: 2 x 3 KV heads x 64 = 384 numbers; ours R + 64
 
 
@@ -41,10 +43,12 @@ def training_files() -> list[str]:
 
 def healing_data(kind: str, tokenizer, out: Path) -> list[str]:
     """code: the training files as they are. chat: their documented functions as chat turns (a request, answered
-    with the code) beside every second file as it is - about a third of the tokens are chat."""
+    with the code) beside every second file as it is - about a third of the tokens are chat; chat-heavy: beside
+    every fourth file - about half."""
     if kind == "code":
         return training_files()
-    return chat_code_files([Path(p) for p in training_files()], tokenizer, out / "chat-data") + training_files()[::2]
+    chats = chat_code_files([Path(p) for p in training_files()], tokenizer, out / "chat-data")
+    return chats + training_files()[:: RAW_CODE_EVERY[kind]]
 
 
 def mla_dsa(*args: str) -> float:
@@ -78,7 +82,7 @@ def run(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     windows = text_files_corpus(stdlib_files("held_out"), tokenizer, max_tokens=args.eval_windows * SEQ_LEN)
     windows = windows.view(args.eval_windows, SEQ_LEN)
-    source = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
+    source = AutoModelForCausalLM.from_pretrained(source_dir, **loading_kwargs({"dtype": torch.float32})).eval()
     results = {"eval": {"windows": args.eval_windows, "seq_len": SEQ_LEN, "topk": TOPK},
                "source": {"ppl": perplexity(source, windows), "kv_bytes": GQA_KV_BYTES,
                           "chat": answer(source, tokenizer)}, "models": {}}  # fmt: skip
@@ -147,8 +151,9 @@ def main() -> None:
     parser.add_argument("--heal", nargs="*", default=["50%"], choices=list(RANKS))
     parser.add_argument("--heal-steps", type=int, default=200)
     parser.add_argument("--heal-lr", type=float, default=5e-4)
-    parser.add_argument("--heal-data", choices=["chat", "code"], default="chat",
-                        help="chat: documented functions as chat turns beside raw code; code: raw code")  # fmt: skip
+    parser.add_argument("--heal-data", choices=list(HEAL_DATA), default="chat",
+                        help="chat: documented functions as chat turns beside raw code (chat-heavy: less raw code); "
+                             "code: raw code")  # fmt: skip
     parser.add_argument("--warmup-steps", type=int, default=40)
     parser.add_argument("--reuse", default=None, metavar="JSON",
                         help="keep the conversions of an earlier run (its JSON, its --out) and heal again")  # fmt: skip
