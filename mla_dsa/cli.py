@@ -321,7 +321,9 @@ def _run_eval(args) -> int:
     source = None
     if args.source is not None:
         _check_checkpoint(args.source)
-        source = AutoModelForCausalLM.from_pretrained(args.source, dtype=torch.float32)
+        from .modeling.compat_mla_dsa import loading_kwargs
+
+        source = AutoModelForCausalLM.from_pretrained(args.source, **loading_kwargs({"dtype": torch.float32}))
         if source.config.vocab_size != model.config.vocab_size:
             vocab = f"vocab_size {source.config.vocab_size}, the checkpoint's {model.config.vocab_size}"
             raise ConversionError(args.source, f"{vocab}: not the model the checkpoint was made from")

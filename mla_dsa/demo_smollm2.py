@@ -23,6 +23,7 @@ import torch
 
 from . import __version__
 from .data import stdlib_files, text_files_corpus
+from .modeling.compat_mla_dsa import loading_kwargs
 
 CHAT_PROMPT = "Write a Python function that returns the n-th Fibonacci number."
 SEQ_LEN = 512
@@ -100,7 +101,7 @@ def run_smollm2_demo(
         convert_checkpoint(source_dir, dst, kv_lora_rank=kv_lora_rank, indexer_init="calibrate",
                            calibration_data=calibration_files(), calibration_tokens=calibration_tokens,
                            calibration_steps=calibration_steps, index_topk=SEQ_LEN // 8, progress=progress)  # fmt: skip
-    source = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
+    source = AutoModelForCausalLM.from_pretrained(source_dir, **loading_kwargs({"dtype": torch.float32})).eval()
     results = {"source": {"ppl": perplexity(source, windows), "kv_bytes": GQA_KV_BYTES,
                           "chat": answer(source, tokenizer)}}  # fmt: skip
     del source

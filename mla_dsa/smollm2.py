@@ -35,7 +35,11 @@ def smollm2_checkpoint(directory: str | os.PathLike | None = None) -> Path:
 
     source = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    quantized = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    from .modeling.compat_mla_dsa import loading_kwargs
+
+    quantized = AutoModelForCausalLM.from_pretrained(
+        source.parent, **loading_kwargs({"gguf_file": source.name, "dtype": torch.float32})
+    )
     config = quantized.config
     config.dtype = torch.float32
     for stale in ("quantization_config", "_model_name_or_path"):  # the plain copy is neither quantized nor that file

@@ -16,8 +16,15 @@ transformers provides, never by comparing version numbers.
 - Cache layer methods. 5.14 to 5.24 share the abstract methods of `CacheLayerMixin`; 5.24 calls `crop` with the
   number of tokens to remove (`crop(-n)`, `crop(0)` = nothing) where older releases also pass a length to keep.
   `MlaDsaCacheLayer.crop` reads both.
+- Hub kernels. 5.25 made `from_pretrained` kernelize by default (`use_kernels` unset means on, unless the
+  `USE_HUB_KERNELS` variable turns it off) and made the `kernels` package a requirement; where that package is
+  absent (an install with `--no-deps`, a registry without a matching `kernels`), every load, transformers' own
+  models included, fails with "Kernels are not available". Our layers have no hub kernels, so where the package is
+  absent `loading_kwargs` loads with `use_kernels=False`, what 5.14 to 5.24 do by default. An explicit
+  `use_kernels` or `kernel_config` is left to transformers.
 """
 
+import importlib.util
 import warnings
 
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -27,6 +34,7 @@ DEPRECATED_CACHE_NAME = "past_key_values" if CACHE_NAME == "cache" else None
 # Every name a cache goes by in some supported release (Trainer drops these outputs at evaluation, device
 # placement leaves them alone).
 CACHE_NAMES = ["cache", "past_key_values"]
+KERNELS_INSTALLED = importlib.util.find_spec("kernels") is not None
 
 
 def take_cache(cache, kwargs: dict, owner: str):
@@ -52,4 +60,20 @@ def cache_field(cache) -> dict:
     return {CACHE_NAME: cache}
 
 
-__all__ = ["CACHE_NAME", "CACHE_NAMES", "DEPRECATED_CACHE_NAME", "cache_field", "take_cache"]
+def loading_kwargs(kwargs: dict, kernels_installed: bool | None = None) -> dict:
+    """`from_pretrained` keyword arguments that load without hub kernels where the `kernels` package is absent."""
+    installed = KERNELS_INSTALLED if kernels_installed is None else kernels_installed
+    if installed or kwargs.get("use_kernels") is not None or kwargs.get("kernel_config") is not None:
+        return kwargs
+    return {**kwargs, "use_kernels": False}
+
+
+__all__ = [
+    "CACHE_NAME",
+    "CACHE_NAMES",
+    "DEPRECATED_CACHE_NAME",
+    "KERNELS_INSTALLED",
+    "cache_field",
+    "loading_kwargs",
+    "take_cache",
+]

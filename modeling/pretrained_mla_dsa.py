@@ -19,7 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import logging
 
 from .attention_mla_dsa import MlaDsaAttention, MlaDsaRMSNorm
-from .compat_mla_dsa import CACHE_NAME, CACHE_NAMES, take_cache
+from .compat_mla_dsa import CACHE_NAME, CACHE_NAMES, loading_kwargs, take_cache
 from .configuration_mla_dsa import MlaDsaConfig
 from .indexer_loss_mla_dsa import IndexerStats
 from .indexer_mla_dsa import TopkSelection
@@ -82,7 +82,9 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
         `config=` and `state_dict=` works. Ours on top: a truncated or corrupt local weight file, or a tensor whose
         shape the config contradicts, is one ValueError naming the tensor and the file (`ignore_mismatched_sizes=True`
         re-initializes it instead, as in transformers); a checkpoint with no indexer at all (a dense MLA one) gets one
-        warning on how to train it; a checkpoint carrying older code of ours, one notice."""
+        warning on how to train it; a checkpoint carrying older code of ours, one notice. Where the `kernels`
+        package is absent, no hub kernels are asked for (see `compat_mla_dsa`)."""
+        kwargs = loading_kwargs(kwargs)
         wants_info = kwargs.pop("output_loading_info", False)
         tolerate_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
         path = pretrained_model_name_or_path

@@ -15,7 +15,8 @@ from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 import mla_dsa
-from mla_dsa.modeling.compat_mla_dsa import CACHE_NAME, DEPRECATED_CACHE_NAME
+from mla_dsa.modeling import compat_mla_dsa
+from mla_dsa.modeling.compat_mla_dsa import CACHE_NAME, DEPRECATED_CACHE_NAME, loading_kwargs
 
 from peers import left_padded_batch, save_peer, save_peers
 
@@ -246,3 +247,23 @@ def test_a_per_head_cache_implementation_is_one_clear_error(models, prompt, impl
     _, ours = models["deepseek_v32"]
     with pytest.raises(ValueError, match="cache_implementation"):
         ours.generate(prompt[0], attention_mask=prompt[1], cache_implementation=implementation, **GREEDY)
+
+
+def test_loading_asks_for_hub_kernels_only_where_the_package_is_there():
+    assert loading_kwargs({"dtype": torch.float32}, kernels_installed=False) == {"dtype": torch.float32,
+                                                                                  "use_kernels": False}  # fmt: skip
+    assert loading_kwargs({}, kernels_installed=True) == {}
+    assert loading_kwargs({"use_kernels": True}, kernels_installed=False) == {"use_kernels": True}  # the user's own
+    assert loading_kwargs({"kernel_config": "x"}, kernels_installed=False) == {"kernel_config": "x"}
+
+
+def test_loads_without_the_kernels_package_or_the_variable(saved, models, prompt, monkeypatch):
+    """transformers 5.25 kernelizes by default and, without the `kernels` package, refuses to load any model;
+    ours load as on older releases."""
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    monkeypatch.setattr(compat_mla_dsa, "KERNELS_INSTALLED", False)
+    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(saved["deepseek_v32"][1]).eval()
+    assert not getattr(model, "use_kernels", False)
+    input_ids = prompt[0][:, -4:]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, models["deepseek_v32"][1](input_ids).logits)
