@@ -34,7 +34,6 @@ DEPRECATED_CACHE_NAME = "past_key_values" if CACHE_NAME == "cache" else None
 # Every name a cache goes by in some supported release (Trainer drops these outputs at evaluation, device
 # placement leaves them alone).
 CACHE_NAMES = ["cache", "past_key_values"]
-KERNELS_INSTALLED = importlib.util.find_spec("kernels") is not None
 
 
 def take_cache(cache, kwargs: dict, owner: str):
@@ -60,9 +59,13 @@ def cache_field(cache) -> dict:
     return {CACHE_NAME: cache}
 
 
-def loading_kwargs(kwargs: dict, kernels_installed: bool | None = None) -> dict:
+def kernels_installed() -> bool:
+    return importlib.util.find_spec("kernels") is not None
+
+
+def loading_kwargs(kwargs: dict, installed: bool | None = None) -> dict:
     """`from_pretrained` keyword arguments that load without hub kernels where the `kernels` package is absent."""
-    installed = KERNELS_INSTALLED if kernels_installed is None else kernels_installed
+    installed = kernels_installed() if installed is None else installed
     if installed or kwargs.get("use_kernels") is not None or kwargs.get("kernel_config") is not None:
         return kwargs
     return {**kwargs, "use_kernels": False}
@@ -72,8 +75,8 @@ __all__ = [
     "CACHE_NAME",
     "CACHE_NAMES",
     "DEPRECATED_CACHE_NAME",
-    "KERNELS_INSTALLED",
     "cache_field",
+    "kernels_installed",
     "loading_kwargs",
     "take_cache",
 ]

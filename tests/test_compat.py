@@ -250,18 +250,18 @@ def test_a_per_head_cache_implementation_is_one_clear_error(models, prompt, impl
 
 
 def test_loading_asks_for_hub_kernels_only_where_the_package_is_there():
-    assert loading_kwargs({"dtype": torch.float32}, kernels_installed=False) == {"dtype": torch.float32,
+    assert loading_kwargs({"dtype": torch.float32}, installed=False) == {"dtype": torch.float32,
                                                                                   "use_kernels": False}  # fmt: skip
-    assert loading_kwargs({}, kernels_installed=True) == {}
-    assert loading_kwargs({"use_kernels": True}, kernels_installed=False) == {"use_kernels": True}  # the user's own
-    assert loading_kwargs({"kernel_config": "x"}, kernels_installed=False) == {"kernel_config": "x"}
+    assert loading_kwargs({}, installed=True) == {}
+    assert loading_kwargs({"use_kernels": True}, installed=False) == {"use_kernels": True}  # the user's own
+    assert loading_kwargs({"kernel_config": "x"}, installed=False) == {"kernel_config": "x"}
 
 
 def test_loads_without_the_kernels_package_or_the_variable(saved, models, prompt, monkeypatch):
     """transformers 5.25 kernelizes by default and, without the `kernels` package, refuses to load any model;
     ours load as on older releases."""
     monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
-    monkeypatch.setattr(compat_mla_dsa, "KERNELS_INSTALLED", False)
+    monkeypatch.setattr(compat_mla_dsa, "kernels_installed", lambda: False)
     model = mla_dsa.MlaDsaForCausalLM.from_pretrained(saved["deepseek_v32"][1]).eval()
     assert not getattr(model, "use_kernels", False)
     input_ids = prompt[0][:, -4:]
