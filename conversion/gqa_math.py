@@ -80,10 +80,12 @@ def expected_rotation(distance: torch.Tensor, inv_freq: torch.Tensor) -> torch.T
     return torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)  # R(-a) = [[c, s], [-s, c]]
 
 
-def decouple_rope(w_q, w_k, stats: LayerStats, geometry: GqaGeometry, inv_freq: torch.Tensor):
+def decouple_rope(w_q, w_k, stats: LayerStats, geometry: GqaGeometry, inv_freq: torch.Tensor, fold: bool = True):
     """Splits each head's scores into one shared RoPE key and position-free keys (module docstring, step 1).
 
-    w_q [H*D, d], w_k [G*D, d] (half-split RoPE layout). Returns, in float64, with the source's scores unscaled:
+    w_q [H*D, d], w_k [G*D, d] (half-split RoPE layout). `fold=False` leaves the queries of the keys that lose RoPE
+    as they are (TransMLA's RoRoPE: those dims simply become position-free), for comparison. Returns, in float64,
+    with the source's scores unscaled:
     q_rope [H, D, d] and k_rope [D, d] (half-split), q_nope [H, (G-1)*D, d] and k_nope [(G-1)*D, d], where the
     nope dims are ordered (mixed head j, pair i, component c)."""
     heads, kv_heads, head_dim = geometry.heads, geometry.kv_heads, geometry.head_dim
@@ -91,7 +93,7 @@ def decouple_rope(w_q, w_k, stats: LayerStats, geometry: GqaGeometry, inv_freq: 
     wq = w_q.double().view(heads, head_dim, -1)
     wk = w_k.double().view(kv_heads, head_dim, -1)
     x_moment = stats.x_moment.double()
-    rotation = expected_rotation(stats.distance, inv_freq)  # [H, F, 2, 2]
+    rotation = expected_rotation(stats.distance if fold else _at_distance_zero(stats.distance), inv_freq)
     group_of = torch.arange(heads) // geometry.group
     q_rope, k_rope = torch.zeros_like(wq), torch.zeros(head_dim, wq.shape[-1], dtype=torch.float64)
     q_nope = torch.zeros(heads, kv_heads - 1, head_dim // 2, 2, wq.shape[-1], dtype=torch.float64)
@@ -114,16 +116,26 @@ def decouple_rope(w_q, w_k, stats: LayerStats, geometry: GqaGeometry, inv_freq: 
     return q_rope, k_rope, q_nope.flatten(1, 3), k_nope.flatten(0, 2)
 
 
+def _at_distance_zero(distance: torch.Tensor) -> torch.Tensor:
+    """Every head's attention mass at distance 0, whose expected rotation is the identity."""
+    return torch.zeros_like(distance).index_fill_(-1, torch.tensor([0]), 1.0)
+
+
 def _psd_sqrt(matrix: torch.Tensor, floor: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
     values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
     values = values.clamp_min(floor * values.max().clamp_min(floor))
     return (vectors * values.sqrt()) @ vectors.T, (vectors * values.rsqrt()) @ vectors.T
 
 
-def factor_latent(k_nope, q_nope, w_v, w_o, stats: LayerStats, geometry: GqaGeometry, rank: int, key_weight: float):
+def factor_latent(k_nope, q_nope, w_v, w_o, stats: LayerStats, geometry: GqaGeometry, rank: int, key_weight: float,
+                  fit: str = "attention"):  # fmt: skip
     """c = A x of `rank` dims, with k_nope ~ B_k c and v ~ B_v c (module docstring, step 2). k_nope [(G-1)*D, d],
     q_nope [H, (G-1)*D, d] (already scaled as the scores are), w_v [G*D, d], w_o [hidden, H*D]. Returns A [rank, d],
-    B_k [(G-1)*D, rank], B_v [G*D, rank] in float64."""
+    B_k [(G-1)*D, rank], B_v [G*D, rank] in float64.
+
+    `fit="attention"` weights key errors by the queries and value errors by `o_proj`; `fit="activation"` is the
+    principal subspace of the keys and values themselves, their totals balanced (TransMLA's balanced KV PCA, and
+    the activation-aware SVD of CARE), for comparison."""
     heads, kv_heads, head_dim = geometry.heads, geometry.kv_heads, geometry.head_dim
     x_moment = stats.x_moment.double()
     w_y = torch.cat([k_nope, w_v.double()])  # [N, d]
@@ -132,11 +144,15 @@ def factor_latent(k_nope, q_nope, w_v, w_o, stats: LayerStats, geometry: GqaGeom
     groups = [wo[:, g * geometry.group : (g + 1) * geometry.group] for g in range(kv_heads)]  # [hidden, H/G, D] each
     value_moment = torch.block_diag(*[torch.einsum("ohv,ohw->vw", w, w) for w in groups])  # e_v costs |W_o e_v|^2
     value_root, value_inv = _psd_sqrt(value_moment)
+    if fit == "activation":
+        value_root = value_inv = torch.eye(value_moment.shape[0], dtype=torch.float64)
     if k_nope.shape[0] == 0:  # one key/value head: every key dim keeps RoPE, the latent holds values only
         weighted = value_root @ w_v.double() @ x_moment @ w_v.double().T @ value_root
         basis = torch.linalg.eigh((weighted + weighted.T) / 2)[1].flip(-1)[:, :rank]
         return basis.T @ value_root @ w_v.double(), k_nope.new_zeros(0, rank), value_inv @ basis
     key_root, key_inv = _psd_sqrt(query_moment)
+    if fit == "activation":
+        key_root = key_inv = torch.eye(query_moment.shape[0], dtype=torch.float64)
     # Balance the two kinds of error by their totals, then let key_weight tilt it.
     key_energy = torch.trace(key_root @ k_nope @ x_moment @ k_nope.T @ key_root)
     value_energy = torch.trace(value_root @ w_v.double() @ x_moment @ w_v.double().T @ value_root)
@@ -164,17 +180,20 @@ def interleave_order(rope_dim: int) -> torch.Tensor:
 
 
 def mla_attention_weights(w_q, w_k, w_v, w_o, stats: LayerStats, geometry: GqaGeometry, inv_freq: torch.Tensor,
-                          rank: int, key_weight: float = 1.0) -> dict[str, torch.Tensor]:  # fmt: skip
+                          rank: int, key_weight: float = 1.0, rope_fold: bool = True,
+                          latent_fit: str = "attention") -> dict[str, torch.Tensor]:  # fmt: skip
     """One layer's MLA attention tensors (our names under `self_attn.`, float32) computing what the GQA projections
     compute: q_a_proj [d, d], q_a_layernorm.weight [d], q_b_proj [H*(dn+dr), d], kv_a_proj_with_mqa [rank+dr, d],
     kv_a_layernorm.weight [rank], kv_b_proj [H*(dn+dv), rank], o_proj (unchanged). dn = (G-1)*D, dr = dv = D; RoPE
-    interleaved."""
+    interleaved. `rope_fold` and `latent_fit`: decouple_rope's `fold` and factor_latent's `fit`."""
+    if latent_fit not in ("attention", "activation"):
+        raise ValueError(f"latent_fit must be 'attention' or 'activation', got {latent_fit!r}")
     heads, head_dim = geometry.heads, geometry.head_dim
-    q_rope, k_rope, q_nope, k_nope = decouple_rope(w_q, w_k, stats, geometry, inv_freq)
+    q_rope, k_rope, q_nope, k_nope = decouple_rope(w_q, w_k, stats, geometry, inv_freq, fold=rope_fold)
     # Ours scales scores by 1/sqrt(dn + dr), the source by 1/sqrt(D): the queries make up the difference.
     q_scale = math.sqrt((geometry.nope_dim + head_dim) / head_dim)
     q_rope, q_nope = q_rope * q_scale, q_nope * q_scale
-    a, b_k, b_v = factor_latent(k_nope, q_nope, w_v, w_o, stats, geometry, rank, key_weight)
+    a, b_k, b_v = factor_latent(k_nope, q_nope, w_v, w_o, stats, geometry, rank, key_weight, latent_fit)
     scale = latent_scale(a, stats)
     order = interleave_order(head_dim)
     q_proj = torch.cat([q_nope, q_rope[:, order]], dim=1)  # [H, dn + dr, d]

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from mla_dsa.conversion.convert import convert_checkpoint
-from mla_dsa.conversion.gqa_math import GqaGeometry, LayerStats, decouple_rope, pairs
+from mla_dsa.conversion.gqa_math import GqaGeometry, LayerStats, decouple_rope, factor_latent, pairs
 from mla_dsa.conversion.source import ConversionError
 from mla_dsa.data import byte_tokenizer, stdlib_files
 
@@ -138,6 +138,34 @@ def test_expected_rotation_is_exact_for_one_distance():
         expected = rotate(q, t) @ rotate(k, s)
         actual = rotate(q_rope[head] @ x_t, t) @ rotate(k_rope @ x_s, s) + (q_nope[head] @ x_t) @ (k_nope @ x_s)
         torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_the_published_alternatives_compared_against_are_what_they_say():
+    """benchmarks/gqa_ablation.py compares our two choices with TransMLA's. `fold=False`: the queries of the keys that
+    lose RoPE stay as they are (the identity rotation, which is what a head reading only distance 0 expects).
+    `fit="activation"`: the latent is the keys' and values' own principal subspace, blind to the queries and
+    `o_proj` that `fit="attention"` weights by; both are exact at the full width."""
+    geometry = GqaGeometry(heads=4, kv_heads=2, head_dim=8)
+    torch.manual_seed(0)
+    w_q, w_k, w_v, w_o = torch.randn(32, 12), torch.randn(16, 12), torch.randn(16, 12), torch.randn(12, 32)
+    a = torch.randn(12, 12)
+    inv_freq = 1.0 / 10.0 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    spread, at_zero = torch.rand(4, 16), torch.zeros(4, 16)
+    at_zero[:, 0] = 1.0
+    stats = LayerStats(a @ a.T / 12, 1.0, spread)
+    unfolded = decouple_rope(w_q, w_k, stats, geometry, inv_freq, fold=False)[2]
+    expected = decouple_rope(w_q, w_k, LayerStats(stats.x_moment, 1.0, at_zero), geometry, inv_freq)[2]
+    torch.testing.assert_close(unfolded, expected)
+    _, _, q_nope, k_nope = decouple_rope(w_q, w_k, stats, geometry, inv_freq)
+    assert not torch.allclose(q_nope, unfolded)
+    other_q, other_o = torch.randn_like(q_nope), torch.randn_like(w_o)
+    for fit, blind in (("activation", True), ("attention", False)):
+        a_1, b_k1, b_v1 = factor_latent(k_nope, q_nope, w_v, w_o, stats, geometry, 6, 1.0, fit)
+        a_2, b_k2, b_v2 = factor_latent(k_nope, other_q, w_v, other_o, stats, geometry, 6, 1.0, fit)
+        same = torch.allclose(torch.cat([b_k1, b_v1]) @ a_1, torch.cat([b_k2, b_v2]) @ a_2, atol=1e-8)
+        assert same == blind, fit
+        a_full, b_k, b_v = factor_latent(k_nope, q_nope, w_v, w_o, stats, geometry, 24, 1.0, fit)
+        torch.testing.assert_close(torch.cat([b_k, b_v]) @ a_full, torch.cat([k_nope, w_v.double()]))
 
 
 def test_qwen2_converts_and_refuses_query_bias(tmp_path, data_files):
