@@ -55,8 +55,8 @@ def mla_model(source: SourceCheckpoint, stats: list, rank: int, rope_fold: bool,
     config = DeepseekV3Config(**mla_config_fields(source.config, rank))
     top = ("model.embed_tokens.weight", "model.norm.weight")
     state = {name: source.read(name, torch.float32).float() for name in top}
-    if not config.tie_word_embeddings:
-        state["lm_head.weight"] = source.read("lm_head.weight", torch.float32).float()
+    tied = config.tie_word_embeddings
+    state["lm_head.weight"] = state["model.embed_tokens.weight"] if tied else source.read("lm_head.weight").float()
     geometry, inv_freq = geometry_of(source.config), _inv_freq(source.config)
     for layer_idx, layer_stats in enumerate(stats):
         prefix = f"model.layers.{layer_idx}."
@@ -68,8 +68,6 @@ def mla_model(source: SourceCheckpoint, stats: list, rank: int, rope_fold: bool,
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(config)
     model.load_state_dict(state, assign=True, strict=True)
-    if config.tie_word_embeddings:
-        model.tie_weights()
     return model.eval()
 
 

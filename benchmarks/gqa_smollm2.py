@@ -106,17 +106,18 @@ def run(args) -> dict:
     for name in args.heal:
         rank = RANKS[name]
         healed, warmed = out / f"mla-{rank}-healed", out / f"mla-{rank}-healed-dsa"
+        precision = ["--bf16"] if args.bf16 else []
         heal_s = mla_dsa("train-indexer", str(out / f"mla-{rank}"), "--stage", "sparse", "--dense-control", "--lora",
                          "16", "--data", *data, "--steps", str(args.heal_steps), "--batch-size", "2", "--seq-len",
                          str(SEQ_LEN), "--lr", str(args.heal_lr), "--lr-scheduler", "cosine", "--out", str(healed),
-                         "--logging-steps", "20", "--no-progress")  # fmt: skip
+                         "--logging-steps", "20", "--no-progress", *precision)  # fmt: skip
         warm_s = mla_dsa("train-indexer", str(healed), "--stage", "dense", "--data", *data, "--steps",
                          str(args.warmup_steps), "--batch-size", "2", "--seq-len", str(SEQ_LEN), "--out", str(warmed),
-                         "--no-progress")  # fmt: skip
+                         "--no-progress", *precision)  # fmt: skip
         entry = {"rank": rank, "heal_s": heal_s, "heal_steps": args.heal_steps, "heal_data": args.heal_data,
-                 "heal_lr": args.heal_lr, "warmup_s": warm_s, "warmup_steps": args.warmup_steps,
+                 "heal_lr": args.heal_lr, "warmup_s": warm_s, "warmup_steps": args.warmup_steps, "bf16": args.bf16,
                  **evaluate(warmed, windows)}  # fmt: skip
-        results["models"][f"{name} healed, {args.heal_steps} steps, {args.heal_data}"] = entry
+        results["models"][f"{name} healed, {args.heal_steps} steps, {args.heal_data}" + ", bf16" * args.bf16] = entry
         print(name, "healed", json.dumps(entry), flush=True)
     return results
 
@@ -134,8 +135,9 @@ def table(results: dict) -> str:
             took = f"{entry['convert_s'] / 60:.1f} min"
         else:
             data = HEAL_DATA[entry.get("heal_data", "code")]
-            command = f"`train-indexer --stage sparse --dense-control --lora 16 --steps {entry['heal_steps']}` on " \
-                      f"{data}, then `--stage dense --steps {entry['warmup_steps']}`"  # fmt: skip
+            bf16 = " --bf16" if entry.get("bf16") else ""
+            command = f"`train-indexer --stage sparse --dense-control --lora 16 --steps {entry['heal_steps']}{bf16}` " \
+                      f"on {data}, then `--stage dense --steps {entry['warmup_steps']}`"  # fmt: skip
             took = f"{entry['heal_s'] / 60:.1f} min + {entry['warmup_s'] / 60:.1f} min"
         rows.append(f"| MLA {name} (R = {entry['rank']}) | {command} | {entry['mla']} (+{entry['dsa'] - entry['mla']}) "
                     f"| {entry['mla_ppl']:.2f} | {entry['mla_ppl'] / source['ppl']:.3f} | {entry['dsa_ppl']:.2f} | "
@@ -155,6 +157,7 @@ def main() -> None:
                         help="chat: documented functions as chat turns beside raw code (chat-heavy: less raw code); "
                              "code: raw code")  # fmt: skip
     parser.add_argument("--warmup-steps", type=int, default=40)
+    parser.add_argument("--bf16", action="store_true", help="heal and warm up with `train-indexer --bf16`")
     parser.add_argument("--reuse", default=None, metavar="JSON",
                         help="keep the conversions of an earlier run (its JSON, its --out) and heal again")  # fmt: skip
     parser.add_argument("--report", action="store_true", help="print the table of --json and exit")

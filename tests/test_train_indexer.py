@@ -260,3 +260,38 @@ def test_lr_scheduler_is_the_trainers(dsa_checkpoint, tmp_path):
         rates[schedule] = [entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry]
     assert rates["constant_with_warmup"][1:] == [1e-3] * 5
     assert rates["cosine"][1] > rates["cosine"][3] > rates["cosine"][5]
+
+
+@pytest.mark.slow  # two Trainer runs
+def test_bf16_mixed_precision_keeps_float32_weights(dsa_checkpoint, tmp_path, capsys):
+    """`--bf16` (the Trainer's): the projections run in bfloat16 under autocast, the weights stay float32 and the
+    LM loss (a dense-control fine-tune) stays the float32 run's within bf16 rounding."""
+    from transformers import TrainerCallback
+
+    from mla_dsa.training import train_indexer
+
+    class RecordDtypes(TrainerCallback):
+        def __init__(self):
+            self.dtypes, self.losses = set(), []
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            projection = next(m for name, m in model.named_modules() if name.endswith("kv_b_proj"))
+            projection.register_forward_hook(lambda module, inputs, output: self.dtypes.add(output.dtype))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.losses += [logs["loss"]] if "loss" in (logs or {}) else []
+
+    runs = {}
+    for bf16 in (False, True):
+        record = RecordDtypes()
+        out = train_indexer(dsa_checkpoint, "sparse", DATA, tmp_path / str(bf16), steps=3, seq_len=32, batch_size=1,
+                            logging_steps=1, progress=False, callbacks=[record], dense_control=True,
+                            bf16=bf16)  # fmt: skip
+        runs[bf16] = record
+        assert {t.dtype for t in weights(out).values()} == {torch.float32}
+    assert runs[False].dtypes == {torch.float32} and runs[True].dtypes == {torch.bfloat16}
+    assert runs[True].losses == pytest.approx(runs[False].losses, rel=0.05)
+    assert runs[True].losses != runs[False].losses
+    with pytest.raises(SystemExit):
+        cli(["train-indexer", "--help"])
+    assert "--bf16" in capsys.readouterr().out
