@@ -68,6 +68,7 @@ def mla_model(source: SourceCheckpoint, stats: list, rank: int, rope_fold: bool,
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(config)
     model.load_state_dict(state, assign=True, strict=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config)  # its inv_freq is a buffer no state dict holds
     return model.eval()
 
 
