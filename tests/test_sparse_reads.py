@@ -224,3 +224,21 @@ def test_prefill_scores_only_the_causal_prefix_of_each_query_block(models, monke
     per_layer = [max(end, TOPK) for end in range(4, CONTEXT + 1, 4)]
     assert [keys for _, keys in scored] == per_layer * model.config.num_hidden_layers
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_cached_bf16_keys_are_scored_in_float32_a_chunk_at_a_time(monkeypatch):
+    """bf16 (or FP8) indexer keys are scored in float32, as transformers' DeepseekV32 scores them, upcast a chunk of
+    keys at a time instead of the whole cache per step (on CPU a fresh buffer of a long cache's size page-faults):
+    the scores equal scoring the upcast keys at once, gradients included."""
+    monkeypatch.setattr(indexer_mla_dsa, "_KEY_CHUNK", 5)
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(2, 3, 4, 8, generator=generator, requires_grad=True)
+    weights = torch.randn(2, 3, 4, generator=generator)
+    keys = torch.randn(2, 23, 8, generator=generator).bfloat16().requires_grad_()
+    chunked = indexer_mla_dsa.index_scores(queries, weights, keys, 0.3)
+    whole = indexer_mla_dsa.index_scores(queries, weights, keys.float(), 0.3)
+    assert chunked.dtype == torch.float32 and chunked.shape == (2, 3, 23)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    grads = [torch.autograd.grad(scores.square().sum(), (queries, keys)) for scores in (chunked, whole)]
+    for ours, expected in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
