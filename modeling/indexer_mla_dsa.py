@@ -26,15 +26,16 @@ from .rope_mla_dsa import apply_rotary_half_split, apply_rotary_interleaved
 
 # Largest [keys, queries, heads] block of float32 per-head index scores materialised at once (64 MiB).
 _SCORE_BLOCK_ELEMENTS = 1 << 24
-# Keys upcast to float32 per scoring call, in chunks of this many: on CPU a fresh 32 MB buffer (64K bf16 keys of 128
-# dims) is served by mmap and page-faults on every call, 13 ms against 1 ms for the same copy into reused memory;
-# chunks of 4 MB come from the heap's reused blocks.
+# A decode step upcasts the cached bf16/FP8 keys to float32 in chunks of this many: on CPU a fresh 32 MB buffer (64K
+# keys of 128 dims) is served by mmap and page-faults on every step, 13 ms against 1 ms for the same copy into reused
+# memory; chunks of 4 MB come from the heap's reused blocks. A prefill, whose per-head scores outweigh the keys,
+# upcasts them once per forward instead (MlaDsaIndexer.forward).
 _KEY_CHUNK = 8192
 
 
 class IndexScorer(NamedTuple):
-    """The indexer's queries [B, S, H, D], head weights [B, S, H] and keys [B, T, D] (as cached: `index_scores`
-    scores them in float32) for one forward."""
+    """The indexer's queries [B, S, H, D], head weights [B, S, H] and keys [B, T, D] (float32, or as cached for a
+    few queries: `index_scores` scores them in float32) for one forward."""
 
     queries: torch.Tensor
     weights: torch.Tensor
@@ -117,7 +118,9 @@ class MlaDsaIndexer(nn.Module):
         if keys.dtype == torch.uint8:
             queries = fp8_round_trip(queries, self.fp8_block, self.scale_fmt)
             keys = unpack_fp8_rows(keys, self.head_dim, self.fp8_block)
-        scorer = IndexScorer(queries, weights, keys, self.softmax_scale)  # keys upcast when scored
+        if seq_len * self.n_heads >= self.head_dim:  # many queries: upcast the keys once (few: per chunk, when scored)
+            keys = keys.float()
+        scorer = IndexScorer(queries, weights, keys, self.softmax_scale)
         if top_k is None:
             return TopkSelection(None, None, None, scorer)
         return _select(scorer, visible, top_k, with_scores)
@@ -171,8 +174,8 @@ def index_scores(
     # Two matmuls and an in-place ReLU, no elementwise pass over [s, H, T] for the head weights: 1.8x faster on CPU
     # than weighting with a multiply and a sum.
     q = q.reshape(batch_size, rows * n_heads, head_dim)
-    if keys.dtype == torch.float32:
-        per_head = torch.bmm(q, keys.transpose(1, 2))  # [B, s*H, T]
+    if keys.dtype == torch.float32 or num_keys <= _KEY_CHUNK:
+        per_head = torch.bmm(q, keys.float().transpose(1, 2))  # [B, s*H, T]
     else:  # bf16 / FP8 keys, scored in float32 as the peer does, upcast a chunk at a time (_KEY_CHUNK)
         per_head = q.new_empty(batch_size, rows * n_heads, num_keys)
         for start in range(0, num_keys, _KEY_CHUNK):
