@@ -226,19 +226,35 @@ def test_prefill_scores_only_the_causal_prefix_of_each_query_block(models, monke
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
 
 
-def test_cached_bf16_keys_are_scored_in_float32_a_chunk_at_a_time(monkeypatch):
-    """bf16 (or FP8) indexer keys are scored in float32, as transformers' DeepseekV32 scores them, upcast a chunk of
-    keys at a time instead of the whole cache per step (on CPU a fresh buffer of a long cache's size page-faults):
-    the scores equal scoring the upcast keys at once, gradients included."""
-    monkeypatch.setattr(indexer_mla_dsa, "_KEY_CHUNK", 5)
+def _index_scores_by_definition(queries, weights, keys, softmax_scale):
+    """I[t, s] = sum_j w[t, j] ReLU(q[t, j] . k[s] * scale), spelled out: [B, S, H, T] per head, then the sum."""
+    per_head = torch.einsum("bshd,btd->bsht", queries.float(), keys.float()) * softmax_scale
+    return (weights.float().unsqueeze(-1) * torch.relu(per_head)).sum(2)
+
+
+@pytest.mark.parametrize("key_dtype", [torch.float32, torch.bfloat16])
+def test_index_scores_are_made_a_tile_of_keys_at_a_time_equal_to_the_definition(monkeypatch, key_dtype):
+    """Index scores are built a tile of keys at a time (the per-head scores of a tile stay in cache between the
+    matmul, the ReLU and the head weighting), and bf16 (or FP8) keys, scored in float32 as transformers' DeepseekV32
+    scores them, are upcast a tile at a time instead of the whole cache per step (on CPU a fresh buffer of a long
+    cache's size page-faults). Forced into tiles of 5 keys (and, for bf16, at most 5 keys per upcast): scores and
+    gradients equal the definition, computed at once in float32."""
+    monkeypatch.setattr(indexer_mla_dsa, "_SCORE_TILE_ELEMENTS", 2 * 3 * 4 * 5)
+    monkeypatch.setattr(indexer_mla_dsa, "_KEY_CHUNK", 5 if key_dtype != torch.float32 else 10**9)
+    tiles = []
+    original_tile = indexer_mla_dsa._score_tile
+    monkeypatch.setattr(
+        indexer_mla_dsa, "_score_tile", lambda q, w, k: tiles.append(k.shape[1]) or original_tile(q, w, k)
+    )
     generator = torch.Generator().manual_seed(0)
     queries = torch.randn(2, 3, 4, 8, generator=generator, requires_grad=True)
-    weights = torch.randn(2, 3, 4, generator=generator)
-    keys = torch.randn(2, 23, 8, generator=generator).bfloat16().requires_grad_()
-    chunked = indexer_mla_dsa.index_scores(queries, weights, keys, 0.3)
-    whole = indexer_mla_dsa.index_scores(queries, weights, keys.float(), 0.3)
-    assert chunked.dtype == torch.float32 and chunked.shape == (2, 3, 23)
-    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
-    grads = [torch.autograd.grad(scores.square().sum(), (queries, keys)) for scores in (chunked, whole)]
-    for ours, expected in zip(*grads, strict=True):
-        torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+    weights = torch.randn(2, 3, 4, generator=generator, requires_grad=True)
+    keys = torch.randn(2, 23, 8, generator=generator).to(key_dtype).requires_grad_()
+    tiled = indexer_mla_dsa.index_scores(queries, weights, keys, 0.3)
+    assert tiles == [5, 5, 5, 5, 3]
+    expected = _index_scores_by_definition(queries, weights, keys, 0.3)
+    assert tiled.dtype == torch.float32 and tiled.shape == (2, 3, 23)
+    torch.testing.assert_close(tiled, expected, rtol=1e-6, atol=1e-6)
+    grads = [torch.autograd.grad(scores.square().sum(), (queries, weights, keys)) for scores in (tiled, expected)]
+    for ours, reference in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
