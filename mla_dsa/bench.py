@@ -149,13 +149,20 @@ def measure_bandwidth(device: torch.device) -> float:
 
 
 def measure_gemm_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of a square matmul in `dtype`: 2048^3 on CPU, 8192^3 on a GPU (which needs more work per call to reach
-    its peak). The prefill compute roofline divides by this."""
-    n = 8192 if device.type == "cuda" else 2048
+    """FLOP/s of a square matmul in `dtype`, up to 2048^3 on CPU and 8192^3 on a GPU (which needs more work per call to
+    reach its peak), doubling the size from 256 while a call takes under 50 ms: a dtype this machine has no
+    instructions for (bf16 on an AVX2-only CPU: about 1 GFLOP/s) is measured in a second, not in minutes at 2048^3.
+    The prefill compute roofline divides by this."""
+    largest = 8192 if device.type == "cuda" else 2048
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=generator).to(device, dtype)
-    b = torch.randn(n, n, generator=generator).to(device, dtype)
-    return 2 * n**3 / best_seconds(lambda: torch.matmul(a, b), device, repeats=4)
+    n = 256
+    while True:
+        a = torch.randn(n, n, generator=generator).to(device, dtype)
+        b = torch.randn(n, n, generator=generator).to(device, dtype)
+        seconds = best_seconds(lambda: torch.matmul(a, b), device, repeats=4)  # noqa: B023 (called before a, b change)
+        if n >= largest or seconds > 0.05:
+            return 2 * n**3 / seconds
+        n *= 2
 
 
 def device_name(device: torch.device) -> str:

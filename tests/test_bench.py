@@ -54,6 +54,7 @@ def test_bench_prefill_only(tmp_path):
     assert (tmp_path / "prefill.png").exists() == HAS_MATPLOTLIB
 
 
+@pytest.mark.slow  # two implementations in bf16: 5-17 s on 2 cores
 def test_bench_bfloat16_batched(tmp_path):
     results = run_bench(tmp_path, "--dtype", "bfloat16", "--contexts", "512", "--batch", "1", "2", "--prefill",
                         "--steps", "1")  # fmt: skip
@@ -160,3 +161,20 @@ def test_cuda_without_cuda_from_the_shell(tmp_path):
                             capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "no CUDA device" in result.stderr
+
+
+@pytest.mark.parametrize(("seconds_per_call", "measured_size"), [(1e-4, 2048), (0.2, 256)])
+def test_gemm_throughput_grows_the_matmul_only_while_it_is_fast(monkeypatch, seconds_per_call, measured_size):
+    """The prefill roofline's matmul: 2048^3 on CPU where the dtype runs fast, but a dtype without instructions here
+    (bf16 on an AVX2-only CPU, about 1 GFLOP/s) stops at the first size whose call takes over 50 ms, so a bf16 bench
+    does not spend minutes measuring."""
+    sizes = []
+
+    def timed(work, device, repeats):
+        sizes.append(work().shape[0])
+        return seconds_per_call
+
+    monkeypatch.setattr(bench, "best_seconds", timed)
+    flops = bench.measure_gemm_flops(torch.device("cpu"), torch.float32)
+    assert sizes[-1] == measured_size and sizes == [256 * 2**i for i in range(len(sizes))]
+    assert flops == pytest.approx(2 * measured_size**3 / seconds_per_call)
