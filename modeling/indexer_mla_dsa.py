@@ -28,7 +28,7 @@ from .rope_mla_dsa import apply_rotary_half_split, apply_rotary_interleaved
 # (64 MiB), which autograd keeps for backward (without it, only one tile of them exists at a time: below).
 _SCORE_BLOCK_ELEMENTS = 1 << 24
 # Per-head scores are made and reduced over the heads one tile of keys at a time, each tile [B, s*H, keys] within
-# this many float32 elements (4 MiB, within this CPU's 8 MiB L3): the matmul, the in-place ReLU and the head weighting
+# this many float32 elements (4 MiB, within an 8 MiB L3): the matmul, the in-place ReLU and the head weighting
 # then read it from cache. A whole [128 queries x 16 heads, 8K keys] block at once went to memory and back three times
 # (64 MiB): tiled, an 8K prefill's index scoring runs 1.3-1.5x faster on CPU, same FLOPs; a decode step's [16, 64K]
 # is one tile, as before.
@@ -200,7 +200,8 @@ def _score_tile(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor)
     [t, D] @ [D, H]: MKL runs the [H, D] @ [D, t] form, whose output has only H rows, at half the speed on AVX2 CPUs
     (16K keys: 1.4 ms against 3.0 ms) and at the same speed on AVX-512 ones."""
     keys = keys.float()
-    if q.shape[1] == head_weights.shape[2]:  # s == 1
+    one_query_per_sequence = head_weights.shape[0] == q.shape[0]  # B * s == B
+    if one_query_per_sequence:
         per_head = F.relu_(torch.bmm(keys, q.transpose(1, 2)))  # [B, t, H]
         return torch.bmm(per_head, head_weights.transpose(1, 2))  # [B, t, 1]
     per_head = F.relu_(torch.bmm(q, keys.transpose(1, 2)))  # [B, s*H, t]
