@@ -25,6 +25,7 @@ from .settings_mla_dsa import DsaSettings
 
 # Largest block of gathered latent rows [B, queries, k, R + dr] the sparse path materialises at once (128 MiB fp32).
 _GATHER_BLOCK_ELEMENTS = 1 << 25
+_GPU_GATHER_BLOCK_ELEMENTS = 1 << 29  # on a GPU (1 GiB in bf16): few large kernels, not many small ones
 
 
 class MlaDsaRMSNorm(nn.Module):
@@ -267,7 +268,8 @@ class MlaDsaAttention(nn.Module):
             per_query = batch_size * num_heads * latent.shape[1]  # scores against every key
         else:
             per_query = batch_size * selection.indices.shape[-1] * latent.shape[-1]  # gathered rows
-        chunk = max(1, min(self.config.query_chunk_size, _GATHER_BLOCK_ELEMENTS // per_query))
+        elements = _GATHER_BLOCK_ELEMENTS if latent.device.type == "cpu" else _GPU_GATHER_BLOCK_ELEMENTS
+        chunk = max(1, min(self.config.query_chunk_size, elements // per_query))
         buffer = None
         if selection is not None and seq_len > chunk and not (torch.is_grad_enabled() and latent.requires_grad):
             # One buffer for every chunk's gathered rows (a long inference prefill): see gather_rows.

@@ -18,6 +18,7 @@ from .masks_mla_dsa import VisibleKeys, gather_rows, masked_softmax
 
 # Largest block of gathered latent rows [B, queries, k, R + dr] the sparse-stage target materialises (128 MiB fp32).
 _GATHER_BLOCK_ELEMENTS = 1 << 25
+_GPU_GATHER_BLOCK_ELEMENTS = 1 << 29  # on a GPU (1 GiB in bf16): few large kernels, not many small ones
 
 
 class IndexerStats(NamedTuple):
@@ -81,7 +82,8 @@ def sparse_stage_loss(
     is scored again. The target reads only the k gathered latent rows per query, a bounded block at a time."""
     batch_size, seq_len = main_query.shape[:2]
     k = selection.indices.shape[-1]
-    chunk = max(1, _GATHER_BLOCK_ELEMENTS // (batch_size * k * latent.shape[-1]))
+    elements = _GATHER_BLOCK_ELEMENTS if latent.device.type == "cpu" else _GPU_GATHER_BLOCK_ELEMENTS
+    chunk = max(1, elements // (batch_size * k * latent.shape[-1]))
     targets = []
     with torch.no_grad():
         for start in range(0, seq_len, chunk):

@@ -38,6 +38,15 @@ _SCORE_TILE_ELEMENTS = 1 << 20
 # step, 13 ms against 1 ms for the same copy into reused memory; 4 MB tiles come from the heap's reused blocks. A
 # prefill, whose per-head scores outweigh the keys, upcasts them once per forward instead (MlaDsaIndexer.forward).
 _KEY_CHUNK = 8192
+# The sizes above are a CPU's. A GPU has no cache to fit and a launch cost per kernel: there one block and one tile
+# hold up to this many float32 elements (1 GiB), and keys are upcast whole. On an H200 the CPU sizes made a 32K
+# prefill of DeepSeek-V3.2's attention 7.9x slower (10.4 s against 1.3 s) and a 16-sequence decode at 128K loop over
+# 128 tiles per layer (benchmarks/gpu_day.py, 2026-12-04).
+_GPU_SCORE_ELEMENTS = 1 << 28
+
+
+def _on_gpu(tensor: torch.Tensor) -> bool:
+    return tensor.device.type != "cpu"
 
 
 class IndexScorer(NamedTuple):
@@ -52,7 +61,7 @@ class IndexScorer(NamedTuple):
     def scores(self, start: int, end: int) -> torch.Tensor:
         """Index scores [B, end - start, T] (float32, differentiable in the indexer), a bounded block at a time."""
         batch_size, _, n_heads = self.weights.shape
-        block = query_block(batch_size, n_heads, self.keys.shape[1])
+        block = query_block(batch_size, n_heads, self.keys.shape[1], _on_gpu(self.keys))
         parts = [
             index_scores(self.queries[:, s : min(end, s + block)], self.weights[:, s : min(end, s + block)],
                          self.keys, self.softmax_scale)
@@ -136,7 +145,7 @@ class MlaDsaIndexer(nn.Module):
 def _select(scorer: IndexScorer, visible: VisibleKeys, top_k: int, with_scores: bool) -> TopkSelection:
     batch_size, seq_len, n_heads = scorer.weights.shape
     k = min(top_k, scorer.keys.shape[1])
-    block = query_block(batch_size, n_heads, scorer.keys.shape[1])
+    block = query_block(batch_size, n_heads, scorer.keys.shape[1], _on_gpu(scorer.keys))
     checkpointed = with_scores and torch.is_grad_enabled()
     parts = []
     for start in range(0, seq_len, block):
@@ -164,9 +173,11 @@ def _select_block(queries, weights, keys, visible, k: int, softmax_scale: float,
     return indices, valid, picked
 
 
-def query_block(batch_size: int, n_heads: int, num_keys: int) -> int:
-    """Queries per scoring block: the per-head scores [B, block, H, T] stay within _SCORE_BLOCK_ELEMENTS."""
-    return max(1, _SCORE_BLOCK_ELEMENTS // max(1, batch_size * n_heads * num_keys))
+def query_block(batch_size: int, n_heads: int, num_keys: int, gpu: bool = False) -> int:
+    """Queries per scoring block: the per-head scores [B, block, H, T] stay within _SCORE_BLOCK_ELEMENTS (on a GPU,
+    _GPU_SCORE_ELEMENTS)."""
+    elements = _GPU_SCORE_ELEMENTS if gpu else _SCORE_BLOCK_ELEMENTS
+    return max(1, elements // max(1, batch_size * n_heads * num_keys))
 
 
 def index_scores(
@@ -179,9 +190,12 @@ def index_scores(
     # softmax_scale > 0 commutes with ReLU: fold it into the (smaller) query block.
     q = (queries.float() * softmax_scale).reshape(batch_size, rows * n_heads, head_dim)
     head_weights = weights.float().reshape(batch_size * rows, 1, n_heads)
-    tile = max(1, _SCORE_TILE_ELEMENTS // (batch_size * rows * n_heads))
-    if keys.dtype != torch.float32:
-        tile = min(tile, _KEY_CHUNK)  # each tile's keys are upcast on the fly
+    if _on_gpu(keys):
+        tile = max(1, _GPU_SCORE_ELEMENTS // (batch_size * rows * n_heads))
+    else:
+        tile = max(1, _SCORE_TILE_ELEMENTS // (batch_size * rows * n_heads))
+        if keys.dtype != torch.float32:
+            tile = min(tile, _KEY_CHUNK)  # each tile's keys are upcast on the fly
     if num_keys <= tile:
         return _score_tile(q, head_weights, keys).view(batch_size, rows, num_keys)
     scores = q.new_empty(batch_size, rows, num_keys)

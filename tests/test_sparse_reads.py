@@ -268,3 +268,24 @@ def test_index_scores_are_made_a_tile_of_keys_at_a_time_equal_to_the_definition(
     grads = [torch.autograd.grad(scores.square().sum(), (queries, weights, keys)) for scores in (tiled, expected)]
     for ours, reference in zip(*grads, strict=True):
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("device", "tiles"), [("cpu", 128), ("meta", 1)])
+def test_a_gpu_scores_a_long_decode_step_in_one_tile(monkeypatch, device, tiles):
+    """The score tiles are a CPU's cache size; on an accelerator (the meta device stands in: any non-CPU device) a
+    16-sequence decode step over 128K bf16 keys is one tile, not 128 (the first H200 run looped over 128 per layer:
+    benchmarks/results_gpu_day.json)."""
+    sizes = []
+    original_tile = indexer_mla_dsa._score_tile
+    monkeypatch.setattr(
+        indexer_mla_dsa, "_score_tile", lambda q, w, k: sizes.append(k.shape[1]) or original_tile(q, w, k)
+    )
+    batch, heads, dim, keys = 16, 64, 128, 1 << 17
+    queries = torch.empty(batch, 1, heads, dim, device=device)
+    weights = torch.empty(batch, 1, heads, device=device)
+    cached = torch.empty(batch, keys, dim, dtype=torch.bfloat16, device=device)
+    if device == "cpu":  # on the CPU only the tile sizes are looked at: score none of them
+        monkeypatch.setattr(indexer_mla_dsa, "_score_tile", lambda q, w, k: sizes.append(k.shape[1])
+                            or q.new_empty(batch, k.shape[1], 1))  # fmt: skip
+    scores = indexer_mla_dsa.index_scores(queries, weights, cached, dim**-0.5)
+    assert scores.shape == (batch, 1, keys) and len(sizes) == tiles and sum(sizes) == keys
