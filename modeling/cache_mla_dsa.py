@@ -140,16 +140,33 @@ class MlaDsaStaticCacheLayer(LatentRows, StaticLayer):
 
     def __init__(self, max_cache_len: int, **kwargs):
         super().__init__(max_cache_len=max_cache_len)
-        self.latent: torch.Tensor | None = None
-        self.index_keys: torch.Tensor | None = None
+        self.index_layer = StaticLayer(max_cache_len=max_cache_len)  # holds the indexer keys: see lazy_initialization
 
     def lazy_initialization(self, latent: torch.Tensor, index_keys: torch.Tensor) -> None:
+        """The buffers are allocated by transformers' own StaticLayer, which marks them (and the length) as fixed
+        addresses for torch.compile: CUDA graphs then replay a compiled step's in-place writes on them (unmarked, a
+        compiled step skips CUDA graphs). Its keys `[B, 1, slots, *]` hold the latent rows, and a second StaticLayer's
+        keys the indexer keys, as their dtypes may differ (a StaticLayer's values share its keys' dtype in older
+        releases); both values are zero-width."""
+        StaticLayer.lazy_initialization(self, latent.unsqueeze(1), latent[..., :0].unsqueeze(1))
+        self.index_layer.lazy_initialization(index_keys.unsqueeze(1), index_keys[..., :0].unsqueeze(1))
         self.device, self.dtype = latent.device, latent.dtype
-        self.batch_size = latent.shape[0]
-        self.latent = latent.new_zeros(self.batch_size, self.max_cache_len, latent.shape[-1])
-        self.index_keys = index_keys.new_zeros(self.batch_size, self.max_cache_len, index_keys.shape[-1])
-        self.cumulative_length = self.cumulative_length.to(self.device)
-        self.is_initialized = True
+
+    @property
+    def latent(self) -> torch.Tensor | None:  # [B, slots, kv_lora_rank + qk_rope_head_dim]
+        return self.keys[:, 0] if self.is_initialized else None
+
+    @latent.setter
+    def latent(self, rows: torch.Tensor) -> None:
+        self.keys = rows.unsqueeze(1)
+
+    @property
+    def index_keys(self) -> torch.Tensor | None:  # [B, slots, index_head_dim]
+        return self.index_layer.keys[:, 0] if self.is_initialized else None
+
+    @index_keys.setter
+    def index_keys(self, keys: torch.Tensor) -> None:
+        self.index_layer.keys = keys.unsqueeze(1)
 
     def update(
         self, latent: torch.Tensor, index_keys: torch.Tensor, *args, **kwargs

@@ -50,6 +50,21 @@ def test_static_cache_is_built_of_our_layers():
     assert cache.layers[0].bytes_per_token() == (32 + 8 + 32) * 4
 
 
+def test_static_cache_buffers_have_fixed_addresses():
+    """CUDA graphs replay a compiled step on the very buffers it was recorded with: the static cache marks its
+    latent rows, indexer keys and length as static addresses (as transformers' StaticLayer marks its keys), or
+    torch.compile(mode="reduce-overhead") skips CUDA graphs for the step's in-place cache writes."""
+    model = _model()
+    cache = StaticCache(config=model.config, max_cache_len=40)
+    with torch.no_grad():
+        model(torch.randint(3, VOCAB, (1, 9)), cache=cache, use_cache=True)
+    for layer in cache.layers:  # the latent rows and indexer keys are views of the marked buffers
+        for buffer in (layer.keys, layer.index_layer.keys, layer.cumulative_length):
+            assert getattr(buffer, "_dynamo_static_input_type", None) is not None
+        assert layer.latent.data_ptr() == layer.keys.data_ptr()
+        assert layer.index_keys.data_ptr() == layer.index_layer.keys.data_ptr()
+
+
 SLOW = pytest.mark.slow
 
 
