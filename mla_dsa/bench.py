@@ -371,13 +371,46 @@ def our_cache(model, contents, batch: int = 1):
     return cache
 
 
-def their_cache(model, contents, batch: int = 1):
+def caches_expanded_kv(model) -> bool:
+    """Whether this transformers release's DeepseekV32 caches per-head keys and values expanded through kv_b_proj
+    ([B, heads, T, 192] and [B, heads, T, 128], as 5.17 does) rather than the latent ([B, 1, T, 512] and [B, 1, T, 64],
+    as 5.25 does): probed with one token."""
     from transformers import DynamicCache
 
+    from .modeling.compat_mla_dsa import CACHE_NAME
+
+    cache = DynamicCache(config=model.config)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        model(torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True, **{CACHE_NAME: cache})
+    return cache.layers[0].keys.shape[1] != 1
+
+
+@torch.no_grad()
+def _expanded_keys_values(attention, latent: torch.Tensor, rotated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head keys [B, H, T, nope + rope] and values [B, H, T, v] from the (normed) latent [B, 1, T, R] and the
+    rotated key [B, 1, T, rope], as DeepseekV32Attention computes them before caching where it caches them expanded."""
+    config = attention.config
+    batch_size, _, length, _ = latent.shape
+    expanded = attention.kv_b_proj(latent[:, 0]).view(
+        batch_size, length, -1, config.qk_nope_head_dim + config.v_head_dim
+    )
+    keys_nope, values = expanded.transpose(1, 2).split([config.qk_nope_head_dim, config.v_head_dim], dim=-1)
+    return torch.cat([keys_nope, rotated.expand(-1, keys_nope.shape[1], -1, -1)], dim=-1), values
+
+
+def their_cache(model, contents, batch: int = 1):
+    """transformers' DynamicCache holding `contents` in the layout the running release's DeepseekV32 reads."""
+    from transformers import DynamicCache
+
+    expanded = caches_expanded_kv(model)
     cache = DynamicCache(config=model.config)
     for layer, (c_kv, k_rope, index_keys) in enumerate(contents):
         # DynamicCache concatenates what it is given, so expanded views become contiguous copies
-        cache.update(c_kv.expand(batch, -1, -1).unsqueeze(1), k_rope.expand(batch, -1, -1).unsqueeze(1), layer)
+        latent, rotated = c_kv.expand(batch, -1, -1).unsqueeze(1), k_rope.expand(batch, -1, -1).unsqueeze(1)
+        if expanded:
+            latent, rotated = _expanded_keys_values(model.model.layers[layer].self_attn, latent, rotated)
+        cache.update(latent, rotated, layer)
         cache.update_indexer(index_keys.expand(batch, -1, -1), layer)
     return cache
 
@@ -391,6 +424,8 @@ def time_decode(
 ) -> tuple[float, torch.Tensor]:
     """Median ms per decode step (one new token for each of `batch` sequences) over `steps` steps, and the first
     step's logits [batch, vocab] in float32. `settings`: forward arguments (ours: index_topk, use_sparse_attention)."""
+    from .modeling.compat_mla_dsa import CACHE_NAME  # transformers' models take the cache under this name only
+
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, model.config.vocab_size, (steps + 1, batch, 1), generator=generator).to(device)
@@ -399,7 +434,7 @@ def time_decode(
         position = torch.full((batch, 1), context + step, device=device)
         synchronize(device)
         start = time.perf_counter()
-        out = model(tokens[step], position_ids=position, cache=cache, use_cache=True, **settings)
+        out = model(tokens[step], position_ids=position, use_cache=True, **{CACHE_NAME: cache}, **settings)
         synchronize(device)
         elapsed = time.perf_counter() - start
         if step == 0:

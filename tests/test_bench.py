@@ -178,3 +178,23 @@ def test_gemm_throughput_grows_the_matmul_only_while_it_is_fast(monkeypatch, sec
     flops = bench.measure_gemm_flops(torch.device("cpu"), torch.float32)
     assert sizes[-1] == measured_size and sizes == [256 * 2**i for i in range(len(sizes))]
     assert flops == pytest.approx(2 * measured_size**3 / seconds_per_call)
+
+
+@pytest.mark.compat
+def test_their_cache_decodes_like_ours_in_float32(tmp_path):
+    """The bench fills transformers' cache by hand in the layout the running release's DeepseekV32 reads: the
+    latent (5.25) or per-head keys and values expanded through kv_b_proj (5.17; filling those with the latent made
+    DeepseekV32 attend to garbage, and passing the cache as `cache=`, a name 5.17 ignores, made it decode with none:
+    the first GPU runs' 'transformers' figures). One decode step over the same random cache, DSA active, float32:
+    the same logits as ours."""
+    config = dict(bench.BENCH_CONFIG, hidden_size=64, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32,
+                  kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, index_n_heads=4,
+                  index_head_dim=16, intermediate_size=64, vocab_size=128)  # fmt: skip
+    directory = bench.build_model(tmp_path / "model", config)
+    theirs, ours = bench.load_models(directory, torch.device("cpu"), torch.float32)
+    context, k = 48, 16
+    bench.set_their_topk(theirs, k)
+    contents = bench.random_cache_contents(context, config)
+    _, mine = bench.time_decode(ours, bench.our_cache(ours, contents, 2), context, 1, 2, index_topk=k)
+    _, their = bench.time_decode(theirs, bench.their_cache(theirs, contents, 2), context, 1, 2)
+    torch.testing.assert_close(mine, their, rtol=0, atol=1e-4)
