@@ -72,8 +72,11 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MlaDsaDecoderLayer"]
     _skip_keys_device_placement = CACHE_NAMES
     _supports_sdpa = True
-    # The indexer's head weights stay float32 in bf16/fp16 models, as in DeepSeek's inference code.
-    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "indexer.weights_proj"]
+    # Kept in float32 as transformers keeps them for DeepseekV2/V3/V32 and GlmMoeDsa: the router's weight and bias in
+    # bf16 and fp16 models (a bf16 router picks other experts than transformers' float32 one), the indexer's head
+    # weights in fp16 models.
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
+    _keep_in_fp32_modules = ["indexer.weights_proj"]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
