@@ -233,8 +233,22 @@ def select_topk(scores: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[torc
     """
     k = min(k, scores.shape[-1])
     masked = scores.masked_fill(~valid, float("-inf"))
-    indices = masked.topk(k, dim=-1).indices
+    indices = _ranking(masked).topk(k, dim=-1).indices
     return indices, valid.gather(-1, indices)
+
+
+def _ranking(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys [..., T] ordered as the float32 scores are, ties broken by key position: the later key first.
+
+    Equal index scores are common (a key every head's ReLU zeroes scores exactly 0), and `topk` alone breaks ties by
+    wherever a key sits in the tensor, which padding and static-cache slots shift: the same prompt alone and
+    left-padded in a batch, or on a static cache, then selected different keys. Keys of one query keep their order in
+    every layout, so this tie-break is the same in all of them; without ties it selects what `topk` selects (in the
+    same order). The float's bits, read as an integer, are monotone in its value once negatives are flipped; the key
+    position fills the low 32 bits."""
+    bits = (scores.float() + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 becomes 0.0, its equal
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return ordered * (1 << 32) + torch.arange(scores.shape[-1], device=scores.device)
 
 
 def _rotate_leading_dims(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int,
