@@ -428,6 +428,21 @@ class IndexerTrainer(Trainer):
         progress = next((c for c in self.callback_handler.callbacks if isinstance(c, ProgressCallback)), None)
         self.add_callback(_ProgressPostfix(progress))
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """Trainer reloads a checkpoint's weights with `load_state_dict`, blind to the names `save_pretrained` wrote:
+        routed experts are saved per expert (`mlp.experts.0.gate_proj.weight`) and held fused
+        (`mlp.experts.gate_up_proj`), so on resume they silently kept their starting weights (a "missing keys"
+        warning) while their optimizer state was restored. A full model's checkpoint is read back through
+        `from_pretrained`, which maps the names as it does for any load; adapters and sharded (FSDP) checkpoints
+        as Trainer reads them."""
+        model = self.model if model is None else model
+        saved_whole = any(Path(resume_from_checkpoint).glob("model*.safetensors"))
+        if _is_peft(model) or not has_routed_experts(model) or not saved_whole:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        dtype = next(model.parameters()).dtype
+        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype)
+        model.load_state_dict(saved.state_dict())  # strict: every tensor, or an error naming the ones missing
+
     def _get_train_sampler(self, *args, **kwargs):
         return torch.utils.data.SequentialSampler(self.train_dataset)
 
