@@ -220,6 +220,7 @@ def _add_train_indexer(commands) -> None:
     parser.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: at the end)")
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (never the input)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--optim", default="adamw_torch", help="a transformers optimizer name (adamw_torch, sgd, ...)")
     parser.add_argument(
@@ -266,7 +267,7 @@ def _run_train_indexer(args) -> int:
         batch_size=args.batch_size, learning_rate=args.lr, index_topk=args.index_topk, save_steps=args.save_steps,
         logging_steps=args.logging_steps, resume=args.resume, seed=args.seed, progress=not args.no_progress,
         optim=args.optim, lr_scheduler=args.lr_scheduler, lora_rank=args.lora, lora_save=args.lora_save,
-        dense_control=args.dense_control, bf16=args.bf16,
+        dense_control=args.dense_control, bf16=args.bf16, overwrite=args.overwrite,
     )  # fmt: skip
     _leave_process_group()
     print(f"wrote {out}")

@@ -15,6 +15,7 @@ data-parallel (gloo on CPU, NCCL on GPUs) with no code of ours involved in the d
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -241,6 +242,7 @@ def train_indexer(
     callbacks: list[TrainerCallback] | None = None,
     lr_scheduler: str = "constant_with_warmup",
     bf16: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """One stage of indexer training with transformers' Trainer; saves a loadable DSA checkpoint to `out_dir`.
 
@@ -267,6 +269,7 @@ def train_indexer(
     if dense_control and stage != "sparse":
         raise ValueError("dense_control is the sparse stage's control run: pass stage='sparse'")
     out_dir = Path(out_dir)
+    _check_output(Path(checkpoint), out_dir, resume, overwrite)
     if resume:
         _check_resumed_stage(out_dir, stage)
     check_seq_len(checkpoint, MlaDsaConfig.from_pretrained(checkpoint), seq_len)
@@ -385,6 +388,23 @@ def check_data_length(data_files: list, corpus: torch.Tensor, seq_len: int) -> N
     if len(corpus) <= seq_len:
         where = data_files[0] if len(data_files) == 1 else f"{len(data_files)} data files"
         raise ConversionError(where, f"the data has {len(corpus)} tokens, fewer than --seq-len {seq_len} + 1")
+
+
+def _check_output(checkpoint: Path, out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """As `convert` treats DST: OUT is never the input checkpoint (nor holds it, nor lies in it), and a non-empty
+    OUT is only continued (`resume`) or replaced (`overwrite`, which empties it first), never written over."""
+    checkpoint, target = checkpoint.resolve(), out_dir.resolve()
+    if target == checkpoint or checkpoint in target.parents:
+        raise ConversionError(out_dir, "OUT is the input checkpoint or inside it; the input is never written to")
+    if target in checkpoint.parents:
+        raise ConversionError(out_dir, "the input checkpoint is inside OUT; replacing OUT would delete it")
+    if target.exists() and not target.is_dir():
+        raise ConversionError(out_dir, "OUT exists and is not a directory")
+    if not resume and target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise ConversionError(out_dir, "OUT exists and is not empty; pass --resume to continue the run it holds, "
+                                           "or --overwrite to replace it")  # fmt: skip
+        shutil.rmtree(target)
 
 
 def _check_resumed_stage(out_dir: Path, stage: str) -> None:

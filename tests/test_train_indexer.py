@@ -84,6 +84,30 @@ def test_resumed_sparse_stage_equals_an_uninterrupted_run(dsa_checkpoint, tmp_pa
     assert len(losses(straight)) == 6 and losses(resumed) == pytest.approx(losses(straight), abs=1e-6)
 
 
+def test_train_indexer_never_writes_over_its_input_or_a_full_out(dsa_checkpoint, tmp_path, capsys):
+    """As convert treats DST: OUT may not be the input checkpoint (which it used to overwrite in place), and a
+    non-empty OUT is continued with --resume or replaced with --overwrite, never silently written over."""
+    import shutil
+
+    own = tmp_path / "own"
+    shutil.copytree(dsa_checkpoint, own)
+    before = weights(own)
+    common = ["--stage", "dense", "--data", *DATA, "--seq-len", "64", "--batch-size", "2", "--no-progress",
+              "--steps", "2"]  # fmt: skip
+    for flags in ([], ["--overwrite"]):
+        assert cli(["train-indexer", str(own), *common, "--out", str(own), *flags]) == 1
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert "input checkpoint" in line
+    assert all(torch.equal(before[name], tensor) for name, tensor in weights(own).items())
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    assert cli(["train-indexer", str(own), *common, "--out", str(full)]) == 1
+    assert "--overwrite" in capsys.readouterr().err and (full / "notes.txt").exists()
+    assert cli(["train-indexer", str(own), *common, "--out", str(full), "--overwrite"]) == 0
+    assert not (full / "notes.txt").exists() and (full / "model.safetensors").exists()
+
+
 def test_eval_prints_json(dsa_checkpoint, capsys):
     assert cli(["eval", str(dsa_checkpoint), "--data", *DATA, "--seq-len", "64", "--windows", "4",
                 "--index-topk", "8"]) == 0  # fmt: skip
