@@ -276,7 +276,10 @@ def train_indexer(
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     corpus = text_files_corpus(data_files, tokenizer, max_tokens=max_tokens)
     check_data_length(data_files, corpus, seq_len)
-    model = MlaDsaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    # An absolute path: a LoRA adapter saved alone records it as its base model, which `eval` then finds from any
+    # directory (a relative one sent it to the hub).
+    local = Path(checkpoint).resolve() if Path(checkpoint).is_dir() else checkpoint
+    model = MlaDsaForCausalLM.from_pretrained(local, dtype=torch.float32)
     if lora_rank is not None:
         from peft import get_peft_model
         from transformers import set_seed

@@ -245,13 +245,16 @@ SPARSE_RUN = ["--stage", "sparse", "--data", *DATA, "--steps", "3", "--seq-len",
               "--lr", "1e-3", "--no-progress"]  # fmt: skip
 
 
-def test_sparse_stage_through_lora_saves_merged_or_as_an_adapter(dsa_checkpoint, tmp_path, capsys):
+def test_sparse_stage_through_lora_saves_merged_or_as_an_adapter(dsa_checkpoint, tmp_path, capsys, monkeypatch):
     """`--lora R`: the same run saved merged (a plain checkpoint) and as an adapter gives the same model; eval reads
-    either; the adapter cannot be trained from (its weights are not a checkpoint's)."""
+    either, from any directory (the adapter records its base checkpoint's absolute path, though typed relative);
+    the adapter cannot be trained from (its weights are not a checkpoint's)."""
     merged, adapter = tmp_path / "merged", tmp_path / "adapter"
     assert cli(["train-indexer", str(dsa_checkpoint), *SPARSE_RUN, "--lora", "4", "--out", str(merged)]) == 0
-    assert cli(["train-indexer", str(dsa_checkpoint), *SPARSE_RUN, "--lora", "4", "--lora-save", "adapter",
+    monkeypatch.chdir(dsa_checkpoint.parent)
+    assert cli(["train-indexer", dsa_checkpoint.name, *SPARSE_RUN, "--lora", "4", "--lora-save", "adapter",
                 "--out", str(adapter)]) == 0  # fmt: skip
+    monkeypatch.chdir(tmp_path)
     assert not (merged / "adapter_config.json").exists() and (merged / "config.json").exists()
     assert (adapter / "adapter_config.json").exists() and not (adapter / "model.safetensors").exists()
     before, after = weights(dsa_checkpoint), weights(merged)
