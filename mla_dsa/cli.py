@@ -330,14 +330,35 @@ def _run_eval(args) -> int:
         _check_checkpoint(args.source)
         from .modeling.compat_mla_dsa import loading_kwargs
 
+        _check_source(args.source, model.config, tokenizer)
         source = AutoModelForCausalLM.from_pretrained(args.source, **loading_kwargs({"dtype": torch.float32}))
-        if source.config.vocab_size != model.config.vocab_size:
-            vocab = f"vocab_size {source.config.vocab_size}, the checkpoint's {model.config.vocab_size}"
-            raise ConversionError(args.source, f"{vocab}: not the model the checkpoint was made from")
     windows = fixed_windows(corpus, args.windows, args.seq_len)
     result = evaluate_indexer(model, windows, index_topk=args.index_topk, batch_size=args.batch_size, source=source)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _check_source(path: str, config, tokenizer) -> None:
+    """`eval --source` must name the model the checkpoint was converted from: conversion keeps the vocabulary, the
+    tokenizer, the width and the depth (MLA and GQA sources alike), so a source that differs in any of them cannot be
+    it, and a loss ratio against it would mean nothing."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    source = json.loads((Path(path) / "config.json").read_text())
+    for field in ("vocab_size", "hidden_size", "num_hidden_layers"):
+        if source.get(field) != getattr(config, field):
+            raise ConversionError(path, f"{field} {source.get(field)}, the checkpoint's {getattr(config, field)}: not "
+                                        "the model the checkpoint was made from")  # fmt: skip
+    try:
+        same_tokens = AutoTokenizer.from_pretrained(path).get_vocab() == tokenizer.get_vocab()
+    except (OSError, ValueError):  # no tokenizer files: nothing to compare
+        same_tokens = True
+    if not same_tokens:
+        raise ConversionError(path, "its tokenizer differs from the checkpoint's: not the model the checkpoint was "
+                                    "made from")  # fmt: skip
 
 
 def _check_checkpoint(path: str, adapter_ok: bool = False) -> None:

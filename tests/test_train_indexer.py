@@ -147,6 +147,22 @@ def test_eval_against_the_source_reports_captured_kl(tmp_path, capsys):
     assert result["kl_uniform"] > 0
 
 
+def test_eval_refuses_a_source_the_checkpoint_cannot_come_from(dsa_checkpoint, tmp_path, capsys):
+    """A GPT-2 of the same vocabulary size used to be accepted, with a loss_ratio against it; conversion keeps the
+    width, the depth and the tokenizer, so a source differing in any of them is refused in one line."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mla_dsa.data import byte_tokenizer
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(gpt2)
+    byte_tokenizer().save_pretrained(gpt2)
+    assert cli(["eval", str(dsa_checkpoint), "--source", str(gpt2), "--data", *DATA, "--seq-len", "32",
+                "--windows", "2"]) == 1  # fmt: skip
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert str(gpt2) in line and "not the model the checkpoint was made from" in line
+
+
 def test_bad_data_file_is_one_line(dsa_checkpoint, capsys):
     assert cli(["eval", str(dsa_checkpoint), "--data", "/nonexistent.txt"]) == 1
     err = capsys.readouterr().err.strip()
