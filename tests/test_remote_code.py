@@ -325,6 +325,26 @@ def test_isolated_interpreter_loads_with_trust_remote_code(saved, input_ids, tmp
     assert json.loads((resaved / "config.json").read_text())["auto_map"] == model.config.auto_map
 
 
+@pytest.mark.slow  # a fresh interpreter
+def test_readme_usage_runs_in_a_terminal_without_a_prompt(tmp_path):
+    """The README's first example, as a user pastes it, against a converted checkpoint in an interpreter that cannot
+    import mla_dsa, stdin closed: transformers asks "Do you wish to run the custom code?" of any AutoTokenizer call
+    without trust_remote_code on a custom-code checkpoint (it reads config.json), and waited there."""
+    from peers import save_byte_level_dsa
+
+    checkpoint = save_byte_level_dsa(tmp_path / "dense", tmp_path / "dsa", index_topk=8)
+    readme = (REPO_ROOT / "README.md").read_text()
+    code = readme.split("## Using it", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace("path/to/dsa-checkpoint", str(checkpoint)).replace("max_new_tokens=64", "max_new_tokens=4")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Do you wish to run the custom code" not in result.stdout + result.stderr
+    assert "to instantiate a model of type" not in result.stderr
+
+
 # --------------------------------------------------------------------------------------- dense V3 checkpoints
 class _Records(logging.Handler):
     def __init__(self):
