@@ -21,7 +21,7 @@ from .calibrate import CalibrationOptions, calibration_windows
 from .export import export_refusals
 from .gqa import GQA_MODEL_TYPES, is_gqa_source, verify_mla_stage, write_mla_stage
 from .indexer_init import INDEXER_INITS
-from .plan import DTYPES, ConvertOptions, plan_output, target_config
+from .plan import DTYPES, ConvertOptions, check_options, plan_output, target_config
 from .source import ConversionError, SourceCheckpoint, read_json
 from .verify import verify_logits
 from .write import check_output, move_into_place, write_metadata, write_shards
@@ -38,6 +38,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **options
     which transformers' DeepseekV32ForCausalLM, vLLM and SGLang load without custom code).
     Raises `ConversionError` (one line naming the file)."""
     opts = ConvertOptions(**options)
+    check_options(opts)
     src_config = read_json(Path(src) / "config.json") if Path(src, "config.json").is_file() else {}
     if opts.from_gqa or (opts.from_gqa is None and is_gqa_source(src_config)):
         return _convert_gqa(Path(src), Path(dst), opts)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 
-from ..modeling.configuration_mla_dsa import MlaDsaConfig
+from ..modeling.configuration_mla_dsa import POSITIVE_FIELDS, REQUIRED_SHAPE_FIELDS, MlaDsaConfig
 from ..modeling.deepseek_format_mla_dsa import config_from_deepseek, deepseek_family, glm_indexer_types
 from ..modeling.moe_mla_dsa import FUSED_EXPERTS
 from .source import SCALE_SUFFIX, ConversionError, SourceCheckpoint, TensorInfo
@@ -72,9 +72,37 @@ class OutputShard:
     tensors: list[OutputTensor] = field(default_factory=list)
 
 
+# Options that must be positive where given: checked before SRC is read, so a bad value is blamed on the option.
+POSITIVE_OPTIONS = ("index_n_heads", "index_head_dim", "index_topk", "index_share", "kv_lora_rank",
+                    "calibration_tokens", "calibration_seq_len", "calibration_steps", "calibration_lr",
+                    "verify_tolerance")  # fmt: skip
+
+
+def check_options(opts: ConvertOptions) -> None:
+    """ValueError naming the option (as its command-line flag) for a value no conversion can use."""
+    for name in POSITIVE_OPTIONS:
+        value = getattr(opts, name)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not (number and value > 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}")
+
+
+def check_source_shape(config: dict, config_path) -> None:
+    """SRC's shape fields, where present, are positive integers: anything else is one error naming the field (a
+    string or null there failed later with a TypeError from deep inside the plan)."""
+    for name in dict.fromkeys(REQUIRED_SHAPE_FIELDS + POSITIVE_FIELDS):
+        value = config.get(name)
+        if name not in config or value is None and name not in REQUIRED_SHAPE_FIELDS:  # optional and unset
+            continue
+        least, what = (1, "a positive integer") if name in POSITIVE_FIELDS else (0, "an integer >= 0")
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:  # qk_nope_head_dim may be 0
+            raise ConversionError(config_path, f"{name} must be {what}, got {value!r}")
+
+
 def target_config(source: SourceCheckpoint, opts: ConvertOptions) -> MlaDsaConfig:
     """The MlaDsaConfig of the output: SRC's architecture plus the indexer shape from the options."""
     config_path = source.path / "config.json"
+    check_source_shape(source.config, config_path)
     has_indexer = source_family(source) in ("deepseek_v32", "glm_moe_dsa", "mla_dsa")
     fields = config_from_deepseek(source.config)
     for name in ("index_n_heads", "index_head_dim", "index_topk"):

@@ -12,6 +12,17 @@ from .conversion.indexer_init import INDEXER_INITS
 from .conversion.source import ConversionError
 
 
+def _positive_float(text: str) -> float:
+    """argparse type: a number above 0 (a tolerance, a learning rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     """argparse type: refuses 0, negatives and non-integers before any work is done."""
     try:
@@ -34,13 +45,13 @@ def _shard_size(text: str) -> str:
 def _add_indexer_arguments(group) -> None:
     group.add_argument(
         "--index-n-heads",
-        type=int,
+        type=_positive_int,
         default=None,
         help="indexer heads (default 64; min(64, max(8, attention heads)) for small models)",
     )
     group.add_argument(
         "--index-head-dim",
-        type=int,
+        type=_positive_int,
         default=None,
         help="indexer head size (default 128; min(128, max(2*rope dim, hidden/8)) for small models)",
     )
@@ -74,8 +85,10 @@ def _add_indexer_arguments(group) -> None:
         default=512,
         help="calibration window length (default 512, at most SRC's max_position_embeddings)",
     )
-    group.add_argument("--calibration-steps", type=int, default=100, help="fit steps per layer (default 100)")
-    group.add_argument("--calibration-lr", type=float, default=1e-2, help="the fit's Adam learning rate (1e-2)")
+    group.add_argument("--calibration-steps", type=_positive_int, default=100, help="fit steps per layer (default 100)")
+    group.add_argument(
+        "--calibration-lr", type=_positive_float, default=1e-2, help="the fit's Adam learning rate (1e-2)"
+    )
     group.add_argument("--seed", type=int, default=0, help="seed of the indexer init (output is deterministic)")
     group.add_argument(
         "--dense-attention-layers",
@@ -155,7 +168,7 @@ def _add_convert(commands) -> None:
     )
     parser.add_argument(
         "--verify-tolerance",
-        type=float,
+        type=_positive_float,
         default=None,
         help="largest max |logit difference| --verify accepts (default 1e-4 x max |logit|)",
     )
@@ -327,7 +340,7 @@ def _run_eval(args) -> int:
     model = load_trained(args.checkpoint)
     source = None
     if args.source is not None:
-        _check_checkpoint(args.source)
+        _check_checkpoint(args.source, is_source=True)
         from .modeling.compat_mla_dsa import loading_kwargs
 
         _check_source(args.source, model.config, tokenizer)
@@ -361,7 +374,7 @@ def _check_source(path: str, config, tokenizer) -> None:
                                     "made from")  # fmt: skip
 
 
-def _check_checkpoint(path: str, adapter_ok: bool = False) -> None:
+def _check_checkpoint(path: str, adapter_ok: bool = False, is_source: bool = False) -> None:
     """A local checkpoint directory (or, with `adapter_ok`, a LoRA adapter train-indexer saved), checked before
     anything is loaded (not a Hub id: nothing is downloaded)."""
     from pathlib import Path
@@ -375,6 +388,26 @@ def _check_checkpoint(path: str, adapter_ok: bool = False) -> None:
                                     "--lora-save merged)")  # fmt: skip
     if not (Path(path) / "config.json").is_file():
         raise ConversionError(path, "not a checkpoint directory (no config.json)")
+    if not is_source:
+        _check_model_files(Path(path))
+
+
+def _check_model_files(directory) -> None:
+    """The checkpoint is an MLA one and its weight files are whole, before minutes of loading and tokenizing: the
+    load would raise the same errors, as a traceback."""
+    from .modeling.configuration_mla_dsa import MlaDsaConfig
+    from .modeling.loading_mla_dsa import check_weight_file, weight_files
+
+    try:
+        MlaDsaConfig.from_dict(json.loads((directory / "config.json").read_text()))
+    except ValueError as err:
+        raise ConversionError(directory / "config.json", str(err)) from None
+    try:
+        for filename in sorted(set(weight_files(directory).values())):
+            check_weight_file(directory / filename)
+    except ValueError as err:  # "FILE: what is wrong with it"
+        where, _, problem = str(err).partition(": ")
+        raise ConversionError(where, problem) from None
 
 
 def _check_files(paths: list[str]) -> None:
