@@ -394,6 +394,16 @@ class MlaDsaConfig(PreTrainedConfig):
         )
 
     @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
+        """transformers' reading of config.json, a DeepSeek-format one mapped onto our fields at once: it is read
+        as ours by design, and transformers would otherwise warn on every such load that a `deepseek_v3` config
+        "is not supported and can yield errors" as an `mla_dsa` one."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+            config_dict = {**config_from_deepseek(config_dict), "model_type": MODEL_TYPE}
+        return config_dict, kwargs
+
+    @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> "MlaDsaConfig":
         """Reads our own config.json and those written for deepseek_v2 / deepseek_v3 / deepseek_v32.
 

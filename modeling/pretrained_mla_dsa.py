@@ -95,17 +95,34 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
         files = weight_files(directory) if directory is not None else {}
         for filename in sorted(set(files.values())):
             check_weight_file(directory / filename)
-        # Both through transformers' documented arguments: its own mismatch error is a RuntimeError pointing at a log
-        # report, so the load runs tolerant and the first mismatch (from its loading info) is raised here instead.
-        model, info = super().from_pretrained(path, *args, output_loading_info=True, ignore_mismatched_sizes=True,
-                                              **kwargs)  # fmt: skip
+        # A dense checkpoint loaded to run dense (use_sparse_attention=False): its missing indexer is never used, so
+        # transformers' load report (a table of it) is not shown; anything else missing or unexpected still is.
+        dense_by_choice = kwargs.get("use_sparse_attention") is False and bool(files)
+        quiet = dense_by_choice and not any(".self_attn.indexer." in name for name in files)
+        verbosity = logging.get_verbosity()
+        if quiet:
+            logging.set_verbosity_error()
+        try:
+            # Both through transformers' documented arguments: its own mismatch error is a RuntimeError pointing at a
+            # log report, so the load runs tolerant and the first mismatch (from its loading info) is raised here.
+            model, info = super().from_pretrained(path, *args, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                  **kwargs)  # fmt: skip
+        finally:
+            logging.set_verbosity(verbosity)
+        if quiet:
+            missing = sorted(key for key in info.get("missing_keys", ()) if ".self_attn.indexer." not in key)
+            unexpected = sorted(info.get("unexpected_keys", ()))
+            if missing or unexpected:
+                logger.warning(f"{path}: missing tensors {missing} (initialized), unexpected tensors {unexpected} "
+                               "(ignored)")  # fmt: skip
         for key, checkpoint_shape, model_shape in info.get("mismatched_keys", ()) if not tolerate_mismatch else ():
             where = directory / files[key] if key in files else path
             raise ValueError(f"{where}: tensor {key} has shape {list(checkpoint_shape)}, the config gives "
                              f"{list(model_shape)}")  # fmt: skip
         if directory is not None and (directory / "modeling_mla_dsa.py").is_file():  # it carries our code
             warn_if_code_is_older(model.config, directory)
-        warn_if_indexer_missing(model, set(info.get("missing_keys", ())), path)
+        if model.config.use_sparse_attention:  # dense by choice: a missing indexer is never used
+            warn_if_indexer_missing(model, set(info.get("missing_keys", ())), path)
         return (model, info) if wants_info else model
 
     def _backbone(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs):

@@ -385,6 +385,28 @@ def test_dense_v3_checkpoint_warns_once_about_indexer(tmp_path, input_ids):
         torch.testing.assert_close(model(input_ids).logits, peer(input_ids).logits, atol=1e-4, rtol=0)
 
 
+def test_documented_loads_print_nothing_alarming(tmp_path):
+    """A DeepseekV3/V32 checkpoint read as ours is not transformers' "model of type deepseek_v3 to instantiate a
+    model of type mla_dsa ... can yield errors" (printed on every such load), and a dense checkpoint loaded to run
+    dense, as our warning recommends, gets neither that warning nor a load report of the indexer it does not use."""
+    save_peer("deepseek_v3", tmp_path / "v3")
+    save_peer("deepseek_v32", tmp_path / "v32")
+    handler = _Records()
+    watched = [logging.getLogger(), logging.getLogger("transformers")]
+    for logger in watched:
+        logger.addHandler(handler)
+    transformers.logging.set_verbosity_warning()
+    try:
+        mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "v32")
+        mla_dsa.MlaDsaConfig.from_pretrained(tmp_path / "v3")
+        mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "v3", use_sparse_attention=False)
+    finally:
+        transformers.logging.set_verbosity_error()
+        for logger in watched:
+            logger.removeHandler(handler)
+    assert [r.getMessage() for r in handler.records if r.levelno >= logging.WARNING] == []
+
+
 def test_dense_v3_checkpoint_runs_sparse_with_untrained_indexer(tmp_path, input_ids):
     save_peer("deepseek_v3", tmp_path)
     model = mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path, index_topk=4).eval()
