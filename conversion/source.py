@@ -20,7 +20,8 @@ SINGLE_NAME = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"
 # Files of SRC that are not carried into DST: weights and code (rewritten), the configs the converter writes anew.
 NOT_CARRIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".py", ".pyc")
-NOT_CARRIED_NAMES = ("config.json", INDEX_NAME)
+TRAINING_RUN_FILE = "mla-dsa-training.json"  # train-indexer's record of the run in its OUT: not a model file
+NOT_CARRIED_NAMES = ("config.json", INDEX_NAME, TRAINING_RUN_FILE)
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,

@@ -6,6 +6,7 @@ import json
 import re
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from .conversion.export import EXPORT_FORMATS
 from .conversion.indexer_init import INDEXER_INITS
@@ -230,7 +231,9 @@ def _add_train_indexer(commands) -> None:
         help="learning rate (default: dense 1e-3; sparse 7.3e-6 * sqrt(7168 / hidden_size))",
     )
     parser.add_argument("--index-topk", type=_positive_int, default=None, help="override the checkpoint's index_topk")
-    parser.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: at the end)")
+    parser.add_argument("--save-steps", type=_positive_int, default=None,
+                        help="keep a Trainer checkpoint (optimizer and RNG state too: several times the model) in "
+                        "OUT/checkpoints every N steps, the newest only, for --resume (default: none)")  # fmt: skip
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (never the input)")
@@ -284,6 +287,9 @@ def _run_train_indexer(args) -> int:
     )  # fmt: skip
     _leave_process_group()
     print(f"wrote {out}")
+    kept = sorted((Path(out) / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if kept:
+        print(f"kept {kept[-1]} for --resume (optimizer and RNG state; delete it when done)")
     return 0
 
 

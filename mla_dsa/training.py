@@ -23,13 +23,13 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from transformers.utils import logging
 
-from .conversion.source import ConversionError
+from .conversion.source import TRAINING_RUN_FILE, ConversionError
 
 logger = logging.get_logger(__name__)
 
 STAGES = ("dense", "sparse")
 LORA_SAVES = ("merged", "adapter")
-RUN_FILE = "mla-dsa-training.json"  # in OUT: which stage the run there is, so --resume cannot cross stages
+RUN_FILE = TRAINING_RUN_FILE  # in OUT: which stage the run there is (so --resume cannot cross stages), and its log
 # Default learning rates: the paper's (dense warm-up 1e-3; sparse stage 7.3e-6 for a 7168-wide model), the sparse
 # one scaled up by sqrt(7168 / hidden_size) for narrower models, which tolerate larger steps.
 DENSE_LR = 1e-3
@@ -254,8 +254,10 @@ def train_indexer(
     `lr_scheduler_type` ("constant_with_warmup", as the paper; "cosine", "linear", ...), after a 5 % warm-up.
     `bf16`: the Trainer's bf16 mixed precision (weights and optimizer in float32, matrix products in bfloat16 under
     autocast; on a CPU with bf16 dot products, AVX512-BF16 or AMX, several times faster than float32).
-    Periodic Trainer checkpoints go to `out_dir/checkpoints` (every `save_steps`); `resume=True` continues from the
-    newest. Runs data-parallel unchanged under `accelerate launch`: `batch_size` is per process."""
+    With `save_steps`, a Trainer checkpoint (weights, optimizer and RNG state) goes to `out_dir/checkpoints` every
+    `save_steps` steps, the newest kept, and `resume=True` continues from it; without, none is written.
+    `out_dir/mla-dsa-training.json` records the run and its logged losses. Runs data-parallel unchanged under
+    `accelerate launch`: `batch_size` is per process."""
     from transformers import AutoTokenizer
 
     from .data import text_files_corpus
@@ -306,6 +308,10 @@ def train_indexer(
         (out_dir / RUN_FILE).write_text(json.dumps(run) + "\n")
     trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
     if trainer.is_world_process_zero():
+        (out_dir / RUN_FILE).write_text(json.dumps({**run, "log_history": trainer.state.log_history}) + "\n")
+        checkpoints = out_dir / "checkpoints"
+        if checkpoints.is_dir() and not any(checkpoints.iterdir()):  # Trainer makes it even when it saves nothing
+            checkpoints.rmdir()
         if lora_rank is not None and lora_save == "merged":
             model = model.merge_and_unload()
         model.save_pretrained(out_dir)
@@ -340,7 +346,7 @@ def _training_arguments(out_dir: Path, stage: str, steps: int, batch_size: int, 
                         logging_steps: int, seed: int, progress: bool, optim: str, lr_scheduler: str,
                         bf16: bool = False):  # fmt: skip
     """The Trainer settings of one stage: the LR schedule after a 5 % warm-up (constant by default), no weight decay,
-    clipped gradients, two checkpoints kept, a fixed data order."""
+    clipped gradients, the newest checkpoint kept (with `save_steps`), a fixed data order."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -353,8 +359,11 @@ def _training_arguments(out_dir: Path, stage: str, steps: int, batch_size: int, 
         weight_decay=0.0,
         max_grad_norm=1.0,
         logging_steps=logging_steps,
+        # Trainer checkpoints (weights, optimizer and RNG state: 3x the model in the sparse stage) only when asked,
+        # the newest one kept: they exist for --resume.
+        save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or max(steps, 1),
-        save_total_limit=2,
+        save_total_limit=1,
         report_to="none",
         seed=seed,
         data_seed=seed,

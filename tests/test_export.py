@@ -111,8 +111,8 @@ def test_dense_checkpoint_exports_in_one_step_with_verify(exported, tmp_path, ca
     checked by running SRC and the export through transformers' own classes."""
     ours, export = exported
     status = main(["convert", str(ours.parent / "ours-v3"), str(tmp_path / "direct"), "--export", "deepseek_v32",
-                   "--index-topk", str(TOPK), "--indexer-init", "random", "--index-n-heads", "16", "--index-head-dim", "32",
-                   "--verify", "--no-progress"])  # fmt: skip
+                   "--index-topk", str(TOPK), "--indexer-init", "random", "--index-n-heads", "16",
+                   "--index-head-dim", "32", "--verify", "--no-progress"])  # fmt: skip
     assert status == 0 and "verify: max |logit difference|" in capsys.readouterr().out
     assert json.loads((tmp_path / "direct" / "config.json").read_text()) == json.loads(
         (export / "config.json").read_text()

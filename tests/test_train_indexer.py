@@ -42,6 +42,11 @@ def test_dense_warmup_trains_only_the_indexer_and_saves_a_dsa_checkpoint(dsa_che
     config = json.loads((out / "config.json").read_text())
     assert config["use_sparse_attention"] is True and config.get("indexer_loss") is None
     assert (out / "modeling_mla_dsa.py").exists() and (out / "tokenizer.json").exists()
+    assert not (out / "checkpoints").exists()  # no --save-steps: no optimizer state left behind
+    # the run's record stays in OUT, never in what is made from it
+    assert "log_history" in json.loads((out / "mla-dsa-training.json").read_text())
+    export = mla_dsa.convert_checkpoint(out, tmp_path / "export", export="deepseek_v32", progress=False)
+    assert (export / "tokenizer.json").exists() and not (export / "mla-dsa-training.json").exists()
 
 
 def test_resume_continues_from_the_last_checkpoint(dsa_checkpoint, tmp_path):
@@ -55,6 +60,7 @@ def test_resume_continues_from_the_last_checkpoint(dsa_checkpoint, tmp_path):
     cli(["train-indexer", str(dsa_checkpoint), *common, "--out", str(resumed), "--steps", "6", "--resume"])
     state = json.loads((resumed / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["global_step"] == 6
+    assert [path.name for path in (resumed / "checkpoints").iterdir()] == ["checkpoint-6"]  # the newest only
     a, b = weights(straight), weights(resumed)
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
@@ -323,7 +329,8 @@ def test_lr_scheduler_is_the_trainers(dsa_checkpoint, tmp_path):
         assert cli(["train-indexer", str(dsa_checkpoint), "--stage", "dense", "--data", *DATA, "--out", str(out),
                     "--steps", "6", "--seq-len", "32", "--batch-size", "1", "--logging-steps", "1",
                     "--lr-scheduler", schedule, "--no-progress"]) == 0  # fmt: skip
-        state = json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+        assert not (out / "checkpoints").exists()  # none asked for (--save-steps): none kept
+        state = json.loads((out / "mla-dsa-training.json").read_text())
         rates[schedule] = [entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry]
     assert rates["constant_with_warmup"][1:] == [1e-3] * 5
     assert rates["cosine"][1] > rates["cosine"][3] > rates["cosine"][5]
