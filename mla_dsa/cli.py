@@ -536,6 +536,20 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
 
 
+def _how_to_continue(args) -> str:
+    """What an interrupted command leaves to continue from, in words."""
+    if args.command == "convert":
+        return "; the same command with --resume continues where it stopped (finished shards are kept)"
+    if args.command == "train-indexer":
+        kept = sorted((Path(args.out) / "checkpoints").glob("checkpoint-*"))
+        if kept:
+            return f"; the same command with --resume continues from {kept[-1]}"
+        if args.save_steps:
+            return f"; no checkpoint was reached yet (one every {args.save_steps} steps): nothing to resume from"
+        return "; no checkpoint was kept (--save-steps N keeps one to continue from with --resume)"
+    return ""
+
+
 def _dispatch(args) -> int:
     try:
         if args.command == "convert":
@@ -552,7 +566,7 @@ def _dispatch(args) -> int:
         print(f"mla-dsa {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"mla-dsa {args.command}: interrupted", file=sys.stderr)
+        print(f"\nmla-dsa {args.command}: interrupted{_how_to_continue(args)}", file=sys.stderr)
         return 130
     return 2
 

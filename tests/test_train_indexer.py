@@ -369,3 +369,30 @@ def test_bf16_mixed_precision_keeps_float32_weights(dsa_checkpoint, tmp_path, ca
     with pytest.raises(SystemExit):
         cli(["train-indexer", "--help"])
     assert "--bf16" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("save_steps", [[], ["--save-steps", "1"]], ids=["no-checkpoints", "checkpoints"])
+def test_an_interrupted_run_says_how_to_continue(dsa_checkpoint, tmp_path, capsys, monkeypatch, save_steps):
+    """Ctrl-C in train-indexer: one line that says whether --resume can continue (and from where), or that no
+    checkpoint was kept and how to keep one."""
+    from mla_dsa.training import IndexerTrainer
+
+    calls = []
+
+    def interrupted_at_step_three(self, model, inputs, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, model, inputs, *args, **kwargs)
+
+    original = IndexerTrainer.compute_loss
+    monkeypatch.setattr(IndexerTrainer, "compute_loss", interrupted_at_step_three)
+    out = tmp_path / "out"
+    assert cli(["train-indexer", str(dsa_checkpoint), "--stage", "dense", "--data", *DATA, "--out", str(out),
+                "--steps", "6", "--seq-len", "32", "--batch-size", "1", "--no-progress", *save_steps]) == 130  # fmt: skip
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("mla-dsa train-indexer: interrupted; ")
+    if save_steps:
+        assert f"--resume continues from {out / 'checkpoints'}" in line
+    else:
+        assert "no checkpoint was kept (--save-steps N" in line
