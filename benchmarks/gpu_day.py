@@ -344,7 +344,7 @@ def decode_section(section: Section, device, sizes: dict, work: Path) -> None:
         # dynamic=False: a static cache's buffers are fixed, so each (context, batch) is its own graph anyway, and
         # the automatic dynamic recompile took 85 s on the second shape in the first run (a static one 5-19 s)
         compiled = torch.compile(ours.forward, fullgraph=True, mode="reduce-overhead", dynamic=False)
-    steps, vocab = sizes["steps"], config["vocab_size"]
+    steps = sizes["steps"]
 
     def static_cache(contents, batch: int, context: int):
         cache = StaticCache(config=ours.config, max_cache_len=context + steps + 4)
@@ -356,8 +356,9 @@ def decode_section(section: Section, device, sizes: dict, work: Path) -> None:
     def measure(row: dict, label: str, forward, cache, **settings) -> torch.Tensor | None:
         try:
             start = time.time()
-            row[f"{label}_ms"], logits = _time_decode(forward, cache, row["context"], steps, row["batch"], vocab,
-                                                      device, forward is compiled, **settings)  # fmt: skip
+            model, graphs = (ours, compiled) if forward is compiled else (forward, None)
+            row[f"{label}_ms"], logits = _time_decode(model, cache, row["context"], steps, row["batch"], graphs,
+                                                      **settings)  # fmt: skip
             row[f"{label}_seconds_total"] = round(time.time() - start, 1)  # compilation included
             return logits
         except Exception as exc:  # noqa: BLE001
@@ -400,7 +401,7 @@ def decode_section(section: Section, device, sizes: dict, work: Path) -> None:
             section.add(dict(row))
             if context == max(sizes["contexts"]) and batch == max(sizes["batches"]) and section.left() > 60:
                 cache = our_cache(ours, contents, batch)
-                _profile(lambda: _time_decode(ours, cache, context, 1, batch, vocab, device, False, index_topk=k),  # noqa: B023
+                _profile(lambda: _time_decode(ours, cache, context, 1, batch, index_topk=k),  # noqa: B023
                          device, f"eager DSA decode step, context {context}, batch {batch} (3 steps)")  # fmt: skip
                 del cache
         del contents
@@ -452,9 +453,8 @@ def _peer_agreement_in_float32(section: Section, directory: Path, config: dict, 
         k = config["index_topk"] // 2  # DSA active even where the context is 2 k
         set_their_topk(theirs, k)
         contents = random_cache_contents(context, config, device, torch.float32)
-        vocab = config["vocab_size"]
-        _, mine = _time_decode(ours, our_cache(ours, contents), context, 1, 1, vocab, device, False, index_topk=k)
-        _, their = _time_decode(theirs, their_cache(theirs, contents), context, 1, 1, vocab, device, False)
+        _, mine = _time_decode(ours, our_cache(ours, contents), context, 1, 1, index_topk=k)
+        _, their = _time_decode(theirs, their_cache(theirs, contents), context, 1, 1)
         section.data["float32_peer_agreement"] = {"context": context, "index_topk": k,
                                                   "max_abs_logit_diff": (mine - their).abs().max().item(),
                                                   "logit_scale": their.abs().max().item()}  # fmt: skip
@@ -465,32 +465,12 @@ def _peer_agreement_in_float32(section: Section, directory: Path, config: dict, 
         section.error("float32 peer agreement", exc)
 
 
-def _time_decode(forward, cache, context: int, steps: int, batch: int, vocab: int, device, graphs: bool, **settings):
-    """Median ms per decode step (one token for each of `batch` sequences) over `steps` steps after two warm-up steps
-    (a compiled forward compiles and records its CUDA graph there), and the first step's logits [batch, vocab]."""
-    import torch
+def _time_decode(model, cache, context: int, steps: int, batch: int, forward=None, **settings):
+    """`mla_dsa.bench.time_decode` with two warm-up steps: a compiled `forward` compiles and records its CUDA graph
+    there."""
+    from mla_dsa.bench import time_decode
 
-    from mla_dsa.modeling.compat_mla_dsa import CACHE_NAME  # transformers' DeepseekV32 takes the cache by this name
-
-    generator = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, vocab, (steps + 2, batch, 1), generator=generator).to(device)
-    times, first = [], None
-    with torch.no_grad():
-        for step in range(steps + 2):
-            position = torch.full((batch, 1), context + step, device=device)
-            if graphs and device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()
-            _synchronize(device)
-            start = time.perf_counter()
-            out = forward(tokens[step], position_ids=position, use_cache=True, **{CACHE_NAME: cache}, **settings)
-            _synchronize(device)
-            elapsed = time.perf_counter() - start
-            if step == 0:
-                first = out.logits[:, -1].float().clone()
-            elif step >= 2:
-                times.append(elapsed)
-    times.sort()
-    return 1000 * times[len(times) // 2], first
+    return time_decode(model, cache, context, steps, batch, forward=forward, warmup=2, **settings)
 
 
 def _synchronize(device) -> None:

@@ -420,27 +420,33 @@ def their_cache(model, contents, batch: int = 1):
 
 @torch.no_grad()
 def time_decode(
-    model, cache, context: int, steps: int, batch: int = 1, seed: int = 1, **settings
+    model, cache, context: int, steps: int, batch: int = 1, seed: int = 1, forward=None, warmup: int = 1, **settings
 ) -> tuple[float, torch.Tensor]:
-    """Median ms per decode step (one new token for each of `batch` sequences) over `steps` steps, and the first
-    step's logits [batch, vocab] in float32. `settings`: forward arguments (ours: index_topk, use_sparse_attention)."""
+    """Median ms per decode step (one new token for each of `batch` sequences) over `steps` steps after `warmup`
+    untimed ones, and the first step's logits [batch, vocab] in float32. `forward`: what to call instead of `model`
+    (a compiled `model.forward`: its warm-up steps compile and record CUDA graphs, and each step is marked as a new
+    one for them). `settings`: forward arguments (ours: index_topk, use_sparse_attention)."""
     from .modeling.compat_mla_dsa import CACHE_NAME  # transformers' models take the cache under this name only
 
     device = next(model.parameters()).device
+    compiled = forward is not None
+    forward = model if forward is None else forward
     generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, model.config.vocab_size, (steps + 1, batch, 1), generator=generator).to(device)
+    tokens = torch.randint(0, model.config.vocab_size, (steps + warmup, batch, 1), generator=generator).to(device)
     times, first = [], None
-    for step in range(steps + 1):
+    for step in range(steps + warmup):
         position = torch.full((batch, 1), context + step, device=device)
+        if compiled and device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
         synchronize(device)
         start = time.perf_counter()
-        out = model(tokens[step], position_ids=position, use_cache=True, **{CACHE_NAME: cache}, **settings)
+        out = forward(tokens[step], position_ids=position, use_cache=True, **{CACHE_NAME: cache}, **settings)
         synchronize(device)
         elapsed = time.perf_counter() - start
         if step == 0:
             first = out.logits[:, -1].float().clone()
-        else:
-            times.append(elapsed)  # step 0 warms up (and grows our cache's buffer)
+        if step >= warmup:
+            times.append(elapsed)  # the warm-up steps grow our cache's buffer (and compile)
     times.sort()
     return 1000 * times[len(times) // 2], first
 

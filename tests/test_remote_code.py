@@ -8,6 +8,7 @@ indexer in exactly one warning of ours.
 """
 
 import ast
+import contextlib
 import json
 import logging
 import os
@@ -357,8 +358,9 @@ class _Records(logging.Handler):
             self.records.append(record)
 
 
-def test_dense_v3_checkpoint_warns_once_about_indexer(tmp_path, input_ids):
-    peer = save_peer("deepseek_v3", tmp_path)
+@contextlib.contextmanager
+def _logged_warnings():
+    """The warnings logged inside the block, ours and transformers', at transformers' warning verbosity."""
     handler = _Records()
     # Our logger propagates to the root logger; transformers' own loggers stop at "transformers".
     watched = [logging.getLogger(), logging.getLogger("transformers")]
@@ -366,11 +368,17 @@ def test_dense_v3_checkpoint_warns_once_about_indexer(tmp_path, input_ids):
         logger.addHandler(handler)
     transformers.logging.set_verbosity_warning()
     try:
-        model = mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path).eval()
+        yield handler
     finally:
         transformers.logging.set_verbosity_error()
         for logger in watched:
             logger.removeHandler(handler)
+
+
+def test_dense_v3_checkpoint_warns_once_about_indexer(tmp_path, input_ids):
+    peer = save_peer("deepseek_v3", tmp_path)
+    with _logged_warnings() as handler:
+        model = mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path).eval()
 
     ours = [r.getMessage() for r in handler.records if r.name.startswith("mla_dsa") and r.levelno >= logging.WARNING]
     about_indexer = [message for message in ours if "indexer" in message.lower()]
@@ -391,19 +399,10 @@ def test_documented_loads_print_nothing_alarming(tmp_path):
     dense, as our warning recommends, gets neither that warning nor a load report of the indexer it does not use."""
     save_peer("deepseek_v3", tmp_path / "v3")
     save_peer("deepseek_v32", tmp_path / "v32")
-    handler = _Records()
-    watched = [logging.getLogger(), logging.getLogger("transformers")]
-    for logger in watched:
-        logger.addHandler(handler)
-    transformers.logging.set_verbosity_warning()
-    try:
+    with _logged_warnings() as handler:
         mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "v32")
         mla_dsa.MlaDsaConfig.from_pretrained(tmp_path / "v3")
         mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "v3", use_sparse_attention=False)
-    finally:
-        transformers.logging.set_verbosity_error()
-        for logger in watched:
-            logger.removeHandler(handler)
     assert [r.getMessage() for r in handler.records if r.levelno >= logging.WARNING] == []
 
 
