@@ -62,17 +62,27 @@ def calibrate_indexers(
     report = {"tokens": int(windows.numel()), "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
               "steps": opts.steps, "lr": opts.lr, "layers": {}}  # fmt: skip
     pending: _Pending | None = None  # the last full layer: fitted once every layer that shares its selection ran
-    bar = tqdm(total=config.num_hidden_layers, desc="calibrating indexers", unit="layer", disable=not progress)
+    # In fit steps: each layer's dense pass counts one, each full layer's fit `steps` (the fits are most of the time,
+    # and the last one runs after every pass: a bar of passes read 100 % for the whole of it).
+    full_layers = sum(not config.is_shared_indexer_layer(layer) for layer in range(config.num_hidden_layers))
+    bar = tqdm(total=config.num_hidden_layers + full_layers * opts.steps, desc="calibrating indexers", unit="step",
+               disable=not progress)  # fmt: skip
+
+    def fit(group: _Pending) -> None:
+        bar.set_postfix_str(f"fitting layer {group.layer}'s indexer", refresh=False)
+        fitted[group.layer], report["layers"][group.layer] = group.fit(opts, visible, on_step=lambda: bar.update(1))
+
     for layer_pass in dense_layer_passes(source, config, windows, seed):
         if layer_pass.indexer is not None:
             if pending is not None:
-                fitted[pending.layer], report["layers"][pending.layer] = pending.fit(opts, visible)
+                fit(pending)
             pending = _Pending(layer_pass, [])
         if pending is not None:
             pending.targets.append(layer_pass.attention)
+        bar.set_postfix_str(f"layer {layer_pass.layer} run densely", refresh=False)
         bar.update(1)
     if pending is not None:
-        fitted[pending.layer], report["layers"][pending.layer] = pending.fit(opts, visible)
+        fit(pending)
     bar.close()
     return fitted, report
 
@@ -210,7 +220,8 @@ class _Pending:
     def layer(self) -> int:
         return self.source.layer
 
-    def fit(self, opts: CalibrationOptions, visible: VisibleKeys) -> tuple[dict[str, torch.Tensor], dict]:
+    def fit(self, opts: CalibrationOptions, visible: VisibleKeys, on_step=lambda: None
+            ) -> tuple[dict[str, torch.Tensor], dict]:  # fmt: skip
         indexer = self.source.indexer.train()
         attn, query_latent = self.source.attn_input, self.source.query_latent
         mask = visible.mask(0, attn.shape[1]).expand(attn.shape[0], -1, -1)  # [N, L, L] causal
@@ -224,6 +235,7 @@ class _Pending:
             loss.backward()
             optimizer.step()
             schedule.step()
+            on_step()
         with torch.no_grad():
             kl_after = self._loss(indexer, attn, query_latent, mask).item()
         tensors = {name: value.detach().float().clone() for name, value in indexer.state_dict().items()}

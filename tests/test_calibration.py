@@ -190,3 +190,28 @@ def test_cli_reports_the_fit(byte_peers, data_files, tmp_path, capsys):
     assert f"calibrated 4 indexers on {4 * SEQ_LEN} tokens" in printed and "KL to the attention" in printed
     assert main(["convert", str(directory), str(tmp_path / "x"), "--indexer-init", "calibrate", "--no-progress"]) != 0
     assert "--calibration-data" in capsys.readouterr().err
+
+
+def test_the_calibration_bar_counts_the_fits_too(tmp_path, monkeypatch):
+    """The bar counts fit steps as well as dense layer passes: it reached 100 % after the last pass, while the last
+    layer's fit (minutes on a large model) ran with nothing shown; now it ends exactly when the last fit does."""
+    import tqdm.auto
+
+    from mla_dsa.conversion import calibrate
+
+    bars = []
+
+    class Recorded(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(calibrate, "tqdm", Recorded)
+    data = tmp_path / "data.py"
+    data.write_text("\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}" for i in range(400)))
+    mla_dsa.convert_checkpoint(ASSET_DIR, tmp_path / "out", indexer_init="calibrate", calibration_data=[str(data)],
+                               calibration_steps=3, calibration_tokens=512, calibration_seq_len=128,
+                               progress=True)  # fmt: skip
+    (bar,) = [bar for bar in bars if bar.desc.startswith("calibrating")]
+    layers = json.loads((ASSET_DIR / "config.json").read_text())["num_hidden_layers"]
+    assert bar.total == layers + layers * 3 and bar.n == bar.total
