@@ -15,6 +15,7 @@ dn/dr/dv `qk_nope_head_dim`/`qk_rope_head_dim`/`v_head_dim`, k the number of sel
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .fp8_mla_dsa import pack_latent_rows, unpack_latent_rows
 from .indexer_loss_mla_dsa import IndexerStats, dense_stage_loss, sparse_stage_loss
@@ -208,6 +209,15 @@ class MlaDsaAttention(nn.Module):
         key = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, num_heads, -1)], dim=-1)
         query = torch.cat([q_nope, q_rope], dim=-1)
 
+        value_dim, key_dim = value.shape[-1], query.shape[-1]
+        if selection is None and not return_weights and visible.causal_only(seq_len) and value_dim <= key_dim:
+            # Causal attention with no mask tensor: SDPA's flash kernels (CPU and GPU) never build the [H, S, T]
+            # scores, for training too. They want one head size: values are zero-padded to the keys' and cut after.
+            out = F.scaled_dot_product_attention(
+                query.transpose(1, 2), key.transpose(1, 2), F.pad(value, (0, key_dim - value_dim)).transpose(1, 2),
+                dropout_p=self.config.attention_dropout if self.training else 0.0, is_causal=True, scale=self.scaling,
+            )  # fmt: skip
+            return out.transpose(1, 2)[..., :value_dim]  # [B, S, H, dv]
         mask = visible.mask(0, seq_len)  # [B or 1, S, T]
         if selection is not None:
             mask = mask & selected_keys_mask(selection.indices, visible.num_keys)
@@ -260,32 +270,43 @@ class MlaDsaAttention(nn.Module):
     def _absorbed_attention(self, q_nope, q_rope, latent, visible: VisibleKeys, selection: TopkSelection | None
                             ) -> torch.Tensor:  # fmt: skip
         """[B, S, H, dv], one query chunk at a time: the absorbed query [s, H, R + dr] and the latent output
-        [s, H, R] exist only per chunk, so long prefills stay O(chunk) in memory."""
+        [s, H, R] exist only per chunk, so long prefills stay O(chunk) in memory. Under autograd each chunk runs
+        checkpointed (recomputed in backward), so training keeps no chunk's scores or gathered rows either: memory
+        grows with S, not with S x k or S x T."""
         batch_size, seq_len, num_heads, _ = q_nope.shape
-        _, w_uv = self.absorbed_weights()
-        w_uv = w_uv.to(q_nope.dtype)
+        w_uk, w_uv = (weight.to(q_nope.dtype) for weight in self.absorbed_weights())
         if selection is None:
             per_query = batch_size * num_heads * latent.shape[1]  # scores against every key
         else:
             per_query = batch_size * selection.indices.shape[-1] * latent.shape[-1]  # gathered rows
         elements = _GATHER_BLOCK_ELEMENTS if latent.device.type == "cpu" else _GPU_GATHER_BLOCK_ELEMENTS
         chunk = max(1, min(self.config.query_chunk_size, elements // per_query))
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in (q_nope, q_rope, latent, w_uk))
         buffer = None
-        if selection is not None and seq_len > chunk and not (torch.is_grad_enabled() and latent.requires_grad):
+        if selection is not None and seq_len > chunk and not training:
             # One buffer for every chunk's gathered rows (a long inference prefill): see gather_rows.
             buffer = latent.new_empty(batch_size, chunk, selection.indices.shape[-1], latent.shape[-1])
         outputs = []
         for start in range(0, seq_len, chunk):
             end = min(seq_len, start + chunk)
-            query = self._absorbed_query(q_nope[:, start:end], q_rope[:, start:end])  # [B, s, H, R + dr]
-            if selection is None:
-                latent_out = self._absorbed_dense_chunk(query, latent, visible.mask(start, end))
-            else:
-                latent_out = self._absorbed_sparse_chunk(
-                    query, latent, selection.indices[:, start:end], selection.valid[:, start:end], buffer
-                )
-            outputs.append(torch.einsum("bshr,hvr->bshv", latent_out, w_uv))  # W_UV after attention
+            args = (q_nope[:, start:end], q_rope[:, start:end], latent, w_uk, w_uv, visible, selection, start, end,
+                    buffer)  # fmt: skip
+            outputs.append(checkpoint(self._absorbed_chunk, *args, use_reentrant=False) if training
+                           else self._absorbed_chunk(*args))  # fmt: skip
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+    def _absorbed_chunk(self, q_nope, q_rope, latent, w_uk, w_uv, visible: VisibleKeys,
+                        selection: TopkSelection | None, start: int, end: int, buffer) -> torch.Tensor:  # fmt: skip
+        """Queries start..end-1 of one forward -> [B, s, H, dv]: W_UK folded into the query, attention over the
+        latent rows (every visible one, or the selected ones), W_UV after attention."""
+        query = torch.cat([torch.einsum("bshn,hnr->bshr", q_nope, w_uk), q_rope], dim=-1)  # [B, s, H, R + dr]
+        if selection is None:
+            latent_out = self._absorbed_dense_chunk(query, latent, visible.mask(start, end))
+        else:
+            latent_out = self._absorbed_sparse_chunk(
+                query, latent, selection.indices[:, start:end], selection.valid[:, start:end], buffer
+            )
+        return torch.einsum("bshr,hvr->bshv", latent_out, w_uv)
 
     def _absorbed_dense_chunk(self, query, latent, valid) -> torch.Tensor:
         """query [B, s, H, R + dr] against every latent row [B, T, R + dr] -> latent output [B, s, H, R]."""

@@ -44,9 +44,11 @@ def dense_stage_loss(
     totals = main_query.new_zeros(5, dtype=torch.float32)
     for start in range(0, seq_len, chunk_size):
         end = min(seq_len, start + chunk_size)
+        # The chunk's mask is made inside it: kept as a checkpoint input for every chunk, the masks would add up to
+        # an S x T tensor.
         chunk = checkpoint(
             _dense_chunk, scorer.queries[:, start:end], scorer.weights[:, start:end], scorer.keys,
-            main_query[:, start:end], latent, visible.mask(start, end), scorer.softmax_scale, scaling, top_k,
+            main_query[:, start:end], latent, visible, start, end, scorer.softmax_scale, scaling, top_k,
             use_reentrant=False,
         )  # fmt: skip
         totals = totals + chunk
@@ -55,10 +57,11 @@ def dense_stage_loss(
     return IndexerStats(kl, recall.detach(), (totals[4] / totals[1].clamp(min=1)).detach())
 
 
-def _dense_chunk(index_q, index_w, index_k, main_query, latent, visible, softmax_scale, scaling, top_k):
-    """[kl sum, queries, recall sum, recall queries, uniform kl sum] of one query chunk; only the kl sum carries
+def _dense_chunk(index_q, index_w, index_k, main_query, latent, visible_keys: VisibleKeys, start: int, end: int,
+                 softmax_scale, scaling, top_k):  # fmt: skip
+    """[kl sum, queries, recall sum, recall queries, uniform kl sum] of queries start..end-1; only the kl sum carries
     gradients."""
-    visible = visible.expand(main_query.shape[0], -1, -1)  # [B, s, T]
+    visible = visible_keys.mask(start, end).expand(main_query.shape[0], -1, -1)  # [B, s, T]
     with torch.no_grad():
         scores = torch.einsum("bshc,btc->bsht", main_query, latent) * scaling  # [B, s, H, T]
         target = masked_softmax(scores.float(), visible.unsqueeze(2)).mean(dim=2)  # heads summed, L1-normalised

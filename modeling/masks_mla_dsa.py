@@ -35,6 +35,12 @@ class VisibleKeys:
             visible = visible & (query_segments[:, :, None] == self.segment_ids[:, None, :])
         return visible
 
+    def causal_only(self, num_queries: int) -> bool:
+        """Whether the queries of this forward see exactly the causal keys: no cache before them, no padding, no
+        packing. Attention can then run as `is_causal`, which never builds an S x T mask."""
+        no_past = not isinstance(self.past_len, torch.Tensor) and self.past_len == 0
+        return no_past and num_queries == self.num_keys and self.key_padding_mask is None and self.segment_ids is None
+
     def causal_prefix(self, end: int, at_least: int) -> int:
         """How many leading keys queries before `end` may see, but at least `at_least` (so every query block selects
         the same number of keys), at most all. A static cache's device-side length gives no host-side bound: all."""
