@@ -1,0 +1,185 @@
+"""Long context, measured: SmolLM2-135M-Instruct (context 8,192) and its MLA conversions, dense and DSA, at 2K-8K.
+
+    python benchmarks/long_context.py [--out DIR] [--json benchmarks/results_long_context.json]
+        [--lengths 2048 4096 8192] [--windows 2] [--topk 256 512 1024 2048] [--models full 50%] [--no-decode]
+
+Held-out data: the standard library's held-out files (never used for calibration or training), whole files one
+after another, so long-range structure (a module's names, imports, repeated code) exists. Each window of L tokens is
+L - 64 tokens of that text followed by a copy of its first 64 tokens: one forward gives both measures.
+- perplexity of the text part (next-token loss over its L - 64 tokens);
+- retrieval: the copied span, seen L - 64 tokens back. Its second occurrence is scored teacher-forced from its 9th
+  token on (the first 8 tell the model which span it is): mean NLL per token, top-1 accuracy, and exact match (every
+  one of those tokens the argmax, which is what greedy decoding from there would reproduce).
+Rows: the source (transformers' LlamaForCausalLM), each conversion (`mla-dsa convert --kv-lora-rank R --indexer-init
+calibrate`, R = 320: the source's full key/value width; R = 128: half the cache) run densely, and DSA at each k < L.
+Each row gives its seconds per window on this machine. With decode: ms per token at the longest context, the source
+through transformers' cache against ours, dense and DSA. Results JSON is rewritten after every row.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mla_dsa.data import stdlib_files, text_files_corpus
+from mla_dsa.demo_smollm2 import calibration_files
+from mla_dsa.modeling.compat_mla_dsa import CACHE_NAME, loading_kwargs
+from mla_dsa.smollm2 import smollm2_checkpoint
+
+SPAN = 64  # tokens copied from a window's start to its end
+SKIP = 8  # the copy's first tokens, not scored: they tell the model which span is being repeated
+# name: (kv_lora_rank, indexer heads x head dim or None for the converter's default, 9 x 128 here). The source caches
+# 2 x 3 KV heads x 64 = 384 numbers per token and layer; R = 320 (+ 64 RoPE) is that width, R = 128 half of it.
+MODELS = {"full": (320, None), "50%": (128, None), "full, 4x32 indexer": (320, (4, 32))}
+LOGIT_CHUNK = 1024  # positions per LM-head chunk (SmolLM2's vocabulary is 49,152: 8K positions at once is 1.6 GB)
+DECODE_STEPS = 8
+
+
+def convert_command(source: Path, dst: Path, rank: int, indexer: tuple[int, int] | None) -> list[str]:
+    """The conversion each model row names (as gqa_smollm2.py converts): calibrated on train-split files."""
+    shape = ["--index-n-heads", str(indexer[0]), "--index-head-dim", str(indexer[1])] if indexer else []
+    return ["convert", str(source), str(dst), "--kv-lora-rank", str(rank), *shape, "--indexer-init", "calibrate",
+            "--calibration-data", *calibration_files(), "--calibration-tokens", "4096", "--calibration-steps", "40",
+            "--index-topk", "64", "--overwrite", "--no-progress"]  # fmt: skip
+
+
+def model_dir(out: Path, name: str) -> Path:
+    rank, indexer = MODELS[name]
+    return out / (f"mla-{rank}" + (f"-indexer-{indexer[0]}x{indexer[1]}" if indexer else ""))
+
+
+def windows_of(tokenizer, length: int, count: int) -> torch.Tensor:
+    """[count, length]: consecutive stretches of held-out text, each ending with a copy of its own first SPAN."""
+    corpus = text_files_corpus(stdlib_files("held_out"), tokenizer, max_tokens=count * (length - SPAN))
+    text = corpus[: count * (length - SPAN)].view(count, length - SPAN)
+    return torch.cat([text, text[:, :SPAN]], dim=1)
+
+
+@torch.no_grad()
+def measure(model, windows: torch.Tensor, **settings) -> dict:
+    """Perplexity of the text part, the copy's NLL / top-1 / exact match, seconds per window."""
+    text_nll, copy_nll, copy_top1, exact, seconds = [], [], [], [], []
+    for window in windows:
+        start = time.perf_counter()
+        hidden = model.model(window[None], **settings).last_hidden_state[0]  # [L, hidden]
+        targets = window[1:]
+        losses, correct = [], []
+        for chunk in range(0, len(targets), LOGIT_CHUNK):
+            logits = model.lm_head(hidden[chunk : chunk + LOGIT_CHUNK]).float()[: len(targets) - chunk]
+            wanted = targets[chunk : chunk + len(logits)]
+            losses.append(torch.nn.functional.cross_entropy(logits, wanted, reduction="none"))
+            correct.append(logits.argmax(-1) == wanted)
+        seconds.append(time.perf_counter() - start)
+        losses, correct = torch.cat(losses), torch.cat(correct)
+        text = len(window) - SPAN - 1  # predictions of text tokens 1 .. L - SPAN - 1
+        copy = slice(len(window) - SPAN - 1 + SKIP, len(window) - 1)  # predictions of the copy's tokens SKIP ..
+        text_nll.append(losses[:text].mean().item())
+        copy_nll.append(losses[copy].mean().item())
+        copy_top1.append(correct[copy].float().mean().item())
+        exact.append(bool(correct[copy].all()))
+    return {"ppl": float(torch.tensor(text_nll).mean().exp()), "copy_nll": sum(copy_nll) / len(copy_nll),
+            "copy_top1": sum(copy_top1) / len(copy_top1), "copy_exact": sum(exact) / len(exact),
+            "seconds_per_window": sum(seconds) / len(seconds)}  # fmt: skip
+
+
+@torch.no_grad()
+def decode_ms(model, window: torch.Tensor, cache, **settings) -> dict:
+    """Prefill `window` but its last DECODE_STEPS tokens into `cache`, then decode those one at a time: seconds of
+    the prefill and the median ms per decoded token."""
+    context = len(window) - DECODE_STEPS
+    start = time.perf_counter()
+    model(window[None, :context], use_cache=True, logits_to_keep=1, **{CACHE_NAME: cache}, **settings)
+    prefill = time.perf_counter() - start
+    times = []
+    for t in range(context, len(window)):
+        start = time.perf_counter()
+        model(window[None, t : t + 1], use_cache=True, **{CACHE_NAME: cache}, **settings)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return {"context": context, "prefill_s": prefill, "decode_ms": 1000 * times[len(times) // 2]}
+
+
+def run(args) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+    from mla_dsa import MlaDsaCache, MlaDsaForCausalLM
+
+    out, json_path = Path(args.out), Path(args.json)
+    out.mkdir(parents=True, exist_ok=True)
+    source_dir = smollm2_checkpoint()
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    results: dict = {"lengths": args.lengths, "windows": args.windows, "span": SPAN, "skip": SKIP,
+                     "threads": torch.get_num_threads(), "models": {}, "rows": [], "decode": []}  # fmt: skip
+    if args.append and json_path.is_file():  # a later run adds its rows to an earlier one's
+        results = json.loads(json_path.read_text())
+
+    def save(row: dict | None = None) -> None:
+        if row is not None:
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
+        json_path.write_text(json.dumps(results, indent=1) + "\n")
+
+    converted = {}
+    for name in args.models:
+        dst, (rank, indexer) = model_dir(out, name), MODELS[name]
+        command = convert_command(source_dir, dst, rank, indexer)
+        entry = results["models"].setdefault(name, {"rank": rank})
+        if not (dst / "config.json").is_file():
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "mla_dsa", *command], check=True)
+            entry["convert_s"] = time.perf_counter() - start
+        entry["command"] = "mla-dsa " + " ".join(
+            command[:1] + ["SMOLLM2", "DST"] + [part for part in command[3:] if not part.endswith(".py")]
+        )  # the calibration files: calibration_files()
+        converted[name] = dst
+    save()
+
+    source = AutoModelForCausalLM.from_pretrained(source_dir, **loading_kwargs({"dtype": torch.float32})).eval()
+    ours = {name: MlaDsaForCausalLM.from_pretrained(dst, dtype=torch.float32).eval() for name, dst in converted.items()}
+    for length in args.lengths:
+        windows = windows_of(tokenizer, length, args.windows)
+        if not args.no_source:
+            save({"model": "source", "length": length, **measure(source, windows)})
+        for name, model in ours.items():
+            save({"model": name, "attention": "dense", "length": length,
+                  **measure(model, windows, use_sparse_attention=False)})  # fmt: skip
+            for k in [k for k in args.topk if k < length]:
+                save({"model": name, "attention": "dsa", "index_topk": k, "length": length,
+                      **measure(model, windows, index_topk=k)})  # fmt: skip
+    if not args.no_decode:
+        window = windows_of(tokenizer, max(args.lengths), 1)[0]
+        if not args.no_source:
+            results["decode"].append({"model": "source",
+                                      **decode_ms(source, window, DynamicCache(config=source.config))})  # fmt: skip
+            save()
+        for name, model in ours.items():
+            k = max(args.lengths) // 8
+            for attention, settings in (("dense", {"use_sparse_attention": False}), ("dsa", {"index_topk": k})):
+                entry = {"model": name, "attention": attention, **settings,
+                         **decode_ms(model, window, MlaDsaCache(model.config), **settings)}  # fmt: skip
+                results["decode"].append(entry)
+                print(json.dumps(entry), flush=True)
+                save()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(Path.home() / ".cache" / "mla-dsa" / "long-context"))
+    parser.add_argument("--json", default="benchmarks/results_long_context.json")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--windows", type=int, default=2)
+    parser.add_argument("--topk", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--no-decode", action="store_true")
+    parser.add_argument("--no-source", action="store_true", help="skip the source's rows (measured in an earlier run)")
+    parser.add_argument("--append", action="store_true", help="add the rows to the results JSON instead of replacing")
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
