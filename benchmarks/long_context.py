@@ -34,7 +34,7 @@ SPAN = 64  # tokens copied from a window's start to its end
 SKIP = 8  # the copy's first tokens, not scored: they tell the model which span is being repeated
 # name: (kv_lora_rank, indexer heads x head dim or None for the converter's default, 9 x 128 here). The source caches
 # 2 x 3 KV heads x 64 = 384 numbers per token and layer; R = 320 (+ 64 RoPE) is that width, R = 128 half of it.
-MODELS = {"full": (320, None), "50%": (128, None), "full, 4x32 indexer": (320, (4, 32))}
+MODELS = {"full": (320, None), "50%": (128, None), "full, 4x64 indexer": (320, (4, 64))}
 LOGIT_CHUNK = 1024  # positions per LM-head chunk (SmolLM2's vocabulary is 49,152: 8K positions at once is 1.6 GB)
 DECODE_STEPS = 8
 

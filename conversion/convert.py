@@ -17,9 +17,10 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from ..modeling.configuration_mla_dsa import MlaDsaConfig
 from .calibrate import CalibrationOptions, calibration_windows
 from .export import export_refusals
-from .gqa import GQA_MODEL_TYPES, is_gqa_source, verify_mla_stage, write_mla_stage
+from .gqa import GQA_MODEL_TYPES, is_gqa_source, mla_config_fields, verify_mla_stage, write_mla_stage
 from .indexer_init import INDEXER_INITS
 from .plan import DTYPES, ConvertOptions, check_options, plan_output, target_config
 from .source import ConversionError, SourceCheckpoint, read_json
@@ -117,6 +118,7 @@ def _convert_gqa(src: Path, dst: Path, opts: ConvertOptions) -> Path:
         if not is_gqa_source(source.config):
             raise ConversionError(src / "config.json", f"--from-gqa: model_type {source.model_type!r} is not one of "
                                                        f"{', '.join(GQA_MODEL_TYPES)}")  # fmt: skip
+        _check_indexer_options(source, dst, opts)  # before minutes of the GQA stage's calibration
         write_mla_stage(source, stage, opts)
         if opts.verify:
             verify_mla_stage(source, stage, opts)
@@ -131,6 +133,18 @@ def _convert_gqa(src: Path, dst: Path, opts: ConvertOptions) -> Path:
     result = convert_checkpoint(stage, dst, **rest)
     shutil.rmtree(stage)
     return result
+
+
+def _check_indexer_options(source: SourceCheckpoint, dst: Path, opts: ConvertOptions) -> None:
+    """The indexer flags against the MLA model the GQA stage will write: a shape the DSA stage refuses (a head
+    narrower than the RoPE dims it rotates, say) is refused now, not after the GQA stage's calibration."""
+    fields = mla_config_fields(source.config, opts.kv_lora_rank or 1)  # the indexer's checks do not read the rank
+    fields.update({name: getattr(opts, name) for name in ("index_n_heads", "index_head_dim", "index_topk")
+                   if getattr(opts, name) is not None})  # fmt: skip
+    try:
+        MlaDsaConfig(**fields)
+    except ValueError as err:
+        raise ConversionError(dst, f"{err} (from the indexer flags)") from None
 
 
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:

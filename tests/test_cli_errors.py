@@ -73,3 +73,20 @@ def test_the_convert_api_names_the_bad_option(tmp_path):
 
     with pytest.raises(ValueError, match="--calibration-steps must be a positive number, got -1"):
         mla_dsa.convert_checkpoint(ASSET_DIR, tmp_path / "out", calibration_steps=-1)
+
+
+def test_a_gqa_conversion_refuses_an_indexer_shape_before_its_calibration(tmp_path, monkeypatch):
+    """--index-head-dim below the RoPE dims the GQA stage will give was refused only after minutes of its calibration;
+    it is refused before the GQA stage starts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import mla_dsa
+    from mla_dsa.conversion import convert
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "src")
+    byte_tokenizer().save_pretrained(tmp_path / "src")
+    monkeypatch.setattr(convert, "write_mla_stage", lambda *args: pytest.fail("the GQA stage started"))
+    with pytest.raises(mla_dsa.ConversionError, match="index_head_dim must be at least qk_rope_head_dim=16"):
+        mla_dsa.convert_checkpoint(tmp_path / "src", tmp_path / "dst", index_head_dim=8, progress=False)
