@@ -167,6 +167,31 @@ def run(args) -> dict:
     return results
 
 
+def table(results: dict) -> str:
+    """Markdown: per length, each model and attention with perplexity (x the source), the copy's NLL / top-1 / exact
+    match, and seconds per window; then the decode rows. The command of each model row is in `results["models"]`."""
+    source = {row["length"]: row for row in results["rows"] if row["model"] == "source"}
+    lines = ["| tokens | model | attention | perplexity | x source | copy NLL | copy top-1 | copy exact | s / window |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for row in results["rows"]:
+        attention = "" if row["model"] == "source" else row["attention"]
+        if attention == "dsa":
+            attention = f"DSA, k = {row['index_topk']}"
+        ratio = row["ppl"] / source[row["length"]]["ppl"] if row["length"] in source else float("nan")
+        lines.append(f"| {row['length']:,} | {row['model']} | {attention} | {row['ppl']:.3f} | {ratio:.3f} "
+                     f"| {row['copy_nll']:.3f} | {row['copy_top1']:.3f} | {row['copy_exact']:.0%} "
+                     f"| {row['seconds_per_window']:.1f} |")  # fmt: skip
+    if results.get("decode"):
+        lines += ["", "| model | attention | context | prefill (s) | decode (ms / token) |", "|---|---|---:|---:|---:|"]
+        for row in results["decode"]:
+            attention = row.get("attention", "")
+            if "index_topk" in row:
+                attention += f", k = {row['index_topk']}"
+            lines.append(f"| {row['model']} | {attention} | {row['context']:,} | {row['prefill_s']:.1f} "
+                         f"| {row['decode_ms']:.0f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path.home() / ".cache" / "mla-dsa" / "long-context"))
@@ -178,7 +203,12 @@ def main() -> None:
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--no-source", action="store_true", help="skip the source's rows (measured in an earlier run)")
     parser.add_argument("--append", action="store_true", help="add the rows to the results JSON instead of replacing")
-    run(parser.parse_args())
+    parser.add_argument("--table", action="store_true", help="print the Markdown table of --json and exit")
+    args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.json).read_text())))
+        return
+    print(table(run(args)))
 
 
 if __name__ == "__main__":
