@@ -45,8 +45,6 @@ if str(ROOT) not in sys.path:  # `python benchmarks/gpu_day.py` from a checkout;
 FP32_LOGIT_TOLERANCE = 2e-3  # max |logit difference| in float32 (TF32 off): only summation order differs
 BF16_TOP1_AGREEMENT = 0.95  # fraction of continuation positions whose bf16 argmax is the float32 one
 BF16_LOGIT_FRACTION = 0.01  # mean |logit difference| in bf16 / max |logit| (the max is reported, not held)
-GREEDY_TOKENS = 64
-PROMPT_TOKENS = 512
 CORRECTNESS_TOPK = 64  # DSA active: every query past 64 keys reads 64 of them
 
 # Seconds per section on the GPU (the whole run within 9 minutes, the machine's start aside).
@@ -57,9 +55,9 @@ DRY_RUN_BUDGETS = {"env": 60, "decode": 240, "prefill": 120, "training": 120, "c
 SIZES = {
     "gpu": dict(preset="v32-attention", contexts=[4096, 16384, 65536, 131072], batches=[1, 16], steps=10,
                 theirs_max_tokens=262144, prefill=[4096, 8192, 16384, 32768], theirs_prefill_max=16384,
-                training=[8192, 16384, 32768]),
+                training=[8192, 16384, 32768], prompt_tokens=512, greedy_tokens=64, calibration_steps=30),
     "dry": dict(preset="toy", contexts=[96, 160], batches=[1, 2], steps=2, theirs_max_tokens=320, prefill=[96, 160],
-                theirs_prefill_max=160, training=[96]),
+                theirs_prefill_max=160, training=[96], prompt_tokens=128, greedy_tokens=16, calibration_steps=10),
 }  # fmt: skip
 TOY_CONFIG = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32,
@@ -250,8 +248,10 @@ def correctness_section(section: Section, device, sizes: dict, work: Path) -> No
         # at random, with near-ties everywhere, and bf16 rounding would then reorder the selection wholesale.
         files = [str(path) for path in stdlib_files("train")[:4]]
         convert_checkpoint(ASSET_DIR, checkpoint, index_topk=CORRECTNESS_TOPK, indexer_init="calibrate",
-                           calibration_data=files, calibration_steps=30, overwrite=True, progress=False)  # fmt: skip
-    prompt = fixed_windows(read_corpus(stdlib_files("held_out")), 1, PROMPT_TOKENS)[:1]
+                           calibration_data=files, calibration_steps=sizes["calibration_steps"], overwrite=True,
+                           progress=False)  # fmt: skip
+    prompt_tokens, greedy_tokens = sizes["prompt_tokens"], sizes["greedy_tokens"]
+    prompt = fixed_windows(read_corpus(stdlib_files("held_out")), 1, prompt_tokens)[:1]
     variants = {  # name: (load options, forward/generate options)
         "dense_mha": ({}, {"use_sparse_attention": False, "attention_mode": "mha"}),
         "dense_absorbed": ({}, {"use_sparse_attention": False, "attention_mode": "absorbed"}),
@@ -263,15 +263,15 @@ def correctness_section(section: Section, device, sizes: dict, work: Path) -> No
     section.data["tolerances"] = dict(fp32_max_abs_logit_diff=FP32_LOGIT_TOLERANCE,
                                       bf16_top1_agreement=BF16_TOP1_AGREEMENT,
                                       bf16_mean_abs_logit_diff_fraction=BF16_LOGIT_FRACTION,
-                                      greedy_tokens=GREEDY_TOKENS,
-                                      prompt_tokens=PROMPT_TOKENS, index_topk=CORRECTNESS_TOPK)  # fmt: skip
+                                      greedy_tokens=greedy_tokens,
+                                      prompt_tokens=prompt_tokens, index_topk=CORRECTNESS_TOPK)  # fmt: skip
 
     @torch.no_grad()
     def run(load: dict, options: dict, where, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         model = MlaDsaForCausalLM.from_pretrained(checkpoint, dtype=dtype, **load).to(where).eval()
         ids = prompt.to(where)
-        tokens = model.generate(ids, max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS, do_sample=False,
-                                **options)[:, PROMPT_TOKENS:]  # fmt: skip
+        tokens = model.generate(ids, max_new_tokens=greedy_tokens, min_new_tokens=greedy_tokens, do_sample=False,
+                                **options)[:, prompt_tokens:]  # fmt: skip
         return tokens.cpu(), model
 
     for name, (load, options) in variants.items():
@@ -289,7 +289,7 @@ def correctness_section(section: Section, device, sizes: dict, work: Path) -> No
                 with torch.no_grad():
                     logits = model(full.to(device), **options).logits.float().cpu()
                 difference = (logits - reference_logits).abs()
-                continuation = slice(PROMPT_TOKENS - 1, PROMPT_TOKENS + GREEDY_TOKENS - 1)
+                continuation = slice(prompt_tokens - 1, prompt_tokens + greedy_tokens - 1)
                 top1 = (logits[0, continuation].argmax(-1) == reference_logits[0, continuation].argmax(-1)).float()
                 same = (tokens == reference_tokens)[0].int()
                 common_prefix = int(same.cumprod(0).sum())
@@ -299,9 +299,9 @@ def correctness_section(section: Section, device, sizes: dict, work: Path) -> No
                        "greedy_tokens_equal": int(same.sum()), "greedy_common_prefix": common_prefix}  # fmt: skip
                 if dtype == torch.float32 and load:  # FP8 caches: a summation-order difference can move a value
                     # across an e4m3 rounding boundary (one step: 6 %), so the logits are held to the bf16 bar
-                    row["passed"] = common_prefix == GREEDY_TOKENS and row["mean_abs_logit_diff"] <= 1e-3 * scale
+                    row["passed"] = common_prefix == greedy_tokens and row["mean_abs_logit_diff"] <= 1e-3 * scale
                 elif dtype == torch.float32:
-                    row["passed"] = row["max_abs_logit_diff"] <= FP32_LOGIT_TOLERANCE and common_prefix == GREEDY_TOKENS
+                    row["passed"] = row["max_abs_logit_diff"] <= FP32_LOGIT_TOLERANCE and common_prefix == greedy_tokens
                 else:
                     row["passed"] = (row["top1_agreement"] >= BF16_TOP1_AGREEMENT
                                      and row["mean_abs_logit_diff"] <= BF16_LOGIT_FRACTION * scale)  # fmt: skip

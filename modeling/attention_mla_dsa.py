@@ -27,6 +27,10 @@ from .settings_mla_dsa import DsaSettings
 # Largest block of gathered latent rows [B, queries, k, R + dr] the sparse path materialises at once (128 MiB fp32).
 _GATHER_BLOCK_ELEMENTS = 1 << 25
 _GPU_GATHER_BLOCK_ELEMENTS = 1 << 29  # on a GPU (1 GiB in bf16): few large kernels, not many small ones
+# Causal MHA attention up to this many scores [B, H, S, T] is SDPA called as transformers' DeepSeek classes call it
+# (values of their own head size: the math kernel, which builds the scores), so bf16 results are theirs bit for bit;
+# beyond it, values are padded to the keys' size for the flash kernel, which never builds them (training memory linear).
+_PEER_CALL_SCORE_ELEMENTS = 1 << 24
 
 
 class MlaDsaRMSNorm(nn.Module):
@@ -212,9 +216,12 @@ class MlaDsaAttention(nn.Module):
         value_dim, key_dim = value.shape[-1], query.shape[-1]
         if selection is None and not return_weights and visible.causal_only(seq_len) and value_dim <= key_dim:
             # Causal attention with no mask tensor: SDPA's flash kernels (CPU and GPU) never build the [H, S, T]
-            # scores, for training too. They want one head size: values are zero-padded to the keys' and cut after.
+            # scores, for training too. They want one head size: values are zero-padded to the keys' and cut after
+            # (bf16 rounds differently from the peer's call, which small inputs keep).
+            scores = batch_size * num_heads * seq_len * visible.num_keys
+            padding = 0 if scores <= _PEER_CALL_SCORE_ELEMENTS else key_dim - value_dim
             out = F.scaled_dot_product_attention(
-                query.transpose(1, 2), key.transpose(1, 2), F.pad(value, (0, key_dim - value_dim)).transpose(1, 2),
+                query.transpose(1, 2), key.transpose(1, 2), F.pad(value, (0, padding)).transpose(1, 2),
                 dropout_p=self.config.attention_dropout if self.training else 0.0, is_causal=True, scale=self.scaling,
             )  # fmt: skip
             return out.transpose(1, 2)[..., :value_dim]  # [B, S, H, dv]

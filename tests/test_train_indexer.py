@@ -388,8 +388,9 @@ def test_an_interrupted_run_says_how_to_continue(dsa_checkpoint, tmp_path, capsy
     original = IndexerTrainer.compute_loss
     monkeypatch.setattr(IndexerTrainer, "compute_loss", interrupted_at_step_three)
     out = tmp_path / "out"
-    assert cli(["train-indexer", str(dsa_checkpoint), "--stage", "dense", "--data", *DATA, "--out", str(out),
-                "--steps", "6", "--seq-len", "32", "--batch-size", "1", "--no-progress", *save_steps]) == 130  # fmt: skip
+    command = ["train-indexer", str(dsa_checkpoint), "--stage", "dense", "--data", *DATA, "--out", str(out),
+               "--steps", "6", "--seq-len", "32", "--batch-size", "1", "--no-progress", *save_steps]  # fmt: skip
+    assert cli(command) == 130
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("mla-dsa train-indexer: interrupted; ")
     if save_steps:
