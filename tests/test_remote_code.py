@@ -276,6 +276,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.compat
+@pytest.mark.slow  # a fresh interpreter loads the checkpoint (about 10 s)
 def test_isolated_interpreter_loads_with_trust_remote_code(saved, input_ids, tmp_path):
     model, checkpoint = saved
     with torch.no_grad():

@@ -95,6 +95,7 @@ def old_checkpoint(tmp_path):
 
 
 @pytest.mark.compat
+@pytest.mark.slow  # a fresh interpreter loads the checkpoint (about 10 s)
 def test_upgrade_code_repairs_a_0_1_0_checkpoint(old_checkpoint, tmp_path, capsys):
     peer, checkpoint = old_checkpoint
     ids = torch.randint(3, 97, (1, 12), generator=torch.Generator().manual_seed(4))
