@@ -40,7 +40,8 @@ class MlaDsaRouter(nn.Module):
         self.config = config
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.n_routed_experts
-        self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size))
+        # float32 whatever the model's dtype, from construction on (as transformers' routers): bf16 picks other experts
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size, dtype=torch.float32))
         if config.topk_method == "noaux_tc":
             self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32))
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
 
-from mla_dsa import MlaDsaForCausalLM
+from mla_dsa import MlaDsaConfig, MlaDsaForCausalLM
 
 from peers import _COMMON, _V3_MOE, INDEXER, PEER_CLASSES, VOCAB, perturb_
 
@@ -56,3 +56,14 @@ def test_bfloat16_logits_equal_the_peers(pair):
         expected, actual = theirs(input_ids).logits.float(), ours(input_ids).logits.float()
     tolerance = 0.15 if model_type == "deepseek_v2" else 0.0  # 0.08 measured; another expert moves logits by ~1.6
     torch.testing.assert_close(actual, expected, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_a_bfloat16_model_built_from_a_config_keeps_the_peers_float32_tensors(model_type):
+    """Built from a config (to train from scratch), not loaded: the router's weight and bias are float32 in both, as
+    in the loaded pair (transformers creates them so; its loading rules do not apply to a model it builds)."""
+    peer_config = _peer(model_type).config
+    theirs = type(_peer(model_type))._from_config(peer_config, dtype=torch.bfloat16)
+    ours = MlaDsaForCausalLM._from_config(MlaDsaConfig.from_dict(peer_config.to_dict()), dtype=torch.bfloat16)
+    assert _float32_names(ours) == _float32_names(theirs)
+    assert any(name.endswith("mlp.gate.weight") for name in _float32_names(ours))
