@@ -1,7 +1,8 @@
 """Long context, measured: SmolLM2-135M-Instruct (context 8,192) and its MLA conversions, dense and DSA, at 2K-8K.
 
     python benchmarks/long_context.py [--out DIR] [--json benchmarks/results_long_context.json]
-        [--lengths 2048 4096 8192] [--windows 2] [--topk 256 512 1024 2048] [--models full 50%] [--no-decode]
+        [--lengths 2048 4096 8192] [--windows 2] [--topk 256 512 1024 2048] [--models full 50%]
+        [--no-decode | --decode-only] [--no-source] [--append] [--table]
 
 Held-out data: the standard library's held-out files (never used for calibration or training), whole files one
 after another, so long-range structure (a module's names, imports, repeated code) exists. Each window of L tokens is
@@ -140,7 +141,7 @@ def run(args) -> dict:
 
     source = AutoModelForCausalLM.from_pretrained(source_dir, **loading_kwargs({"dtype": torch.float32})).eval()
     ours = {name: MlaDsaForCausalLM.from_pretrained(dst, dtype=torch.float32).eval() for name, dst in converted.items()}
-    for length in args.lengths:
+    for length in [] if args.decode_only else args.lengths:
         windows = windows_of(tokenizer, length, args.windows)
         if not args.no_source:
             save({"model": "source", "length": length, **measure(source, windows)})
@@ -201,6 +202,7 @@ def main() -> None:
     parser.add_argument("--topk", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--no-decode", action="store_true")
+    parser.add_argument("--decode-only", action="store_true", help="only the decode rows (at the longest --lengths)")
     parser.add_argument("--no-source", action="store_true", help="skip the source's rows (measured in an earlier run)")
     parser.add_argument("--append", action="store_true", help="add the rows to the results JSON instead of replacing")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of --json and exit")

@@ -1,0 +1,103 @@
+"""Peak memory and time of one training step at long context, on SmolLM2-135M-Instruct's half-cache MLA conversion.
+
+    python benchmarks/training_memory.py [--model DIR] [--lengths 2048 4096 8192] [--stages dense sparse sparse+lora]
+        [--json benchmarks/results_training_memory.json] [--append]
+
+Each (stage, length) runs in a fresh process: one warm-up step at 64 tokens (allocator and autograd), then one step
+at L tokens of held-out standard-library text, batch 1, float32, as `mla-dsa train-indexer` takes it: the dense
+warm-up (indexer only, KL to the dense attention), the sparse stage (every weight, LM loss + sparse KL) and the sparse
+stage through LoRA (r = 8 on the indexer, attention and MLP). Reported: the process's peak RSS (VmHWM) before and
+after the long step, its seconds, and for comparison the textbook KL loss's own tensors, computed, not run: the
+dense attention distribution [H, L, L] and the indexer's [L, L] per layer, float32, kept for backward (what the
+field's recipes run out of memory on). The model is `benchmarks/long_context.py`'s `50%` conversion (R = 128), made
+there when missing.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STEP = """
+import json, sys, time, torch
+from transformers import AutoTokenizer
+from mla_dsa import MlaDsaForCausalLM
+from mla_dsa.data import stdlib_files, text_files_corpus
+from mla_dsa.training import indexer_lora_config, prepare_indexer_training
+
+model_dir, stage, length = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+def peak_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+
+torch.manual_seed(0)
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+ids = text_files_corpus(stdlib_files("held_out"), tokenizer, max_tokens=length)[:length][None]
+model = MlaDsaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+train_stage = stage.removesuffix("+lora")
+if stage.endswith("+lora"):
+    from peft import get_peft_model
+    model = get_peft_model(model, indexer_lora_config(("indexer", "attention", "mlp"), r=8))
+prepare_indexer_training(model, train_stage)
+model.train()
+labels = (lambda x: x) if train_stage == "sparse" else (lambda x: None)
+model(ids[:, :64], labels=labels(ids[:, :64]), indexer_stage=train_stage).loss.backward()
+before = peak_mb()
+start = time.perf_counter()
+model(ids, labels=labels(ids), indexer_stage=train_stage).loss.backward()
+print(json.dumps({"before_mb": before, "peak_mb": peak_mb(), "seconds": time.perf_counter() - start}))
+"""
+
+
+def textbook_kl_mb(config: dict, length: int) -> float:
+    """The full-matrix KL loss's tensors, float32, kept for backward: per DSA layer the dense attention distribution
+    [H, L, L] (its scores and probabilities) and the indexer's [L, L] (scores and log-probabilities)."""
+    layers = config["num_hidden_layers"] - len(config.get("dense_attention_layers") or [])
+    per_layer = (2 * config["num_attention_heads"] + 2) * length * length * 4
+    return layers * per_layer / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(Path.home() / ".cache/mla-dsa/long-context/mla-128"))
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--stages", nargs="+", default=["dense", "sparse", "sparse+lora"],
+                        choices=["dense", "sparse", "sparse+lora"])  # fmt: skip
+    parser.add_argument("--json", default=str(Path(__file__).parent / "results_training_memory.json"))
+    parser.add_argument("--append", action="store_true", help="add rows to an existing results JSON")
+    args = parser.parse_args()
+
+    model_dir, json_path = Path(args.model), Path(args.json)
+    if not (model_dir / "config.json").is_file():
+        sys.path.insert(0, str(Path(__file__).parent))
+        from long_context import convert_command
+
+        from mla_dsa.smollm2 import smollm2_checkpoint
+
+        subprocess.run([sys.executable, "-m", "mla_dsa", *convert_command(smollm2_checkpoint(), model_dir, 128, None)],
+                       check=True)  # fmt: skip
+    config = json.loads((model_dir / "config.json").read_text())
+    results = json.loads(json_path.read_text()) if args.append and json_path.is_file() else {"rows": []}
+    results["model"] = "SmolLM2-135M-Instruct, MLA R = 128 (benchmarks/long_context.py's 50%)"
+    for length in args.lengths:
+        for stage in args.stages:
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, "-c", STEP, str(model_dir), stage, str(length)],
+                                  capture_output=True, text=True)  # fmt: skip
+            row = {"stage": stage, "length": length, "textbook_kl_mb": textbook_kl_mb(config, length)}
+            if done.returncode == 0:
+                row.update(json.loads(done.stdout.strip().splitlines()[-1]))
+            else:
+                row["error"] = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+            row["process_s"] = time.perf_counter() - start
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            json_path.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
