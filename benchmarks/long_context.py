@@ -119,8 +119,8 @@ def run(args) -> dict:
         results = json.loads(json_path.read_text())
 
     def save(row: dict | None = None) -> None:
-        if row is not None:
-            results["rows"].append(row)
+        if row is not None:  # a row measured again replaces the earlier one
+            results["rows"] = [old for old in results["rows"] if _row_key(old) != _row_key(row)] + [row]
             print(json.dumps(row), flush=True)
         json_path.write_text(json.dumps(results, indent=1) + "\n")
 
@@ -168,13 +168,20 @@ def run(args) -> dict:
     return results
 
 
+def _row_key(row: dict) -> tuple:
+    return row["model"], row.get("attention"), row.get("index_topk"), row["length"]
+
+
 def table(results: dict) -> str:
     """Markdown: per length, each model and attention with perplexity (x the source), the copy's NLL / top-1 / exact
     match, and seconds per window; then the decode rows. The command of each model row is in `results["models"]`."""
     source = {row["length"]: row for row in results["rows"] if row["model"] == "source"}
     lines = ["| tokens | model | attention | perplexity | x source | copy NLL | copy top-1 | copy exact | s / window |",
              "|---:|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for row in results["rows"]:
+    latest = {_row_key(row): row for row in results["rows"]}  # runs before rows replaced their repeats
+    order = {name: index for index, name in enumerate(["source", *MODELS])}
+    for row in sorted(latest.values(), key=lambda row: (row["length"], order.get(row["model"], len(order)),
+                                                         row.get("index_topk") or 0)):  # fmt: skip
         attention = "" if row["model"] == "source" else row["attention"]
         if attention == "dsa":
             attention = f"DSA, k = {row['index_topk']}"

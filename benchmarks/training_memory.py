@@ -1,7 +1,7 @@
 """Peak memory and time of one training step at long context, on SmolLM2-135M-Instruct's half-cache MLA conversion.
 
     python benchmarks/training_memory.py [--model DIR] [--lengths 2048 4096 8192] [--stages dense sparse sparse+lora]
-        [--json benchmarks/results_training_memory.json] [--append]
+        [--json benchmarks/results_training_memory.json] [--append] [--gradient-checkpointing]
 
 Each (stage, length) runs in a fresh process: one warm-up step at 64 tokens (allocator and autograd), then one step
 at L tokens of held-out standard-library text, batch 1, float32, as `mla-dsa train-indexer` takes it: the dense
@@ -27,7 +27,7 @@ from mla_dsa import MlaDsaForCausalLM
 from mla_dsa.data import stdlib_files, text_files_corpus
 from mla_dsa.training import indexer_lora_config, prepare_indexer_training
 
-model_dir, stage, length = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model_dir, stage, length, checkpointing = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "checkpointing"
 
 def peak_mb():
     for line in open("/proc/self/status"):
@@ -43,6 +43,11 @@ if stage.endswith("+lora"):
     from peft import get_peft_model
     model = get_peft_model(model, indexer_lora_config(("indexer", "attention", "mlp"), r=8))
 prepare_indexer_training(model, train_stage)
+if checkpointing:  # every decoder layer's activations recomputed in backward (the Trainer's flag, its new name first)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
 model.train()
 labels = (lambda x: x) if train_stage == "sparse" else (lambda x: None)
 model(ids[:, :64], labels=labels(ids[:, :64]), indexer_stage=train_stage).loss.backward()
@@ -69,6 +74,8 @@ def main() -> None:
                         choices=["dense", "sparse", "sparse+lora"])  # fmt: skip
     parser.add_argument("--json", default=str(Path(__file__).parent / "results_training_memory.json"))
     parser.add_argument("--append", action="store_true", help="add rows to an existing results JSON")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute each decoder layer's activations in backward")  # fmt: skip
     args = parser.parse_args()
 
     model_dir, json_path = Path(args.model), Path(args.json)
@@ -86,9 +93,11 @@ def main() -> None:
     for length in args.lengths:
         for stage in args.stages:
             start = time.perf_counter()
-            done = subprocess.run([sys.executable, "-c", STEP, str(model_dir), stage, str(length)],
+            checkpointing = "checkpointing" if args.gradient_checkpointing else "none"
+            done = subprocess.run([sys.executable, "-c", STEP, str(model_dir), stage, str(length), checkpointing],
                                   capture_output=True, text=True)  # fmt: skip
-            row = {"stage": stage, "length": length, "textbook_kl_mb": textbook_kl_mb(config, length)}
+            row = {"stage": stage, "length": length, "gradient_checkpointing": args.gradient_checkpointing,
+                   "textbook_kl_mb": textbook_kl_mb(config, length)}  # fmt: skip
             if done.returncode == 0:
                 row.update(json.loads(done.stdout.strip().splitlines()[-1]))
             else:

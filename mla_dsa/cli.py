@@ -270,6 +270,12 @@ def _add_train_indexer(commands) -> None:
         help="bf16 mixed precision (the Trainer's): float32 weights, bfloat16 matrix products; several times faster "
         "on CPUs with bf16 dot products and on GPUs",
     )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each decoder layer's activations in backward (the Trainer's activation checkpointing): a "
+        "step's memory then grows with the sequence much more slowly, for long --seq-len; about a third slower",
+    )
     parser.add_argument("--no-progress", action="store_true")  # fmt: skip
 
 
@@ -284,6 +290,7 @@ def _run_train_indexer(args) -> int:
         logging_steps=args.logging_steps, resume=args.resume, seed=args.seed, progress=not args.no_progress,
         optim=args.optim, lr_scheduler=args.lr_scheduler, lora_rank=args.lora, lora_save=args.lora_save,
         dense_control=args.dense_control, bf16=args.bf16, overwrite=args.overwrite,
+        gradient_checkpointing=args.gradient_checkpointing,
     )  # fmt: skip
     _leave_process_group()
     print(f"wrote {out}")

@@ -12,6 +12,7 @@
 data-parallel (gloo on CPU, NCCL on GPUs) with no code of ours involved in the distribution.
 """
 
+import inspect
 import json
 import math
 import os
@@ -243,6 +244,7 @@ def train_indexer(
     lr_scheduler: str = "constant_with_warmup",
     bf16: bool = False,
     overwrite: bool = False,
+    gradient_checkpointing: bool = False,
 ) -> Path:
     """One stage of indexer training with transformers' Trainer; saves a loadable DSA checkpoint to `out_dir`.
 
@@ -254,6 +256,8 @@ def train_indexer(
     `lr_scheduler_type` ("constant_with_warmup", as the paper; "cosine", "linear", ...), after a 5 % warm-up.
     `bf16`: the Trainer's bf16 mixed precision (weights and optimizer in float32, matrix products in bfloat16 under
     autocast; on a CPU with bf16 dot products, AVX512-BF16 or AMX, several times faster than float32).
+    `gradient_checkpointing`: the Trainer's activation checkpointing (each decoder layer recomputed in backward), for
+    long sequences.
     With `save_steps`, a Trainer checkpoint (weights, optimizer and RNG state) goes to `out_dir/checkpoints` every
     `save_steps` steps, the newest kept, and `resume=True` continues from it; without, none is written.
     `out_dir/mla-dsa-training.json` records the run and its logged losses. Runs data-parallel unchanged under
@@ -294,7 +298,7 @@ def train_indexer(
     prepare_indexer_training(model, stage)
     lr = learning_rate if learning_rate is not None else default_learning_rate(stage, model.config.hidden_size)
     args = _training_arguments(out_dir, stage, steps, batch_size, lr, save_steps, logging_steps, seed, progress, optim,
-                               lr_scheduler, bf16)  # fmt: skip
+                               lr_scheduler, bf16, gradient_checkpointing)  # fmt: skip
     world = max(1, args.world_size)
     dataset = WindowDataset(corpus, seq_len, steps * batch_size * world, seed=seed)
     trainer = IndexerTrainer(model=model, args=args, train_dataset=dataset, stage=stage, index_topk=index_topk,
@@ -344,11 +348,15 @@ def trained_base(path: str | Path) -> Path:
 
 def _training_arguments(out_dir: Path, stage: str, steps: int, batch_size: int, lr: float, save_steps: int | None,
                         logging_steps: int, seed: int, progress: bool, optim: str, lr_scheduler: str,
-                        bf16: bool = False):  # fmt: skip
+                        bf16: bool = False, gradient_checkpointing: bool = False):  # fmt: skip
     """The Trainer settings of one stage: the LR schedule after a 5 % warm-up (constant by default), no weight decay,
     clipped gradients, the newest checkpoint kept (with `save_steps`), a fixed data order."""
     from transformers import TrainingArguments
 
+    # transformers 5.25 renamed the Trainer's gradient checkpointing to activation checkpointing (the old name warns)
+    name = "activation_checkpointing" if "activation_checkpointing" in inspect.signature(TrainingArguments).parameters \
+        else "gradient_checkpointing"  # fmt: skip
+    checkpointing = {name: True, f"{name}_kwargs": {"use_reentrant": False}} if gradient_checkpointing else {}
     return TrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
         max_steps=steps,
@@ -373,6 +381,7 @@ def _training_arguments(out_dir: Path, stage: str, steps: int, batch_size: int, 
         use_cpu=not torch.cuda.is_available(),
         optim=optim,
         bf16=bf16,
+        **checkpointing,
     )
 
 

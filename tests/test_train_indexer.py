@@ -397,3 +397,35 @@ def test_an_interrupted_run_says_how_to_continue(dsa_checkpoint, tmp_path, capsy
         assert f"--resume continues from {out / 'checkpoints'}" in line
     else:
         assert "no checkpoint was kept (--save-steps N" in line
+
+
+@pytest.mark.slow  # two Trainer runs
+def test_gradient_checkpointing_trains_as_without(dsa_checkpoint, tmp_path):
+    """`--gradient-checkpointing` (the Trainer's activation checkpointing, for long --seq-len): the decoder layers
+    are recomputed in backward, and the sparse stage's losses and weights (through LoRA) are those of the run
+    without."""
+    from transformers import TrainerCallback
+
+    class RecordCheckpointing(TrainerCallback):
+        def __init__(self):
+            self.enabled, self.losses = None, []
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            new_name = hasattr(model, "is_activation_checkpointing")  # transformers 5.25's name for it
+            self.enabled = model.is_activation_checkpointing if new_name else model.is_gradient_checkpointing
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.losses += [logs["loss"]] if "loss" in (logs or {}) else []
+
+    runs = {}
+    for checkpointing in (False, True):
+        record = RecordCheckpointing()
+        out = mla_dsa.train_indexer(dsa_checkpoint, "sparse", DATA, tmp_path / str(checkpointing), steps=3, seq_len=32,
+                                    batch_size=1, logging_steps=1, progress=False, callbacks=[record],
+                                    lora_rank=4, gradient_checkpointing=checkpointing)  # fmt: skip
+        runs[checkpointing] = (record, weights(out))
+    assert runs[True][0].enabled and not runs[False][0].enabled
+    assert len(runs[True][0].losses) == 3
+    assert runs[True][0].losses == pytest.approx(runs[False][0].losses, rel=1e-5)
+    for name, tensor in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], tensor, rtol=1e-5, atol=1e-6)
