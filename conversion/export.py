@@ -20,9 +20,9 @@ FORMAT_NAMES = {"deepseek_v32": "DeepSeek-V3.2's", "glm_moe_dsa": "GLM-5's"}
 INDEXER_ROPE_INTERLEAVE = {"deepseek_v32": False, "glm_moe_dsa": True}
 
 # The fields of DeepSeek's published DeepSeek-V3.2 config.json (less `quantization_config`: the export is not FP8),
-# every one written. Serving engines read some that transformers' DeepseekV32Config does not write: vLLM reads
-# `topk_method` and `scoring_func` (without them, KeyError on `e_score_correction_bias`), `moe_layer_freq`,
-# `rope_scaling`/`rope_theta`, `ep_size`.
+# every one written. Serving engines read some that transformers' DeepseekV32Config does not write (vLLM 0.34 and
+# SGLang 0.5.23, read from their sources): `topk_method` and `scoring_func` (SGLang fails without them; vLLM then
+# routes by softmax or fails on `e_score_correction_bias`), `moe_layer_freq`, `rope_scaling`/`rope_theta`.
 DEEPSEEK_V32_FIELDS = (
     "architectures", "attention_bias", "attention_dropout", "bos_token_id", "eos_token_id", "ep_size",
     "first_k_dense_replace", "hidden_act", "hidden_size", "index_head_dim", "index_n_heads", "index_topk",
@@ -108,6 +108,9 @@ def export_config(config: MlaDsaConfig, export: str) -> dict[str, Any]:
         fields["architectures"] = ["GlmMoeDsaForCausalLM"]
         fields["indexer_types"] = list(config.indexer_types or ["full"] * config.num_hidden_layers)
         exported = transformers.GlmMoeDsaConfig(**fields).to_dict()
+        # transformers' GLM class rotates adjacent pairs without a field; vLLM and SGLang read this one and default
+        # to half-split pairs (DeepSeek-V3.2's layout), so without it they would select other keys than transformers.
+        exported["indexer_rope_interleave"] = INDEXER_ROPE_INTERLEAVE[export]
     else:
         fields.pop("indexer_types", None)
         fields["architectures"] = ["DeepseekV32ForCausalLM"]

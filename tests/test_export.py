@@ -76,6 +76,7 @@ def test_export_config_has_every_field_deepseek_publishes(exported):
     assert config["num_nextn_predict_layers"] == 0  # no multi-token-prediction layer is written
     assert config["index_topk"] == TOPK and config["rope_scaling"] is None and config["rope_theta"] == 10000.0
     assert not any(name in config for name in ("use_sparse_attention", "attention_mode", "indexer_cache_dtype"))
+    assert config.get("indexer_rope_interleave", False) is False  # what vLLM and SGLang assume without it: half-split
 
 
 @pytest.mark.compat

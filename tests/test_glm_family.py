@@ -217,6 +217,8 @@ def test_glm_checkpoint_exports_back_to_glms_format(models, tmp_path):
     config = json.loads((export / "config.json").read_text())
     assert config["model_type"] == "glm_moe_dsa" and "auto_map" not in config and not list(export.glob("*.py"))
     assert config["indexer_types"] == peer.config.indexer_types
+    # vLLM and SGLang rotate the indexer's pairs by this field (absent: half-split, DeepSeek-V3.2's layout)
+    assert config["indexer_rope_interleave"] is True
     assert type(AutoModelForCausalLM.from_pretrained(export)) is GlmMoeDsaForCausalLM
     with torch.no_grad():
         torch.testing.assert_close(_load_glm(export)(_ids()).logits, peer(_ids()).logits, rtol=0, atol=1e-5)
