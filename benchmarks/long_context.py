@@ -2,7 +2,7 @@
 
     python benchmarks/long_context.py [--out DIR] [--json benchmarks/results_long_context.json]
         [--lengths 2048 4096 8192] [--windows 2] [--topk 256 512 1024 2048] [--models full 50%]
-        [--no-decode | --decode-only] [--no-source] [--append] [--table]
+        [--no-decode | --decode-only | --lookup] [--no-source] [--append] [--table]
 
 Held-out data: the standard library's held-out files (never used for calibration or training), whole files one
 after another, so long-range structure (a module's names, imports, repeated code) exists. Each window of L tokens is
@@ -11,6 +11,8 @@ L - 64 tokens of that text followed by a copy of its first 64 tokens: one forwar
 - retrieval: the copied span, seen L - 64 tokens back. Its second occurrence is scored teacher-forced from its 9th
   token on (the first 8 tell the model which span it is): mean NLL per token, top-1 accuracy, and exact match (every
   one of those tokens the argmax, which is what greedy decoding from there would reproduce).
+- lookup (`--lookup`, rows of their own): after the text, one probe per depth (5 % to 98 % of the text back): 24
+  tokens that occur once in the text, then the 8 that followed them there; answered when all 8 are the argmax.
 Rows: the source (transformers' LlamaForCausalLM), each conversion (`mla-dsa convert --kv-lora-rank R --indexer-init
 calibrate`, R = 320: the source's full key/value width; R = 128: half the cache) run densely, and DSA at each k < L.
 Each row gives its seconds per window on this machine. With decode: ms per token at the longest context, the source
@@ -36,6 +38,11 @@ SKIP = 8  # the copy's first tokens, not scored: they tell the model which span 
 # name: (kv_lora_rank, indexer heads x head dim or None for the converter's default, 9 x 128 here). The source caches
 # 2 x 3 KV heads x 64 = 384 numbers per token and layer; R = 320 (+ 64 RoPE) is that width, R = 128 half of it.
 MODELS = {"full": (320, None), "50%": (128, None), "full, 4x64 indexer": (320, (4, 64))}
+# The lookup task: CUE tokens of the text that occur there once, asked again after the text, then the ANSWER tokens
+# that followed them; one probe per depth (a fraction of the text back), all in one window. A shorter cue (8) is
+# answered by SmolLM2 itself at 1 depth in 8 at 2K: 24 tell it which passage is meant.
+CUE, ANSWER = 24, 8
+DEPTHS = (0.05, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 0.98)
 LOGIT_CHUNK = 1024  # positions per LM-head chunk (SmolLM2's vocabulary is 49,152: 8K positions at once is 1.6 GB)
 DECODE_STEPS = 8
 
@@ -58,6 +65,46 @@ def windows_of(tokenizer, length: int, count: int) -> torch.Tensor:
     corpus = text_files_corpus(stdlib_files("held_out"), tokenizer, max_tokens=count * (length - SPAN))
     text = corpus[: count * (length - SPAN)].view(count, length - SPAN)
     return torch.cat([text, text[:, :SPAN]], dim=1)
+
+
+def lookup_window(tokenizer, length: int) -> tuple[torch.Tensor, list[int], int]:
+    """[length]: held-out text, then one probe per depth (its cue, then its answer). Returns the window, each probe's
+    depth in tokens back from the end of the text, and where the probes start."""
+    probes_len = len(DEPTHS) * (CUE + ANSWER)
+    text = text_files_corpus(stdlib_files("held_out"), tokenizer, max_tokens=length)[: length - probes_len]
+    seen: dict[tuple, int] = {}
+    for start in range(len(text) - CUE + 1):
+        cue = tuple(text[start : start + CUE].tolist())
+        seen[cue] = seen.get(cue, 0) + 1
+    probes, depths = [], []
+    for depth in DEPTHS:
+        start = min(int(len(text) * (1 - depth)), len(text) - CUE - ANSWER)
+        while seen[tuple(text[start : start + CUE].tolist())] > 1:  # a cue that names one passage only
+            start = start + 1 if start + 1 <= len(text) - CUE - ANSWER else 0
+        probes.append(text[start : start + CUE + ANSWER])
+        depths.append(len(text) - start)
+    return torch.cat([text, *probes]), depths, len(text)
+
+
+@torch.no_grad()
+def measure_lookup(model, window: torch.Tensor, depths: list[int], probes_start: int, **settings) -> dict:
+    """Per probe (depth): the answer's NLL per token and whether every answer token is the argmax (what greedy decoding
+    after the cue would write)."""
+    start = time.perf_counter()
+    hidden = model.model(window[None], **settings).last_hidden_state[0]  # [L, hidden]
+    probes = []
+    for index, depth in enumerate(depths):
+        answer = probes_start + index * (CUE + ANSWER) + CUE  # the answer's first position
+        logits = model.lm_head(hidden[answer - 1 : answer - 1 + ANSWER]).float()  # predictions of its tokens
+        wanted = window[answer : answer + ANSWER]
+        probes.append({"depth": depth, "nll": torch.nn.functional.cross_entropy(logits, wanted).item(),
+                       "exact": bool((logits.argmax(-1) == wanted).all())})  # fmt: skip
+    return {
+        "lookup": probes,
+        "lookup_exact": sum(p["exact"] for p in probes),
+        "lookup_nll": sum(p["nll"] for p in probes) / len(probes),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 @torch.no_grad()
@@ -141,6 +188,21 @@ def run(args) -> dict:
 
     source = AutoModelForCausalLM.from_pretrained(source_dir, **loading_kwargs({"dtype": torch.float32})).eval()
     ours = {name: MlaDsaForCausalLM.from_pretrained(dst, dtype=torch.float32).eval() for name, dst in converted.items()}
+    if args.lookup:  # the lookup task's rows, instead of perplexity and the copy
+        for length in args.lengths:
+            window, depths, probes_start = lookup_window(tokenizer, length)
+            rows = [("source", None, source, {})] if not args.no_source else []
+            for name, model in ours.items():
+                rows.append((name, "dense", model, {"use_sparse_attention": False}))
+                rows += [(name, "dsa", model, {"index_topk": k}) for k in args.topk if k < length]
+            for name, attention, model, settings in rows:
+                row = {"model": name, "attention": attention, "index_topk": settings.get("index_topk"),
+                       "length": length, **measure_lookup(model, window, depths, probes_start, **settings)}  # fmt: skip
+                key = _row_key(row)
+                results["lookup"] = [old for old in results.get("lookup", []) if _row_key(old) != key] + [row]
+                print(json.dumps(row), flush=True)
+                save()
+        return results
     for length in [] if args.decode_only else args.lengths:
         windows = windows_of(tokenizer, length, args.windows)
         if not args.no_source:
@@ -189,6 +251,15 @@ def table(results: dict) -> str:
         lines.append(f"| {row['length']:,} | {row['model']} | {attention} | {row['ppl']:.3f} | {ratio:.3f} "
                      f"| {row['copy_nll']:.3f} | {row['copy_top1']:.3f} | {row['copy_exact']:.0%} "
                      f"| {row['seconds_per_window']:.1f} |")  # fmt: skip
+    if results.get("lookup"):
+        lines += ["", "| tokens | model | attention | answered | answer NLL | NLL by depth (tokens back; * answered) |",
+                  "|---:|---|---|---:|---:|---|"]  # fmt: skip
+        for row in sorted(results["lookup"], key=lambda row: (row["length"], order.get(row["model"], len(order)),
+                                                               row.get("index_topk") or 0)):  # fmt: skip
+            attention = f"DSA, k = {row['index_topk']}" if row["attention"] == "dsa" else (row["attention"] or "")
+            depths = ", ".join(f"{p['depth']:,}: {p['nll']:.2f}" + (" *" if p["exact"] else "") for p in row["lookup"])
+            lines.append(f"| {row['length']:,} | {row['model']} | {attention} | {row['lookup_exact']} of "
+                         f"{len(row['lookup'])} | {row['lookup_nll']:.3f} | {depths} |")  # fmt: skip
     if results.get("decode"):
         lines += ["", "| model | attention | context | prefill (s) | decode (ms / token) |", "|---|---|---:|---:|---:|"]
         for row in results["decode"]:
@@ -210,6 +281,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--decode-only", action="store_true", help="only the decode rows (at the longest --lengths)")
+    parser.add_argument("--lookup", action="store_true", help="the lookup task's rows (cue -> answer at 8 depths)")
     parser.add_argument("--no-source", action="store_true", help="skip the source's rows (measured in an earlier run)")
     parser.add_argument("--append", action="store_true", help="add the rows to the results JSON instead of replacing")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of --json and exit")

@@ -15,6 +15,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import long_context  # noqa: E402
 
 
+def test_lookup_probes_ask_for_a_passage_seen_once_at_their_depth():
+    """Each probe is CUE tokens that occur once in the text, then the ANSWER tokens that followed them there, at its
+    depth back from the text's end; the window is exactly as long as asked."""
+    window, depths, probes_start = long_context.lookup_window(byte_tokenizer(), 1200)
+    assert window.shape == (1200,) and len(depths) == len(long_context.DEPTHS)
+    text, probe_len = window[:probes_start], long_context.CUE + long_context.ANSWER
+    assert depths == sorted(depths) and depths[-1] > 0.9 * len(text)
+    for index, depth in enumerate(depths):
+        probe = window[probes_start + index * probe_len : probes_start + (index + 1) * probe_len]
+        start = len(text) - depth
+        assert torch.equal(probe, text[start : start + probe_len])
+        cue = probe[: long_context.CUE]
+        occurrences = sum(torch.equal(text[i : i + len(cue)], cue) for i in range(len(text) - len(cue) + 1))
+        assert occurrences == 1
+
+
+def _memorised(window: torch.Tensor) -> torch.nn.Module:
+    """A tiny Llama trained until it predicts `window` perfectly."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = model(window, labels=window).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.mark.slow  # 300 training steps
+def test_a_memorised_window_answers_every_lookup():
+    window, depths, probes_start = long_context.lookup_window(byte_tokenizer(), 400)
+    result = long_context.measure_lookup(_memorised(window[None]), window, depths, probes_start)
+    assert [probe["depth"] for probe in result["lookup"]] == depths
+    assert result["lookup_exact"] == len(depths) and result["lookup_nll"] < 0.05 and result["seconds"] > 0
+
+
 def test_windows_end_with_a_copy_of_their_start():
     windows = long_context.windows_of(byte_tokenizer(), 300, 2)
     assert windows.shape == (2, 300)
@@ -26,18 +65,7 @@ def test_windows_end_with_a_copy_of_their_start():
 def test_the_copy_is_scored_where_it_stands():
     """A model trained until it predicts its one window perfectly: every copy token is its argmax (exact match 1),
     and its text perplexity is near 1."""
-    torch.manual_seed(0)
     window = long_context.windows_of(byte_tokenizer(), 160, 1)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
-    model = LlamaForCausalLM(config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(300):
-        loss = model(window, labels=window).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    result = long_context.measure(model, window)
+    result = long_context.measure(_memorised(window), window)
     assert result["copy_exact"] == 1.0 and result["copy_top1"] == 1.0 and result["ppl"] < 1.1
     assert result["copy_nll"] < 0.05 and result["seconds_per_window"] > 0
