@@ -79,6 +79,33 @@ def test_export_config_has_every_field_deepseek_publishes(exported):
     assert config.get("indexer_rope_interleave", False) is False  # what vLLM and SGLang assume without it: half-split
 
 
+# What vLLM 0.34 and SGLang 0.5.23 read from a deepseek_v32 / glm_moe_dsa checkpoint beyond transformers' own fields
+# (docs/serving_engines.md, read from their wheels): routing (SGLang fails without topk_method / scoring_func /
+# moe_layer_freq), the indexer's shape, the layer placement.
+ENGINE_FIELDS = """index_topk index_n_heads index_head_dim topk_method scoring_func moe_layer_freq n_group topk_group
+routed_scaling_factor norm_topk_prob kv_lora_rank q_lora_rank qk_rope_head_dim qk_nope_head_dim v_head_dim
+first_k_dense_replace num_nextn_predict_layers n_routed_experts n_shared_experts""".split()
+INDEXER_TENSORS = ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight")
+
+
+def test_export_has_the_fields_and_tensor_names_serving_engines_load(exported):
+    """The engines load HF names only: one tensor per expert (vLLM cannot load fused 3-D experts), the indexer's
+    five tensors in every layer (vLLM's strict check fails on a missing `k_norm.bias`), `lm_head.weight` (vLLM never
+    ties it to the embeddings)."""
+    _, export = exported
+    config = json.loads((export / "config.json").read_text())
+    assert [name for name in ENGINE_FIELDS if config.get(name) is None] == []
+    names = set(read_checkpoint(export))
+    assert "lm_head.weight" in names and not any("gate_up_proj" in name for name in names)
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}."
+        assert {f"{prefix}self_attn.indexer.{tensor}" for tensor in INDEXER_TENSORS} <= names
+        if layer >= config["first_k_dense_replace"]:
+            experts = {f"{prefix}mlp.experts.{e}.{p}_proj.weight" for e in range(config["n_routed_experts"])
+                       for p in ("gate", "up", "down")}  # fmt: skip
+            assert experts <= names and f"{prefix}mlp.gate.e_score_correction_bias" in names
+
+
 @pytest.mark.compat
 def test_export_computes_what_ours_computes(exported):
     ours_dir, export = exported

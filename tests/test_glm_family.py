@@ -249,6 +249,13 @@ def test_exporting_to_the_other_indexer_rope_layout_permutes_and_keeps_the_logit
         torch.testing.assert_close(model.eval()(_ids()).logits, reference(_ids()).logits, rtol=0, atol=1e-4)
     moved = read_checkpoint(exported)["model.layers.0.self_attn.indexer.wk.weight"]
     assert not torch.equal(moved, read_checkpoint(ours)["model.layers.0.self_attn.indexer.wk.weight"])
+    if export == "glm_moe_dsa":  # vLLM's CUDA loader wants one entry per layer and no indexer tensor on a shared one
+        config = json.loads((exported / "config.json").read_text())
+        assert len(config["indexer_types"]) == config["num_hidden_layers"] and "shared" in config["indexer_types"]
+        names = read_checkpoint(exported)
+        for layer, kind in enumerate(config["indexer_types"]):
+            has_indexer = any(name.startswith(f"model.layers.{layer}.self_attn.indexer.") for name in names)
+            assert has_indexer == (kind == "full")
 
 
 # ------------------------------------------------------------------------------------------- training shared indexers
