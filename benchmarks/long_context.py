@@ -24,6 +24,7 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -72,15 +73,13 @@ def lookup_window(tokenizer, length: int) -> tuple[torch.Tensor, list[int], int]
     depth in tokens back from the end of the text, and where the probes start."""
     probes_len = len(DEPTHS) * (CUE + ANSWER)
     text = text_files_corpus(stdlib_files("held_out"), tokenizer, max_tokens=length)[: length - probes_len]
-    seen: dict[tuple, int] = {}
-    for start in range(len(text) - CUE + 1):
-        cue = tuple(text[start : start + CUE].tolist())
-        seen[cue] = seen.get(cue, 0) + 1
+    cues = [tuple(text[start : start + CUE].tolist()) for start in range(len(text) - CUE + 1)]
+    unique = {cue for cue, count in Counter(cues).items() if count == 1}  # a cue that names one passage only
+    last = len(text) - CUE - ANSWER
     probes, depths = [], []
     for depth in DEPTHS:
-        start = min(int(len(text) * (1 - depth)), len(text) - CUE - ANSWER)
-        while seen[tuple(text[start : start + CUE].tolist())] > 1:  # a cue that names one passage only
-            start = start + 1 if start + 1 <= len(text) - CUE - ANSWER else 0
+        wanted = min(int(len(text) * (1 - depth)), last)
+        start = next(start for start in [*range(wanted, last + 1), *range(wanted)] if cues[start] in unique)
         probes.append(text[start : start + CUE + ANSWER])
         depths.append(len(text) - start)
     return torch.cat([text, *probes]), depths, len(text)
@@ -165,9 +164,9 @@ def run(args) -> dict:
     if args.append and json_path.is_file():  # a later run adds its rows to an earlier one's
         results = json.loads(json_path.read_text())
 
-    def save(row: dict | None = None) -> None:
+    def save(row: dict | None = None, rows: str = "rows") -> None:
         if row is not None:  # a row measured again replaces the earlier one
-            results["rows"] = [old for old in results["rows"] if _row_key(old) != _row_key(row)] + [row]
+            results[rows] = [old for old in results.get(rows, []) if _row_key(old) != _row_key(row)] + [row]
             print(json.dumps(row), flush=True)
         json_path.write_text(json.dumps(results, indent=1) + "\n")
 
@@ -196,12 +195,9 @@ def run(args) -> dict:
                 rows.append((name, "dense", model, {"use_sparse_attention": False}))
                 rows += [(name, "dsa", model, {"index_topk": k}) for k in args.topk if k < length]
             for name, attention, model, settings in rows:
-                row = {"model": name, "attention": attention, "index_topk": settings.get("index_topk"),
-                       "length": length, **measure_lookup(model, window, depths, probes_start, **settings)}  # fmt: skip
-                key = _row_key(row)
-                results["lookup"] = [old for old in results.get("lookup", []) if _row_key(old) != key] + [row]
-                print(json.dumps(row), flush=True)
-                save()
+                save({"model": name, "attention": attention, "index_topk": settings.get("index_topk"),
+                      "length": length, **measure_lookup(model, window, depths, probes_start, **settings)},
+                     rows="lookup")  # fmt: skip
         return results
     for length in [] if args.decode_only else args.lengths:
         windows = windows_of(tokenizer, length, args.windows)

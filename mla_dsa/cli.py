@@ -274,7 +274,7 @@ def _add_train_indexer(commands) -> None:
         "--gradient-checkpointing",
         action="store_true",
         help="recompute each decoder layer's activations in backward (the Trainer's activation checkpointing): a "
-        "step's memory then grows with the sequence much more slowly, for long --seq-len; about a third slower",
+        "step's memory then grows much more slowly with --seq-len, at the cost of recomputing them",
     )
     parser.add_argument("--no-progress", action="store_true")  # fmt: skip
 

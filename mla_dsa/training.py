@@ -354,8 +354,8 @@ def _training_arguments(out_dir: Path, stage: str, steps: int, batch_size: int, 
     from transformers import TrainingArguments
 
     # transformers 5.25 renamed the Trainer's gradient checkpointing to activation checkpointing (the old name warns)
-    name = "activation_checkpointing" if "activation_checkpointing" in inspect.signature(TrainingArguments).parameters \
-        else "gradient_checkpointing"  # fmt: skip
+    parameters = inspect.signature(TrainingArguments).parameters
+    name = "activation_checkpointing" if "activation_checkpointing" in parameters else "gradient_checkpointing"
     checkpointing = {name: True, f"{name}_kwargs": {"use_reentrant": False}} if gradient_checkpointing else {}
     return TrainingArguments(
         output_dir=str(out_dir / "checkpoints"),

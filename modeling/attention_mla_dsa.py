@@ -218,10 +218,10 @@ class MlaDsaAttention(nn.Module):
             # Causal attention with no mask tensor: SDPA's flash kernels (CPU and GPU) never build the [H, S, T]
             # scores, for training too. They want one head size: values are zero-padded to the keys' and cut after
             # (bf16 rounds differently from the peer's call, which small inputs keep).
-            scores = batch_size * num_heads * seq_len * visible.num_keys
-            padding = 0 if scores <= _PEER_CALL_SCORE_ELEMENTS else key_dim - value_dim
+            if batch_size * num_heads * seq_len * visible.num_keys > _PEER_CALL_SCORE_ELEMENTS:
+                value = F.pad(value, (0, key_dim - value_dim))
             out = F.scaled_dot_product_attention(
-                query.transpose(1, 2), key.transpose(1, 2), F.pad(value, (0, padding)).transpose(1, 2),
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                 dropout_p=self.config.attention_dropout if self.training else 0.0, is_causal=True, scale=self.scaling,
             )  # fmt: skip
             return out.transpose(1, 2)[..., :value_dim]  # [B, S, H, dv]
