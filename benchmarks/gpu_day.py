@@ -605,25 +605,30 @@ def _checkpointing(model, enable: bool) -> None:
 def _train_step(model, optimizer, stage: str, length: int, vocab: int, device, autocast, repeats: int = 2) -> dict:
     import torch
 
+    from mla_dsa.indexer_loss import IndexerLoss
+
     torch.manual_seed(0)
     ids = torch.randint(0, vocab, (1, length)).to(device)
+    indexer_loss = IndexerLoss(model, stage).install()
     times = []
     for _ in range(repeats):  # the first step allocates the optimizer state and warms the allocator
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
+        indexer_loss.reset()
         with autocast:
-            labels = ids if stage == "sparse" else None
-            out = model(ids, labels=labels, indexer_stage=stage)
-        out.loss.backward()
+            sparse = stage == "sparse"
+            out = model(ids, labels=ids if sparse else None, use_sparse_attention=sparse)
+            loss = indexer_loss.kl + (out.loss if sparse else 0)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _synchronize(device)
         times.append(time.perf_counter() - start)
-    result = {"seconds": times[-1], "first_step_seconds": times[0], "loss": out.loss.item()}
-    if out.indexer_loss is not None:
-        result["indexer_kl"] = out.indexer_loss.item()
+    indexer_loss.remove()
+    result = {"seconds": times[-1], "first_step_seconds": times[0], "loss": loss.item(),
+              "indexer_kl": indexer_loss.kl.item()}  # fmt: skip
     if device.type == "cuda":
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return result

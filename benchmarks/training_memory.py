@@ -25,6 +25,7 @@ import json, sys, time, torch
 from transformers import AutoTokenizer
 from mla_dsa import MlaDsaForCausalLM
 from mla_dsa.data import stdlib_files, text_files_corpus
+from mla_dsa.indexer_loss import IndexerLoss
 from mla_dsa.training import indexer_lora_config, prepare_indexer_training
 
 model_dir, stage, length, checkpointing = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "checkpointing"
@@ -49,11 +50,18 @@ if checkpointing:  # every decoder layer's activations recomputed in backward (t
     else:
         model.gradient_checkpointing_enable({"use_reentrant": False})
 model.train()
-labels = (lambda x: x) if train_stage == "sparse" else (lambda x: None)
-model(ids[:, :64], labels=labels(ids[:, :64]), indexer_stage=train_stage).loss.backward()
+indexer_loss = IndexerLoss(model, train_stage).install()
+
+def step(ids):
+    indexer_loss.reset()
+    sparse = train_stage == "sparse"
+    out = model(ids, labels=ids if sparse else None, use_sparse_attention=sparse)
+    (indexer_loss.kl + (out.loss if sparse else 0)).backward()
+
+step(ids[:, :64])
 before = peak_mb()
 start = time.perf_counter()
-model(ids, labels=labels(ids), indexer_stage=train_stage).loss.backward()
+step(ids)
 print(json.dumps({"before_mb": before, "peak_mb": peak_mb(), "seconds": time.perf_counter() - start}))
 """
 

@@ -20,8 +20,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from ..indexer_loss import IndexScorer, kl_to_target
 from ..modeling.configuration_mla_dsa import MlaDsaConfig
-from ..modeling.indexer_loss_mla_dsa import kl_to_target
 from ..modeling.masks_mla_dsa import VisibleKeys
 from ..modeling.moe_mla_dsa import FUSED_EXPERTS, MlaDsaExperts
 from ..modeling.pretrained_mla_dsa import MlaDsaDecoderLayer
@@ -202,7 +202,7 @@ def _run_layer(layer: MlaDsaDecoderLayer, layer_idx: int, hidden: torch.Tensor, 
         attn_input = layer.input_layernorm(window)
         attn_inputs.append(attn_input)
         query_latents.append(layer.self_attn._project_queries(attn_input)[0])
-        out, _, probs, _ = layer(window, position_embeddings, settings, output_attentions=True)
+        out, probs, _ = layer(window, position_embeddings, settings, output_attentions=True)
         attentions.append(probs.mean(dim=1))  # [1, L, L]: heads summed, L1-normalised
         outputs.append(out)
     return LayerPass(layer_idx, layer.self_attn.indexer, torch.cat(attn_inputs), torch.cat(query_latents),
@@ -246,7 +246,7 @@ class _Pending:
         """Mean over the group's layers and the queries of KL(p_t || softmax(I_t))."""
         cos, sin = self.source.position_embeddings
         keys = indexer.keys(attn, cos, sin, fp8=False)
-        scorer = indexer(attn, query_latent, (cos, sin), keys, None, None).scorer
+        scorer = IndexScorer(*indexer.queries(attn, query_latent, cos, sin), keys, indexer.softmax_scale)
         windows, seq_len = attn.shape[:2]
         block = max(1, _FIT_BLOCK_ELEMENTS // (windows * indexer.n_heads * seq_len))
         total, count = 0.0, 0

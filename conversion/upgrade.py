@@ -39,12 +39,18 @@ def upgrade_code(directory: str | os.PathLike) -> list[str]:
         raise ConversionError(config_path, f"the installed mla-dsa cannot read it ({err})") from err
 
     changed = []
-    for source in payload_files():
+    current = payload_files()
+    for source in current:
         target = directory / source.name
         new = source.read_bytes()
         if not target.is_file() or target.read_bytes() != new:
             _replace(target, new)
             changed.append(source.name)
+    # Files of an older payload that the new one no longer has (merged or moved into the package): nothing imports
+    # them any more, and left behind they would read as this checkpoint's code.
+    for stale in sorted(set(directory.glob("*_mla_dsa.py")) - {directory / source.name for source in current}):
+        stale.unlink()
+        changed.append(f"{stale.name} (removed)")
     upgraded = dict(
         config, auto_map={**config.get("auto_map", {}), **AUTO_MAP}, **{PAYLOAD_VERSION_KEY: PAYLOAD_VERSION}
     )

@@ -15,6 +15,7 @@ from transformers import (
 from .conversion.convert import convert_checkpoint
 from .conversion.source import ConversionError
 from .conversion.upgrade import upgrade_code
+from .indexer_loss import IndexerLoss
 from .modeling.cache_mla_dsa import MlaDsaCache, MlaDsaCacheLayer
 from .modeling.configuration_mla_dsa import PAYLOAD_VERSION, MlaDsaConfig
 from .modeling.modeling_mla_dsa import (
@@ -52,6 +53,7 @@ __all__ = [
     *_TRAINING_NAMES,
     "ConversionError",
     "convert_checkpoint",
+    "IndexerLoss",
     "MlaDsaCache",
     "MlaDsaCacheLayer",
     "MlaDsaConfig",

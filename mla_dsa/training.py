@@ -3,7 +3,7 @@
 - Dense warm-up (`stage="dense"`): everything but the indexer frozen, dense attention, loss = KL(p_t || softmax(I_t))
   to the head-summed main attention over all causal keys.
 - Sparse stage (`stage="sparse"`): top-k selection on, everything trainable; the indexer learns only from the KL over
-  its selected keys (its inputs are detached inside the model), the main model only from the LM loss, so it adapts
+  its selected keys (it reads detached inputs), the main model only from the LM loss, so it adapts
   to sparse attention. Fully, or through LoRA (`lora_rank`: PEFT adapters on attention, MLP and indexer, merged into
   the saved checkpoint or saved as an adapter). `dense_control=True` is the control run: the same training with dense
   attention and no indexer loss, so that what sparse attention costs is not confused with what more training gains.
@@ -25,10 +25,10 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.utils import logging
 
 from .conversion.source import TRAINING_RUN_FILE, ConversionError
+from .indexer_loss import STAGES, IndexerLoss
 
 logger = logging.get_logger(__name__)
 
-STAGES = ("dense", "sparse")
 LORA_SAVES = ("merged", "adapter")
 RUN_FILE = TRAINING_RUN_FILE  # in OUT: which stage the run there is (so --resume cannot cross stages), and its log
 # Default learning rates: the paper's (dense warm-up 1e-3; sparse stage 7.3e-6 for a 7168-wide model), the sparse
@@ -71,9 +71,9 @@ def _dsa_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def prepare_indexer_training(model: torch.nn.Module, stage: str) -> torch.nn.Module:
-    """Sets which parameters a stage of the paper's recipe trains; returns `model`. The stage itself is a forward
-    argument (`model(ids, labels=ids, indexer_stage=stage)`, which `IndexerTrainer(stage=...)` passes): the model's
-    config is never changed.
+    """Sets which parameters a stage of the paper's recipe trains; returns `model`. The stage's loss is computed
+    beside the model (`IndexerLoss(model, stage)`, which `IndexerTrainer(stage=...)` installs): the model's config is
+    never changed.
 
     dense: only `*.indexer.*` parameters trainable. sparse: every parameter trainable.
     On a PEFT model only adapter parameters (LoRA, `modules_to_save`) are ever made trainable: dense trains the
@@ -155,14 +155,14 @@ def evaluate_indexer(
     batches = 0
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
-        dense = model(batch, labels=batch, indexer_stage="dense", index_topk=k, use_sparse_attention=False,
-                      use_cache=False)  # fmt: skip
+        with IndexerLoss(model, "dense") as indexer_loss:
+            dense = model(batch, labels=batch, index_topk=k, use_sparse_attention=False, use_cache=False)
         sparse = model(batch, labels=batch, index_topk=k, use_sparse_attention=True, use_cache=False)
-        totals["dense_loss"] += dense.lm_loss.item()
-        totals["sparse_loss"] += sparse.lm_loss.item()
-        totals["kl"] += dense.indexer_loss.item()
-        totals["kl_uniform"] += dense.indexer_kl_uniform.item()
-        totals["recall"] += dense.indexer_recall.item()
+        totals["dense_loss"] += dense.loss.item()
+        totals["sparse_loss"] += sparse.loss.item()
+        totals["kl"] += indexer_loss.kl.item()
+        totals["kl_uniform"] += indexer_loss.kl_uniform.item()
+        totals["recall"] += indexer_loss.recall.item()
         if source is not None:
             totals["source_dense_loss"] += source(batch, labels=batch, use_cache=False).loss.item()
         batches += 1
@@ -452,10 +452,11 @@ class _ProgressPostfix(TrainerCallback):
 
 
 class IndexerTrainer(Trainer):
-    """Trainer for one stage of indexer training: every forward runs with `indexer_stage=stage` (and `index_topk`
-    when given; the checkpoint's otherwise), or with `dense_attention` as the sparse stage's dense control. It logs
-    the indexer's KL and recall next to the loss, and keeps the data order fixed so that one process and N processes
-    see the same global batches."""
+    """Trainer for one stage of indexer training: every forward adds the stage's indexer loss (`IndexerLoss`) to the
+    LM loss (the sparse stage's; the dense warm-up has none), with `index_topk` when given (the checkpoint's
+    otherwise); or, with `dense_attention`, the sparse stage's dense control (LM loss under dense attention only). It
+    logs the indexer's KL and recall next to the loss, and keeps the data order fixed so that one process and N
+    processes see the same global batches."""
 
     def __init__(self, *args, stage: str, index_topk: int | None = None, dense_attention: bool = False, **kwargs):
         if stage not in STAGES:
@@ -466,6 +467,8 @@ class IndexerTrainer(Trainer):
         # the indexer's KL, which is a per-process mean: keep both losses per-process means, which DDP averages.
         self.model_accepts_loss_kwargs = False
         self._indexer_logs: dict[str, list[float]] = {"indexer_kl": [], "recall": []}
+        # Installed for the whole run: activation checkpointing replays each layer, and its loss, in backward.
+        self.indexer_loss = None if dense_attention else IndexerLoss(self.model, stage).install()
         progress = next((c for c in self.callback_handler.callbacks if isinstance(c, ProgressCallback)), None)
         self.add_callback(_ProgressPostfix(progress))
 
@@ -489,16 +492,23 @@ class IndexerTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         if self.dense_attention:  # the control run: the LM loss under dense attention, no indexer loss
-            inputs = {**inputs, "use_sparse_attention": False}
-        else:
-            inputs = {**inputs, "indexer_stage": self.stage, "index_topk": self.index_topk}
+            return super().compute_loss(model, {**inputs, "use_sparse_attention": False}, return_outputs, **kwargs)
+        # The warm-up attends densely (the LM loss trains nothing in it); the sparse stage through the selection.
+        inputs = {**inputs, "index_topk": self.index_topk, "use_sparse_attention": self.stage == "sparse"}
+        self.indexer_loss.reset()
         if self.stage == "dense":
             inputs.pop("labels", None)  # the LM loss trains nothing in this stage
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
-        if outputs.indexer_loss is not None:
-            self._indexer_logs["indexer_kl"].append(outputs.indexer_loss.item())
-        if outputs.indexer_recall is not None and not torch.isnan(outputs.indexer_recall):
-            self._indexer_logs["recall"].append(outputs.indexer_recall.item())
+            loss, outputs = 0.0, model(**inputs)
+        else:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+        kl = self.indexer_loss.kl
+        if kl is None:
+            raise ValueError("the model ran no DSA layer's attention: nothing for the indexer to learn from")
+        loss = loss + kl
+        self._indexer_logs["indexer_kl"].append(kl.item())
+        recall = self.indexer_loss.recall
+        if not torch.isnan(recall):
+            self._indexer_logs["recall"].append(recall.item())
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -511,6 +521,7 @@ class IndexerTrainer(Trainer):
 
 __all__ = [
     "ATTENTION_TARGETS",
+    "IndexerLoss",
     "IndexerTrainer",
     "INDEXER_TARGETS",
     "MLP_TARGETS",

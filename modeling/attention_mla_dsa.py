@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .fp8_mla_dsa import pack_latent_rows, unpack_latent_rows
-from .indexer_loss_mla_dsa import IndexerStats, dense_stage_loss, sparse_stage_loss
 from .indexer_mla_dsa import MlaDsaIndexer, TopkSelection
 from .masks_mla_dsa import VisibleKeys, gather_rows, masked_softmax, selected_keys_mask
 from .rope_mla_dsa import apply_rotary_half_split, apply_rotary_interleaved, yarn_softmax_scale
@@ -79,6 +78,17 @@ class MlaDsaAttention(nn.Module):
         self.fp8_latent = config.latent_cache_dtype == "fp8"
         self._absorbed_cache: tuple | None = None
 
+    def project(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
+        """The new tokens' query latent c_Q [B, S, q_lora_rank] (the indexer's input; the hidden states where there
+        is no query latent), queries q_nope [B, S, H, dn] and rotated q_rope [B, S, H, dr], and latent rows
+        [B, S, R + dr]: [kv_a_layernorm(c_KV) ; rotated k_R], what the cache holds."""
+        cos, sin = position_embeddings
+        query_latent, q_nope, q_rope = self._project_queries(hidden_states)
+        kv = self.kv_a_proj_with_mqa(hidden_states)
+        c_kv, k_rope = torch.split(kv, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        q_rope, k_rope = self._rotate(q_rope, cos.unsqueeze(2), sin.unsqueeze(2)), self._rotate(k_rope, cos, sin)
+        return query_latent, q_nope, q_rope, torch.cat([self.kv_a_layernorm(c_kv), k_rope], dim=-1)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -91,33 +101,30 @@ class MlaDsaAttention(nn.Module):
         past_len: int | torch.Tensor = 0,
         shared_selection: TopkSelection | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, IndexerStats | None, torch.Tensor | None, TopkSelection | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, TopkSelection | None]:
         """hidden_states [B, S, hidden]; key_padding_mask [B, T] bool (True = real token) or None; segment_ids [B, T]
         for a packed batch (attention and the indexer stay inside each sequence) or None; past_len: tokens cached
         before this call (a device scalar for a static cache, whose rows past the current length the causal mask hides).
 
-        Returns the attention output [B, S, hidden]; with an indexer training stage in `settings`, the indexer's KL
-        loss and recall for this layer; with `output_attentions`, the attention probabilities [B, H, S, T] (0 at keys
-        the indexer did not select), computed on the explicit (eager) MHA path whatever the attention mode; and the
-        top-k selection it attended with (a shared layer's is `shared_selection`, its source layer's), or None."""
+        Returns the attention output [B, S, hidden]; with `output_attentions`, the attention probabilities
+        [B, H, S, T] (0 at keys the indexer did not select), computed on the explicit (eager) MHA path whatever the
+        attention mode; and the top-k selection it attended with (a shared layer's is `shared_selection`, its source
+        layer's), or None."""
         batch_size, seq_len, _ = hidden_states.shape
-        cos, sin = position_embeddings
-        query_latent, q_nope, q_rope = self._project_queries(hidden_states)
-        kv = self.kv_a_proj_with_mqa(hidden_states)
-        c_kv, k_rope = torch.split(kv, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        q_rope, k_rope = self._rotate(q_rope, cos.unsqueeze(2), sin.unsqueeze(2)), self._rotate(k_rope, cos, sin)
-        latent = torch.cat([self.kv_a_layernorm(c_kv), k_rope], dim=-1)  # [B, S, R + dr]
-
+        query_latent, q_nope, q_rope, latent = self.project(hidden_states, position_embeddings)
         dsa_layer = self.layer_idx not in (self.config.dense_attention_layers or ())
-        shared = self.indexer is None
-        stage = settings.indexer_stage if dsa_layer else None  # a dense-attention layer's indexer is never used
-        if shared:  # caches no indexer keys
+        shared = self.indexer is None  # GLM-5's shared layers: the source layer's selection, no indexer keys cached
+        num_keys = seq_len if cache is None else None  # known once the cache is updated
+        selects = settings.use_sparse_attention and dsa_layer
+        index_keys = None
+        if shared:
             index_keys = latent.new_empty(batch_size, seq_len, 0)
-        else:
-            # The indexer reads detached inputs: it learns only from its own loss, the main model only from the LM
-            # loss. Training scores keys in full precision; inference caches them in FP8 where the config says so.
-            index_keys = self.indexer.keys(hidden_states.detach(), cos, sin, fp8=self.indexer.fp8 and stage is None)
-        if self.fp8_latent and stage is None:
+        elif cache is not None or (selects and settings.index_topk < num_keys):
+            with torch.no_grad():  # a selection is an integer choice: the indexer is trained by its own loss (mla_dsa)
+                index_keys = self.indexer.keys(hidden_states, *position_embeddings, fp8=self.indexer.fp8)
+        # FP8 rows are what the cache holds, and they carry no gradient: a forward without a cache that autograd
+        # differentiates (training) attends over its full-precision rows.
+        if self.fp8_latent and (cache is not None or not latent.requires_grad):
             latent = pack_latent_rows(latent, self.kv_lora_rank)  # [B, S, 656] uint8 for V3.2's shapes (FlashMLA's)
         if cache is not None:
             latent, index_keys = cache.update(latent, index_keys, self.layer_idx)  # [B, T, ...]
@@ -125,22 +132,16 @@ class MlaDsaAttention(nn.Module):
         num_keys = latent.shape[1]
         past_len = past_len if cache is not None else 0  # without a cache, this call's tokens are all the keys
         visible = VisibleKeys(past_len, num_keys, key_padding_mask, hidden_states.device, segment_ids)
-        sparse = settings.use_sparse_attention and settings.index_topk < num_keys and dsa_layer
-        # A shared layer attends with its source layer's selection, and in training scores that layer's indexer
-        # against its own attention: the source's indexer learns from every layer it selects for.
+        sparse = selects and settings.index_topk < num_keys
         selection = shared_selection if shared else None
-        if not shared and (sparse or stage is not None):  # otherwise the keys are needed only for the cache
-            top_k = settings.index_topk if sparse or stage == "sparse" else None
-            selection = self.indexer(hidden_states.detach(), query_latent.detach(), position_embeddings, index_keys,
-                                     visible, top_k, with_scores=stage == "sparse")  # fmt: skip
+        if sparse and not shared:
+            selection = self.indexer(hidden_states, query_latent, position_embeddings, index_keys, visible,
+                                     settings.index_topk)  # fmt: skip
         attn_output, attn_weights = self._attend(
             q_nope, q_rope, latent, visible, selection if sparse else None, settings, output_attentions
         )
         attn_output = self.o_proj(attn_output.reshape(batch_size, seq_len, -1))  # [B, S, H * dv]
-        stats = None
-        if stage is not None and selection is not None:
-            stats = self._indexer_stats(stage, selection, q_nope, q_rope, latent, visible, settings.index_topk)
-        return attn_output, stats, attn_weights, selection
+        return attn_output, attn_weights, selection
 
     def _attend(
         self, q_nope, q_rope, latent, visible: VisibleKeys, selection: TopkSelection | None, settings: DsaSettings,
@@ -162,20 +163,6 @@ class MlaDsaAttention(nn.Module):
         if absorbed:
             return self._absorbed_attention(q_nope, q_rope, latent, visible, selection), None
         return self._mha_attention(q_nope, q_rope, latent, visible, selection), None
-
-    def _indexer_stats(self, stage: str, selection: TopkSelection, q_nope, q_rope, latent, visible: VisibleKeys,
-                       top_k: int) -> IndexerStats:  # fmt: skip
-        if q_nope.shape[2] != self.num_heads:  # tensor parallelism: this process holds only some heads
-            raise ValueError(
-                f"the indexer loss needs all {self.num_heads} heads' attention, this process holds {q_nope.shape[2]} "
-                "(tensor parallelism): train the indexer data-parallel or sharded (accelerate, FSDP) instead"
-            )
-        with torch.no_grad():
-            main_query = self._absorbed_query(q_nope.detach(), q_rope.detach())  # [B, S, H, R + dr]
-        if stage == "sparse":
-            return sparse_stage_loss(selection, main_query, latent.detach(), self.scaling)
-        return dense_stage_loss(selection.scorer, visible, main_query, latent.detach(), self.scaling, top_k,
-                                self.config.query_chunk_size)  # fmt: skip
 
     def _project_queries(self, hidden_states: torch.Tensor):
         batch_size, seq_len, _ = hidden_states.shape
@@ -269,7 +256,7 @@ class MlaDsaAttention(nn.Module):
         weight = weight.view(-1, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)  # this process's heads
         return weight[:, : self.qk_nope_head_dim], weight[:, self.qk_nope_head_dim :]
 
-    def _absorbed_query(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
+    def absorbed_query(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
         """[B, S, H, R + dr]: W_UK folded into the query, so it scores the latent row [c_KV ; k_R] directly."""
         w_uk, _ = self.absorbed_weights()
         return torch.cat([torch.einsum("bshn,hnr->bshr", q_nope, w_uk.to(q_nope.dtype)), q_rope], dim=-1)

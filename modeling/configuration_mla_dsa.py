@@ -19,7 +19,7 @@ logger = logging.get_logger(__name__)
 
 # The release of this payload; config.json records it (`PAYLOAD_VERSION_KEY`) so a checkpoint says which code wrote
 # it. A checkpoint without it was written by 0.1.0. `mla-dsa upgrade-code DIR` refreshes an older checkpoint's code.
-PAYLOAD_VERSION = "0.5.0"
+PAYLOAD_VERSION = "0.6.0"
 FIRST_PAYLOAD_VERSION = "0.1.0"
 
 ATTENTION_MODES = ("auto", "mha", "absorbed")

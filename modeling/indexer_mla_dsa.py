@@ -7,7 +7,8 @@ Index score of query t for key s (DeepSeek-V3.2, semantics as transformers' `Dee
 with `q_I = wq_b(c_Q)` (`index_n_heads` heads), `k_I = k_norm(wk(h))` (one head, LayerNorm with bias), and RoPE on the
 FIRST `qk_rope_head_dim` dims of each in the half-split (NeoX) layout: the reverse of the main attention's
 `[nope | rope]` split and not its interleaved layout. Scores are computed in float32, `weights_proj` runs in its own
-(float32) dtype. Unlike transformers' indexer, scores can stay differentiable so the indexer can be trained.
+(float32) dtype. The indexer's training (its KL losses) lives in the installed `mla_dsa` package, which scores
+with the same `queries`, `keys` and `index_scores`.
 
 Shapes: B batch, S new tokens (queries), T cached + new tokens (keys), H `index_n_heads`, D `index_head_dim`, k the
 number of selected keys per query.
@@ -18,14 +19,14 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .fp8_mla_dsa import FP8_BLOCK, fp8_round_trip, pack_fp8_rows, unpack_fp8_rows
 from .masks_mla_dsa import VisibleKeys
 from .rope_mla_dsa import apply_rotary_half_split, apply_rotary_interleaved
 
-# Queries per scoring block: their per-head index scores [queries, heads, keys] within this many float32 elements
-# (64 MiB), which autograd keeps for backward (without it, only one tile of them exists at a time: below).
+# Queries per scoring block: their index scores [queries, keys] and, under autograd (training), their per-head scores
+# [queries, heads, keys] within this many float32 elements (64 MiB); without autograd only one tile of the per-head
+# scores exists at a time (below).
 _SCORE_BLOCK_ELEMENTS = 1 << 24
 # Per-head scores are made and reduced over the heads one tile of keys at a time, each tile [B, s*H, keys] within
 # this many float32 elements (4 MiB, within an 8 MiB L3): the matmul, the in-place ReLU and the head weighting
@@ -49,40 +50,13 @@ def _on_gpu(tensor: torch.Tensor) -> bool:
     return tensor.device.type != "cpu"
 
 
-class IndexScorer(NamedTuple):
-    """The indexer's queries [B, S, H, D], head weights [B, S, H] and keys [B, T, D] (float32, or as cached for a
-    few queries: `index_scores` scores them in float32) for one forward."""
-
-    queries: torch.Tensor
-    weights: torch.Tensor
-    keys: torch.Tensor
-    softmax_scale: float
-
-    def scores(self, start: int, end: int) -> torch.Tensor:
-        """Index scores [B, end - start, T] (float32, differentiable in the indexer), a bounded block at a time."""
-        batch_size, _, n_heads = self.weights.shape
-        block = query_block(batch_size, n_heads, self.keys.shape[1], _on_gpu(self.keys))
-        parts = [
-            index_scores(self.queries[:, s : min(end, s + block)], self.weights[:, s : min(end, s + block)],
-                         self.keys, self.softmax_scale)
-            for s in range(start, end, block)
-        ]  # fmt: skip
-        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-
-
 class TopkSelection(NamedTuple):
-    """What the indexer chose for one forward; the attention and the indexer loss both read it.
+    """What the indexer chose for one forward. `indices` [B, S, k]: the selected key positions. `valid` [B, S, k]
+    bool: whether each is a visible key (a query with fewer than k visible keys still gets k indices, and the rest
+    must be masked out)."""
 
-    `indices` [B, S, k]: the selected key positions. `valid` [B, S, k] bool: whether each is a visible key (a query
-    with fewer than k visible keys still gets k indices, and the rest must be masked out). `scores` [B, S, k]: the
-    index scores at `indices`, differentiable in the indexer (only when asked for: the sparse-stage loss). `scorer`:
-    the indexer's queries and keys, which the dense-stage loss scores against every key. `indices`, `valid` and
-    `scores` are None when no selection was asked for (dense attention)."""
-
-    indices: torch.Tensor | None
-    valid: torch.Tensor | None
-    scores: torch.Tensor | None
-    scorer: IndexScorer
+    indices: torch.Tensor
+    valid: torch.Tensor
 
 
 class MlaDsaIndexer(nn.Module):
@@ -110,6 +84,16 @@ class MlaDsaIndexer(nn.Module):
         keys = _rotate_leading_dims(self.k_norm(self.wk(hidden_states)), cos, sin, self.rope_dim, self.rope_interleave)
         return pack_fp8_rows(keys, self.fp8_block, self.scale_fmt) if fp8 else keys
 
+    def queries(self, hidden_states: torch.Tensor, query_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The rotated queries [B, S, H, D] and head weights [B, S, H] (float32) of the new tokens."""
+        batch_size, seq_len, _ = hidden_states.shape
+        queries = self.wq_b(query_latent).view(batch_size, seq_len, self.n_heads, self.head_dim)
+        queries = _rotate_leading_dims(queries, cos.unsqueeze(2), sin.unsqueeze(2), self.rope_dim, self.rope_interleave)
+        weights = self.weights_proj(hidden_states.to(self.weights_proj.weight.dtype)).float() * self.n_heads**-0.5
+        return queries, weights
+
+    @torch.no_grad()
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -117,60 +101,32 @@ class MlaDsaIndexer(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         keys: torch.Tensor,
         visible: VisibleKeys,
-        top_k: int | None,
-        with_scores: bool = False,
+        top_k: int,
     ) -> TopkSelection:
-        """The top `top_k` visible keys [B, S, k] of each query, by index score (no selection with `top_k=None`).
+        """The top `top_k` visible keys [B, S, k] of each query, by index score.
 
         hidden_states [B, S, hidden] and query_latent [B, S, q_lora_rank] of the new tokens; keys [B, T, *]: every
-        cached key as `keys()` made them (FP8-packed keys are scored by queries rounded the same way). Each block of
-        queries is scored once; with `with_scores` under autograd the block runs under activation checkpointing, so
-        backward scores it once more instead of keeping the [T, queries, heads] intermediate alive."""
-        cos, sin = position_embeddings
-        batch_size, seq_len, _ = hidden_states.shape
-        queries = self.wq_b(query_latent).view(batch_size, seq_len, self.n_heads, self.head_dim)
-        queries = _rotate_leading_dims(queries, cos.unsqueeze(2), sin.unsqueeze(2), self.rope_dim, self.rope_interleave)
-        weights = self.weights_proj(hidden_states.to(self.weights_proj.weight.dtype)).float() * self.n_heads**-0.5
+        cached key as `keys()` made them (FP8-packed keys are scored by queries rounded the same way). The selection is
+        an integer choice: nothing here is differentiated (training scores the indexer itself, see `mla_dsa`)."""
+        queries, weights = self.queries(hidden_states, query_latent, *position_embeddings)
         if keys.dtype == torch.uint8:
             queries = fp8_round_trip(queries, self.fp8_block, self.scale_fmt)
             keys = unpack_fp8_rows(keys, self.head_dim, self.fp8_block)
-        if seq_len * self.n_heads >= self.head_dim:  # many queries: upcast the keys once (few: per chunk, when scored)
+        if queries.shape[1] * self.n_heads >= self.head_dim:  # many queries: upcast the keys once (few: per tile)
             keys = keys.float()
-        scorer = IndexScorer(queries, weights, keys, self.softmax_scale)
-        if top_k is None:
-            return TopkSelection(None, None, None, scorer)
-        return _select(scorer, visible, top_k, with_scores)
-
-
-def _select(scorer: IndexScorer, visible: VisibleKeys, top_k: int, with_scores: bool) -> TopkSelection:
-    batch_size, seq_len, n_heads = scorer.weights.shape
-    k = min(top_k, scorer.keys.shape[1])
-    block = query_block(batch_size, n_heads, scorer.keys.shape[1], _on_gpu(scorer.keys))
-    checkpointed = with_scores and torch.is_grad_enabled()
-    parts = []
-    for start in range(0, seq_len, block):
-        end = min(seq_len, start + block)
-        keys = visible.causal_prefix(end, k)  # keys later than the block's last query are never scored
-        args = (scorer.queries[:, start:end], scorer.weights[:, start:end], scorer.keys[:, :keys],
-                visible.mask(start, end)[..., :keys].expand(batch_size, -1, -1), k, scorer.softmax_scale,
-                with_scores)  # fmt: skip
-        if checkpointed:
-            parts.append(checkpoint(_select_block, *args, use_reentrant=False))
-        else:
-            with torch.no_grad():
-                parts.append(_select_block(*args))
-    columns = zip(*parts, strict=True)  # (indices, valid, scores) of each block
-    indices, valid, scores = (torch.cat(column, dim=1) if len(parts) > 1 else column[0] for column in columns)
-    return TopkSelection(indices, valid, scores if with_scores else None, scorer)
-
-
-def _select_block(queries, weights, keys, visible, k: int, softmax_scale: float, with_scores: bool):
-    """indices [B, s, k], their validity [B, s, k] and (with_scores) their index scores [B, s, k], else an empty
-    placeholder: a checkpointed function returns tensors only."""
-    scores = index_scores(queries, weights, keys, softmax_scale)  # [B, s, T]
-    indices, valid = select_topk(scores.detach(), visible, k)
-    picked = scores.gather(-1, indices) if with_scores else scores.new_empty(*indices.shape[:2], 0)
-    return indices, valid, picked
+        batch_size, seq_len, n_heads = weights.shape
+        k = min(top_k, keys.shape[1])
+        block = query_block(batch_size, n_heads, keys.shape[1], _on_gpu(keys))
+        parts = []
+        for start in range(0, seq_len, block):
+            end = min(seq_len, start + block)
+            num_keys = visible.causal_prefix(end, k)  # keys later than the block's last query are never scored
+            scores = index_scores(queries[:, start:end], weights[:, start:end], keys[:, :num_keys],
+                                  self.softmax_scale)  # fmt: skip
+            parts.append(select_topk(scores, visible.mask(start, end)[..., :num_keys].expand(batch_size, -1, -1), k))
+        if len(parts) == 1:
+            return TopkSelection(*parts[0])
+        return TopkSelection(*(torch.cat(column, dim=1) for column in zip(*parts, strict=True)))
 
 
 def query_block(batch_size: int, n_heads: int, num_keys: int, gpu: bool = False) -> int:
@@ -258,4 +214,4 @@ def _rotate_leading_dims(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     return torch.cat([rotate(x[..., :rope_dim], cos, sin), x[..., rope_dim:]], dim=-1)
 
 
-__all__ = ["IndexScorer", "MlaDsaIndexer", "TopkSelection", "index_scores", "query_block", "select_topk"]
+__all__ = ["MlaDsaIndexer", "TopkSelection", "index_scores", "query_block", "select_topk"]

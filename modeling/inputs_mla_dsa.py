@@ -3,14 +3,9 @@
 Shapes: B batch, S new tokens, T cached + new tokens.
 """
 
-import warnings
-
 import torch
 
-
-def as_requested(output, config, return_dict: bool | None):
-    """The output object, or its tuple with return_dict=False (the forward's value, else the config's)."""
-    return output if (config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+from .settings_mla_dsa import TRAINING_MOVED
 
 
 def packed_segment_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -21,14 +16,11 @@ def packed_segment_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
     return torch.nn.functional.pad(restarts.long(), (1, 0)).cumsum(-1)
 
 
-def stage_argument(indexer_stage: str | None, kwargs: dict) -> str | None:
-    """`indexer_stage`, or the stage passed under its name before 0.4.0, `indexer_loss=` (which now names only the
-    output's loss tensor)."""
-    if "indexer_loss" in kwargs:
-        warnings.warn("`indexer_loss=` as a forward argument is now `indexer_stage=`", FutureWarning, stacklevel=3)
-        old = kwargs.pop("indexer_loss")
-        indexer_stage = old if indexer_stage is None else indexer_stage
-    return indexer_stage
+def refuse_training_arguments(kwargs: dict) -> None:
+    """`indexer_stage=` (and its name before 0.4.0, `indexer_loss=`): the model no longer computes training losses."""
+    for name in ("indexer_stage", "indexer_loss"):
+        if name in kwargs:
+            raise ValueError(f"{name}= is no longer a model argument: {TRAINING_MOVED}")
 
 
 def output_flags(config, hidden_states: bool | None, attentions: bool | None) -> tuple[bool, bool]:
@@ -81,12 +73,11 @@ def padded_to_keys(attention_mask: torch.Tensor, num_keys: int) -> torch.Tensor:
 
 
 __all__ = [
-    "as_requested",
     "check_input_ids",
     "key_padding_mask_of",
     "out_of_range_ids",
     "output_flags",
     "packed_segment_ids",
     "padded_to_keys",
-    "stage_argument",
+    "refuse_training_arguments",
 ]

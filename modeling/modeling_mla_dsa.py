@@ -10,34 +10,33 @@ model class - this one - which is why it is named here: so "grouped_mm" (transfo
 and "batched_mm" can be chosen for our models too.
 """
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 from transformers import GenerationMixin
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import (
-    CausalLMOutputWithPast,
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
     SequenceClassifierOutputWithPast,
     TokenClassifierOutput,
 )
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.output_capturing import capture_outputs
 
 from .attention_mla_dsa import MlaDsaRMSNorm
 from .cache_mla_dsa import MlaDsaCache, cache_lengths, check_cache, static_cache_size
 from .compat_mla_dsa import CACHE_NAME, cache_field, take_cache
 from .configuration_mla_dsa import MlaDsaConfig
 from .inputs_mla_dsa import (
-    as_requested,
     check_input_ids,
     key_padding_mask_of,
     out_of_range_ids,
     output_flags,
     packed_segment_ids,
     padded_to_keys,
-    stage_argument,
+    refuse_training_arguments,
 )
-from .pretrained_mla_dsa import MlaDsaDecoderLayer, MlaDsaModelOutput, MlaDsaPreTrainedModel
+from .pretrained_mla_dsa import MlaDsaDecoderLayer, MlaDsaPreTrainedModel
 from .rope_mla_dsa import MlaDsaRotaryEmbedding
 from .settings_mla_dsa import DsaSettings
 
@@ -61,6 +60,7 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -71,21 +71,21 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
+        output_router_logits: bool | None = None,
         use_sparse_attention: bool | None = None,
         index_topk: int | None = None,
         attention_mode: str | None = None,
-        indexer_stage: str | None = None,
         **kwargs,
-    ) -> MlaDsaModelOutput | tuple:
+    ) -> MoeModelOutputWithPast | tuple:
         """`cache`: an `MlaDsaCache` (or `DynamicCache(config=model.config)`); `past_key_values` is its older name.
-        Output flags left unset take the config's values, as in transformers' own models. `use_sparse_attention`,
-        `index_topk`, `attention_mode`, `indexer_stage`: this call's DSA choices (see `DsaSettings`), the config's
-        where unset."""
+        Output flags left unset take the config's values, as in transformers' own models; hidden states, attentions
+        and router logits are recorded by transformers' output capture (`_can_record_outputs`), `return_dict` too.
+        `use_sparse_attention`, `index_topk`, `attention_mode`: this call's DSA choices (see `DsaSettings`), the
+        config's where unset."""
         cache = take_cache(cache, kwargs, "MlaDsaModel.forward")
-        settings = DsaSettings.resolve(self.config, use_sparse_attention, index_topk, attention_mode,
-                                       stage_argument(indexer_stage, kwargs))  # fmt: skip
-        output_hidden_states, output_attentions = output_flags(self.config, output_hidden_states, output_attentions)
+        refuse_training_arguments(kwargs)
+        settings = DsaSettings.resolve(self.config, use_sparse_attention, index_topk, attention_mode)
+        _, output_attentions = output_flags(self.config, output_hidden_states, output_attentions)
         inputs_embeds = self._embed(input_ids, inputs_embeds)
         use_cache = self._wants_cache(use_cache)
         if cache is not None:
@@ -105,33 +105,17 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        layer_stats, selection = [], None
+        selection = None
         for layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
             # `selection`: the last full layer's top-k, which the shared layers after it reuse (GLM-5's indexer_types)
-            hidden_states, stats, attn_weights, selection = layer(
+            hidden_states, _, selection = layer(
                 hidden_states, position_embeddings, settings, key_padding_mask, output_attentions=output_attentions,
                 segment_ids=segment_ids, past_len=past_len, shared_selection=selection,
                 **cache_field(cache if use_cache else None), **kwargs,
             )  # fmt: skip
-            layer_stats += [stats] if stats is not None else []
-            all_attentions = all_attentions + (attn_weights,) if output_attentions else None
-        hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-        output = MlaDsaModelOutput(
-            last_hidden_state=hidden_states,
-            **cache_field(cache if use_cache else None),
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-            indexer_loss=torch.stack([s.kl for s in layer_stats]).mean() if layer_stats else None,
-            indexer_recall=torch.stack([s.recall for s in layer_stats]).nanmean() if layer_stats else None,
-            indexer_kl_uniform=torch.stack([s.kl_uniform for s in layer_stats]).mean() if layer_stats else None,
+        return MoeModelOutputWithPast(
+            last_hidden_state=self.norm(hidden_states), **cache_field(cache if use_cache else None)
         )
-        return as_requested(output, self.config, return_dict)
 
     def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         """[B, S, hidden] from exactly one of input_ids (checked) and inputs_embeds."""
@@ -158,16 +142,6 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
         return use_cache
 
 
-@dataclass
-class MlaDsaCausalLMOutput(CausalLMOutputWithPast):
-    """`loss` = `lm_loss` (with labels) + `indexer_loss` (when requested)."""
-
-    lm_loss: torch.FloatTensor | None = None
-    indexer_loss: torch.FloatTensor | None = None
-    indexer_recall: torch.FloatTensor | None = None
-    indexer_kl_uniform: torch.FloatTensor | None = None
-
-
 class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
     _auto_class = "AutoModelForCausalLM"  # save_pretrained copies the payload files beside the weights
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -185,6 +159,7 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -196,24 +171,25 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
+        output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         use_sparse_attention: bool | None = None,
         index_topk: int | None = None,
         attention_mode: str | None = None,
-        indexer_stage: str | None = None,
         **kwargs,
-    ) -> MlaDsaCausalLMOutput | tuple:
-        """Causal LM forward. `indexer_stage` ("dense" | "sparse") adds the DSA indexer's KL loss (DeepSeek-V3.2
-        warm-up / sparse stage) to the output (`indexer_loss`) and to `loss`; `use_sparse_attention`, `index_topk`
-        and `attention_mode` override the config's defaults for this call (see `DsaSettings`); `generate()` passes
-        them on to every step. `cache`: an `MlaDsaCache` (or `DynamicCache(config=model.config)`);
+    ) -> MoeCausalLMOutputWithPast | tuple:
+        """Causal LM forward. `use_sparse_attention`, `index_topk` and `attention_mode` override the config's
+        defaults for this call (see `DsaSettings`); `generate()` passes them on to every step. The indexer's training
+        losses are not the model's: the `mla_dsa` package computes them (`mla_dsa.IndexerLoss`). `cache`: an
+        `MlaDsaCache` (or `DynamicCache(config=model.config)`);
         `past_key_values` is its older name."""
         cache = take_cache(cache, kwargs, "MlaDsaForCausalLM.forward")
         kwargs.pop("cache_position", None)
         # transformers' loss keywords (Trainer's num_items_in_batch, context parallelism's pre-shifted labels, ...)
         loss_kwargs = {name: kwargs.pop(name) for name in LOSS_KWARGS if name in kwargs}
         output_hidden_states, output_attentions = output_flags(self.config, output_hidden_states, output_attentions)
+        if output_router_logits is None:
+            output_router_logits = getattr(self.config, "output_router_logits", False)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -223,11 +199,11 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            output_router_logits=output_router_logits,
             return_dict=True,
             use_sparse_attention=use_sparse_attention,
             index_topk=index_topk,
             attention_mode=attention_mode,
-            indexer_stage=stage_argument(indexer_stage, kwargs),
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -236,22 +212,17 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
         elif isinstance(logits_to_keep, torch.Tensor):
             hidden_states = hidden_states[:, logits_to_keep]
         logits = self.lm_head(hidden_states)
-        lm_loss = None
+        loss = None
         if labels is not None or loss_kwargs.get("shift_labels") is not None:
-            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
-        losses = [part for part in (lm_loss, outputs.indexer_loss) if part is not None]
-        output = MlaDsaCausalLMOutput(
-            loss=sum(losses[1:], losses[0]) if losses else None,
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
             logits=logits,
             **cache_field(getattr(outputs, CACHE_NAME)),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            lm_loss=lm_loss,
-            indexer_loss=outputs.indexer_loss,
-            indexer_recall=outputs.indexer_recall,
-            indexer_kl_uniform=outputs.indexer_kl_uniform,
+            router_logits=outputs.router_logits,
         )
-        return as_requested(output, self.config, return_dict)
 
     def generate(self, *args, **kwargs):
         """transformers' `generate()`, on a cache of our layers: `DynamicCache(config)` builds MlaDsaCacheLayer for
@@ -290,6 +261,7 @@ class MlaDsaForSequenceClassification(MlaDsaPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -299,7 +271,6 @@ class MlaDsaForSequenceClassification(MlaDsaPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast | tuple:
         outputs = self._backbone(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs)
@@ -317,14 +288,13 @@ class MlaDsaForSequenceClassification(MlaDsaPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
-        output = SequenceClassifierOutputWithPast(
+        return SequenceClassifierOutputWithPast(
             loss=loss,
             logits=pooled_logits,
             **cache_field(getattr(outputs, CACHE_NAME)),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return as_requested(output, self.config, return_dict)
 
 
 class MlaDsaForTokenClassification(MlaDsaPreTrainedModel):
@@ -341,6 +311,7 @@ class MlaDsaForTokenClassification(MlaDsaPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=True)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -350,16 +321,14 @@ class MlaDsaForTokenClassification(MlaDsaPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> TokenClassifierOutput | tuple:
         outputs = self._backbone(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs)
         logits = self.score(self.dropout(outputs.last_hidden_state))  # [B, S, num_labels]
         loss = self.loss_function(logits, labels, self.config) if labels is not None else None
-        output = TokenClassifierOutput(
+        return TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return as_requested(output, self.config, return_dict)
 
 
 __all__ = [
@@ -369,6 +338,5 @@ __all__ = [
     "MlaDsaForSequenceClassification",
     "MlaDsaForTokenClassification",
     "MlaDsaModel",
-    "MlaDsaModelOutput",
     "MlaDsaPreTrainedModel",
 ]

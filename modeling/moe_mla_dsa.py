@@ -45,12 +45,15 @@ class MlaDsaRouter(nn.Module):
         if config.topk_method == "noaux_tc":
             self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32))
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden_states [N, hidden] -> expert indices [N, top_k] and float32 weights [N, top_k]."""
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden_states [N, hidden] -> the router logits [N, E] (float32; what `output_router_logits` returns, as
+        transformers' DeepSeek routers do), the float32 expert weights [N, top_k] and the expert indices [N, top_k]."""
         logits = F.linear(hidden_states.float(), self.weight.float())  # [N, E]
         if self.config.scoring_func == "sigmoid":
-            return self._route_sigmoid(logits.sigmoid())
-        return self._route_softmax(logits.softmax(dim=-1))
+            indices, weights = self._route_sigmoid(logits.sigmoid())
+        else:
+            indices, weights = self._route_softmax(logits.softmax(dim=-1))
+        return logits, weights, indices
 
     def _route_sigmoid(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         choice = scores + self.e_score_correction_bias
@@ -144,7 +147,7 @@ class MlaDsaMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
-        indices, weights = self.gate(flat)
+        _, weights, indices = self.gate(flat)
         routed = self.experts(flat, indices, weights).view(shape)
         if hasattr(self, "shared_experts"):
             routed = routed + self.shared_experts(hidden_states)

@@ -7,7 +7,6 @@ Decoder layer = MLA attention with a lightning indexer (`attention_mla_dsa.py`),
 """
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,21 +14,16 @@ import torch.nn as nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import logging
+from transformers.utils.output_capturing import OutputRecorder
 
 from .attention_mla_dsa import MlaDsaAttention, MlaDsaRMSNorm
 from .compat_mla_dsa import CACHE_NAME, CACHE_NAMES, loading_kwargs, take_cache
 from .configuration_mla_dsa import MlaDsaConfig
-from .indexer_loss_mla_dsa import IndexerStats
 from .indexer_mla_dsa import TopkSelection
 from .loading_mla_dsa import check_weight_file, warn_if_code_is_older, warn_if_indexer_missing, weight_files
 from .moe_mla_dsa import MlaDsaExperts, MlaDsaMLP, MlaDsaMoE, MlaDsaRouter, register_expert_layout
 from .settings_mla_dsa import DsaSettings
-
-# Keywords transformers passes to `loss_function` (ForCausalLMLoss): Trainer's token count, pre-shifted labels of
-# context/sequence parallelism, the ignored label id.
-
 
 logger = logging.get_logger(__name__)
 
@@ -50,18 +44,20 @@ class MlaDsaDecoderLayer(GradientCheckpointingLayer):
         key_padding_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         **kwargs,
-    ) -> tuple[torch.Tensor, IndexerStats | None, torch.Tensor | None, TopkSelection | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, TopkSelection | None]:
+        """The layer's output [B, S, hidden], its attention probabilities (with `output_attentions`) and the top-k
+        selection it attended with (which GLM-5's shared layers after it reuse)."""
         # The cache comes by keyword, under the running transformers' name (CACHE_NAME): GradientCheckpointingLayer
         # looks for it there to drop it (with one warning) when a checkpointed training step asks for a cache.
         cache = kwargs.pop(CACHE_NAME, None)
         residual = hidden_states
-        attn_output, stats, attn_weights, selection = self.self_attn(
+        attn_output, attn_weights, selection = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, settings, key_padding_mask, cache,
             output_attentions=output_attentions, **kwargs,
         )  # fmt: skip
         hidden_states = residual + attn_output
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-        return hidden_states, stats, attn_weights, selection
+        return hidden_states, attn_weights, selection
 
 
 class MlaDsaPreTrainedModel(PreTrainedModel):
@@ -77,6 +73,13 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
     # weights in fp16 models.
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
     _keep_in_fp32_modules = ["indexer.weights_proj"]
+    # What transformers' output capture records (`output_hidden_states`, `output_attentions`, `output_router_logits`):
+    # each layer's output, its attention probabilities (computed only when asked for), each router's logits.
+    _can_record_outputs = {
+        "hidden_states": MlaDsaDecoderLayer,
+        "attentions": OutputRecorder(MlaDsaAttention, index=1),
+        "router_logits": OutputRecorder(MlaDsaRouter, index=0),
+    }
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -147,16 +150,4 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.e_score_correction_bias)
 
 
-@dataclass
-class MlaDsaModelOutput(BaseModelOutputWithPast):
-    """`indexer_loss`: mean over layers of the indexer's KL loss (when requested); `indexer_recall`: mean over layers
-    of the attention mass its top-k covers (dense stage; NaN when no query has more than `index_topk` keys);
-    `indexer_kl_uniform`: mean over layers of the KL a uniform choice among the visible keys would have (dense stage),
-    so 1 - indexer_loss / indexer_kl_uniform is the share of that KL the indexer removes."""
-
-    indexer_loss: torch.FloatTensor | None = None
-    indexer_recall: torch.FloatTensor | None = None
-    indexer_kl_uniform: torch.FloatTensor | None = None
-
-
-__all__ = ["MlaDsaDecoderLayer", "MlaDsaModelOutput", "MlaDsaPreTrainedModel"]
+__all__ = ["MlaDsaDecoderLayer", "MlaDsaPreTrainedModel"]

@@ -46,6 +46,27 @@ def test_output_hidden_states_from_the_config_or_the_forward(saved, where):
 
 
 @pytest.mark.parametrize("where", ["config", "forward"])
+def test_output_router_logits_equal_the_peers(saved, where):
+    """One float32 [tokens, experts] tensor per MoE layer, as transformers' DeepseekV32 records them, from the causal
+    LM and the base model alike."""
+    flags = {"output_router_logits": True}
+    peer, ours = _pair(saved, **(flags if where == "config" else {}))
+    input_ids = _ids()
+    with torch.no_grad():
+        expected = peer(input_ids, **(flags if where == "forward" else {})).router_logits
+        actual = ours(input_ids, **(flags if where == "forward" else {})).router_logits
+        base = ours.model(input_ids, **(flags if where == "forward" else {})).router_logits
+    moe_layers = ours.config.num_hidden_layers - ours.config.first_k_dense_replace
+    assert actual is not None and len(actual) == len(expected) == len(base) == moe_layers > 0
+    for mine, theirs, from_base in zip(actual, expected, base, strict=True):
+        assert mine.dtype == torch.float32 and mine.shape == (input_ids.numel(), ours.config.n_routed_experts)
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
+        torch.testing.assert_close(from_base, mine)
+    with torch.no_grad():  # a forward keyword overrides the config; without either, none
+        assert ours(input_ids, **({"output_router_logits": False} if where == "config" else {})).router_logits is None
+
+
+@pytest.mark.parametrize("where", ["config", "forward"])
 def test_return_dict_false_gives_the_peers_tuple(saved, where):
     """The peer's tuple comes from the forward keyword (its config-level return_dict=False breaks its own CausalLM
     forward on transformers 5.24: the base model's tuple has no last_hidden_state); ours honours both."""

@@ -249,20 +249,27 @@ def test_a_symlinked_single_file_snapshot_keeps_its_tokenizer_and_generation_fil
 # ------------------------------------------------------------------ saving in the middle of indexer training
 @pytest.mark.parametrize("stage", ["dense", "sparse"])
 def test_a_checkpoint_saved_mid_training_loads_for_inference(byte_dsa, tmp_path, stage):
-    """The stage is a forward argument: preparing a model for it changes no config, so what it saves mid-run is
-    the inference checkpoint it was, and the live run keeps training."""
+    """The stage's loss is computed beside the model: preparing a model for it changes no config, so what it saves
+    mid-run is the inference checkpoint it was (with no hooks of the loss in it), and the live run keeps training."""
+    from mla_dsa.indexer_loss import IndexerLoss
+
     model = mla_dsa.MlaDsaForCausalLM.from_pretrained(byte_dsa)
     before = model.config.to_dict()
     mla_dsa.prepare_indexer_training(model, stage)
     input_ids = torch.randint(3, 250, (1, 12), generator=torch.Generator().manual_seed(0))
-    assert model(input_ids, labels=input_ids, indexer_stage=stage).indexer_loss is not None
+    indexer_loss = IndexerLoss(model, stage).install()
+    model(input_ids, labels=input_ids, index_topk=4)
+    assert indexer_loss.kl is not None
     model.save_pretrained(tmp_path / "mid")
     assert model.config.to_dict() == before
     written = json.loads((tmp_path / "mid" / "config.json").read_text())
     assert written["use_sparse_attention"] is True and "indexer_loss" not in written and "indexer_stage" not in written
     loaded = mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "mid").eval()
     out = loaded(input_ids, labels=input_ids)
-    assert out.indexer_loss is None
+    indexer_loss.reset()
+    model(input_ids, labels=input_ids, index_topk=4)  # the live run still has its loss
+    assert indexer_loss.kl is not None
+    indexer_loss.remove()
     reference = mla_dsa.MlaDsaForCausalLM.from_pretrained(byte_dsa).eval()
     with torch.no_grad():
         torch.testing.assert_close(out.logits, reference(input_ids).logits)
@@ -293,7 +300,7 @@ def test_runtime_choices_leave_the_config_alone(byte_dsa):
             torch.testing.assert_close(score, want, msg=f"step {step}")
     assert not all(torch.equal(a, b) for a, b in zip(generated.scores, dense.scores, strict=True))
     model.config.indexer_loss = "dense"
-    with pytest.raises(ValueError, match="indexer_stage"):
+    with pytest.raises(ValueError, match="IndexerLoss"):
         model(windows)
 
 

@@ -92,13 +92,23 @@ def test_generate_on_an_fp8_latent_cache_equals_recomputation():
     assert torch.equal(cached, recomputed)
 
 
-def test_training_stage_ignores_the_fp8_cache_setting():
-    """An indexer loss trains on full-precision latents, as FP8 indexer keys do."""
+def test_training_ignores_the_fp8_cache_setting():
+    """A forward that autograd differentiates keeps full-precision latents (FP8 rows hold no gradient), and the
+    indexer loss scores full-precision keys: an FP8-cache config trains as the plain one."""
+    from mla_dsa.indexer_loss import IndexerLoss
+
     input_ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
-    fp8, plain = _model(latent_cache_dtype="fp8").train(), _model().train()
-    out_fp8 = fp8(input_ids, labels=input_ids, indexer_stage="dense")
-    out_plain = plain(input_ids, labels=input_ids, indexer_stage="dense")
-    assert torch.equal(out_fp8.logits, out_plain.logits) and torch.equal(out_fp8.indexer_loss, out_plain.indexer_loss)
+    fp8 = _model(latent_cache_dtype="fp8", indexer_cache_dtype="fp8").train()
+    plain = _model().train()
+    results = []
+    for model in (fp8, plain):
+        with IndexerLoss(model, "dense") as indexer_loss:
+            out = model(input_ids, labels=input_ids, use_sparse_attention=False)
+        out.loss.backward()
+        results.append((out.logits, indexer_loss.kl, model.model.layers[0].self_attn.kv_a_proj_with_mqa.weight.grad))
+    (logits_fp8, kl_fp8, grad_fp8), (logits, kl, grad) = results
+    assert torch.equal(logits_fp8, logits) and torch.equal(kl_fp8, kl)
+    assert grad_fp8 is not None and torch.equal(grad_fp8, grad)
 
 
 def test_fp8_latent_needs_whole_scale_blocks():

@@ -265,16 +265,14 @@ def test_a_full_indexer_learns_from_every_layer_it_selects_for():
     torch.manual_seed(0)
     config = MlaDsaConfig(**{**_COMMON, **_V3_MOE, "q_lora_rank": 48, **INDEXER, "index_topk": TOPK,
                              "indexer_types": ["full", "shared", "shared"]})  # fmt: skip
+    from mla_dsa.indexer_loss import IndexerLoss
+
     model = perturb_(MlaDsaForCausalLM(config)).train()
-    stats = []
-    hooks = [
-        layer.self_attn.register_forward_hook(lambda m, a, out: stats.append(out[1])) for layer in model.model.layers
-    ]
-    out = model(_ids(seq_len=16), indexer_stage="dense")
-    for hook in hooks:
-        hook.remove()
-    assert all(s is not None for s in stats) and len(stats) == 3
-    torch.testing.assert_close(out.indexer_loss, torch.stack([s.kl for s in stats]).mean())
+    with IndexerLoss(model, "dense") as indexer_loss:
+        model(_ids(seq_len=16), use_sparse_attention=False)
+    stats = indexer_loss.layers
+    assert len(stats) == 3
+    torch.testing.assert_close(indexer_loss.kl, torch.stack([s.kl for s in stats]).mean())
     indexer = model.model.layers[0].self_attn.indexer
     own = torch.autograd.grad(stats[0].kl, indexer.wq_b.weight, retain_graph=True)[0]
     shared = torch.autograd.grad(stats[1].kl + stats[2].kl, indexer.wq_b.weight, retain_graph=True)[0]
@@ -285,7 +283,7 @@ def test_a_full_indexer_learns_from_every_layer_it_selects_for():
 def test_the_mean_of_kls_trains_as_the_kl_of_the_mean_attention():
     """Why each shared layer adds its own KL to its source's indexer: sum_l KL(p_l || q) = n KL(mean p || q) + a
     constant, so the gradient is the one of the mean target (the issue's example), up to the factor n."""
-    from mla_dsa.modeling.indexer_loss_mla_dsa import kl_to_target
+    from mla_dsa.indexer_loss import kl_to_target
 
     generator = torch.Generator().manual_seed(0)
     targets = torch.softmax(torch.randn(3, 2, 5, 9, generator=generator), dim=-1)  # 3 layers' attention [B, S, T]

@@ -31,6 +31,7 @@ from mla_dsa.conversion.convert import convert_checkpoint
 from mla_dsa.conversion.gqa_math import GqaGeometry, LayerStats, decouple_rope, factor_latent, pairs
 from mla_dsa.conversion.source import ConversionError
 from mla_dsa.data import byte_tokenizer, stdlib_files
+from mla_dsa.indexer_loss import IndexerLoss
 
 from peers import perturb_
 
@@ -274,7 +275,9 @@ def test_downstream_export_peft_and_training(tmp_path, data_files):
     before = [p.detach().clone() for p in frozen]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
-    loss = model(ids, labels=ids, indexer_stage="sparse").loss
+    with IndexerLoss(model, "sparse") as indexer_loss:
+        loss = model(ids, labels=ids).loss
+    loss = loss + indexer_loss.kl
     loss.backward()
     optimizer.step()
     assert math.isfinite(loss.item()) and attention.q_b_proj.weight.requires_grad

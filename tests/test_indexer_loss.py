@@ -1,14 +1,14 @@
-"""The indexer's KL loss inside the model: equal to a plain unchunked reference, chunked in memory, and wired so that
-gradients reach only what the paper says they reach."""
+"""The indexer's KL loss (`mla_dsa.IndexerLoss`, beside the model): equal to a plain unchunked reference, chunked in
+memory, wired so that gradients reach only what the paper says they reach, and the same under activation
+checkpointing; the model itself computes no training loss."""
 
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
 import mla_dsa
+from mla_dsa.indexer_loss import IndexerLoss, IndexScorer, dense_stage_loss
 from mla_dsa.modeling import indexer_mla_dsa
-from mla_dsa.modeling.indexer_loss_mla_dsa import dense_stage_loss
-from mla_dsa.modeling.indexer_mla_dsa import IndexScorer
 from mla_dsa.modeling.masks_mla_dsa import VisibleKeys
 from mla_dsa.training import prepare_indexer_training
 
@@ -51,10 +51,8 @@ def reference_layer_kl(attn, hidden, position_embeddings, key_padding_mask, spar
         scores = scores * attn.scaling
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()
     valid = causal[None] & key_padding_mask[:, None, :]  # [B, S, T]
-    visible = VisibleKeys(0, seq, key_padding_mask, hidden.device)
-    index_keys = attn.indexer.keys(hidden, cos, sin, fp8=False)
-    scorer = attn.indexer(hidden, hidden_q_latent(attn, hidden), position_embeddings, index_keys, visible, None).scorer
-    index_q, index_w, index_k = scorer.queries, scorer.weights, scorer.keys
+    index_k = attn.indexer.keys(hidden, cos, sin, fp8=False)
+    index_q, index_w = attn.indexer.queries(hidden, hidden_q_latent(attn, hidden), cos, sin)
     per_head = torch.relu(torch.einsum("bshd,btd->bsht", index_q, index_k) * attn.indexer.softmax_scale)
     index = (per_head * index_w.unsqueeze(-1)).sum(2)  # [B, S, T]
     if sparse:
@@ -84,22 +82,23 @@ def test_loss_equals_unchunked_reference(checkpoint, stage):
         captured[module.layer_idx] = (args, kwargs, output)
 
     hooks = [layer.self_attn.register_forward_hook(grab, with_kwargs=True) for layer in model.model.layers]
-    with torch.no_grad():
-        out = model(input_ids, attention_mask=attention_mask, indexer_stage=stage)
+    with torch.no_grad(), IndexerLoss(model, stage) as indexer_loss:
+        model(input_ids, attention_mask=attention_mask, use_sparse_attention=stage == "sparse")
     for hook in hooks:
         hook.remove()
+    assert len(indexer_loss.layers) == model.config.num_hidden_layers
     layer_losses = []
     for idx, layer in enumerate(model.model.layers):
-        args, kwargs, (_, stats, _, _) = captured[idx]
+        args, kwargs, _ = captured[idx]
         hidden, position_embeddings, key_padding_mask = args[0], args[1], args[3]
         with torch.no_grad():
             expected = reference_layer_kl(
                 layer.self_attn, hidden, position_embeddings, key_padding_mask, stage == "sparse"
             )
-        torch.testing.assert_close(stats.kl, expected, atol=1e-7, rtol=1e-4)
+        torch.testing.assert_close(indexer_loss.layers[idx].kl, expected, atol=1e-7, rtol=1e-4)
         layer_losses.append(expected)
-    torch.testing.assert_close(out.indexer_loss, torch.stack(layer_losses).mean(), atol=1e-7, rtol=1e-4)
-    assert out.indexer_loss > 0
+    torch.testing.assert_close(indexer_loss.kl, torch.stack(layer_losses).mean(), atol=1e-7, rtol=1e-4)
+    assert indexer_loss.kl > 0
 
 
 def test_loss_does_not_depend_on_chunk_size(checkpoint):
@@ -107,9 +106,9 @@ def test_loss_does_not_depend_on_chunk_size(checkpoint):
     results = []
     for chunk in (1, 4, 64):
         model = load(checkpoint, query_chunk_size=chunk)
-        with torch.no_grad():
-            out = model(input_ids, attention_mask=attention_mask, indexer_stage="dense")
-        results.append((out.indexer_loss, out.indexer_recall))
+        with torch.no_grad(), IndexerLoss(model, "dense") as indexer_loss:
+            model(input_ids, attention_mask=attention_mask)
+        results.append((indexer_loss.kl, indexer_loss.recall))
     for loss, recall in results[1:]:
         torch.testing.assert_close(loss, results[0][0])
         torch.testing.assert_close(recall, results[0][1])
@@ -152,12 +151,13 @@ def test_dense_stage_trains_only_the_indexer(checkpoint):
     model = load(checkpoint)
     before = model.config.to_dict()
     prepare_indexer_training(model, "dense")
-    assert model.config.to_dict() == before  # the stage is a forward argument, not a config change
+    assert model.config.to_dict() == before  # the stage is the loss beside the model, not a config change
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".indexer." in name for name in trainable)
     input_ids, attention_mask = batch()
-    out = model(input_ids, attention_mask=attention_mask, labels=input_ids, indexer_stage="dense")
-    out.loss.backward()
+    with IndexerLoss(model, "dense") as indexer_loss:
+        model(input_ids, attention_mask=attention_mask, use_sparse_attention=False)
+    indexer_loss.kl.backward()
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert with_grad and with_grad <= trainable
     assert any("wq_b" in name for name in with_grad) and any("weights_proj" in name for name in with_grad)
@@ -168,14 +168,14 @@ def test_sparse_stage_separates_the_two_losses(checkpoint):
     prepare_indexer_training(model, "sparse")
     assert all(p.requires_grad for p in model.parameters())
     input_ids, attention_mask = batch()
-    out = model(input_ids, attention_mask=attention_mask, labels=input_ids, indexer_stage="sparse")
-    torch.testing.assert_close(out.loss, out.lm_loss + out.indexer_loss)
+    with IndexerLoss(model, "sparse") as indexer_loss:
+        out = model(input_ids, attention_mask=attention_mask, labels=input_ids)
 
-    out.lm_loss.backward(retain_graph=True)
+    out.loss.backward(retain_graph=True)
     lm_grads = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert lm_grads and not any(".indexer." in name for name in lm_grads)
     model.zero_grad()
-    out.indexer_loss.backward()
+    indexer_loss.kl.backward()
     kl_grads = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert kl_grads and all(".indexer." in name for name in kl_grads)
 
@@ -184,11 +184,12 @@ def test_recall_is_the_attention_mass_inside_topk(checkpoint):
     """With k >= every query's key count recall is undefined (NaN); with k = 1 it is in (0, 1)."""
     model = load(checkpoint)
     input_ids, attention_mask = batch()
-    with torch.no_grad():
-        out = model(input_ids, attention_mask=attention_mask, indexer_stage="dense", index_topk=SEQ)
-        assert torch.isnan(out.indexer_recall)
-        recall = model(input_ids, attention_mask=attention_mask, indexer_stage="dense", index_topk=1).indexer_recall
-    assert 0.0 < recall.item() < 1.0
+    with torch.no_grad(), IndexerLoss(model, "dense") as indexer_loss:
+        model(input_ids, attention_mask=attention_mask, index_topk=SEQ)
+        assert torch.isnan(indexer_loss.recall)
+        indexer_loss.reset()
+        model(input_ids, attention_mask=attention_mask, index_topk=1)
+    assert 0.0 < indexer_loss.recall.item() < 1.0
 
 
 def _count_scoring(monkeypatch) -> list[int]:
@@ -204,18 +205,19 @@ def _count_scoring(monkeypatch) -> list[int]:
     return calls
 
 
-def test_sparse_stage_scores_each_query_block_once(checkpoint, monkeypatch):
-    """One selection per layer feeds the attention and the loss: each DSA layer scores its queries once in the
-    forward pass and once more in backward (the checkpointed block is recomputed), never per consumer."""
+def test_sparse_stage_scores_every_key_once_per_layer(checkpoint, monkeypatch):
+    """The selection scores every key once per DSA layer (in the forward, without autograd); the loss then scores
+    only the selected keys, so backward scores no block of every key again."""
     model = load(checkpoint)
     prepare_indexer_training(model, "sparse")
     input_ids, attention_mask = batch()
     calls = _count_scoring(monkeypatch)
-    out = model(input_ids, attention_mask=attention_mask, labels=input_ids, indexer_stage="sparse")
+    with IndexerLoss(model, "sparse") as indexer_loss:
+        out = model(input_ids, attention_mask=attention_mask, labels=input_ids)
     layers = model.config.num_hidden_layers
     assert calls == [SEQ] * layers  # one block of all SEQ queries per layer
-    out.loss.backward()
-    assert calls == [SEQ] * (2 * layers)
+    (out.loss + indexer_loss.kl).backward()
+    assert calls == [SEQ] * layers
     assert all(p.grad is not None for p in model.model.layers[0].self_attn.indexer.parameters())
 
 
@@ -227,3 +229,57 @@ def test_inference_scores_each_query_block_once(checkpoint, monkeypatch):
         model(input_ids, attention_mask=attention_mask, attention_mode="mha")
         model(input_ids, attention_mask=attention_mask, attention_mode="absorbed")
     assert calls == [SEQ] * (2 * model.config.num_hidden_layers)
+
+
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+def test_the_model_computes_no_training_loss(checkpoint, stage):
+    """`indexer_stage=` is refused with the way to the loss; a forward's loss is the LM loss alone."""
+    model = load(checkpoint)
+    input_ids, attention_mask = batch()
+    with pytest.raises(ValueError, match="IndexerLoss"):
+        model(input_ids, indexer_stage=stage)
+    with IndexerLoss(model, stage):
+        out = model(input_ids, attention_mask=attention_mask, labels=input_ids)
+    plain = model(input_ids, attention_mask=attention_mask, labels=input_ids)
+    torch.testing.assert_close(out.loss, plain.loss)
+    assert not hasattr(out, "indexer_loss")
+
+
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+@pytest.mark.parametrize("indexer_types", [None, ["full", "shared"]], ids=["v32", "glm-shared"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(stage, indexer_types):
+    """Each layer's loss is made inside its forward, which activation checkpointing replays in backward: the KL and
+    every gradient are those without it (GLM-5's shared layers: the source indexer learns from both layers)."""
+    from mla_dsa.modeling.configuration_mla_dsa import MlaDsaConfig
+
+    torch.manual_seed(0)
+    config = MlaDsaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
+                          qk_rope_head_dim=4, v_head_dim=8, index_n_heads=2, index_head_dim=8, index_topk=5,
+                          first_k_dense_replace=2, indexer_types=indexer_types)  # fmt: skip
+    input_ids, attention_mask = batch()
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = mla_dsa.MlaDsaForCausalLM(config).train()
+        prepare_indexer_training(model, stage)
+        if checkpointing:  # transformers' name for it (the older one before 5.25)
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable({"use_reentrant": False})
+        indexer_loss = IndexerLoss(model, stage).install()
+        out = model(input_ids, attention_mask=attention_mask, labels=input_ids, use_sparse_attention=stage == "sparse")
+        kl = indexer_loss.kl
+        (kl + out.loss if stage == "sparse" else kl).backward()
+        indexer_loss.remove()
+        # with checkpointing, backward replayed every layer's forward, and its loss with it
+        assert len(indexer_loss.layers) == config.num_hidden_layers * (2 if checkpointing else 1)
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((kl.detach(), grads))
+    (kl, grads), (kl_checkpointed, grads_checkpointed) = results
+    torch.testing.assert_close(kl_checkpointed, kl)
+    assert grads.keys() == grads_checkpointed.keys()
+    assert any(".indexer." in name for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_checkpointed[name], grad, msg=name)

@@ -75,12 +75,13 @@ def test_save_pretrained_writes_payload(saved):
 
 
 # The underscored names transformers documents for model authors to set or override (its own models do): class
-# attributes that steer loading, device placement and saving, the weight-init hook, and the attention switch.
+# attributes that steer loading, device placement and saving, the weight-init hook, the attention switch, and what
+# output capture records.
 TRANSFORMERS_AUTHOR_HOOKS = {
     "_auto_class", "_no_split_modules", "_skip_keys_device_placement", "_supports_sdpa",
     "_keep_in_fp32_modules_strict", "_keep_in_fp32_modules",
     "_tied_weights_keys", "_keys_to_ignore_on_load_unexpected", "_init_weights",
-    "_attn_implementation", "_layer_type", "_tp_plan",
+    "_attn_implementation", "_layer_type", "_tp_plan", "_can_record_outputs",
 }  # fmt: skip
 
 

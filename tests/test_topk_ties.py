@@ -6,7 +6,7 @@ With one indexer head, every key whose ReLU is zero scores exactly 0.0, and such
 import torch
 
 from mla_dsa import MlaDsaConfig, MlaDsaForCausalLM
-from mla_dsa.modeling.indexer_mla_dsa import select_topk
+from mla_dsa.modeling.indexer_mla_dsa import index_scores, select_topk
 
 from peers import VOCAB
 
@@ -37,15 +37,17 @@ def _ties_at_the_boundary(model, input_ids) -> int:
     decides (so the tests below can fail)."""
     captured = []
     indexers = [layer.self_attn.indexer for layer in model.model.layers]
-    hooks = [ix.register_forward_hook(lambda m, a, out: captured.append(out.scorer)) for ix in indexers]
+    hooks = [ix.register_forward_hook(lambda m, args, out: captured.append((m, args))) for ix in indexers]
     with torch.no_grad():
         model(input_ids)
     for hook in hooks:
         hook.remove()
     ties = 0
     k = model.config.index_topk
-    for scorer in captured:
-        scores = scorer.scores(0, scorer.queries.shape[1])[0]  # [S, T]
+    for indexer, (hidden, query_latent, (cos, sin), keys, _, _) in captured:
+        with torch.no_grad():
+            queries, weights = indexer.queries(hidden, query_latent, cos, sin)
+            scores = index_scores(queries, weights, keys.float(), indexer.softmax_scale)[0]  # [S, T]
         for t in range(k + 1, scores.shape[0]):
             top = scores[t, : t + 1].topk(k + 1).values
             ties += int(top[k - 1] == top[k])

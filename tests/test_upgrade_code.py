@@ -2,7 +2,9 @@
 
 The 0.1.0 checkpoint is made with the 0.1.0 payload, kept as it was released in tests/fixtures/payload-0.1.0/. On
 transformers 5.24+ that code decodes every step on an empty cache (it knows only `past_key_values`); after the
-upgrade the same weight files generate the peer's tokens through trust_remote_code.
+upgrade the same weight files generate the peer's tokens through trust_remote_code. The 0.5.0 payload
+(tests/fixtures/payload-0.5.0/, the last before the indexer loss left the checkpoints' code) generates them before and
+after, and its file that the payload no longer has is removed.
 """
 
 import hashlib
@@ -27,6 +29,7 @@ from mla_dsa.modeling.configuration_mla_dsa import PAYLOAD_VERSION, PAYLOAD_VERS
 from peers import save_peer
 
 OLD_PAYLOAD = Path(__file__).parent / "fixtures" / "payload-0.1.0"
+PAYLOAD_0_5_0 = Path(__file__).parent / "fixtures" / "payload-0.5.0"
 NEW_TOKENS = 8
 
 GENERATE_SCRIPT = textwrap.dedent(
@@ -111,6 +114,7 @@ def test_upgrade_code_repairs_a_0_1_0_checkpoint(old_checkpoint, tmp_path, capsy
     assert file_hashes(checkpoint) == weights_before
     for source in payload_files():
         assert (checkpoint / source.name).read_bytes() == source.read_bytes(), source.name
+    assert {path.name for path in checkpoint.glob("*.py")} == {path.name for path in payload_files()}
     config = json.loads((checkpoint / "config.json").read_text())
     assert config[PAYLOAD_VERSION_KEY] == PAYLOAD_VERSION
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mla_dsa.MlaDsaForCausalLM"
@@ -151,3 +155,29 @@ def test_upgrade_code_refuses_what_it_did_not_write(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "deepseek_v3" in err and "mla-dsa convert" in err, err
     assert file_hashes(tmp_path / "dense") == before and not list((tmp_path / "dense").glob("*.py"))
+
+
+@pytest.mark.slow  # a fresh interpreter loads the checkpoint twice (about 20 s)
+def test_upgrade_code_moves_a_0_5_0_checkpoint_to_the_new_payload(tmp_path, capsys):
+    peer = save_peer("deepseek_v32", tmp_path / "peer", index_topk=5)
+    checkpoint = tmp_path / "ckpt"
+    mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "peer").save_pretrained(checkpoint)
+    for path in checkpoint.glob("*.py"):
+        path.unlink()
+    for path in PAYLOAD_0_5_0.glob("*.py"):
+        shutil.copyfile(path, checkpoint / path.name)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, PAYLOAD_VERSION_KEY: "0.5.0"}, indent=2))
+    ids = torch.randint(3, 97, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = peer.generate(ids, use_cache=False, max_new_tokens=NEW_TOKENS, do_sample=False)[:, 12:].tolist()
+    assert generate_remotely(checkpoint, ids, tmp_path) == expected
+    weights_before = file_hashes(checkpoint)
+
+    assert cli(["upgrade-code", str(checkpoint)]) == 0
+    assert "indexer_loss_mla_dsa.py (removed)" in capsys.readouterr().out
+    assert not (checkpoint / "indexer_loss_mla_dsa.py").exists()
+    assert {path.name for path in checkpoint.glob("*.py")} == {path.name for path in payload_files()}
+    assert file_hashes(checkpoint) == weights_before
+    assert json.loads((checkpoint / "config.json").read_text())[PAYLOAD_VERSION_KEY] == PAYLOAD_VERSION
+    assert generate_remotely(checkpoint, ids, tmp_path) == expected

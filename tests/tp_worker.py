@@ -15,6 +15,8 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
+from mla_dsa.indexer_loss import IndexerLoss
+
 DECODE_STEPS = 24
 
 
@@ -78,7 +80,8 @@ def main(checkpoint: str, out_path: str) -> None:
                      if _local(param).numel() < whole[name].numel())  # fmt: skip
     local_heads = parallel.model.layers[0].self_attn.q_b_proj(torch.zeros(1, 1, 48)).shape[-1]
     try:  # the indexer loss would see only this process's heads: refused, not silently wrong
-        parallel(batch, indexer_stage="dense")
+        with IndexerLoss(parallel, "dense"):
+            parallel(batch, use_sparse_attention=False)
         indexer_loss_error = None
     except ValueError as err:
         indexer_loss_error = str(err)

@@ -1,0 +1,288 @@
+"""The indexer's training loss (DeepSeek-V3.2, §2.1): KL from the main attention to the index scores, computed beside
+the model, never inside it (the model only selects keys).
+
+    dense stage:  KL(p_t || softmax(I_t))            over all visible keys,
+    sparse stage: KL(p_t[S_t] || softmax(I_t[S_t]))  over the selected keys S_t only,
+
+p_t = main attention probabilities (absorbed queries [B, S, H, R + dr] against latent rows [B, T, R + dr], under the
+attention's scaling) summed over heads and L1-normalised, detached: the indexer learns from the attention, never the
+reverse. Both are means over the queries that have a visible key.
+
+    with IndexerLoss(model, "dense") as indexer_loss:
+        out = model(ids, use_sparse_attention=False)
+        indexer_loss.kl.backward()
+
+`IndexerLoss` hooks every attention layer of an mla_dsa model (also inside a PEFT or DDP wrapper): each forward it
+sees re-projects the layer's input (no gradient into the main model: its queries and latent rows are the target),
+scores it with the layer's indexer and keeps one `IndexerStats` per DSA layer. The loss is made inside the layer's
+forward, so FSDP's gathered weights and activation checkpointing's replay (which recomputes it in backward) see it
+there; keep the hooks installed until backward is done (`reset()` between steps, as `IndexerTrainer` does).
+
+Shapes: B batch, S tokens, T keys (= S: the loss scores whole sequences), H main heads, R `kv_lora_rank`,
+dr `qk_rope_head_dim`, h index heads, D `index_head_dim`, k selected keys per query.
+"""
+
+import inspect
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .modeling.indexer_mla_dsa import index_scores, query_block, select_topk
+from .modeling.masks_mla_dsa import VisibleKeys, gather_rows, masked_softmax
+
+STAGES = ("dense", "sparse")
+# Largest block of gathered rows [B, queries, k, C] (latent rows for the sparse-stage target, index keys for its
+# scores) made at once: 128 MiB in float32 on a CPU, 1 GiB on a GPU (few large kernels, not many small ones).
+_GATHER_BLOCK_ELEMENTS = 1 << 25
+_GPU_GATHER_BLOCK_ELEMENTS = 1 << 28
+
+
+class IndexerStats(NamedTuple):
+    """One layer's indexer training signal: mean KL over queries (differentiable in the indexer only), the
+    attention-mass recall of its top-k (NaN when no query has more than k keys, or in the sparse stage), and the mean
+    KL of a uniform choice over the visible keys, log(n_t) - H(p_t), the scale `kl` is judged against (NaN in the
+    sparse stage)."""
+
+    kl: torch.Tensor
+    recall: torch.Tensor
+    kl_uniform: torch.Tensor
+
+
+class IndexScorer(NamedTuple):
+    """One layer's index queries [B, S, h, D], head weights [B, S, h] and keys [B, T, D] (float32), differentiable in
+    the indexer."""
+
+    queries: torch.Tensor
+    weights: torch.Tensor
+    keys: torch.Tensor
+    softmax_scale: float
+
+    def scores(self, start: int, end: int) -> torch.Tensor:
+        """Index scores [B, end - start, T] of queries start..end-1, a bounded block at a time."""
+        batch_size, _, n_heads = self.weights.shape
+        block = query_block(batch_size, n_heads, self.keys.shape[1], self.keys.device.type != "cpu")
+        parts = [
+            index_scores(self.queries[:, s : min(end, s + block)], self.weights[:, s : min(end, s + block)],
+                         self.keys, self.softmax_scale)
+            for s in range(start, end, block)
+        ]  # fmt: skip
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+class IndexerLoss:
+    """The indexer's KL loss of `stage` ("dense" | "sparse") for every forward of `model` while installed (a context
+    manager, or `install()` / `remove()`). `kl`, `recall`, `kl_uniform`: the means over the DSA layers of the forwards
+    seen since the last `reset()` (None before any); `layers`: their `IndexerStats`, one per DSA layer and forward.
+
+    The top-k of the recall (dense stage) and of the selection (sparse stage) is the forward's `index_topk` (the
+    config's unless passed). In the sparse stage the loss is over the keys the attention selected (GLM-5's shared
+    layers: their source layer's selection, scored by the source's indexer, which so learns from every layer it
+    selects for); where the forward attended densely (a context no longer than k, `use_sparse_attention=False`), over
+    the indexer's own top-k."""
+
+    def __init__(self, model: torch.nn.Module, stage: str):
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self.stage = stage
+        self.attentions = [m for m in model.modules() if hasattr(m, "indexer") and hasattr(m, "absorbed_query")]
+        if not self.attentions:
+            raise ValueError(
+                f"{type(model).__name__} has no mla_dsa attention layers this package can train (a checkpoint's own "
+                "older code? load it with mla_dsa's classes, or refresh it with `mla-dsa upgrade-code`)"
+            )
+        self.config = self.attentions[0].config
+        self.layers: list[IndexerStats] = []
+        self._signatures = {id(m): inspect.signature(m.forward) for m in self.attentions}
+        self._scorers: dict[int, IndexScorer] = {}  # this forward's, by layer: shared layers read their source's
+        self._selections: dict[int, object] = {}
+        self._handles: list = []
+
+    # -------------------------------------------------------------------------------------------- lifecycle
+    def install(self) -> "IndexerLoss":
+        if not self._handles:
+            self._handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in self.attentions]
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def reset(self) -> None:
+        self.layers.clear()
+        self._scorers.clear()
+        self._selections.clear()
+
+    def __enter__(self) -> "IndexerLoss":
+        self.reset()
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # ---------------------------------------------------------------------------------------------- results
+    @property
+    def kl(self) -> torch.Tensor | None:
+        return torch.stack([s.kl for s in self.layers]).mean() if self.layers else None
+
+    @property
+    def recall(self) -> torch.Tensor | None:
+        return torch.stack([s.recall for s in self.layers]).nanmean() if self.layers else None
+
+    @property
+    def kl_uniform(self) -> torch.Tensor | None:
+        return torch.stack([s.kl_uniform for s in self.layers]).mean() if self.layers else None
+
+    # ------------------------------------------------------------------------------------------------- hook
+    def _hook(self, attention, args, kwargs, output) -> None:
+        """After one attention layer's forward: its indexer's loss against its attention, from the same inputs."""
+        call = self._signatures[id(attention)].bind(*args, **kwargs).arguments
+        layer_idx = attention.layer_idx
+        if layer_idx in (self.config.dense_attention_layers or ()):  # never selects: nothing to train against
+            return
+        if call.get("cache") is not None and not _is_zero(call.get("past_len", 0)):
+            raise ValueError("the indexer loss scores whole sequences: run the forward with use_cache=False")
+        hidden = call["hidden_states"].detach()
+        cos, sin = call["position_embeddings"]
+        visible = VisibleKeys(0, hidden.shape[1], call.get("key_padding_mask"), hidden.device, call.get("segment_ids"))
+        with torch.no_grad():
+            query_latent, q_nope, q_rope, latent = attention.project(hidden, (cos, sin))
+            if q_nope.shape[2] != attention.num_heads:  # tensor parallelism: this process holds only some heads
+                raise ValueError(
+                    f"the indexer loss needs all {attention.num_heads} heads' attention, this process holds "
+                    f"{q_nope.shape[2]} (tensor parallelism): train the indexer data-parallel or sharded (accelerate, "
+                    "FSDP) instead"
+                )
+            main_query = attention.absorbed_query(q_nope, q_rope)  # [B, S, H, R + dr]
+        top_k = call["settings"].index_topk
+        selection = output[2]
+        if attention.indexer is not None:
+            indexer = attention.indexer
+            queries, weights = indexer.queries(hidden, query_latent, cos, sin)
+            keys = indexer.keys(hidden, cos, sin, fp8=False).float()
+            self._scorers[layer_idx] = IndexScorer(queries, weights, keys, indexer.softmax_scale)
+            if self.stage == "sparse" and selection is None:  # attended densely: the indexer's own top-k
+                selection = indexer(hidden, query_latent, (cos, sin), keys, visible, top_k)
+            self._selections[layer_idx] = selection
+            source = layer_idx
+        else:
+            # the nearest full layer before it (GLM-5's indexer_types); none where that one never selects
+            source = max(i for i in range(layer_idx) if not self.config.is_shared_indexer_layer(i))
+            if source not in self._scorers:
+                return
+            selection = selection if selection is not None else self._selections[source]
+        scorer = self._scorers[source]
+        if self.stage == "sparse":
+            stats = sparse_stage_loss(scorer, selection, main_query, latent, attention.scaling)
+        else:
+            stats = dense_stage_loss(scorer, visible, main_query, latent, attention.scaling, top_k,
+                                     self.config.query_chunk_size)  # fmt: skip
+        self.layers.append(stats)
+
+
+def _is_zero(past_len) -> bool:
+    return not isinstance(past_len, torch.Tensor) and past_len == 0
+
+
+def dense_stage_loss(
+    scorer: IndexScorer, visible: VisibleKeys, main_query: torch.Tensor, latent: torch.Tensor, scaling: float,
+    top_k: int, chunk_size: int,
+) -> IndexerStats:  # fmt: skip
+    """KL over every visible key, and the recall of the top `top_k` by index score. Query chunks run under
+    activation checkpointing (each chunk's index scores are computed once forward, once in backward), so no
+    [heads, S, T] tensor is ever alive: peak extra memory is O(chunk * T * max(H, index heads))."""
+    seq_len = main_query.shape[1]
+    # kl sum, queries, recall sum, queries with > k keys, uniform-choice kl sum
+    totals = main_query.new_zeros(5, dtype=torch.float32)
+    for start in range(0, seq_len, chunk_size):
+        end = min(seq_len, start + chunk_size)
+        # The chunk's mask is made inside it: kept as a checkpoint input for every chunk, the masks would add up to
+        # an S x T tensor.
+        chunk = checkpoint(
+            _dense_chunk, scorer.queries[:, start:end], scorer.weights[:, start:end], scorer.keys,
+            main_query[:, start:end], latent, visible, start, end, scorer.softmax_scale, scaling, top_k,
+            use_reentrant=False,
+        )  # fmt: skip
+        totals = totals + chunk
+    kl = totals[0] / totals[1].clamp(min=1)
+    recall = totals[2] / totals[3] if totals[3] > 0 else torch.full_like(totals[2], float("nan"))
+    return IndexerStats(kl, recall.detach(), (totals[4] / totals[1].clamp(min=1)).detach())
+
+
+def _dense_chunk(index_q, index_w, index_k, main_query, latent, visible_keys: VisibleKeys, start: int, end: int,
+                 softmax_scale, scaling, top_k):  # fmt: skip
+    """[kl sum, queries, recall sum, recall queries, uniform kl sum] of queries start..end-1; only the kl sum carries
+    gradients."""
+    visible = visible_keys.mask(start, end).expand(main_query.shape[0], -1, -1)  # [B, s, T]
+    with torch.no_grad():
+        scores = torch.einsum("bshc,btc->bsht", main_query, latent) * scaling  # [B, s, H, T]
+        target = masked_softmax(scores.float(), visible.unsqueeze(2)).mean(dim=2)  # heads summed, L1-normalised
+        del scores
+    index = IndexScorer(index_q, index_w, index_k, softmax_scale).scores(0, index_q.shape[1])  # [B, s, T]
+    kl_sum, count = kl_to_target(target, index, visible)
+    with torch.no_grad():
+        long_rows = visible.sum(-1) > top_k  # recall is only informative where top-k must leave keys out
+        indices, _ = select_topk(index, visible, top_k)
+        recall = target.gather(-1, indices).sum(-1)
+        recall_sum, recall_count = (recall * long_rows).sum(), long_rows.sum()
+        keys = visible.sum(-1)  # [B, s]
+        uniform = (keys.clamp(min=1).float().log() + torch.xlogy(target, target).sum(-1)) * (keys > 0)
+    return torch.stack([kl_sum, count.float(), recall_sum, recall_count.float(), uniform.sum()])
+
+
+def sparse_stage_loss(
+    scorer: IndexScorer, selection, main_query: torch.Tensor, latent: torch.Tensor, scaling: float
+) -> IndexerStats:
+    """KL over the selected keys `selection.indices` [B, S, k] (masked by `selection.valid`): the target and the
+    index scores read only the k gathered rows per query, a bounded block of queries at a time (the index scores
+    under activation checkpointing, so backward gathers them again instead of keeping them)."""
+    batch_size, seq_len = main_query.shape[:2]
+    k = selection.indices.shape[-1]
+    gpu = latent.device.type != "cpu"
+    elements = _GPU_GATHER_BLOCK_ELEMENTS if gpu else _GATHER_BLOCK_ELEMENTS
+    chunk = max(1, elements // (batch_size * k * max(latent.shape[-1], scorer.queries.shape[2] * 2)))
+    targets, scores = [], []
+    for start in range(0, seq_len, chunk):
+        end = min(seq_len, start + chunk)
+        indices = selection.indices[:, start:end]
+        with torch.no_grad():
+            rows = gather_rows(latent, indices)  # [B, s, k, R + dr]
+            main = torch.einsum("bshc,bskc->bshk", main_query[:, start:end], rows) * scaling
+            targets.append(masked_softmax(main.float(), selection.valid[:, start:end].unsqueeze(2)).mean(dim=2))
+            del rows, main
+        scores.append(checkpoint(_selected_index_scores, scorer.queries[:, start:end], scorer.weights[:, start:end],
+                                 scorer.keys, indices, scorer.softmax_scale, use_reentrant=False))  # fmt: skip
+    target = torch.cat(targets, dim=1) if len(targets) > 1 else targets[0]  # [B, S, k]
+    index = torch.cat(scores, dim=1) if len(scores) > 1 else scores[0]
+    kl_sum, count = kl_to_target(target, index, selection.valid)
+    unmeasured = torch.full_like(kl_sum, float("nan")).detach()
+    return IndexerStats(kl_sum / count.clamp(min=1), unmeasured, unmeasured)
+
+
+def _selected_index_scores(queries, weights, keys, indices, softmax_scale: float) -> torch.Tensor:
+    """Index scores [B, s, k] of queries [B, s, h, D] (head weights [B, s, h]) at their selected keys only."""
+    rows = gather_rows(keys, indices)  # [B, s, k, D]
+    per_head = F.relu(torch.einsum("bshd,bskd->bshk", queries.float() * softmax_scale, rows))
+    return torch.einsum("bsh,bshk->bsk", weights.float(), per_head)
+
+
+def kl_to_target(target: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over rows of KL(target || softmax(logits)) restricted to `valid`, and the number of rows with a valid key."""
+    log_probs = torch.log_softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
+    log_probs = torch.where(valid, log_probs, torch.zeros_like(log_probs))
+    per_row = (torch.xlogy(target, target) - target * log_probs).sum(-1)
+    has_key = valid.any(-1)
+    return (per_row * has_key).sum(), has_key.sum()
+
+
+__all__ = [
+    "STAGES",
+    "IndexScorer",
+    "IndexerLoss",
+    "IndexerStats",
+    "dense_stage_loss",
+    "kl_to_target",
+    "sparse_stage_loss",
+]
