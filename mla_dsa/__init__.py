@@ -12,6 +12,7 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
+from . import attention
 from .conversion.convert import convert_checkpoint
 from .conversion.source import ConversionError
 from .conversion.upgrade import upgrade_code
@@ -35,6 +36,8 @@ AutoModel.register(MlaDsaConfig, MlaDsaModel, exist_ok=True)
 AutoModelForCausalLM.register(MlaDsaConfig, MlaDsaForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(MlaDsaConfig, MlaDsaForSequenceClassification, exist_ok=True)
 AutoModelForTokenClassification.register(MlaDsaConfig, MlaDsaForTokenClassification, exist_ok=True)
+# The absorbed attention tuned for CPUs, in the registry where every checkpoint's code looks it up.
+attention.register()
 
 # Training helpers import transformers' Trainer (and so accelerate): loaded on first use, not with the package.
 _TRAINING_NAMES = ("prepare_indexer_training", "indexer_lora_config", "train_indexer",

@@ -9,13 +9,18 @@ dn/dr/dv `qk_nope_head_dim`/`qk_rope_head_dim`/`v_head_dim`, k the number of sel
 - Absorbed (MQA) mode: W_UK is folded into the query, `q_lat = q_nope W_UK` [B, S, H, R], so every head scores the
   shared latent row `[c_KV ; k_R]` directly; values are the latent `c_KV`, and W_UV is applied after attention.
   With DSA only the k selected latent rows per query are gathered: cost O(S * k), never an S x T score matrix for
-  the main heads. This is the decode path and the long-prefill path.
+  the main heads. This is the decode path and the long-prefill path. The attention over the latent rows is looked up
+  in transformers' attention registry (`AttentionInterface`) under `ABSORBED_ATTENTION`: a kernel (FlashMLA's sparse
+  decode reads the same FP8 rows) or the installed mla_dsa package's CPU-tuned one registered under that name takes
+  the place of `absorbed_attention_forward`, the plain implementation every checkpoint carries.
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .fp8_mla_dsa import pack_latent_rows, unpack_latent_rows
 from .indexer_mla_dsa import MlaDsaIndexer, TopkSelection
@@ -26,6 +31,8 @@ from .settings_mla_dsa import DsaSettings
 # Largest block of gathered latent rows [B, queries, k, R + dr] the sparse path materialises at once (128 MiB fp32).
 _GATHER_BLOCK_ELEMENTS = 1 << 25
 _GPU_GATHER_BLOCK_ELEMENTS = 1 << 29  # on a GPU (1 GiB in bf16): few large kernels, not many small ones
+# The absorbed attention's name in transformers' attention registry (see the module docstring).
+ABSORBED_ATTENTION = "mla_dsa_absorbed"
 # Causal MHA attention up to this many scores [B, H, S, T] is SDPA called as transformers' DeepSeek classes call it
 # (values of their own head size: the math kernel, which builds the scores), so bf16 results are theirs bit for bit;
 # beyond it, values are padded to the keys' size for the flash kernel, which never builds them (training memory linear).
@@ -276,60 +283,71 @@ class MlaDsaAttention(nn.Module):
         elements = _GATHER_BLOCK_ELEMENTS if latent.device.type == "cpu" else _GPU_GATHER_BLOCK_ELEMENTS
         chunk = max(1, min(self.config.query_chunk_size, elements // per_query))
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (q_nope, q_rope, latent, w_uk))
-        buffer = None
-        if selection is not None and seq_len > chunk and not training:
-            # One buffer for every chunk's gathered rows (a long inference prefill): see gather_rows.
-            buffer = latent.new_empty(batch_size, chunk, selection.indices.shape[-1], latent.shape[-1])
         outputs = []
         for start in range(0, seq_len, chunk):
             end = min(seq_len, start + chunk)
-            args = (q_nope[:, start:end], q_rope[:, start:end], latent, w_uk, w_uv, visible, selection, start, end,
-                    buffer)  # fmt: skip
+            args = (q_nope[:, start:end], q_rope[:, start:end], latent, w_uk, w_uv, visible, selection, start, end)
             outputs.append(checkpoint(self._absorbed_chunk, *args, use_reentrant=False) if training
                            else self._absorbed_chunk(*args))  # fmt: skip
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
     def _absorbed_chunk(self, q_nope, q_rope, latent, w_uk, w_uv, visible: VisibleKeys,
-                        selection: TopkSelection | None, start: int, end: int, buffer) -> torch.Tensor:  # fmt: skip
-        """Queries start..end-1 of one forward -> [B, s, H, dv]: W_UK folded into the query, attention over the
-        latent rows (every visible one, or the selected ones), W_UV after attention."""
+                        selection: TopkSelection | None, start: int, end: int) -> torch.Tensor:  # fmt: skip
+        """Queries start..end-1 of one forward -> [B, s, H, dv]: W_UK folded into the query, the registered absorbed
+        attention over the latent rows (every visible one, or the selected ones), W_UV after attention."""
         query = torch.cat([torch.einsum("bshn,hnr->bshr", q_nope, w_uk), q_rope], dim=-1)  # [B, s, H, R + dr]
+        rows = latent.unsqueeze(1)  # [B, 1, T, R + dr]: one key head, shared by every query head
         if selection is None:
-            latent_out = self._absorbed_dense_chunk(query, latent, visible.mask(start, end))
+            mask, indices = visible.mask(start, end).unsqueeze(1), None  # [B or 1, 1, s, T]
         else:
-            latent_out = self._absorbed_sparse_chunk(
-                query, latent, selection.indices[:, start:end], selection.valid[:, start:end], buffer
-            )
+            mask = None
+            indices = torch.where(selection.valid[:, start:end], selection.indices[:, start:end], -1)  # [B, s, k]
+        attention = ALL_ATTENTION_FUNCTIONS[ABSORBED_ATTENTION]
+        latent_out, _ = attention(self, query.transpose(1, 2), rows, rows, mask, self.scaling, indices=indices)
         return torch.einsum("bshr,hvr->bshv", latent_out, w_uv)
 
-    def _absorbed_dense_chunk(self, query, latent, valid) -> torch.Tensor:
-        """query [B, s, H, R + dr] against every latent row [B, T, R + dr] -> latent output [B, s, H, R]."""
-        scores = torch.einsum("bshc,btc->bsht", query, latent)  # [B, s, H, T]
-        probs = masked_softmax(scores * self.scaling, valid.unsqueeze(2))
-        return torch.einsum("bsht,btr->bshr", probs, latent[..., : self.kv_lora_rank])
 
-    def _absorbed_sparse_chunk(self, query, latent, indices, selected_valid, buffer=None) -> torch.Tensor:
-        """query [B, s, H, R + dr] against only its k selected latent rows -> latent output [B, s, H, R]; FP8 rows
-        (uint8) are decoded after the gather, so only the selected ones are read."""
-        rows = gather_rows(latent, indices, buffer)  # [B, s, k, R + dr]: only the selected latent rows
+def absorbed_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    indices: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """MLA's absorbed attention for a block of queries, as the registry calls it (`ABSORBED_ATTENTION`).
+
+    query [B, H, s, R + dr]: W_UK folded into it. key: the latent rows [B, 1, T, R + dr] ([c_KV ; k_R], one head for
+    every query head), or DeepSeek-V3.2's FP8-packed rows (uint8 [B, 1, T, 656], FlashMLA's layout). value: the same
+    rows (MLA's values are their first `module.kv_lora_rank` columns). indices [B, s, k]: the rows each query attends
+    to, -1 where there is none (FlashMLA's convention); or None, and every row where attention_mask [B or 1, 1, s, T]
+    (bool, True = visible) is True. Returns the latent output [B, s, H, R] (W_UV is applied after) and no
+    probabilities."""
+    query = query.transpose(1, 2)  # [B, s, H, R + dr]
+    rows, rank = key[:, 0], module.kv_lora_rank  # [B, T, R + dr]
+    if indices is None:
         if rows.dtype == torch.uint8:
-            rows = unpack_latent_rows(rows, self.kv_lora_rank, query.dtype)
-        if query.shape[1] == 1:
-            return self._sparse_decode_step(query, rows, selected_valid)
-        scores = torch.einsum("bshc,bskc->bshk", query, rows)
-        probs = masked_softmax(scores * self.scaling, selected_valid.unsqueeze(2))
-        return torch.einsum("bshk,bskr->bshr", probs, rows[..., : self.kv_lora_rank])
+            rows = unpack_latent_rows(rows, rank, query.dtype)
+        scores = torch.einsum("bshc,btc->bsht", query, rows)  # [B, s, H, T]
+        probs = masked_softmax(scores * scaling, attention_mask[:, 0].unsqueeze(2))
+        return torch.einsum("bsht,btr->bshr", probs, rows[..., :rank]), None
+    rows = gather_rows(rows, indices.clamp(min=0))  # [B, s, k, R + dr]: only the selected rows are read
+    if rows.dtype == torch.uint8:
+        rows = unpack_latent_rows(rows, rank, query.dtype)  # decoded after the gather
+    scores = torch.einsum("bshc,bskc->bshk", query, rows)
+    probs = masked_softmax(scores * scaling, (indices >= 0).unsqueeze(2))
+    return torch.einsum("bshk,bskr->bshr", probs, rows[..., :rank]), None
 
-    def _sparse_decode_step(self, query, rows, selected_valid) -> torch.Tensor:
-        """One query per sequence (a decode step): query [B, 1, H, R + dr], its gathered rows [B, 1, k, R + dr] ->
-        [B, 1, H, R], with the rows on the long side of both matmuls, [k, C] @ [C, H] and [R, k] @ [k, H]. The same
-        numbers as the [H, C] @ [C, k] form, which MKL runs at 0.6x the speed on AVX2 CPUs (an output of only H rows;
-        a 16K-context step 29.8 -> 28.1 ms) and at the same speed on AVX-512 ones."""
-        rows = rows.flatten(0, 1)  # [B, k, R + dr]
-        scores = torch.bmm(rows, query.flatten(0, 1).transpose(1, 2)).transpose(1, 2)  # [B, H, k], keys-major
-        probs = masked_softmax(scores * self.scaling, selected_valid)  # selected_valid [B, 1, k]
-        latent_out = torch.bmm(rows[..., : self.kv_lora_rank].transpose(1, 2), probs.transpose(1, 2))  # [B, R, H]
-        return latent_out.transpose(1, 2).unsqueeze(1)
+
+def register_absorbed_attention() -> None:
+    """Puts `absorbed_attention_forward` in transformers' attention registry under `ABSORBED_ATTENTION` unless
+    something already is there (the mla_dsa package's CPU-tuned implementation, a kernel): a checkpoint's code never
+    replaces what a user or a kernel package chose. Every model calls it when it is built."""
+    if ABSORBED_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(ABSORBED_ATTENTION, absorbed_attention_forward)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -353,4 +371,10 @@ def _effective_weight(module: nn.Module, in_features: int) -> torch.Tensor:
     return (module(eye) - module(zero)).T
 
 
-__all__ = ["MlaDsaAttention", "MlaDsaRMSNorm"]
+__all__ = [
+    "ABSORBED_ATTENTION",
+    "MlaDsaAttention",
+    "MlaDsaRMSNorm",
+    "absorbed_attention_forward",
+    "register_absorbed_attention",
+]

@@ -17,7 +17,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import logging
 from transformers.utils.output_capturing import OutputRecorder
 
-from .attention_mla_dsa import MlaDsaAttention, MlaDsaRMSNorm
+from .attention_mla_dsa import MlaDsaAttention, MlaDsaRMSNorm, register_absorbed_attention
 from .compat_mla_dsa import CACHE_NAME, CACHE_NAMES, loading_kwargs, take_cache
 from .configuration_mla_dsa import MlaDsaConfig
 from .indexer_mla_dsa import TopkSelection
@@ -137,6 +137,7 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
     def __init__(self, config: MlaDsaConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         register_expert_layout()  # before transformers loads or saves weights: per-expert names <-> fused experts
+        register_absorbed_attention()  # unless the package's, or a kernel, is registered already
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

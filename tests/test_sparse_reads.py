@@ -130,9 +130,10 @@ def test_mha_and_absorbed_sparse_agree(models):
 # ------------------------------------------------------------------------------------------------------ shapes
 def _attention_shapes(monkeypatch, model, prompt: torch.Tensor, new_tokens: torch.Tensor) -> list[tuple]:
     """(op, equation, output shape) of every einsum, latent-row gather and attention softmax (its scores' shape) of one
-    decode step after `prompt`."""
+    decode step after `prompt`, in the checkpoints' absorbed attention and the package's CPU one alike."""
     cache = _prefill(model, prompt)
     shapes = []
+    from mla_dsa import attention as cpu_attention
     from mla_dsa.modeling import attention_mla_dsa
 
     original_einsum, original_gather = torch.einsum, attention_mla_dsa.gather_rows
@@ -153,8 +154,9 @@ def _attention_shapes(monkeypatch, model, prompt: torch.Tensor, new_tokens: torc
         return original_softmax(scores, valid)
 
     monkeypatch.setattr(torch, "einsum", einsum)
-    monkeypatch.setattr(attention_mla_dsa, "gather_rows", gather)
-    monkeypatch.setattr(attention_mla_dsa, "masked_softmax", softmax)
+    for module in (attention_mla_dsa, cpu_attention):
+        monkeypatch.setattr(module, "gather_rows", gather)
+        monkeypatch.setattr(module, "masked_softmax", softmax)
     try:
         _decode(model, new_tokens, cache)
     finally:

@@ -1,0 +1,91 @@
+"""The absorbed attention through transformers' attention registry: the checkpoints' plain implementation, the
+package's CPU-tuned one registered over it (same numbers), and any implementation a user or a kernel package registers
+under `ABSORBED_ATTENTION` taking their place without an edit to the payload."""
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from mla_dsa import MlaDsaConfig, MlaDsaForCausalLM
+from mla_dsa.attention import cpu_absorbed_attention
+from mla_dsa.modeling.attention_mla_dsa import ABSORBED_ATTENTION, absorbed_attention_forward
+
+from peers import VOCAB
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT, NEW_TOKENS, TOPK = 20, 6, 5
+
+
+@pytest.fixture
+def registered():
+    """Registers a function under ABSORBED_ATTENTION for one test; the package's is put back after."""
+    yield lambda function: AttentionInterface.register(ABSORBED_ATTENTION, function)
+    AttentionInterface.register(ABSORBED_ATTENTION, cpu_absorbed_attention)
+
+
+def _model(**overrides) -> MlaDsaForCausalLM:
+    torch.manual_seed(0)
+    config = MlaDsaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, q_lora_rank=32, kv_lora_rank=128, qk_nope_head_dim=16,
+                          qk_rope_head_dim=8, v_head_dim=16, index_n_heads=2, index_head_dim=16, index_topk=TOPK,
+                          first_k_dense_replace=2, **overrides)  # fmt: skip
+    return MlaDsaForCausalLM(config).eval()
+
+
+def _prompt(batch=2) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, PROMPT), generator=torch.Generator().manual_seed(1))
+
+
+def _run(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """A long sparse prefill in absorbed mode (several query chunks) and greedy cached decoding's scores."""
+    with torch.no_grad():
+        prefill = model(_prompt(), attention_mode="absorbed").logits
+        out = model.generate(_prompt(), max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)  # fmt: skip
+    return prefill, torch.stack(out.scores)
+
+
+def test_importing_the_package_registers_its_cpu_attention():
+    assert ALL_ATTENTION_FUNCTIONS[ABSORBED_ATTENTION] is cpu_absorbed_attention
+
+
+@pytest.mark.parametrize("latent_cache_dtype", ["auto", "fp8"])
+def test_the_cpu_attention_computes_what_the_checkpoints_own_does(registered, latent_cache_dtype):
+    model = _model(latent_cache_dtype=latent_cache_dtype, query_chunk_size=7)
+    tuned = _run(model)
+    registered(absorbed_attention_forward)
+    plain = _run(model)
+    for mine, theirs in zip(tuned, plain, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_a_registered_implementation_takes_its_place(registered):
+    """What the registry holds is what every DSA layer calls, with the documented shapes: a recording wrapper sees
+    the decode steps' and the prefill's calls, and a function that zeroes the attention changes the logits."""
+    model = _model()
+    expected = _run(model)
+    calls = []
+
+    def recording(module, query, key, value, attention_mask, scaling, dropout=0.0, indices=None, **kwargs):
+        calls.append((tuple(query.shape), tuple(key.shape), None if indices is None else tuple(indices.shape)))
+        assert value is key and key.shape[1] == 1 and query.shape[-1] == key.shape[-1]
+        if indices is not None:
+            assert indices.dtype == torch.int64 and bool((indices >= -1).all())
+        return absorbed_attention_forward(module, query, key, value, attention_mask, scaling, dropout, indices)
+
+    registered(recording)
+    recorded = _run(model)
+    for mine, theirs in zip(recorded, expected, strict=True):
+        torch.testing.assert_close(mine, theirs)
+    heads, row = model.config.num_attention_heads, model.config.kv_lora_rank + model.config.qk_rope_head_dim
+    assert (2, heads, 1, row) in {call[0] for call in calls}  # decode steps: one query per sequence
+    assert all(call[2] is not None and call[2][-1] == TOPK for call in calls)  # every call past k keys is sparse
+
+    def zeros(module, query, key, value, attention_mask, scaling, dropout=0.0, indices=None, **kwargs):
+        batch, heads, queries, _ = query.shape
+        return query.new_zeros(batch, queries, heads, module.kv_lora_rank), None
+
+    registered(zeros)
+    assert not torch.allclose(_run(model)[0], expected[0])
