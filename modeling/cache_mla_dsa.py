@@ -4,6 +4,12 @@ Per token and layer it holds `kv_lora_rank + qk_rope_head_dim` latent numbers an
 numbers, instead of the `2 * heads * head_dim` of a multi-head cache. Buffers grow by doubling, so appending a token
 is amortized O(1) and `update` returns views, never a concatenation of the whole history.
 
+Both are transformers' indexed cache layers (`DynamicIndexedLayer`, `StaticIndexedLayer`, as its DeepseekV32 and
+GlmMoeDsa use) and hold what they hold where transformers' layers hold it: `keys` the latent rows [B, 1, T, C] (C =
+`kv_lora_rank + qk_rope_head_dim`, or V3.2's FP8-packed row), `values` zero-width [B, 1, T, 0] (MLA's values are the
+latent's first `kv_lora_rank` columns), `indexer_keys` the indexer keys [B, T, Di]; code reading a cache through
+transformers' API finds them there.
+
 `MlaDsaCacheLayer` registers itself as the cache layer of type `LAYER_TYPE`, and `MlaDsaConfig.layer_types` names it
 for every layer, so `DynamicCache(config=model.config)` - what `generate()` builds - holds these layers too.
 `MlaDsaStaticCacheLayer` registers itself as the static layer of the same type, so `StaticCache(config=...,
@@ -12,7 +18,7 @@ decode step with fixed shapes.
 """
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, StaticLayer
+from transformers.cache_utils import Cache, DynamicIndexedLayer, StaticIndexedLayer, StaticLayer
 
 _MIN_CAPACITY = 64
 LAYER_TYPE = "mla_dsa_latent"  # the entry of `config.layer_types` that `DynamicCache(config)` builds this layer for
@@ -31,16 +37,27 @@ class LatentRows:
         if self.is_initialized:
             self.latent = self.latent.repeat_interleave(repeats, dim=0)
             self.index_keys = self.index_keys.repeat_interleave(repeats, dim=0)
+            self._publish()
 
     def offload(self) -> None:
         if self.is_initialized:
             self.latent = self.latent.to("cpu", non_blocking=True)
             self.index_keys = self.index_keys.to("cpu", non_blocking=True)
+            self._publish()
 
     def prefetch(self) -> None:
         if self.is_initialized and self.latent.device != self.device:
             self.latent = self.latent.to(self.device, non_blocking=True)
             self.index_keys = self.index_keys.to(self.device, non_blocking=True)
+            self._publish()
+
+    def update_indexer(self, indexer_key_states: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(
+            f"{type(self).__name__}.update(latent, index_keys) caches a token's latent row and indexer key together"
+        )
+
+    def _publish(self) -> None:
+        """Keeps transformers' names (`keys`, `values`, `indexer_keys`) on what the layer holds."""
 
     def bytes_per_token(self) -> int:
         """Bytes one cached token costs in this layer (latent row plus indexer key)."""
@@ -49,9 +66,10 @@ class LatentRows:
         return _row_bytes(self.latent) + _row_bytes(self.index_keys)
 
 
-class MlaDsaCacheLayer(LatentRows, CacheLayerMixin):
-    """One layer's latent rows `[batch, capacity, kv_lora_rank + qk_rope_head_dim]` and indexer keys
-    `[batch, capacity, index_head_dim]`; the first `length` positions along dim 1 are filled."""
+class MlaDsaCacheLayer(LatentRows, DynamicIndexedLayer):
+    """One layer's latent rows `latent` [batch, capacity, kv_lora_rank + qk_rope_head_dim] and indexer keys
+    `index_keys` [batch, capacity, index_head_dim]; the first `length` positions along dim 1 are filled, and `keys`
+    [B, 1, length, C], `values` [B, 1, length, 0] and `indexer_keys` [B, length, Di] are views of them."""
 
     _layer_type = LAYER_TYPE  # transformers >= 5.14 registers the class under this name (see compat_mla_dsa.py)
     is_compileable = False
@@ -64,14 +82,23 @@ class MlaDsaCacheLayer(LatentRows, CacheLayerMixin):
         self.index_keys: torch.Tensor | None = None
         self.length = 0
 
+    def _publish(self) -> None:
+        if not self.is_initialized:
+            self.keys = self.values = self.indexer_keys = None
+            return
+        self.keys = self.latent[:, : self.length].unsqueeze(1)  # [B, 1, T, C]
+        self.values = self.keys[..., :0]
+        self.indexer_keys = self.index_keys[:, : self.length]
+
     def lazy_initialization(self, latent: torch.Tensor, index_keys: torch.Tensor) -> None:
         batch_size = latent.shape[0]
         capacity = max(_MIN_CAPACITY, latent.shape[1])
         self.latent = latent.new_zeros(batch_size, capacity, latent.shape[-1])
         self.index_keys = index_keys.new_zeros(batch_size, capacity, index_keys.shape[-1])
         self.dtype, self.device = latent.dtype, latent.device
+        self.indexer_dtype, self.indexer_device = index_keys.dtype, index_keys.device
         self.length = 0
-        self.is_initialized = True
+        self.is_initialized = self.is_indexer_initialized = True
 
     def update(
         self, latent: torch.Tensor, index_keys: torch.Tensor, *args, **kwargs
@@ -90,6 +117,7 @@ class MlaDsaCacheLayer(LatentRows, CacheLayerMixin):
         self.latent[:, self.length : new_length] = latent
         self.index_keys[:, self.length : new_length] = index_keys
         self.length = new_length
+        self._publish()
         return self.latent[:, :new_length], self.index_keys[:, :new_length]
 
     def _grow(self, min_capacity: int) -> None:
@@ -109,7 +137,8 @@ class MlaDsaCacheLayer(LatentRows, CacheLayerMixin):
     def reset(self) -> None:
         self.latent = self.index_keys = None
         self.length = 0
-        self.is_initialized = False
+        self.is_initialized = self.is_indexer_initialized = False
+        self._publish()
 
     def crop(self, max_length: int) -> None:
         """`crop(-n)` removes the last n tokens and `crop(0)` nothing (transformers 5, as assisted decoding calls
@@ -117,39 +146,37 @@ class MlaDsaCacheLayer(LatentRows, CacheLayerMixin):
         if max_length <= 0:
             max_length = self.length + max_length
         self.length = max(0, min(self.length, max_length))
+        self._publish()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             indices = indices.to(self.latent.device)
             self.latent = self.latent.index_select(0, indices)
             self.index_keys = self.index_keys.index_select(0, indices)
+            self._publish()
 
 
-class MlaDsaStaticCacheLayer(LatentRows, StaticLayer):
+class MlaDsaStaticCacheLayer(LatentRows, StaticIndexedLayer):
     """One layer's latent rows `[batch, max_cache_len, kv_lora_rank + qk_rope_head_dim]` and indexer keys
     `[batch, max_cache_len, index_head_dim]`, allocated once and written in place at `cumulative_length` (a device
     scalar, as transformers' StaticLayer), so a decode step has the same shapes and no host-side length.
 
     Attention sees all `max_cache_len` rows: rows past the current length belong to positions later than every query,
-    so the causal mask hides them (and `crop` only moves the length back)."""
+    so the causal mask hides them (and `crop` only moves the length back). `keys` [B, 1, max_cache_len, C] is the
+    latent buffer, `indexer_keys` [B, max_cache_len, Di] the indexer-key buffer."""
 
     _layer_type = LAYER_TYPE  # a StaticLayer subclass registers as the static layer of this type
     is_compileable = True
     is_croppable = True
     is_sliding = False
 
-    def __init__(self, max_cache_len: int, **kwargs):
-        super().__init__(max_cache_len=max_cache_len)
-        self.index_layer = StaticLayer(max_cache_len=max_cache_len)  # holds the indexer keys: see lazy_initialization
-
     def lazy_initialization(self, latent: torch.Tensor, index_keys: torch.Tensor) -> None:
-        """The buffers are allocated by transformers' own StaticLayer, which marks them (and the length) as fixed
-        addresses for torch.compile: CUDA graphs then replay a compiled step's in-place writes on them (unmarked, a
-        compiled step skips CUDA graphs). Its keys `[B, 1, slots, *]` hold the latent rows, and a second StaticLayer's
-        keys the indexer keys, as their dtypes may differ (a StaticLayer's values share its keys' dtype in older
-        releases); both values are zero-width."""
+        """The buffers are allocated by transformers' own StaticIndexedLayer, which marks them (and the length) as
+        fixed addresses for torch.compile: CUDA graphs then replay a compiled step's in-place writes on them
+        (unmarked, a compiled step skips CUDA graphs). Its keys `[B, 1, slots, *]` hold the latent rows (its values
+        are zero-width), its indexer keys `[B, slots, Di]` the indexer keys."""
         StaticLayer.lazy_initialization(self, latent.unsqueeze(1), latent[..., :0].unsqueeze(1))
-        self.index_layer.lazy_initialization(index_keys.unsqueeze(1), index_keys[..., :0].unsqueeze(1))
+        self.lazy_initialization_indexer(index_keys)
         self.device, self.dtype = latent.device, latent.dtype
 
     @property
@@ -162,11 +189,11 @@ class MlaDsaStaticCacheLayer(LatentRows, StaticLayer):
 
     @property
     def index_keys(self) -> torch.Tensor | None:  # [B, slots, index_head_dim]
-        return self.index_layer.keys[:, 0] if self.is_initialized else None
+        return self.indexer_keys if self.is_initialized else None
 
     @index_keys.setter
     def index_keys(self, keys: torch.Tensor) -> None:
-        self.index_layer.keys = keys.unsqueeze(1)
+        self.indexer_keys = keys
 
     def update(
         self, latent: torch.Tensor, index_keys: torch.Tensor, *args, **kwargs
@@ -177,6 +204,7 @@ class MlaDsaStaticCacheLayer(LatentRows, StaticLayer):
             self.lazy_initialization(latent, index_keys)
         slots = torch.arange(latent.shape[1], device=self.device) + self.cumulative_length
         self.cumulative_length.add_(latent.shape[1])  # in place: the compiled step keeps one tensor
+        self.indexer_cumulative_length.add_(latent.shape[1])  # transformers' count of indexer keys, kept in step
         self.latent.index_copy_(1, slots, latent.to(self.latent.dtype))
         self.index_keys.index_copy_(1, slots, index_keys.to(self.index_keys.dtype))
         return self.latent, self.index_keys
@@ -186,6 +214,7 @@ class MlaDsaStaticCacheLayer(LatentRows, StaticLayer):
             self.latent.zero_()
             self.index_keys.zero_()
         self.cumulative_length.zero_()
+        self.indexer_cumulative_length.zero_()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """In place (the buffers keep their addresses): beam search reorders rows without a new graph."""

@@ -11,7 +11,7 @@ import torch
 import mla_dsa
 from mla_dsa import MlaDsaCache, MlaDsaCacheLayer
 
-from peers import VOCAB, save_peer
+from peers import VOCAB, peer_cache_kwarg, save_peer
 
 LATENT_DIM = 40  # kv_lora_rank 32 + qk_rope_head_dim 8 (peers' geometry)
 INDEX_DIM = 32
@@ -272,3 +272,35 @@ def test_model_batch_operation_then_decode(model, prompt, name):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
         next_tokens = got.argmax(-1, keepdim=True)
     assert cache.get_seq_length() == history.shape[1]
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_the_cache_holds_what_transformers_deepseek_v32_holds_where_it_holds_it(checkpoint, model, prompt, kind):
+    """Our layers are transformers' indexed cache layers; `keys` holds each token's latent row [c_KV ; k_R] (the
+    peer's cache splits the same row into its keys and values), `indexer_keys` the indexer keys: equal to what
+    transformers' DeepseekV32 caches on the same weights, read through transformers' attribute names."""
+    from transformers import DeepseekV32ForCausalLM, DynamicCache, StaticCache
+    from transformers.cache_utils import DynamicIndexedLayer, StaticIndexedLayer
+
+    peer = DeepseekV32ForCausalLM.from_pretrained(checkpoint).eval()
+    peer_cache = DynamicCache(config=peer.config)
+    if kind == "dynamic":
+        ours = DynamicCache(config=model.config)
+    else:
+        ours = StaticCache(config=model.config, max_cache_len=32)
+    with torch.no_grad():
+        peer(prompt, **peer_cache_kwarg(peer_cache), use_cache=True)
+        model(prompt, cache=ours, use_cache=True)
+    rank = model.config.kv_lora_rank
+    for mine, theirs in zip(ours.layers, peer_cache.layers, strict=True):
+        assert isinstance(mine, DynamicIndexedLayer if kind == "dynamic" else StaticIndexedLayer)
+        keys, indexer_keys = mine.keys[:, :, :PROMPT_LEN], mine.indexer_keys[:, :PROMPT_LEN]
+        assert keys.shape == (prompt.shape[0], 1, PROMPT_LEN, LATENT_DIM) and mine.values.shape[-1] == 0
+        torch.testing.assert_close(keys[..., :rank], theirs.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(keys[..., rank:], theirs.values, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(indexer_keys, theirs.indexer_keys, atol=1e-5, rtol=1e-5)
+    if kind == "dynamic":  # the views follow the layer through crop and reset
+        ours.crop(PROMPT_LEN - 3)
+        assert all(layer.keys.shape[2] == layer.indexer_keys.shape[1] == PROMPT_LEN - 3 for layer in ours.layers)
+        ours.reset()
+        assert all(layer.keys is None and layer.indexer_keys is None for layer in ours.layers)

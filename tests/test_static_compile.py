@@ -59,10 +59,10 @@ def test_static_cache_buffers_have_fixed_addresses():
     with torch.no_grad():
         model(torch.randint(3, VOCAB, (1, 9)), cache=cache, use_cache=True)
     for layer in cache.layers:  # the latent rows and indexer keys are views of the marked buffers
-        for buffer in (layer.keys, layer.index_layer.keys, layer.cumulative_length):
+        for buffer in (layer.keys, layer.indexer_keys, layer.cumulative_length):
             assert getattr(buffer, "_dynamo_static_input_type", None) is not None
         assert layer.latent.data_ptr() == layer.keys.data_ptr()
-        assert layer.index_keys.data_ptr() == layer.index_layer.keys.data_ptr()
+        assert layer.index_keys.data_ptr() == layer.indexer_keys.data_ptr()
 
 
 SLOW = pytest.mark.slow
