@@ -48,19 +48,32 @@ def out_of_range_ids(input_ids: torch.Tensor, vocab_size: int) -> ValueError:
     )
 
 
-def key_padding_mask_of(attention_mask: torch.Tensor | None, batch_size: int, num_keys: int, static: bool = False
-                        ) -> torch.Tensor | None:  # fmt: skip
-    """[B, T] bool, True at real tokens, or None without a mask. An all-ones mask is kept as it is: finding that out
-    would make the host wait for the device. With a static cache (T its fixed size) a mask of the tokens so far is
-    padded to T: the slots past them are later than every query, which the causal mask hides anyway."""
+def key_padding_mask_of(attention_mask: torch.Tensor | None, batch_size: int, num_keys: int, static: bool = False,
+                        num_queries: int | None = None) -> torch.Tensor | None:  # fmt: skip
+    """What the attention and the indexer mask by: None without a mask; [B, T] bool, True at real tokens, for a 2D
+    mask; [B or 1, S, T] bool, True where a query may see a key, for a custom 4D mask [B or 1, 1, S, T] (transformers'
+    own models take one as it is, boolean or additive with 0 where a key is seen): it then replaces causality,
+    padding and packing. An all-ones mask is kept as it is: finding that out would make the host wait for the device.
+    With a static cache (T its fixed size) a 2D mask of the tokens so far is padded to T: the slots past them are
+    later than every query, which the causal mask hides anyway."""
     if attention_mask is None:
         return None
+    if attention_mask.dim() == 4:
+        expected = (num_queries, num_keys)
+        if attention_mask.shape[1] != 1 or tuple(attention_mask.shape[2:]) != expected or \
+                attention_mask.shape[0] not in (1, batch_size):  # fmt: skip
+            raise ValueError(
+                f"MlaDsaModel: a 4D attention_mask must be [batch or 1, 1, new tokens, past + new tokens] = "
+                f"({batch_size}, 1, {num_queries}, {num_keys}), got shape {tuple(attention_mask.shape)}"
+            )
+        visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        return visible[:, 0]
     if static and attention_mask.dim() == 2 and attention_mask.shape[0] == batch_size:
         attention_mask = padded_to_keys(attention_mask, num_keys)
     if attention_mask.dim() != 2 or attention_mask.shape != (batch_size, num_keys):
         raise ValueError(
-            f"MlaDsaModel: attention_mask must be 2D [batch, past + new tokens] = ({batch_size}, {num_keys}), "
-            f"got shape {tuple(attention_mask.shape)}"
+            f"MlaDsaModel: attention_mask must be 2D [batch, past + new tokens] = ({batch_size}, {num_keys}) or a "
+            f"custom 4D mask, got shape {tuple(attention_mask.shape)}"
         )
     return attention_mask.bool()
 

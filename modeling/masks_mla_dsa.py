@@ -8,7 +8,8 @@ import torch
 
 class VisibleKeys:
     """Which keys each query may see: causal by cache position, not padding, and, in a packed row (several
-    sequences one after another, as DataCollatorWithFlattening makes them), only its own sequence's."""
+    sequences one after another, as DataCollatorWithFlattening makes them), only its own sequence's; or, given a
+    custom mask (`key_padding_mask` [B or 1, S, T], from a 4D attention mask), exactly what it says."""
 
     def __init__(
         self,
@@ -19,12 +20,15 @@ class VisibleKeys:
         segment_ids: torch.Tensor | None = None,
     ):
         self.past_len, self.num_keys = past_len, num_keys
-        self.key_padding_mask = key_padding_mask  # [B, T] bool or None
+        self.key_padding_mask = key_padding_mask  # [B, T] bool, a custom [B or 1, S, T] bool, or None
+        self.custom = key_padding_mask is not None and key_padding_mask.dim() == 3
         self.segment_ids = segment_ids  # [B, T] int (which packed sequence each position is in) or None
         self.device = device
 
     def mask(self, start: int, end: int) -> torch.Tensor:
         """[B or 1, end - start, T] bool for queries start..end-1 of this forward."""
+        if self.custom:
+            return self.key_padding_mask[:, start:end]
         # past_len: an int, or a static cache's device scalar (then T is the cache's fixed size)
         query_pos = torch.arange(start, end, device=self.device) + self.past_len
         visible = (torch.arange(self.num_keys, device=self.device) <= query_pos[:, None]).unsqueeze(0)  # [1, s, T]
@@ -44,7 +48,7 @@ class VisibleKeys:
     def causal_prefix(self, end: int, at_least: int) -> int:
         """How many leading keys queries before `end` may see, but at least `at_least` (so every query block selects
         the same number of keys), at most all. A static cache's device-side length gives no host-side bound: all."""
-        if isinstance(self.past_len, torch.Tensor):
+        if isinstance(self.past_len, torch.Tensor) or self.custom:
             return self.num_keys
         return min(self.num_keys, max(self.past_len + end, at_least))
 

@@ -96,7 +96,7 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
         # A static cache's length is a device scalar and its key count fixed: no host-side length, one shape per step.
         past_len, num_keys = cache_lengths(cache, seq_len)
         static = isinstance(past_len, torch.Tensor)
-        key_padding_mask = key_padding_mask_of(attention_mask, batch_size, num_keys, static)
+        key_padding_mask = key_padding_mask_of(attention_mask, batch_size, num_keys, static, seq_len)
         segment_ids = None
         if position_ids is None:
             position_ids = (torch.arange(seq_len, device=inputs_embeds.device) + past_len).unsqueeze(0)

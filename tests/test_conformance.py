@@ -355,3 +355,26 @@ def test_a_flattened_batch_gives_each_sequence_what_it_gets_alone(saved, setting
             total_targets += len(sequence) - 1
             start = end
     torch.testing.assert_close(packed.loss, total_loss / total_targets, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize("mode", ["mha", "absorbed"])
+def test_a_custom_4d_mask_gives_the_peers_logits(saved, kind, mode):
+    """A 4D mask [B, 1, S, T] (transformers' custom masks: boolean, or additive with 0 where a key is seen) replaces
+    causality for the attention and the indexer alike, as in DeepseekV32: here two sequences packed in each row,
+    each causal within itself, with DSA selecting 5 keys. The peer runs SDPA (its default): transformers 5.25's
+    eager path adds a boolean mask to the scores as numbers."""
+    _, ours = _pair(saved)
+    peer = transformers.DeepseekV32ForCausalLM.from_pretrained(saved, attn_implementation="sdpa").eval()
+    input_ids = _ids(length=14)
+    causal = torch.ones(14, 14, dtype=torch.bool).tril()
+    first = torch.arange(14) < 6  # tokens 0-5 are one sequence, 6-13 another
+    mask = (causal & (first[:, None] == first[None, :]))[None, None].expand(2, 1, 14, 14)
+    if kind == "additive":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        expected = peer(input_ids, attention_mask=mask).logits
+        actual = ours(input_ids, attention_mask=mask, attention_mode=mode).logits
+        causal_only = ours(input_ids).logits
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
+    assert not torch.allclose(actual[:, 6:], causal_only[:, 6:], atol=1e-3)  # the mask changed what was seen
