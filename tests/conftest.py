@@ -27,3 +27,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def v32_checkpoint(tmp_path_factory):
+    """A tiny DeepSeek-V3.2 checkpoint written by transformers' own class (DSA selects 5 keys): read-only."""
+    from peers import save_peer
+
+    directory = tmp_path_factory.mktemp("v32_session")
+    save_peer("deepseek_v32", directory, index_topk=5)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def byte_dsa(tmp_path_factory):
+    """A byte-level DSA checkpoint (256-token vocabulary, top-4 selection) that text files can train: read-only."""
+    from peers import save_byte_level_dsa
+
+    root = tmp_path_factory.mktemp("bytes_session")
+    return save_byte_level_dsa(root / "dense", root / "dsa", index_topk=4)

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from mla_dsa.cli import main as cli
@@ -13,6 +14,7 @@ from mla_dsa.data import byte_tokenizer, stdlib_files
 from mla_dsa.default_model import ASSET_DIR
 
 DATA = str(stdlib_files("train")[0])
+DATA_FILES = [DATA]
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +92,101 @@ def test_a_gqa_conversion_refuses_an_indexer_shape_before_its_calibration(tmp_pa
     monkeypatch.setattr(convert, "write_mla_stage", lambda *args: pytest.fail("the GQA stage started"))
     with pytest.raises(mla_dsa.ConversionError, match="index_head_dim must be at least qk_rope_head_dim=16"):
         mla_dsa.convert_checkpoint(tmp_path / "src", tmp_path / "dst", index_head_dim=8, progress=False)
+
+
+# ------------------------------------------------------------------ numbers and checkpoints checked before any work
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["convert", "SRC", "DST", "--index-topk", "0"],
+        ["convert", "SRC", "DST", "--index-topk", "-3"],
+        ["convert", "SRC", "DST", "--max-shard-size", "0"],
+        ["convert", "SRC", "DST", "--max-shard-size", "lots"],
+        ["train-indexer", "SRC", "--stage", "dense", "--data", "x", "--out", "DST", "--batch-size", "0"],
+        ["train-indexer", "SRC", "--stage", "dense", "--data", "x", "--out", "DST", "--seq-len", "-1"],
+        ["train-indexer", "SRC", "--stage", "dense", "--data", "x", "--out", "DST", "--index-topk", "0"],
+        ["eval", "SRC", "--data", "x", "--batch-size", "0"],
+        ["eval", "SRC", "--data", "x", "--windows", "two"],
+    ],
+    ids=lambda argv: " ".join(argv[:1] + argv[-2:]),
+)
+def test_bad_numbers_on_the_command_line_stop_before_any_work(v32_checkpoint, tmp_path, capsys, argv):
+    argv = [str(v32_checkpoint) if a == "SRC" else str(tmp_path / "dst") if a == "DST" else a for a in argv]
+    with pytest.raises(SystemExit) as stopped:
+        cli(argv)
+    assert stopped.value.code != 0
+    err = capsys.readouterr().err
+    assert "must be a positive" in err.splitlines()[-1], err
+    assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "train-indexer"])
+def test_a_missing_checkpoint_is_one_line(tmp_path, capsys, command):
+    argv = [command, str(tmp_path / "nowhere"), "--data", *DATA_FILES]
+    if command == "train-indexer":
+        argv += ["--stage", "dense", "--out", str(tmp_path / "out")]
+    assert cli(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nowhere" in err and "no such checkpoint" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------- training CLI checks before any work
+def _train_argv(checkpoint, out, *extra, data=DATA_FILES, stage="dense"):
+    return ["train-indexer", str(checkpoint), "--stage", stage, "--data", *data, "--out", str(out),
+            "--steps", "1", "--batch-size", "1", "--seq-len", "16", "--no-progress", *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["train-indexer", "eval"])
+@pytest.mark.parametrize("problem", ["beyond the data", "beyond max_position_embeddings"])
+def test_a_seq_len_the_run_cannot_have_is_one_line_before_loading(byte_dsa, tmp_path, capsys, command, problem):
+    short = tmp_path / "short.py"
+    short.write_text("x = 1\n" * 10)  # 60 bytes
+    seq_len, data = ("100", [str(short)]) if problem == "beyond the data" else ("4096", DATA_FILES)
+    if command == "train-indexer":
+        argv = _train_argv(byte_dsa, tmp_path / "out", "--seq-len", seq_len, data=data)
+    else:
+        argv = ["eval", str(byte_dsa), "--data", *data, "--seq-len", seq_len]
+    assert cli(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    if problem == "beyond the data":
+        assert str(short) in err and "fewer than --seq-len 100" in err, err
+    else:
+        assert "config.json" in err and "max_position_embeddings=512" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_into_the_other_stages_out_is_refused(byte_dsa, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(_train_argv(byte_dsa, out, "--save-steps", "1")) == 0
+    capsys.readouterr()
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert cli(_train_argv(byte_dsa, out, "--resume", stage="sparse")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "dense-stage run" in err and "--stage dense" in err, err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    assert cli(_train_argv(byte_dsa, out, "--resume", "--steps", "2")) == 0  # the same stage continues
+
+
+# ----------------------------------------------------------------------------------------- --no-progress
+def test_no_progress_silences_every_bar(byte_dsa, tmp_path, capsys):
+    """Our bars and transformers' own (loading weights, writing shards), in every command that has the flag."""
+    dense = byte_dsa.parent / "dense"
+    runs = [
+        ["convert", str(dense), str(tmp_path / "dsa"), "--verify", "--no-progress"],
+        _train_argv(byte_dsa, tmp_path / "out"),
+        ["eval", str(byte_dsa), "--data", *DATA_FILES, "--seq-len", "16", "--windows", "2", "--no-progress"],
+    ]
+    transformers.utils.logging.enable_progress_bar()  # as a user's session has it (the test suite turns it off)
+    try:
+        assert cli(runs[-1][:-1]) == 0  # without the flag: transformers' loading bar, at least
+        assert "%|" in capsys.readouterr().err
+        for argv in runs:
+            assert cli(argv) == 0, argv
+            captured = capsys.readouterr()
+            for text in (captured.err, captured.out):
+                assert "it/s" not in text and "%|" not in text and "s/it" not in text, (argv[0], text[-400:])
+            assert transformers.utils.logging.is_progress_bar_enabled()  # restored after the command
+    finally:
+        transformers.utils.logging.disable_progress_bar()

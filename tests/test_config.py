@@ -425,3 +425,13 @@ def test_validation_runs_through_transformers_hooks(tmp_path):
     config._attn_implementation = "sdpa"
     with pytest.raises(ValueError, match="output_attentions"):  # transformers' validate_output_attentions
         config.validate()
+
+
+@pytest.mark.parametrize("override", [{"index_topk": -1}, {"index_topk": 0}, {"kv_lora_rank": 0},
+                                      {"attention_mode": "fast"}])  # fmt: skip
+def test_from_pretrained_overrides_are_validated(v32_checkpoint, override):
+    name = next(iter(override))
+    with pytest.raises(ValueError, match=name):
+        mla_dsa.MlaDsaForCausalLM.from_pretrained(v32_checkpoint, **override)
+    with pytest.raises(ValueError, match=name):
+        mla_dsa.MlaDsaConfig.from_pretrained(v32_checkpoint, **override)

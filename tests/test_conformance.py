@@ -15,10 +15,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("v32")
-    save_peer("deepseek_v32", directory, index_topk=5)
-    return directory
+def saved(v32_checkpoint):
+    return v32_checkpoint  # the session's (conftest.py)
 
 
 def _pair(directory, **kwargs):
@@ -378,3 +376,24 @@ def test_a_custom_4d_mask_gives_the_peers_logits(saved, kind, mode):
         causal_only = ours(input_ids).logits
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
     assert not torch.allclose(actual[:, 6:], causal_only[:, 6:], atol=1e-3)  # the mask changed what was seen
+
+
+def test_gradient_checkpointing_with_use_cache_trains_as_the_peer(saved):
+    """transformers' DeepseekV32: one warning, use_cache turned off, no cache returned; the loss and its gradients are
+    those of an unchecked step (a cache passed positionally used to raise CheckpointError in backward)."""
+    peer = transformers.DeepseekV32ForCausalLM.from_pretrained(saved)
+    input_ids = torch.randint(3, 90, (2, 10), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for name, model in (("peer", peer), ("ours", mla_dsa.MlaDsaForCausalLM.from_pretrained(saved))):
+        model.gradient_checkpointing_enable()
+        model.train()
+        out = model(input_ids, labels=input_ids, use_cache=True)
+        out.loss.backward()
+        results[name] = (out.loss.detach(), getattr(out, CACHE_NAME), model.lm_head.weight.grad.clone())
+        model.gradient_checkpointing_disable()
+        model.zero_grad()
+        model.eval()
+    (peer_loss, peer_cache, peer_grad), (loss, cache, grad) = results["peer"], results["ours"]
+    assert peer_cache is None and cache is None
+    torch.testing.assert_close(loss, peer_loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grad, peer_grad, atol=1e-5, rtol=0)

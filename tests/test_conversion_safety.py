@@ -7,6 +7,7 @@ killed with SIGKILL in the middle of writing a shard leaves only the hidden sibl
 finishes it without rewriting finished shards, and the result is byte-identical to a clean run.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -465,3 +466,24 @@ def test_killed_conversion_resumes_to_identical_bytes(many_shards, tmp_path):
         assert resumed[name] == clean[name], name
     assert snapshot(src) == before
     assert mla_dsa.MlaDsaConfig.from_pretrained(dst).num_hidden_layers == 12
+
+
+# -------------------------------------------------------------------------------- Hugging Face cache snapshots
+def test_a_symlinked_single_file_snapshot_keeps_its_tokenizer_and_generation_files(tmp_path):
+    """A Hugging Face cache snapshot: every file a link into blobs/. With follow_symlinks every one is carried over
+    (without it, the conversion is refused naming the first link: see test_conversion_safety)."""
+    dense = tmp_path / "dense"
+    save_peer("deepseek_v3", dense)
+    byte_tokenizer().save_pretrained(dense)
+    snapshot, blobs = tmp_path / "snapshots" / "abc123", tmp_path / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for path in dense.iterdir():
+        blob = blobs / hashlib.sha256(path.read_bytes()).hexdigest()
+        shutil.copyfile(path, blob)
+        (snapshot / path.name).symlink_to(blob)
+    mla_dsa.convert_checkpoint(snapshot, tmp_path / "dsa", follow_symlinks=True, progress=False)
+    carried = [p.name for p in dense.iterdir() if p.name not in ("config.json", "model.safetensors")]
+    assert {"generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(carried)
+    for name in carried:
+        assert (tmp_path / "dsa" / name).read_bytes() == (dense / name).read_bytes(), name

@@ -12,16 +12,14 @@ from mla_dsa.modeling import indexer_mla_dsa
 from mla_dsa.modeling.masks_mla_dsa import VisibleKeys
 from mla_dsa.training import prepare_indexer_training
 
-from peers import VOCAB, save_peer
+from peers import VOCAB
 
 SEQ = 14
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("v32")
-    save_peer("deepseek_v32", path, index_topk=5)
-    return path
+def checkpoint(v32_checkpoint):
+    return v32_checkpoint  # the session's (conftest.py)
 
 
 def load(checkpoint, **overrides):

@@ -9,16 +9,14 @@ from transformers import DynamicCache
 
 import mla_dsa
 
-from peers import VOCAB, left_padded_batch, save_peer
+from peers import VOCAB, left_padded_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("v32")
-    save_peer("deepseek_v32", path, index_topk=5)
-    return mla_dsa.MlaDsaForCausalLM.from_pretrained(path).eval()
+def model(v32_checkpoint):
+    return mla_dsa.MlaDsaForCausalLM.from_pretrained(v32_checkpoint).eval()
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import torch
 
 import mla_dsa
 
-from peers import left_padded_batch, save_peer
+from peers import left_padded_batch
 
 peft = pytest.importorskip("peft")
 
@@ -19,10 +19,8 @@ GREEDY = dict(max_new_tokens=6, do_sample=False)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("v32")
-    save_peer("deepseek_v32", directory, index_topk=5)
-    return directory
+def checkpoint(v32_checkpoint):
+    return v32_checkpoint  # the session's (conftest.py)
 
 
 def lora(seed: int):

@@ -429,3 +429,61 @@ def test_gradient_checkpointing_trains_as_without(dsa_checkpoint, tmp_path):
     assert runs[True][0].losses == pytest.approx(runs[False][0].losses, rel=1e-5)
     for name, tensor in runs[False][1].items():
         torch.testing.assert_close(runs[True][1][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ saving in the middle of indexer training
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+def test_a_checkpoint_saved_mid_training_loads_for_inference(byte_dsa, tmp_path, stage):
+    """The stage's loss is computed beside the model: preparing a model for it changes no config, so what it saves
+    mid-run is the inference checkpoint it was (with no hooks of the loss in it), and the live run keeps training."""
+    from mla_dsa.indexer_loss import IndexerLoss
+
+    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(byte_dsa)
+    before = model.config.to_dict()
+    mla_dsa.prepare_indexer_training(model, stage)
+    input_ids = torch.randint(3, 250, (1, 12), generator=torch.Generator().manual_seed(0))
+    indexer_loss = IndexerLoss(model, stage).install()
+    model(input_ids, labels=input_ids, index_topk=4)
+    assert indexer_loss.kl is not None
+    model.save_pretrained(tmp_path / "mid")
+    assert model.config.to_dict() == before
+    written = json.loads((tmp_path / "mid" / "config.json").read_text())
+    assert written["use_sparse_attention"] is True and "indexer_loss" not in written and "indexer_stage" not in written
+    loaded = mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "mid").eval()
+    out = loaded(input_ids, labels=input_ids)
+    indexer_loss.reset()
+    model(input_ids, labels=input_ids, index_topk=4)  # the live run still has its loss
+    assert indexer_loss.kl is not None
+    indexer_loss.remove()
+    reference = mla_dsa.MlaDsaForCausalLM.from_pretrained(byte_dsa).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, reference(input_ids).logits)
+        torch.testing.assert_close(loaded(input_ids).logits, model.eval()(input_ids).logits)
+
+
+@pytest.mark.compat  # generate() passes our DSA arguments on to every step on the oldest transformers too
+def test_runtime_choices_leave_the_config_alone(byte_dsa):
+    """evaluate_indexer, oracle_recall and generate with DSA arguments run with other settings, never by writing
+    them into the loaded model's config; the old config switch `indexer_loss` is refused, not silently ignored."""
+    from mla_dsa.training import evaluate_indexer, oracle_recall
+
+    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(byte_dsa).eval()
+    before = model.config.to_dict()
+    windows = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+    evaluate_indexer(model, windows, index_topk=4)
+    oracle_recall(model, windows, k=4)
+    greedy = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    generated = model.generate(windows[:1, :8], index_topk=2, **greedy)
+    dense = model.generate(windows[:1, :8], use_sparse_attention=False, **greedy)
+    assert model.config.to_dict() == before
+    # Every step used the call's choice: the scores are those of models loaded with it as their default.
+    for out, default in ((generated, {"index_topk": 2}), (dense, {"use_sparse_attention": False})):
+        reference = mla_dsa.MlaDsaForCausalLM.from_pretrained(byte_dsa, **default).eval()
+        expected = reference.generate(windows[:1, :8], **greedy)
+        assert torch.equal(out.sequences, expected.sequences)
+        for step, (score, want) in enumerate(zip(out.scores, expected.scores, strict=True)):
+            torch.testing.assert_close(score, want, msg=f"step {step}")
+    assert not all(torch.equal(a, b) for a, b in zip(generated.scores, dense.scores, strict=True))
+    model.config.indexer_loss = "dense"
+    with pytest.raises(ValueError, match="IndexerLoss"):
+        model(windows)

@@ -1,0 +1,88 @@
+"""Reading MLA checkpoints written for other names and families (modeling/deepseek_format_mla_dsa.py): DeepSeek's
+own configs with every layer dense, Kimi-K2's, configs that name no family, and what is refused (a config without
+MLA's fields, transformers' own MLA variants)."""
+
+import json
+
+import pytest
+import torch
+
+import mla_dsa
+from mla_dsa.cli import main as cli
+from mla_dsa.modeling.deepseek_format_mla_dsa import deepseek_family
+
+from peers import save_peer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_a_dense_only_deepseek_config_loads_and_converts(tmp_path):
+    """transformers' DeepseekV3 with every layer dense keeps its MoE defaults (n_group=8 with 4 routed experts) and
+    runs; so does ours, and the converter takes it. Routing fields are still checked where a layer routes."""
+    peer = save_peer("deepseek_v3", tmp_path / "dense", first_k_dense_replace=3, n_routed_experts=4, n_group=8,
+                     topk_group=4)  # fmt: skip
+    ours = mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "dense", use_sparse_attention=False).eval()
+    input_ids = torch.randint(3, 90, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids).logits, peer(input_ids).logits, atol=1e-4, rtol=0)
+    mla_dsa.convert_checkpoint(tmp_path / "dense", tmp_path / "dsa", progress=False)
+    assert mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "dsa").config.n_group == 8
+    with pytest.raises(ValueError, match="n_group"):
+        mla_dsa.MlaDsaConfig(
+            num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2, n_group=8
+        )
+
+
+def _edit_config(directory, **changes):
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_a_kimi_k2_checkpoint_converts_and_equals_deepseek_v3(tmp_path, capsys):
+    """Kimi-K2's config.json says model_type "kimi_k2" (its own remote code) with DeepSeek-V3's fields and tensors:
+    it converts (verified against transformers' DeepseekV3 on the same weights) and loads with the same logits."""
+    peer = save_peer("deepseek_v3", tmp_path / "kimi")
+    _edit_config(tmp_path / "kimi", model_type="kimi_k2", architectures=["DeepseekV3ForCausalLM"],
+                 auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                           "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})  # fmt: skip
+    assert cli(["convert", str(tmp_path / "kimi"), str(tmp_path / "dsa"), "--verify", "--no-progress"]) == 0
+    assert "verify: max |logit difference|" in capsys.readouterr().out
+    ours = mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "dsa", use_sparse_attention=False).eval()
+    input_ids = torch.randint(3, 90, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids).logits, peer(input_ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "fields, family",
+    [
+        ({"architectures": ["DeepseekV2ForCausalLM"]}, "deepseek_v2"),
+        ({"scoring_func": "softmax"}, "deepseek_v2"),
+        ({"scoring_func": "sigmoid"}, "deepseek_v3"),
+        ({"index_n_heads": 8}, "deepseek_v32"),
+    ],
+)
+def test_an_unnamed_mla_config_is_read_as_the_family_it_describes(fields, family):
+    mla = {"model_type": "my_mla", "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}
+    assert deepseek_family({**mla, **fields}) == family
+
+
+def test_a_config_without_mla_fields_is_told_what_makes_one(tmp_path):
+    with pytest.raises(ValueError) as error:
+        deepseek_family({"model_type": "qwen3", "hidden_size": 64, "kv_lora_rank": 8})
+    message = str(error.value)
+    for name in ("qwen3", "not a Multi-head Latent Attention model", "qk_nope_head_dim", "qk_rope_head_dim",
+                 "v_head_dim", "lacks"):  # fmt: skip
+        assert name in message, message
+
+
+def test_transformers_own_mla_variants_are_refused_unless_they_name_deepseek(tmp_path, capsys):
+    """GLM-4-MoE-Lite has MLA fields but transformers runs it with its own code: not silently read as DeepSeek."""
+    save_peer("deepseek_v3", tmp_path / "glm")
+    _edit_config(tmp_path / "glm", model_type="glm4_moe_lite", architectures=["Glm4MoeLiteForCausalLM"])
+    assert cli(["convert", str(tmp_path / "glm"), str(tmp_path / "dsa"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "glm4_moe_lite" in err and "transformers' own MLA variant" in err, err
+    assert not (tmp_path / "dsa").exists()
