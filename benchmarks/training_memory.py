@@ -1,13 +1,15 @@
 """Peak memory and time of one training step at long context, on SmolLM2-135M-Instruct's half-cache MLA conversion.
 
     python benchmarks/training_memory.py [--model DIR] [--lengths 2048 4096 8192] [--stages dense sparse sparse+lora]
-        [--json benchmarks/results_training_memory.json] [--append] [--gradient-checkpointing]
+        [--json benchmarks/results_training_memory.json] [--append] [--gradient-checkpointing] [--lm-loss full]
 
 Each (stage, length) runs in a fresh process: one warm-up step at 64 tokens (allocator and autograd), then one step
 at L tokens of held-out standard-library text, batch 1, float32, as `mla-dsa train-indexer` takes it: the dense
 warm-up (indexer only, KL to the dense attention), the sparse stage (every weight, LM loss + sparse KL) and the sparse
-stage through LoRA (r = 8 on the indexer, attention and MLP). Reported: the process's peak RSS (VmHWM) before and
-after the long step, its seconds, and for comparison the textbook KL loss's own tensors, computed, not run: the
+stage through LoRA (r = 8 on the indexer, attention and MLP); the LM loss as train-indexer computes it, a block of
+tokens' logits at a time (`--lm-loss full`: the model's own, over all the logits at once). Reported: the process's
+peak RSS (VmHWM) before and after the long step, its seconds, and for comparison the textbook KL loss's own tensors,
+computed, not run: the
 dense attention distribution [H, L, L] and the indexer's [L, L] per layer, float32, kept for backward (what the
 field's recipes run out of memory on). The model is `benchmarks/long_context.py`'s `50%` conversion (R = 128), made
 there when missing.
@@ -26,9 +28,10 @@ from transformers import AutoTokenizer
 from mla_dsa import MlaDsaForCausalLM
 from mla_dsa.data import stdlib_files, text_files_corpus
 from mla_dsa.indexer_loss import IndexerLoss
-from mla_dsa.training import indexer_lora_config, prepare_indexer_training
+from mla_dsa.training import chunked_causal_lm_loss, indexer_lora_config, prepare_indexer_training
 
 model_dir, stage, length, checkpointing = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "checkpointing"
+chunked = sys.argv[5] == "chunked"
 
 def peak_mb():
     for line in open("/proc/self/status"):
@@ -55,8 +58,13 @@ indexer_loss = IndexerLoss(model, train_stage).install()
 def step(ids):
     indexer_loss.reset()
     sparse = train_stage == "sparse"
-    out = model(ids, labels=ids if sparse else None, use_sparse_attention=sparse)
-    (indexer_loss.kl + (out.loss if sparse else 0)).backward()
+    if chunked:  # as train-indexer computes it: the LM loss from the final hidden states, a block of tokens at a time
+        out = model(ids, use_sparse_attention=sparse, logits_to_keep=1, output_hidden_states=sparse)
+        lm_loss = chunked_causal_lm_loss(model.get_output_embeddings(), out.hidden_states[-1], ids) if sparse else 0
+    else:  # the model's own loss, over the whole [tokens, vocabulary] logits
+        out = model(ids, labels=ids if sparse else None, use_sparse_attention=sparse)
+        lm_loss = out.loss if sparse else 0
+    (indexer_loss.kl + lm_loss).backward()
 
 step(ids[:, :64])
 before = peak_mb()
@@ -84,6 +92,9 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="add rows to an existing results JSON")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute each decoder layer's activations in backward")  # fmt: skip
+    parser.add_argument("--lm-loss", choices=["chunked", "full"], default="chunked",
+                        help="the LM loss as train-indexer computes it (chunked: a block of tokens' logits at a time), "
+                             "or the model's own over the whole logits")  # fmt: skip
     args = parser.parse_args()
 
     model_dir, json_path = Path(args.model), Path(args.json)
@@ -102,10 +113,10 @@ def main() -> None:
         for stage in args.stages:
             start = time.perf_counter()
             checkpointing = "checkpointing" if args.gradient_checkpointing else "none"
-            done = subprocess.run([sys.executable, "-c", STEP, str(model_dir), stage, str(length), checkpointing],
-                                  capture_output=True, text=True)  # fmt: skip
+            done = subprocess.run([sys.executable, "-c", STEP, str(model_dir), stage, str(length), checkpointing,
+                                   args.lm_loss], capture_output=True, text=True)  # fmt: skip
             row = {"stage": stage, "length": length, "gradient_checkpointing": args.gradient_checkpointing,
-                   "textbook_kl_mb": textbook_kl_mb(config, length)}  # fmt: skip
+                   "lm_loss": args.lm_loss, "textbook_kl_mb": textbook_kl_mb(config, length)}  # fmt: skip
             if done.returncode == 0:
                 row.update(json.loads(done.stdout.strip().splitlines()[-1]))
             else:

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from transformers.utils import logging
@@ -438,6 +439,31 @@ def _check_resumed_stage(out_dir: Path, stage: str) -> None:
                                            f"{recorded} (or pick another --out for the {stage} stage)")  # fmt: skip
 
 
+# Tokens per block of the chunked LM loss: its logits [block, vocabulary] in float32 (0.2 GB at SmolLM2's 49,152).
+LM_LOSS_BLOCK = 1024
+
+
+def chunked_causal_lm_loss(lm_head: torch.nn.Module, hidden_states: torch.Tensor, labels: torch.Tensor,
+                           block: int = LM_LOSS_BLOCK) -> torch.Tensor:  # fmt: skip
+    """transformers' causal LM loss (labels shifted by one, -100 ignored, the mean over the counted tokens) from the
+    final hidden states [B, S, hidden], `block` tokens at a time under activation checkpointing: no [S, vocabulary]
+    logits, log-probabilities or gradient exist at once (at 8K tokens of SmolLM2 those were ~5 GB of a training
+    step), and backward recomputes each block's logits."""
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].to(hidden_states.device)  # [B, S]
+    total = hidden_states.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden_states.shape[1], block):
+        end = min(hidden_states.shape[1], start + block)
+        total = total + checkpoint(_lm_loss_sum, lm_head, hidden_states[:, start:end], targets[:, start:end],
+                                   use_reentrant=False)  # fmt: skip
+    return total / (targets != -100).sum().clamp(min=1)
+
+
+def _lm_loss_sum(lm_head: torch.nn.Module, hidden_states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = lm_head(hidden_states).float()
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                             reduction="sum")  # fmt: skip
+
+
 class _ProgressPostfix(TrainerCallback):
     """Shows the latest loss, KL and recall on the Trainer's progress bar."""
 
@@ -491,24 +517,33 @@ class IndexerTrainer(Trainer):
         return torch.utils.data.SequentialSampler(self.train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels", None)
         if self.dense_attention:  # the control run: the LM loss under dense attention, no indexer loss
-            return super().compute_loss(model, {**inputs, "use_sparse_attention": False}, return_outputs, **kwargs)
-        # The warm-up attends densely (the LM loss trains nothing in it); the sparse stage through the selection.
-        inputs = {**inputs, "index_topk": self.index_topk, "use_sparse_attention": self.stage == "sparse"}
-        self.indexer_loss.reset()
-        if self.stage == "dense":
-            inputs.pop("labels", None)  # the LM loss trains nothing in this stage
-            loss, outputs = 0.0, model(**inputs)
+            inputs["use_sparse_attention"] = False
+        else:  # the warm-up attends densely (the LM loss trains nothing in it); the sparse stage through the selection
+            inputs.update(index_topk=self.index_topk, use_sparse_attention=self.stage == "sparse")
+            self.indexer_loss.reset()
+        lm_loss = labels is not None and (self.dense_attention or self.stage == "sparse")
+        if lm_loss and (self.is_fsdp_enabled or not model.training):
+            # FSDP gathers lm_head's shards only inside the model's forward; an evaluation's metrics read the logits.
+            outputs = model(**inputs, labels=labels)
+            loss = outputs.loss
         else:
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
-        kl = self.indexer_loss.kl
-        if kl is None:
-            raise ValueError("the model ran no DSA layer's attention: nothing for the indexer to learn from")
-        loss = loss + kl
-        self._indexer_logs["indexer_kl"].append(kl.item())
-        recall = self.indexer_loss.recall
-        if not torch.isnan(recall):
-            self._indexer_logs["recall"].append(recall.item())
+            # One logit row is all the output needs: the LM loss reads the final hidden states instead, a bounded
+            # block of tokens at a time (`chunked_causal_lm_loss`), never the [tokens, vocabulary] logits at once.
+            outputs = model(**inputs, logits_to_keep=1, output_hidden_states=lm_loss)
+            hidden = outputs.hidden_states[-1] if lm_loss else None
+            loss = chunked_causal_lm_loss(_dsa_model(model).lm_head, hidden, labels) if lm_loss else 0.0
+        if not self.dense_attention:
+            kl = self.indexer_loss.kl
+            if kl is None:
+                raise ValueError("the model ran no DSA layer's attention: nothing for the indexer to learn from")
+            loss = loss + kl
+            self._indexer_logs["indexer_kl"].append(kl.item())
+            recall = self.indexer_loss.recall
+            if not torch.isnan(recall):
+                self._indexer_logs["recall"].append(recall.item())
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -527,6 +562,7 @@ __all__ = [
     "MLP_TARGETS",
     "STAGES",
     "WindowDataset",
+    "chunked_causal_lm_loss",
     "evaluate_indexer",
     "has_routed_experts",
     "indexer_lora_config",

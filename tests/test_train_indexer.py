@@ -487,3 +487,47 @@ def test_runtime_choices_leave_the_config_alone(byte_dsa):
     model.config.indexer_loss = "dense"
     with pytest.raises(ValueError, match="IndexerLoss"):
         model(windows)
+
+
+# ----------------------------------------------------------------------------------------- the chunked LM loss
+def test_the_chunked_lm_loss_is_transformers_loss_without_the_logits():
+    """chunked_causal_lm_loss equals the model's own loss (transformers' ForCausalLMLoss: shifted labels, -100 ignored)
+    and its gradients, while no tensor of [tokens, vocabulary] logits is ever made: the largest float tensor it builds
+    is one block's."""
+    from torch.overrides import TorchFunctionMode
+
+    from mla_dsa.training import chunked_causal_lm_loss
+
+    class Largest(TorchFunctionMode):
+        largest = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                    self.largest = max(self.largest, tensor.numel())
+            return out
+
+    torch.manual_seed(0)
+    config = mla_dsa.MlaDsaConfig(vocab_size=500, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
+                                  qk_rope_head_dim=4, v_head_dim=8, index_n_heads=2, index_head_dim=8, index_topk=5,
+                                  first_k_dense_replace=2)  # fmt: skip
+    model = mla_dsa.MlaDsaForCausalLM(config).train()
+    ids = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :7] = -100
+    expected = model(ids, labels=labels)
+    expected.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    out = model(ids, logits_to_keep=1, output_hidden_states=True)
+    recorder = Largest()
+    with recorder:
+        loss = chunked_causal_lm_loss(model.lm_head, out.hidden_states[-1], labels, block=8)
+        loss.backward()
+    torch.testing.assert_close(loss, expected.loss)
+    assert grads and {name for name, p in model.named_parameters() if p.grad is not None} == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, msg=name)
+    assert recorder.largest <= 2 * 8 * 500 < expected.logits.numel()  # one block of logits, never all of them
