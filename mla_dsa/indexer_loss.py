@@ -105,6 +105,11 @@ class IndexerLoss:
             self._handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in self.attentions]
         return self
 
+    @property
+    def installed(self) -> bool:
+        """Whether its hooks are on the model's attention layers."""
+        return bool(self._handles)
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()

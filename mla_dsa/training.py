@@ -12,6 +12,7 @@
 data-parallel (gloo on CPU, NCCL on GPUs) with no code of ours involved in the distribution.
 """
 
+import contextlib
 import inspect
 import json
 import math
@@ -493,8 +494,9 @@ class IndexerTrainer(Trainer):
         # the indexer's KL, which is a per-process mean: keep both losses per-process means, which DDP averages.
         self.model_accepts_loss_kwargs = False
         self._indexer_logs: dict[str, list[float]] = {"indexer_kl": [], "recall": []}
-        # Installed for the whole run: activation checkpointing replays each layer, and its loss, in backward.
-        self.indexer_loss = None if dense_attention else IndexerLoss(self.model, stage).install()
+        # Installed while the Trainer trains or evaluates (activation checkpointing replays each layer, and its loss,
+        # in backward), removed after: the model it hands back computes no indexer loss.
+        self.indexer_loss = None if dense_attention else IndexerLoss(self.model, stage)
         progress = next((c for c in self.callback_handler.callbacks if isinstance(c, ProgressCallback)), None)
         self.add_callback(_ProgressPostfix(progress))
 
@@ -512,6 +514,25 @@ class IndexerTrainer(Trainer):
         dtype = next(model.parameters()).dtype
         saved = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype)
         model.load_state_dict(saved.state_dict())  # strict: every tensor, or an error naming the ones missing
+
+    def train(self, *args, **kwargs):
+        with self._indexer_loss_installed():
+            return super().train(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        with self._indexer_loss_installed():
+            return super().evaluate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _indexer_loss_installed(self):
+        installed = self.indexer_loss is not None and not self.indexer_loss.installed
+        if installed:
+            self.indexer_loss.install()
+        try:
+            yield
+        finally:
+            if installed:
+                self.indexer_loss.remove()
 
     def _get_train_sampler(self, *args, **kwargs):
         return torch.utils.data.SequentialSampler(self.train_dataset)

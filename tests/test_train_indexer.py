@@ -531,3 +531,27 @@ def test_the_chunked_lm_loss_is_transformers_loss_without_the_logits():
     for name, grad in grads.items():
         torch.testing.assert_close(model.get_parameter(name).grad, grad, msg=name)
     assert recorder.largest <= 2 * 8 * 500 < expected.logits.numel()  # one block of logits, never all of them
+
+
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+def test_the_trainer_hands_back_a_model_without_the_loss_hooks(byte_dsa, tmp_path, stage):
+    """IndexerTrainer installs IndexerLoss while it trains (the loss reaches the logs) and removes it after: the model
+    it trained computes no indexer loss on later forwards."""
+    from transformers import TrainingArguments
+
+    from mla_dsa.training import IndexerTrainer, WindowDataset
+
+    model = mla_dsa.prepare_indexer_training(mla_dsa.MlaDsaForCausalLM.from_pretrained(byte_dsa), stage)
+    corpus = torch.randint(3, 250, (400,), generator=torch.Generator().manual_seed(0))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=1, logging_steps=1,
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)  # fmt: skip
+    trainer = IndexerTrainer(model=model, args=args, train_dataset=WindowDataset(corpus, 32, 2), stage=stage,
+                             index_topk=4)  # fmt: skip
+    assert not trainer.indexer_loss.installed
+    trainer.train()
+    assert any("indexer_kl" in entry for entry in trainer.state.log_history)
+    assert not trainer.indexer_loss.installed
+    trainer.indexer_loss.reset()
+    with torch.no_grad():
+        model(corpus[None, :32])
+    assert trainer.indexer_loss.layers == []
