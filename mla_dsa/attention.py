@@ -32,19 +32,16 @@ _local = threading.local()
 def cpu_absorbed_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0,
                            indices: torch.Tensor | None = None, **kwargs):  # fmt: skip
     """`absorbed_attention_forward`'s contract, faster on a CPU (see the module's docstring)."""
-    rows = key[:, 0]  # [B, T, C]
     if indices is None or query.device.type != "cpu" or torch.is_grad_enabled():
         return absorbed_attention_forward(module, query, key, value, attention_mask, scaling, dropout, indices)
-    query = query.transpose(1, 2)  # [B, s, H, C]
-    valid = indices >= 0
-    gathered = gather_rows(rows, indices.clamp(min=0), _gather_buffer(rows, indices) if query.shape[1] > 1 else None)
+    rows = key[:, 0]  # [B, T, C]
+    if query.shape[2] > 1:  # a prefill: the checkpoints' computation, gathering into the reused buffer
+        buffer = _gather_buffer(rows, indices)
+        return absorbed_attention_forward(module, query, key, value, attention_mask, scaling, dropout, indices, buffer)
+    gathered = gather_rows(rows, indices.clamp(min=0))  # [B, 1, k, C]
     if gathered.dtype == torch.uint8:
         gathered = unpack_latent_rows(gathered, module.kv_lora_rank, query.dtype)
-    if query.shape[1] == 1:
-        return _decode_step(query, gathered, valid, scaling, module.kv_lora_rank), None
-    scores = torch.einsum("bshc,bskc->bshk", query, gathered)
-    probs = masked_softmax(scores * scaling, valid.unsqueeze(2))
-    return torch.einsum("bshk,bskr->bshr", probs, gathered[..., : module.kv_lora_rank]), None
+    return _decode_step(query.transpose(1, 2), gathered, indices >= 0, scaling, module.kv_lora_rank), None
 
 
 def _gather_buffer(rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

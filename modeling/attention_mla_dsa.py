@@ -316,6 +316,7 @@ def absorbed_attention_forward(
     scaling: float,
     dropout: float = 0.0,
     indices: torch.Tensor | None = None,
+    gather_out: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """MLA's absorbed attention for a block of queries, as the registry calls it (`ABSORBED_ATTENTION`).
@@ -324,8 +325,8 @@ def absorbed_attention_forward(
     every query head), or DeepSeek-V3.2's FP8-packed rows (uint8 [B, 1, T, 656], FlashMLA's layout). value: the same
     rows (MLA's values are their first `module.kv_lora_rank` columns). indices [B, s, k]: the rows each query attends
     to, -1 where there is none (FlashMLA's convention); or None, and every row where attention_mask [B or 1, 1, s, T]
-    (bool, True = visible) is True. Returns the latent output [B, s, H, R] (W_UV is applied after) and no
-    probabilities."""
+    (bool, True = visible) is True. gather_out: where to gather the selected rows (see `gather_rows`), or None.
+    Returns the latent output [B, s, H, R] (W_UV is applied after) and no probabilities."""
     query = query.transpose(1, 2)  # [B, s, H, R + dr]
     rows, rank = key[:, 0], module.kv_lora_rank  # [B, T, R + dr]
     if indices is None:
@@ -334,7 +335,7 @@ def absorbed_attention_forward(
         scores = torch.einsum("bshc,btc->bsht", query, rows)  # [B, s, H, T]
         probs = masked_softmax(scores * scaling, attention_mask[:, 0].unsqueeze(2))
         return torch.einsum("bsht,btr->bshr", probs, rows[..., :rank]), None
-    rows = gather_rows(rows, indices.clamp(min=0))  # [B, s, k, R + dr]: only the selected rows are read
+    rows = gather_rows(rows, indices.clamp(min=0), gather_out)  # [B, s, k, R + dr]: only the selected rows are read
     if rows.dtype == torch.uint8:
         rows = unpack_latent_rows(rows, rank, query.dtype)  # decoded after the gather
     scores = torch.einsum("bshc,bskc->bshk", query, rows)
