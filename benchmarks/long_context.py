@@ -36,9 +36,16 @@ from mla_dsa.smollm2 import smollm2_checkpoint
 
 SPAN = 64  # tokens copied from a window's start to its end
 SKIP = 8  # the copy's first tokens, not scored: they tell the model which span is being repeated
-# name: (kv_lora_rank, indexer heads x head dim or None for the converter's default, 9 x 128 here). The source caches
-# 2 x 3 KV heads x 64 = 384 numbers per token and layer; R = 320 (+ 64 RoPE) is that width, R = 128 half of it.
-MODELS = {"full": (320, None), "50%": (128, None), "full, 4x64 indexer": (320, (4, 64))}
+# name: (kv_lora_rank, indexer heads x head dim or None for the converter's default, 9 x 128 here, qk_rope_head_dim).
+# The source caches 2 x 3 KV heads x 64 = 384 numbers per token and layer; R = 320 (+ 64 RoPE) is that width, R = 128
+# half of it: both with a RoPE key of one head (64), the only choice of earlier releases. "exact" is what `mla-dsa
+# convert` writes by default now: a RoPE key of all 3 heads (192), the latent holding the values alone (192), 384.
+MODELS = {
+    "exact": (192, (4, 192), 192),
+    "full": (320, None, 64),
+    "50%": (128, None, 64),
+    "full, 4x64 indexer": (320, (4, 64), 64),
+}
 # The lookup task: CUE tokens of the text that occur there once, asked again after the text, then the ANSWER tokens
 # that followed them; one probe per depth (a fraction of the text back), all in one window. A shorter cue (8) is
 # answered by SmolLM2 itself at 1 depth in 8 at 2K: 24 tell it which passage is meant.
@@ -48,17 +55,19 @@ LOGIT_CHUNK = 1024  # positions per LM-head chunk (SmolLM2's vocabulary is 49,15
 DECODE_STEPS = 8
 
 
-def convert_command(source: Path, dst: Path, rank: int, indexer: tuple[int, int] | None) -> list[str]:
+def convert_command(source: Path, dst: Path, rank: int, indexer: tuple[int, int] | None, rope: int) -> list[str]:
     """The conversion each model row names (as gqa_smollm2.py converts): calibrated on train-split files."""
     shape = ["--index-n-heads", str(indexer[0]), "--index-head-dim", str(indexer[1])] if indexer else []
+    shape += ["--qk-rope-head-dim", str(rope)] if rope != 64 else []
     return ["convert", str(source), str(dst), "--kv-lora-rank", str(rank), *shape, "--indexer-init", "calibrate",
             "--calibration-data", *calibration_files(), "--calibration-tokens", "4096", "--calibration-steps", "40",
             "--index-topk", "64", "--overwrite", "--no-progress"]  # fmt: skip
 
 
 def model_dir(out: Path, name: str) -> Path:
-    rank, indexer = MODELS[name]
-    return out / (f"mla-{rank}" + (f"-indexer-{indexer[0]}x{indexer[1]}" if indexer else ""))
+    rank, indexer, rope = MODELS[name]
+    return out / (f"mla-{rank}" + (f"-rope-{rope}" if rope != 64 else "")
+                  + (f"-indexer-{indexer[0]}x{indexer[1]}" if indexer else ""))  # fmt: skip
 
 
 def windows_of(tokenizer, length: int, count: int) -> torch.Tensor:
@@ -172,8 +181,8 @@ def run(args) -> dict:
 
     converted = {}
     for name in args.models:
-        dst, (rank, indexer) = model_dir(out, name), MODELS[name]
-        command = convert_command(source_dir, dst, rank, indexer)
+        dst, (rank, indexer, rope) = model_dir(out, name), MODELS[name]
+        command = convert_command(source_dir, dst, rank, indexer, rope)
         entry = results["models"].setdefault(name, {"rank": rank})
         if not (dst / "config.json").is_file():
             start = time.perf_counter()
@@ -210,6 +219,7 @@ def run(args) -> dict:
                 save({"model": name, "attention": "dsa", "index_topk": k, "length": length,
                       **measure(model, windows, index_topk=k)})  # fmt: skip
     if not args.no_decode:
+        results["decode"] = []  # one run's rows: compared with one another only
         window = windows_of(tokenizer, max(args.lengths), 1)[0]
         if not args.no_source:
             results["decode"].append({"model": "source",

@@ -14,15 +14,16 @@ Peak memory: Python + torch, plus one output shard being assembled, plus the ten
 
 import os
 import shutil
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 from ..modeling.configuration_mla_dsa import MlaDsaConfig
 from .calibrate import CalibrationOptions, calibration_windows
-from .export import export_refusals
-from .gqa import GQA_MODEL_TYPES, is_gqa_source, mla_config_fields, verify_mla_stage, write_mla_stage
+from .export import export_refusals, export_warnings
+from .gqa import GQA_MODEL_TYPES, checked_shape, is_gqa_source, mla_config_fields, verify_mla_stage, write_mla_stage
 from .indexer_init import INDEXER_INITS
-from .plan import DTYPES, ConvertOptions, check_options, plan_output, target_config
+from .plan import DTYPES, ConvertOptions, check_options, default_indexer_shape, plan_output, target_config
 from .source import ConversionError, SourceCheckpoint, read_json
 from .verify import verify_logits
 from .write import check_output, move_into_place, write_metadata, write_shards
@@ -43,8 +44,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **options
     src_config = read_json(Path(src) / "config.json") if Path(src, "config.json").is_file() else {}
     if opts.from_gqa or (opts.from_gqa is None and is_gqa_source(src_config)):
         return _convert_gqa(Path(src), Path(dst), opts)
-    if opts.from_gqa is not None or opts.kv_lora_rank is not None:
-        what = "--kv-lora-rank" if opts.kv_lora_rank is not None else "--from-gqa"
+    if opts.from_gqa is not None or opts.kv_lora_rank is not None or opts.qk_rope_head_dim is not None:
+        what = ("--kv-lora-rank" if opts.kv_lora_rank is not None
+                else "--qk-rope-head-dim" if opts.qk_rope_head_dim is not None else "--from-gqa")  # fmt: skip
         raise ConversionError(src, f"{what} applies to GQA sources ({', '.join(GQA_MODEL_TYPES)}); SRC's model_type "
                                    f"is {src_config.get('model_type')!r}")  # fmt: skip
     if opts.dtype not in DTYPES:
@@ -70,6 +72,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **options
         if refusals:
             source.close()
             raise ConversionError(dst, f"cannot export to {opts.export}: " + "; ".join(refusals))
+        for warning in export_warnings(config, opts.export):
+            warnings.warn(f"--export {opts.export}: {warning}", UserWarning, stacklevel=2)
     plan = plan_output(source, config, opts)
     if opts.indexer_init == "calibrate" and not any(t.source is None for shard in plan for t in shard.tensors):
         source.close()
@@ -127,7 +131,8 @@ def _convert_gqa(src: Path, dst: Path, opts: ConvertOptions) -> Path:
                                                      "--resume") from None  # fmt: skip
     finally:
         source.close()
-    rest = {k: v for k, v in asdict(opts).items() if k not in ("from_gqa", "kv_lora_rank", "follow_symlinks")}
+    rest = {k: v for k, v in asdict(opts).items()
+            if k not in ("from_gqa", "kv_lora_rank", "qk_rope_head_dim", "follow_symlinks")}  # fmt: skip
     if opts.indexer_init != "calibrate":
         rest["calibration_data"] = None  # read by the first stage only
     result = convert_checkpoint(stage, dst, **rest)
@@ -138,7 +143,9 @@ def _convert_gqa(src: Path, dst: Path, opts: ConvertOptions) -> Path:
 def _check_indexer_options(source: SourceCheckpoint, dst: Path, opts: ConvertOptions) -> None:
     """The indexer flags against the MLA model the GQA stage will write: a shape the DSA stage refuses (a head
     narrower than the RoPE dims it rotates, say) is refused now, not after the GQA stage's calibration."""
-    fields = mla_config_fields(source.config, opts.kv_lora_rank or 1)  # the indexer's checks do not read the rank
+    geometry, rank = checked_shape(source, opts)
+    fields = mla_config_fields(source.config, rank, geometry.rope_dim)
+    fields["index_n_heads"], fields["index_head_dim"] = default_indexer_shape(fields)
     fields.update({name: getattr(opts, name) for name in ("index_n_heads", "index_head_dim", "index_topk")
                    if getattr(opts, name) is not None})  # fmt: skip
     try:

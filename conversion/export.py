@@ -92,6 +92,20 @@ def permute_indexer_rope(name: str, tensor: torch.Tensor, config: MlaDsaConfig, 
     return rows[:, order].reshape(tensor.shape).contiguous()
 
 
+def export_warnings(config: MlaDsaConfig, export: str) -> list[str]:
+    """What the format holds but the serving engines are known to misread (transformers reads it right)."""
+    rope_type = config.rope_parameters.get("rope_type", "default")
+    if rope_type in ("default", "yarn"):
+        return []
+    return [
+        f"rope_type {rope_type!r} (an exact GQA conversion's RoPE key carries each source frequency once per key "
+        f"head, written as one longrope factor per pair): transformers' {FORMAT_NAMES[export]} class reads it, "
+        "but vLLM's and SGLang's DeepSeek attention read any rope_scaling as YaRN and would rotate these keys "
+        "at other frequencies; serve this export through transformers, or convert the GQA source with "
+        "--qk-rope-head-dim set to its head_dim (one RoPE head, lossy past the calibration length) for them"
+    ]
+
+
 def export_config(config: MlaDsaConfig, export: str) -> dict[str, Any]:
     """The config.json of the export: the fields of transformers' class for the format plus the ones serving engines
     read (`DEEPSEEK_V32_FIELDS`), built through that class so a field it refuses fails here, not in the engine."""
@@ -135,6 +149,7 @@ __all__ = [
     "EXPORT_FORMATS",
     "export_config",
     "export_refusals",
+    "export_warnings",
     "permute_indexer_rope",
     "permutes_indexer_rope",
 ]

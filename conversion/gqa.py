@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .calibrate import CalibrationOptions, calibration_windows
-from .gqa_math import GqaGeometry, LayerStats, mla_attention_weights
+from .gqa_math import GqaGeometry, LayerStats, mla_attention_weights, rope_frequencies
 from .plan import DTYPES, ConvertOptions
 from .source import SINGLE_NAME, ConversionError, SourceCheckpoint
 from .write import save_state, start_state
@@ -79,17 +79,36 @@ def gqa_refusals(source: SourceCheckpoint) -> list[str]:
     return reasons
 
 
-def geometry_of(config: dict) -> GqaGeometry:
+def geometry_of(config: dict, rope_dim: int | None = None) -> GqaGeometry:
+    """SRC's attention shape; `rope_dim` (a multiple of its head_dim, default one head) is the shared RoPE key's."""
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    return GqaGeometry(heads, config.get("num_key_value_heads") or heads, head_dim)
+    return GqaGeometry(heads, config.get("num_key_value_heads") or heads, head_dim, (rope_dim or head_dim) // head_dim)
 
 
-def mla_config_fields(config: dict, rank: int) -> dict:
-    """SRC's architecture as a dense DeepSeek-V3 config with `rank` latent dims (every layer's MLP dense)."""
-    geometry = geometry_of(config)
+def mla_rope_parameters(config: dict, geometry: GqaGeometry) -> dict:
+    """SRC's RoPE for a shared key of `geometry.rope_dim` dims. One head's worth is SRC's own RoPE. A wider key
+    carries each of SRC's frequencies `rope_heads` times over (gqa_math.rope_frequencies), which no frequency
+    ladder theta^(-2i/dim) holds: it is written as transformers' "longrope" with one factor per pair (the same
+    short and long factors, `factor` 1: no attention scaling), which DeepseekV3 and our model both read."""
     rope = dict(config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0)})
     rope.setdefault("rope_type", "default")
+    if geometry.rope_heads == 1:
+        return rope
+    dim, theta = geometry.rope_dim, rope["rope_theta"]
+    wanted = rope_frequencies(_inv_freq(config), geometry.rope_heads)
+    ladder = theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # longrope: inv_freq = 1/(factor*ladder)
+    factors = (1.0 / (wanted * ladder)).tolist()
+    max_positions = config.get("max_position_embeddings", 4096)
+    return {"rope_type": "longrope", "rope_theta": theta, "short_factor": factors, "long_factor": factors,
+            "factor": 1.0, "original_max_position_embeddings": max_positions}  # fmt: skip
+
+
+def mla_config_fields(config: dict, rank: int, rope_dim: int | None = None) -> dict:
+    """SRC's architecture as a dense DeepSeek-V3 config with `rank` latent dims (every layer's MLP dense) and a
+    shared RoPE key of `rope_dim` dims (default: one head)."""
+    geometry = geometry_of(config, rope_dim)
+    rope = mla_rope_parameters(config, geometry)
     return {
         "vocab_size": config["vocab_size"],
         "hidden_size": config["hidden_size"],
@@ -107,7 +126,7 @@ def mla_config_fields(config: dict, rank: int) -> dict:
         "q_lora_rank": config["hidden_size"],  # the identity, exact (gqa_math.mla_attention_weights)
         "kv_lora_rank": rank,
         "qk_nope_head_dim": geometry.nope_dim,
-        "qk_rope_head_dim": geometry.head_dim,
+        "qk_rope_head_dim": geometry.rope_dim,
         "v_head_dim": geometry.head_dim,
         "hidden_act": config.get("hidden_act", "silu"),
         "max_position_embeddings": config.get("max_position_embeddings", 4096),
@@ -124,8 +143,33 @@ def mla_config_fields(config: dict, rank: int) -> dict:
     }
 
 
-def full_rank(config: dict) -> int:
-    return geometry_of(config).full_rank
+def full_rank(config: dict, rope_dim: int | None = None) -> int:
+    return geometry_of(config, rope_dim).full_rank
+
+
+def default_rope_dim(config: dict, kv_lora_rank: int | None) -> int:
+    """Without --kv-lora-rank: every key head keeps its RoPE (the latent holds the values), the same cache as SRC and
+    exact at any length. With one: one head's RoPE key, the rest of the cache for the latent."""
+    geometry = geometry_of(config)
+    return geometry.head_dim * (geometry.kv_heads if kv_lora_rank is None else 1)
+
+
+def checked_shape(source: SourceCheckpoint, opts: ConvertOptions) -> tuple[GqaGeometry, int]:
+    """SRC's geometry with the asked RoPE key, and the latent rank; a ConversionError naming the flag if either
+    cannot be built."""
+    geometry = geometry_of(source.config, opts.qk_rope_head_dim or default_rope_dim(source.config, opts.kv_lora_rank))
+    if opts.qk_rope_head_dim is not None and not (
+        opts.qk_rope_head_dim % geometry.head_dim == 0 and 1 <= geometry.rope_heads <= geometry.kv_heads
+    ):
+        widest = geometry.kv_heads * geometry.head_dim
+        raise ConversionError(source.path, f"--qk-rope-head-dim must be a multiple of SRC's head_dim "
+                                           f"{geometry.head_dim} up to its {geometry.kv_heads} key/value heads' "
+                                           f"{widest}, got {opts.qk_rope_head_dim}")  # fmt: skip
+    rank = opts.kv_lora_rank or geometry.full_rank
+    if not 0 < rank <= geometry.full_rank:
+        raise ConversionError(source.path, f"--kv-lora-rank must be in 1..{geometry.full_rank} (the GQA key/value "
+                                           f"width less the shared RoPE key), got {rank}")  # fmt: skip
+    return geometry, rank
 
 
 def write_mla_stage(source: SourceCheckpoint, stage: Path, opts: ConvertOptions) -> Path:
@@ -138,29 +182,25 @@ def write_mla_stage(source: SourceCheckpoint, stage: Path, opts: ConvertOptions)
     if not opts.calibration_data:
         raise ConversionError(source.path, "converting a GQA model to MLA fits the latent to the model's attention on "
                                            "text: pass --calibration-data FILES (a few thousand tokens)")  # fmt: skip
-    rank = opts.kv_lora_rank or full_rank(source.config)
-    if not 0 < rank <= full_rank(source.config):
-        raise ConversionError(source.path, f"--kv-lora-rank must be in 1..{full_rank(source.config)} (the GQA "
-                                           f"key/value width without RoPE's shared key), got {rank}")  # fmt: skip
+    geometry, rank = checked_shape(source, opts)
     from transformers import DeepseekV3Config
 
-    mla_config = DeepseekV3Config(**mla_config_fields(source.config, rank))
-    fingerprint = _stage_fingerprint(source, opts, rank)
+    mla_config = DeepseekV3Config(**mla_config_fields(source.config, rank, geometry.rope_dim))
+    fingerprint = _stage_fingerprint(source, opts, rank, geometry.rope_dim)
     state = start_state(stage, fingerprint, opts.resume, name=STAGE_STATE, progress="shards", kept=())
     if state.get("complete"):
         return stage
     windows = calibration_windows(source, mla_config, CalibrationOptions.of(opts))
     dtype = _stage_dtype(source, opts)
     writer = _ShardWriter(stage, state, opts.max_shard_size)
-    report = {"source_model_type": source.model_type, "kv_lora_rank": rank, "full_rank": full_rank(source.config),
-              "calibration_tokens": int(windows.numel())}  # fmt: skip
+    report = {"source_model_type": source.model_type, "kv_lora_rank": rank, "qk_rope_head_dim": geometry.rope_dim,
+              "full_rank": geometry.full_rank, "calibration_tokens": int(windows.numel())}  # fmt: skip
     bar = tqdm(total=source.config["num_hidden_layers"], desc="GQA -> MLA", unit="layer", disable=not opts.progress)
     for layer_idx, stats in gqa_layer_stats(source, windows):
         prefix = f"model.layers.{layer_idx}."
         if not writer.done(prefix):
             attention = [source.read(f"{prefix}self_attn.{p}.weight", torch.float32).float() for p in _ATTENTION]
-            tensors = mla_attention_weights(*attention, stats, geometry_of(source.config), _inv_freq(source.config),
-                                            rank)  # fmt: skip
+            tensors = mla_attention_weights(*attention, stats, geometry, _inv_freq(source.config), rank)
             out = {prefix + "self_attn." + name: tensor for name, tensor in tensors.items()}
             out.update({prefix + name: source.read(prefix + name, torch.float32).float() for name in _LAYER_TENSORS})
             writer.add(prefix, {name: tensor.to(dtype).contiguous() for name, tensor in out.items()})
@@ -194,14 +234,15 @@ def verify_mla_stage(source: SourceCheckpoint, stage: Path, opts: ConvertOptions
         del reference
         mla = transformers.DeepseekV3ForCausalLM.from_pretrained(stage, dtype=torch.float32).eval()
         diff = (expected - mla(input_ids).logits).abs().max().item()
-    geometry, rank = geometry_of(source.config), mla.config.kv_lora_rank
-    exact = geometry.kv_heads == 1 and rank == geometry.full_rank
+    geometry, rank = geometry_of(source.config, mla.config.qk_rope_head_dim), mla.config.kv_lora_rank
+    exact = geometry.rope_heads == geometry.kv_heads and rank == geometry.full_rank
     tolerance = opts.verify_tolerance or 1e-4 * max(1.0, expected.abs().max().item())
     why = (
-        "exact: one key/value head at the full width"
+        "exact: every key/value head keeps its RoPE, the latent at the full width"
         if exact
         else (
-            f"not exact: {geometry.kv_heads} key/value heads share one RoPE key, latent {rank} of {geometry.full_rank}"
+            f"not exact: {geometry.kv_heads} key/value heads share a RoPE key of {geometry.rope_heads} head(s), "
+            f"latent {rank} of {geometry.full_rank}"
         )
     )
     print(f"verify GQA -> MLA: max |logit difference| = {diff:.3e} ({why})")  # fmt: skip
@@ -327,7 +368,7 @@ class _ShardWriter:
         (self.stage / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _stage_fingerprint(source: SourceCheckpoint, opts: ConvertOptions, rank: int) -> str:
+def _stage_fingerprint(source: SourceCheckpoint, opts: ConvertOptions, rank: int, rope_dim: int) -> str:
     options = {
         k: v
         for k, v in asdict(opts).items()
@@ -336,6 +377,7 @@ def _stage_fingerprint(source: SourceCheckpoint, opts: ConvertOptions, rank: int
     described = {
         "options": options,
         "rank": rank,
+        "rope_dim": rope_dim,
         "source": sorted((i.name, i.shard, str(i.dtype), i.shape) for i in source.tensors.values()),
         "sizes": {shard: (source.path / shard).stat().st_size for shard in source.shards},
         "calibration": [(str(p), Path(p).stat().st_size) for p in opts.calibration_data or ()],

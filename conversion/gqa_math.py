@@ -6,18 +6,22 @@ Everything is computed from two calibration statistics of the layer's attention 
 `input_layernorm`): its second moment `E[x x^T]`, and each query head's attention distribution over the distance
 `t - s` to the keys it reads.
 
-1. **RoPE decoupling** (the lossy step). RoPE rotates the two dimensions of frequency pair `i` of every key head by the
-   same angle, so an orthogonal mix of the `G` heads' pair `i` commutes with it (TransMLA's observation). Per frequency
-   the mix is the key covariance's eigenbasis: its first direction carries most of the keys' energy and becomes the
-   shared RoPE key (64 dims hold every one of the source's 32 frequencies, the same `rope_theta`), exact. The other
-   `G - 1` directions cannot keep their rotation: they become position-free ("nope") keys, and the query reading them
-   is multiplied by the head's expected rotation `E[R(-(t - s) f_i)]` under its own attention distribution (a 2 x 2
-   matrix per head and frequency: near the identity for slow frequencies, near 0 for fast ones), the least-squares
-   stand-in for the rotation it lost. With one key/value head (MQA) nothing is lost.
+1. **RoPE decoupling.** RoPE rotates the two dimensions of frequency pair `i` of every key head by the same angle,
+   so an orthogonal mix of the `G` heads' pair `i` commutes with it (TransMLA's observation). Per frequency the mix
+   is the key covariance's eigenbasis, most energetic direction first. The first `r` (`rope_heads`) directions of
+   every frequency become the shared RoPE key (`qk_rope_head_dim = r * head_dim`), exact: its pair `i * r + j`
+   turns at the source's frequency `i` (`rope_frequencies`; one head's worth is the source's own RoPE, a wider key
+   is written as transformers' "longrope" with one factor per pair). With `r = G` every key keeps its rotation and
+   the conversion is exact at any length, the latent holding the values alone: the same cache as the source. With
+   `r < G` the other `G - r` directions cannot keep their rotation (the lossy step): they become position-free
+   ("nope") keys, and the query reading them is multiplied by the head's expected rotation `E[R(-(t - s) f_i)]`
+   under its own attention distribution (a 2 x 2 matrix per head and frequency: near the identity for slow
+   frequencies, near 0 for fast ones), the least-squares stand-in for the rotation it lost; it is fitted on the
+   calibration windows' distances, so its loss grows past them. With one key/value head (MQA) nothing is lost.
 2. **The latent.** Keys-without-RoPE and values, `y = [k_nope; v] = W_y x`, are factored through `kv_lora_rank`
    dimensions: `c = A x`, `y ~ B c`, minimising the error where it matters: key errors as the scores they change
    (weighted by the queries' second moment), value errors as the output they change (weighted by `o_proj`), both
-   under the input's own second moment (activation-aware). At the full width `(2G - 1) * head_dim` it is exact.
+   under the input's own second moment (activation-aware). At the full width `(2G - r) * head_dim` it is exact.
 3. **The latent norm.** MLA normalises `c` (`kv_a_layernorm`, eps 1e-6). `c` is written scaled down so that its mean
    square is far below the norm's eps, where RMSNorm is linear (`c / sqrt(eps)`), and the norm's weight scales it back
    (`latent_scale`): exact to a relative `mean(c^2) / (2 eps)`, at most 5e-6. DeepSeek-V3.2's format also compresses
@@ -41,14 +45,19 @@ class GqaGeometry:
     heads: int
     kv_heads: int
     head_dim: int
+    rope_heads: int = 1  # mixed key heads kept rotated in the shared RoPE key (1..kv_heads)
 
     @property
     def group(self) -> int:
         return self.heads // self.kv_heads
 
     @property
-    def nope_dim(self) -> int:  # keys that lose RoPE: G - 1 mixed heads
-        return (self.kv_heads - 1) * self.head_dim
+    def rope_dim(self) -> int:  # the shared RoPE key: rope_heads mixed heads, every frequency of each
+        return self.rope_heads * self.head_dim
+
+    @property
+    def nope_dim(self) -> int:  # keys that lose RoPE: G - rope_heads mixed heads
+        return (self.kv_heads - self.rope_heads) * self.head_dim
 
     @property
     def full_rank(self) -> int:  # the latent width at which the factorisation is exact
@@ -83,21 +92,25 @@ def expected_rotation(distance: torch.Tensor, inv_freq: torch.Tensor) -> torch.T
 def decouple_rope(w_q, w_k, stats: LayerStats, geometry: GqaGeometry, inv_freq: torch.Tensor, fold: bool = True):
     """Splits each head's scores into one shared RoPE key and position-free keys (module docstring, step 1).
 
-    w_q [H*D, d], w_k [G*D, d] (half-split RoPE layout). `fold=False` leaves the queries of the keys that lose RoPE
-    as they are (TransMLA's RoRoPE: those dims simply become position-free), for comparison. Returns, in float64,
-    with the source's scores unscaled:
-    q_rope [H, D, d] and k_rope [D, d] (half-split), q_nope [H, (G-1)*D, d] and k_nope [(G-1)*D, d], where the
-    nope dims are ordered (mixed head j, pair i, component c)."""
-    heads, kv_heads, head_dim = geometry.heads, geometry.kv_heads, geometry.head_dim
+    w_q [H*D, d], w_k [G*D, d] (half-split RoPE layout). Per frequency the `rope_heads` (r) most energetic mixed
+    directions keep their rotation, the other G - r lose it. `fold=False` leaves the queries of the keys that lose
+    RoPE as they are (TransMLA's RoRoPE: those dims simply become position-free), for comparison. Returns, in
+    float64, with the source's scores unscaled:
+    q_rope [H, r*D, d] and k_rope [r*D, d] (half-split; pair p = i*r + j is frequency i's mixed direction j, see
+    `rope_frequencies`), q_nope [H, (G-r)*D, d] and k_nope [(G-r)*D, d], where the nope dims are ordered (mixed head
+    j, pair i, component c)."""
+    heads, kv_heads, head_dim, kept = geometry.heads, geometry.kv_heads, geometry.head_dim, geometry.rope_heads
     first, second = pairs(head_dim)
+    rope_half = geometry.rope_dim // 2
     wq = w_q.double().view(heads, head_dim, -1)
     wk = w_k.double().view(kv_heads, head_dim, -1)
     x_moment = stats.x_moment.double()
     rotation = expected_rotation(stats.distance if fold else _at_distance_zero(stats.distance), inv_freq)
     group_of = torch.arange(heads) // geometry.group
-    q_rope, k_rope = torch.zeros_like(wq), torch.zeros(head_dim, wq.shape[-1], dtype=torch.float64)
-    q_nope = torch.zeros(heads, kv_heads - 1, head_dim // 2, 2, wq.shape[-1], dtype=torch.float64)
-    k_nope = torch.zeros(kv_heads - 1, head_dim // 2, 2, wq.shape[-1], dtype=torch.float64)
+    q_rope = torch.zeros(heads, geometry.rope_dim, wq.shape[-1], dtype=torch.float64)
+    k_rope = torch.zeros(geometry.rope_dim, wq.shape[-1], dtype=torch.float64)
+    q_nope = torch.zeros(heads, kv_heads - kept, head_dim // 2, 2, wq.shape[-1], dtype=torch.float64)
+    k_nope = torch.zeros(kv_heads - kept, head_dim // 2, 2, wq.shape[-1], dtype=torch.float64)
     for i in range(head_dim // 2):
         pair = torch.stack([first[i], second[i]])
         k_pair = wk[:, pair]  # [G, 2, d]
@@ -105,15 +118,22 @@ def decouple_rope(w_q, w_k, stats: LayerStats, geometry: GqaGeometry, inv_freq: 
         _, vectors = torch.linalg.eigh(covariance)
         mix = vectors.flip(-1).T  # [G (mixed head j), G]: row 0 is the most energetic direction
         mixed = torch.einsum("jg,gcd->jcd", mix, k_pair)  # [G, 2, d]
-        k_rope[pair] = mixed[0]
-        k_nope[:, i] = mixed[1:]
         q_pair = wq[:, pair]  # [H, 2, d]
         weight = mix[:, group_of].T  # [H, G]: how much of head h's key group each mixed head carries
-        q_rope[:, pair] = weight[:, 0, None, None] * q_pair
+        for j in range(kept):
+            rope_pair = torch.tensor([i * kept + j, i * kept + j + rope_half])
+            k_rope[rope_pair] = mixed[j]
+            q_rope[:, rope_pair] = weight[:, j, None, None] * q_pair
+        k_nope[:, i] = mixed[kept:]
         # q^T R k over the lost rotation becomes (M^T q)^T k with M = E[R(-delta f)] (2 x 2 per head)
         folded = torch.einsum("hab,had->hbd", rotation[:, i], q_pair)  # M^T q
-        q_nope[:, :, i] = weight[:, 1:, None, None] * folded[:, None]
+        q_nope[:, :, i] = weight[:, kept:, None, None] * folded[:, None]
     return q_rope, k_rope, q_nope.flatten(1, 3), k_nope.flatten(0, 2)
+
+
+def rope_frequencies(inv_freq: torch.Tensor, rope_heads: int) -> torch.Tensor:
+    """[r*D/2]: the frequency of each pair of the shared RoPE key, frequency i repeated for its r kept directions."""
+    return inv_freq.repeat_interleave(rope_heads)
 
 
 def _at_distance_zero(distance: torch.Tensor) -> torch.Tensor:
@@ -184,18 +204,19 @@ def mla_attention_weights(w_q, w_k, w_v, w_o, stats: LayerStats, geometry: GqaGe
                           latent_fit: str = "attention") -> dict[str, torch.Tensor]:  # fmt: skip
     """One layer's MLA attention tensors (our names under `self_attn.`, float32) computing what the GQA projections
     compute: q_a_proj [d, d], q_a_layernorm.weight [d], q_b_proj [H*(dn+dr), d], kv_a_proj_with_mqa [rank+dr, d],
-    kv_a_layernorm.weight [rank], kv_b_proj [H*(dn+dv), rank], o_proj (unchanged). dn = (G-1)*D, dr = dv = D; RoPE
-    interleaved. `rope_fold` and `latent_fit`: decouple_rope's `fold` and factor_latent's `fit`."""
+    kv_a_layernorm.weight [rank], kv_b_proj [H*(dn+dv), rank], o_proj (unchanged). dn = (G-r)*D, dr = r*D, dv = D
+    (r = `geometry.rope_heads`); RoPE interleaved, pair p at `rope_frequencies(inv_freq, r)[p]`. `rope_fold` and
+    `latent_fit`: decouple_rope's `fold` and factor_latent's `fit`."""
     if latent_fit not in ("attention", "activation"):
         raise ValueError(f"latent_fit must be 'attention' or 'activation', got {latent_fit!r}")
     heads, head_dim = geometry.heads, geometry.head_dim
     q_rope, k_rope, q_nope, k_nope = decouple_rope(w_q, w_k, stats, geometry, inv_freq, fold=rope_fold)
     # Ours scales scores by 1/sqrt(dn + dr), the source by 1/sqrt(D): the queries make up the difference.
-    q_scale = math.sqrt((geometry.nope_dim + head_dim) / head_dim)
+    q_scale = math.sqrt((geometry.nope_dim + geometry.rope_dim) / head_dim)
     q_rope, q_nope = q_rope * q_scale, q_nope * q_scale
     a, b_k, b_v = factor_latent(k_nope, q_nope, w_v, w_o, stats, geometry, rank, key_weight, latent_fit)
     scale = latent_scale(a, stats)
-    order = interleave_order(head_dim)
+    order = interleave_order(geometry.rope_dim)
     q_proj = torch.cat([q_nope, q_rope[:, order]], dim=1)  # [H, dn + dr, d]
     group_of = torch.arange(heads) // geometry.group
     b_v = b_v.view(geometry.kv_heads, head_dim, rank)[group_of]  # [H, dv, rank]: each head reads its group's values
@@ -223,4 +244,5 @@ __all__ = [
     "factor_latent",
     "latent_scale",
     "mla_attention_weights",
+    "rope_frequencies",
 ]

@@ -42,6 +42,7 @@ class ConvertOptions:
     indexer_init: str = "random"
     from_gqa: bool | None = None  # None: GQA sources (llama, mistral, qwen2, ...) are detected from model_type
     kv_lora_rank: int | None = None  # a GQA source's latent width (default: its full key/value width, no compression)
+    qk_rope_head_dim: int | None = None  # a GQA source's shared RoPE key (default: one head's width)
     calibration_data: list[str] | None = None  # text files for indexer_init="calibrate"
     calibration_tokens: int = 4096
     calibration_seq_len: int = 512
@@ -73,7 +74,7 @@ class OutputShard:
 
 
 # Options that must be positive where given: checked before SRC is read, so a bad value is blamed on the option.
-POSITIVE_OPTIONS = ("index_n_heads", "index_head_dim", "index_topk", "index_share", "kv_lora_rank",
+POSITIVE_OPTIONS = ("index_n_heads", "index_head_dim", "index_topk", "index_share", "kv_lora_rank", "qk_rope_head_dim",
                     "calibration_tokens", "calibration_seq_len", "calibration_steps", "calibration_lr",
                     "verify_tolerance")  # fmt: skip
 
@@ -171,11 +172,12 @@ def _is_transformers_model_type(model_type: str | None) -> bool:
 
 def default_indexer_shape(fields: dict) -> tuple[int, int]:
     """64 heads x 128 dims (DeepSeek-V3.2) for large models; smaller models get at least 8 heads (fewer make ReLU
-    ties in the index score common) and a head of max(2 * qk_rope_head_dim, hidden_size / 8) up to 128 dims."""
+    ties in the index score common) and a head of max(2 * qk_rope_head_dim, hidden_size / 8) up to 128 dims, never
+    narrower than the RoPE dims it rotates (a GQA conversion's RoPE key may be wider)."""
     heads = fields.get("num_attention_heads", 128)
     hidden = fields.get("hidden_size", 7168)
     rope = fields.get("qk_rope_head_dim", 64)
-    return min(64, max(8, heads)), min(128, max(2 * rope, hidden // 8))
+    return min(64, max(8, heads)), max(rope, min(128, max(2 * rope, hidden // 8)))
 
 
 def model_dtype(source: SourceCheckpoint, opts: ConvertOptions) -> torch.dtype:

@@ -130,8 +130,16 @@ def _add_convert(commands) -> None:
         type=_positive_int,
         default=None,
         metavar="R",
-        help="latent width; the cache holds R + head_dim numbers per token per layer (default: the GQA key/value "
-        "width less one RoPE head, (2 x kv_heads - 1) x head_dim, the same cache as SRC)",
+        help="latent width; the cache holds R + the RoPE key's dims per token per layer (default: the GQA "
+        "key/value width less the RoPE key, (2 x kv_heads - rope heads) x head_dim, the same cache as SRC)",
+    )
+    gqa.add_argument(
+        "--qk-rope-head-dim",
+        type=_positive_int,
+        default=None,
+        metavar="D",
+        help="the shared RoPE key: head_dim (the default) keeps each frequency's strongest key direction rotated, "
+        "a multiple of head_dim keeps that many (up to kv_heads x head_dim: every key exactly, RoPE at any length)",
     )
     indexer = parser.add_argument_group("the grafted indexer")
     _add_indexer_arguments(indexer)
@@ -193,6 +201,7 @@ def _run_convert(args) -> int:
         calibration_lr=args.calibration_lr,
         dense_attention_layers=args.dense_attention_layers, export=args.export, index_share=args.index_share,
         indexer_types=args.indexer_types, from_gqa=args.from_gqa, kv_lora_rank=args.kv_lora_rank,
+        qk_rope_head_dim=args.qk_rope_head_dim,
         max_shard_size=args.max_shard_size, resume=args.resume, overwrite=args.overwrite, verify=args.verify,
         verify_tolerance=args.verify_tolerance, follow_symlinks=args.follow_symlinks, progress=not args.no_progress,
     )  # fmt: skip
@@ -455,7 +464,10 @@ def _add_demo(commands) -> None:
         "converted GQA -> MLA -> DSA, measured, and asked the same chat question as its source (~7 minutes)",
     )
     parser.add_argument(
-        "--kv-lora-rank", type=_positive_int, default=None, help="smollm2: latent width (default: full, 320)"
+        "--kv-lora-rank",
+        type=_positive_int,
+        default=None,
+        help="smollm2: latent width (default: the exact conversion, values 192 + RoPE key 192)",
     )
     parser.add_argument("--no-progress", action="store_true")
 

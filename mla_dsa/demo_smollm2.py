@@ -95,7 +95,7 @@ def run_smollm2_demo(
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     windows = text_files_corpus(stdlib_files("held_out"), tokenizer, max_tokens=eval_windows * SEQ_LEN)
     windows = windows.view(eval_windows, SEQ_LEN)
-    dst = out / f"dsa-r{kv_lora_rank or 'full'}"
+    dst = out / (f"dsa-r{kv_lora_rank}" if kv_lora_rank else "dsa-exact")  # exact: every key head keeps its RoPE
     if not (dst / "config.json").is_file():
         print(f"== mla-dsa convert {source_dir} {dst} (GQA -> MLA -> DSA)", flush=True)
         convert_checkpoint(source_dir, dst, kv_lora_rank=kv_lora_rank, indexer_init="calibrate",
@@ -109,7 +109,8 @@ def run_smollm2_demo(
     model = AutoModelForCausalLM.from_pretrained(dst, trust_remote_code=True, dtype=torch.float32).eval()
     results["dsa"] = {"mla_ppl": perplexity(model, windows, use_sparse_attention=False),
                       "dsa_ppl": perplexity(model, windows), "index_topk": model.config.index_topk,
-                      "kv_lora_rank": model.config.kv_lora_rank, **kv_bytes(model.config),
+                      "kv_lora_rank": model.config.kv_lora_rank, "qk_rope_head_dim": model.config.qk_rope_head_dim,
+                      **kv_bytes(model.config),
                       "chat": answer(model, tokenizer)}  # fmt: skip
     results["seconds"], results["checkpoint"] = time.time() - started, str(dst)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,8 @@ def format_results(results: dict) -> str:
         f"| held-out perplexity (L = {SEQ_LEN}) | KV bytes / token / layer (bf16) | perplexity |",
         "|---|---:|---:|",
         f"| SmolLM2 (GQA) | {source['kv_bytes']} | {source['ppl']:.2f} |",
-        f"| MLA, R = {dsa['kv_lora_rank']} | {dsa['mla_kv_bytes']} | {dsa['mla_ppl']:.2f} |",
+        f"| MLA, R = {dsa['kv_lora_rank']} + RoPE {dsa['qk_rope_head_dim']} | {dsa['mla_kv_bytes']} "
+        f"| {dsa['mla_ppl']:.2f} |",
         f"| MLA + DSA, k = {dsa['index_topk']} | {dsa['dsa_kv_bytes']} | {dsa['dsa_ppl']:.2f} |",
         "",
         f"Prompt: {CHAT_PROMPT}",

@@ -79,7 +79,7 @@ def test_the_convert_api_names_the_bad_option(tmp_path):
 
 def test_a_gqa_conversion_refuses_an_indexer_shape_before_its_calibration(tmp_path, monkeypatch):
     """--index-head-dim below the RoPE dims the GQA stage will give was refused only after minutes of its calibration;
-    it is refused before the GQA stage starts."""
+    it is refused before the GQA stage starts (the default RoPE key here: both key heads, 2 x 16)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import mla_dsa
@@ -90,7 +90,7 @@ def test_a_gqa_conversion_refuses_an_indexer_shape_before_its_calibration(tmp_pa
     LlamaForCausalLM(config).save_pretrained(tmp_path / "src")
     byte_tokenizer().save_pretrained(tmp_path / "src")
     monkeypatch.setattr(convert, "write_mla_stage", lambda *args: pytest.fail("the GQA stage started"))
-    with pytest.raises(mla_dsa.ConversionError, match="index_head_dim must be at least qk_rope_head_dim=16"):
+    with pytest.raises(mla_dsa.ConversionError, match="index_head_dim must be at least qk_rope_head_dim=32"):
         mla_dsa.convert_checkpoint(tmp_path / "src", tmp_path / "dst", index_head_dim=8, progress=False)
 
 

@@ -17,6 +17,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     DeepseekV32ForCausalLM,
+    GlmMoeDsaForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -28,7 +29,14 @@ from transformers import (
 )
 
 from mla_dsa.conversion.convert import convert_checkpoint
-from mla_dsa.conversion.gqa_math import GqaGeometry, LayerStats, decouple_rope, factor_latent, pairs
+from mla_dsa.conversion.gqa_math import (
+    GqaGeometry,
+    LayerStats,
+    decouple_rope,
+    factor_latent,
+    pairs,
+    rope_frequencies,
+)
 from mla_dsa.conversion.source import ConversionError
 from mla_dsa.data import byte_tokenizer, stdlib_files
 from mla_dsa.indexer_loss import IndexerLoss
@@ -88,8 +96,8 @@ def test_one_kv_head_full_width_equals_source(tmp_path, data_files, capsys):
 
 def test_dependent_rope_keys_full_width_equals_source(tmp_path, data_files):
     """Two key heads whose keys are multiples of one another: per RoPE frequency the mix of heads puts all the keys'
-    energy into the shared RoPE key, so decoupling loses nothing and the full width is exact, with query heads of both
-    groups reading it (each with its own weight)."""
+    energy into the shared RoPE key, so decoupling loses nothing and the full width is exact with a RoPE key of one
+    head, with query heads of both groups reading it (each with its own weight)."""
 
     def dependent_keys(model):
         for layer in model.model.layers:
@@ -97,7 +105,7 @@ def test_dependent_rope_keys_full_width_equals_source(tmp_path, data_files):
             k[1] = -0.5 * k[0]
 
     source = save_gqa(tmp_path / "src", edit=dependent_keys)
-    dst = convert_checkpoint(tmp_path / "src", tmp_path / "dst", **calibration(data_files))
+    dst = convert_checkpoint(tmp_path / "src", tmp_path / "dst", qk_rope_head_dim=16, **calibration(data_files))
     assert max_logit_error(source, converted(dst, use_sparse_attention=False)) < 1e-4
 
 
@@ -111,6 +119,81 @@ def test_less_rank_loses_more(tmp_path, data_files):
     assert 0 < errors[48] < errors[24] < errors[8], errors
     report = json.loads((tmp_path / "r24" / "mla_conversion.json").read_text())
     assert report["kv_lora_rank"] == 24 and report["full_rank"] == 48 and report["source_model_type"] == "llama"
+
+
+def test_a_rope_key_of_every_key_head_is_exact_at_any_distance():
+    """With the shared RoPE key as wide as all G key heads (rope_heads = G), every mixed key direction keeps its
+    rotation at its own frequency (pair p = i * G + j at frequency i): the decoupled scores equal the source's RoPE
+    scores at every distance, whatever the calibration's distances were, and nothing is position-free."""
+    geometry = GqaGeometry(heads=4, kv_heads=2, head_dim=8, rope_heads=2)
+    torch.manual_seed(0)
+    w_q, w_k, x_moment = torch.randn(32, 12), torch.randn(16, 12), torch.eye(12)
+    inv_freq = 1.0 / 10.0 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    stats = LayerStats(x_moment, 1.0, torch.rand(4, 16))  # distances 0..15 only
+    q_rope, k_rope, q_nope, k_nope = decouple_rope(w_q, w_k, stats, geometry, inv_freq)
+    assert q_rope.shape == (4, 16, 12) and k_rope.shape == (16, 12) and q_nope.shape[1] == k_nope.shape[0] == 0
+    x_t, x_s = torch.randn(12, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+
+    def rotate(v, position, frequencies):  # half-split RoPE
+        angle, half = position * frequencies, len(v) // 2
+        a, b = v[:half], v[half:]
+        return torch.cat([a * angle.cos() - b * angle.sin(), b * angle.cos() + a * angle.sin()])
+
+    wide = rope_frequencies(inv_freq, 2)
+    assert torch.equal(wide, inv_freq.repeat_interleave(2))
+    for t, s in ((10, 7), (5000, 3), (70_000, 69_000)):
+        for head in range(4):
+            q = w_q.double().view(4, 8, 12)[head] @ x_t
+            k = w_k.double().view(2, 8, 12)[head // 2] @ x_s
+            expected = rotate(q, t, inv_freq) @ rotate(k, s, inv_freq)
+            actual = rotate(q_rope[head] @ x_t, t, wide) @ rotate(k_rope @ x_s, s, wide)
+            torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_full_rope_key_converts_exactly_far_past_the_calibration(tmp_path, data_files, capsys):
+    """`qk_rope_head_dim = kv_heads x head_dim` at the full latent width (the values alone: the same cache as SRC):
+    the conversion is exact at positions far past the calibration windows (64 tokens; measured at 250), through
+    transformers' DeepseekV3 (--verify), ours (dense and DSA, every key selected), greedy generation, and the
+    exports transformers' DeepseekV32 and GlmMoeDsa load, whose RoPE (transformers' "longrope" with one factor per
+    pair) they read the same way, with a warning that vLLM and SGLang would not. It is the default without
+    --kv-lora-rank (the exports here)."""
+    source = save_gqa(tmp_path / "src")
+    dst = convert_checkpoint(tmp_path / "src", tmp_path / "dst", qk_rope_head_dim=32, index_topk=256, verify=True,
+                             **calibration(data_files))  # fmt: skip
+    assert "exact: every key/value head keeps its RoPE" in capsys.readouterr().out
+    model = converted(dst)
+    config = model.config
+    assert (config.qk_rope_head_dim, config.qk_nope_head_dim, config.kv_lora_rank) == (32, 0, 32)
+    assert config.rope_parameters["rope_type"] == "longrope"
+    ids = torch.randint(0, 256, (2, 250), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = source(ids).logits
+        assert (model(ids).logits - expected).abs().max() < 1e-4
+        assert (model(ids, use_sparse_attention=False).logits - expected).abs().max() < 1e-4
+        prompt = ids[:1, :200]
+        assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False),
+                           source.generate(prompt, max_new_tokens=8, do_sample=False))  # fmt: skip
+    for export, peer_class in (("deepseek_v32", DeepseekV32ForCausalLM), ("glm_moe_dsa", GlmMoeDsaForCausalLM)):
+        with pytest.warns(UserWarning, match="vLLM's and SGLang's DeepSeek attention read any rope_scaling as YaRN"):
+            exported = convert_checkpoint(tmp_path / "src", tmp_path / export, index_topk=256, export=export,
+                                          **calibration(data_files))  # fmt: skip
+        native = peer_class.from_pretrained(exported, dtype=torch.float32).eval()
+        with torch.no_grad():
+            assert (native(ids).logits - expected).abs().max() < 1e-4, export
+
+
+def test_each_rope_head_kept_loses_less(tmp_path, data_files):
+    """Three independent key heads at the full latent width: keeping 1, 2, then all 3 mixed key directions rotated
+    (qk_rope_head_dim 16, 32, 48) loses less each time, and nothing with all 3."""
+    source = save_gqa(tmp_path / "src", hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
+    errors = {}
+    for rope in (16, 32, 48):
+        dst = convert_checkpoint(tmp_path / "src", tmp_path / f"rope{rope}", qk_rope_head_dim=rope, index_topk=256,
+                                 **calibration(data_files))  # fmt: skip
+        model = converted(dst)
+        assert model.config.kv_lora_rank == 96 - rope  # the full width: (2 x 3) x 16 less the RoPE key
+        errors[rope] = max_logit_error(source, model)
+    assert errors[48] < 1e-4 < errors[32] < errors[16], errors
 
 
 def test_expected_rotation_is_exact_for_one_distance():
@@ -208,10 +291,19 @@ def test_option_errors(tmp_path, data_files):
         convert_checkpoint(tmp_path / "src", tmp_path / "dst", progress=False)
     with pytest.raises(ConversionError, match=r"--kv-lora-rank must be in 1\.\.48"):
         convert_checkpoint(tmp_path / "src", tmp_path / "dst", kv_lora_rank=49, **calibration(data_files))
+    for rope in (24, 48):  # not a multiple of head_dim 16; wider than the 2 key/value heads
+        with pytest.raises(ConversionError, match=rf"--qk-rope-head-dim must be a multiple of SRC's head_dim 16 up to "
+                                                  rf"its 2 key/value heads' 32, got {rope}"):  # fmt: skip
+            convert_checkpoint(tmp_path / "src", tmp_path / "dst", qk_rope_head_dim=rope, **calibration(data_files))
+    with pytest.raises(ConversionError, match=r"--kv-lora-rank must be in 1\.\.32"):  # values only, with rope 32
+        convert_checkpoint(tmp_path / "src", tmp_path / "dst", qk_rope_head_dim=32, kv_lora_rank=48,
+                           **calibration(data_files))  # fmt: skip
     mla = tmp_path / "mla"
     convert_checkpoint(tmp_path / "src", mla, **calibration(data_files))
     with pytest.raises(ConversionError, match="--kv-lora-rank applies to GQA sources"):
         convert_checkpoint(mla, tmp_path / "again", kv_lora_rank=8, progress=False)
+    with pytest.raises(ConversionError, match="--qk-rope-head-dim applies to GQA sources"):
+        convert_checkpoint(mla, tmp_path / "again", qk_rope_head_dim=16, progress=False)
     with pytest.raises(ConversionError, match="--from-gqa: model_type 'mla_dsa' is not one of llama"):
         convert_checkpoint(mla, tmp_path / "again", from_gqa=True, progress=False)
 
@@ -388,3 +480,26 @@ def test_resume_after_the_gqa_stage_reuses_it(tmp_path, data_files, monkeypatch)
     dst = convert_checkpoint(tmp_path / "src", tmp_path / "dst", resume=True, **calibration(data_files))
     for path in clean.iterdir():
         assert path.read_bytes() == (dst / path.name).read_bytes(), path.name
+
+
+def test_resume_never_reuses_a_stage_with_another_rope_key(tmp_path, data_files, monkeypatch):
+    """The default stage (rank 32 = the values, RoPE key 32) and `--kv-lora-rank 32` (RoPE key of one head, 16) have
+    the same rank: --resume after the first failed must rebuild the stage for the second, not reuse it."""
+    import mla_dsa.conversion.convert as convert
+
+    save_gqa(tmp_path / "src")
+    real_write = convert.write_shards
+
+    def failing_write(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "dst"))
+
+    monkeypatch.setattr(convert, "write_shards", failing_write)
+    with pytest.raises(ConversionError, match="--resume"):
+        convert_checkpoint(tmp_path / "src", tmp_path / "dst", **calibration(data_files))
+    stage_config = json.loads((tmp_path / ".dst.mla-dsa-gqa" / "config.json").read_text())
+    assert (stage_config["kv_lora_rank"], stage_config["qk_rope_head_dim"]) == (32, 32)
+    monkeypatch.setattr(convert, "write_shards", real_write)
+    dst = convert_checkpoint(tmp_path / "src", tmp_path / "dst", kv_lora_rank=32, resume=True,
+                             **calibration(data_files))  # fmt: skip
+    config = json.loads((dst / "config.json").read_text())
+    assert (config["kv_lora_rank"], config["qk_rope_head_dim"], config["qk_nope_head_dim"]) == (32, 16, 16)
