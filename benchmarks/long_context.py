@@ -40,8 +40,10 @@ SKIP = 8  # the copy's first tokens, not scored: they tell the model which span 
 # The source caches 2 x 3 KV heads x 64 = 384 numbers per token and layer; R = 320 (+ 64 RoPE) is that width, R = 128
 # half of it: both with a RoPE key of one head (64), the only choice of earlier releases. "exact" is what `mla-dsa
 # convert` writes by default now: a RoPE key of all 3 heads (192), the latent holding the values alone (192), 384.
+# A fourth number is the calibration window (the indexer's fit; default 512 tokens, 4,096 tokens in all).
 MODELS = {
     "exact": (192, (4, 192), 192),
+    "exact, indexer fit at 2K": (192, (4, 192), 192, 2048),
     "full": (320, None, 64),
     "50%": (128, None, 64),
     "full, 4x64 indexer": (320, (4, 64), 64),
@@ -55,19 +57,23 @@ LOGIT_CHUNK = 1024  # positions per LM-head chunk (SmolLM2's vocabulary is 49,15
 DECODE_STEPS = 8
 
 
-def convert_command(source: Path, dst: Path, rank: int, indexer: tuple[int, int] | None, rope: int) -> list[str]:
+def convert_command(source: Path, dst: Path, rank: int, indexer: tuple[int, int] | None, rope: int,
+                    window: int = 512) -> list[str]:  # fmt: skip
     """The conversion each model row names (as gqa_smollm2.py converts): calibrated on train-split files."""
     shape = ["--index-n-heads", str(indexer[0]), "--index-head-dim", str(indexer[1])] if indexer else []
     shape += ["--qk-rope-head-dim", str(rope)] if rope != 64 else []
+    shape += ["--calibration-seq-len", str(window)] if window != 512 else []
+    tokens = str(max(4096, 4 * window))
     return ["convert", str(source), str(dst), "--kv-lora-rank", str(rank), *shape, "--indexer-init", "calibrate",
-            "--calibration-data", *calibration_files(), "--calibration-tokens", "4096", "--calibration-steps", "40",
+            "--calibration-data", *calibration_files(), "--calibration-tokens", tokens, "--calibration-steps", "40",
             "--index-topk", "64", "--overwrite", "--no-progress"]  # fmt: skip
 
 
 def model_dir(out: Path, name: str) -> Path:
-    rank, indexer, rope = MODELS[name]
+    rank, indexer, rope, *window = MODELS[name]
     return out / (f"mla-{rank}" + (f"-rope-{rope}" if rope != 64 else "")
-                  + (f"-indexer-{indexer[0]}x{indexer[1]}" if indexer else ""))  # fmt: skip
+                  + (f"-indexer-{indexer[0]}x{indexer[1]}" if indexer else "")
+                  + (f"-cal{window[0]}" if window else ""))  # fmt: skip
 
 
 def windows_of(tokenizer, length: int, count: int) -> torch.Tensor:
@@ -181,8 +187,8 @@ def run(args) -> dict:
 
     converted = {}
     for name in args.models:
-        dst, (rank, indexer, rope) = model_dir(out, name), MODELS[name]
-        command = convert_command(source_dir, dst, rank, indexer, rope)
+        dst, (rank, indexer, rope, *window) = model_dir(out, name), MODELS[name]
+        command = convert_command(source_dir, dst, rank, indexer, rope, *window)
         entry = results["models"].setdefault(name, {"rank": rank})
         if not (dst / "config.json").is_file():
             start = time.perf_counter()

@@ -130,16 +130,17 @@ def _add_convert(commands) -> None:
         type=_positive_int,
         default=None,
         metavar="R",
-        help="latent width; the cache holds R + the RoPE key's dims per token per layer (default: the GQA "
-        "key/value width less the RoPE key, (2 x kv_heads - rope heads) x head_dim, the same cache as SRC)",
+        help="latent width; the cache holds R + the RoPE key's dims per token per layer (default: the values' "
+        "width, kv_heads x head_dim, beside a RoPE key of every key head: the same cache as SRC, exact)",
     )
     gqa.add_argument(
         "--qk-rope-head-dim",
         type=_positive_int,
         default=None,
         metavar="D",
-        help="the shared RoPE key: head_dim (the default) keeps each frequency's strongest key direction rotated, "
-        "a multiple of head_dim keeps that many (up to kv_heads x head_dim: every key exactly, RoPE at any length)",
+        help="the shared RoPE key, a multiple of head_dim: kv_heads x head_dim (the default without --kv-lora-rank) "
+        "keeps every key head's rotation, exact at any length with the latent holding the values; head_dim (the "
+        "default with --kv-lora-rank) keeps each frequency's strongest key direction, the rest position-free",
     )
     indexer = parser.add_argument_group("the grafted indexer")
     _add_indexer_arguments(indexer)
