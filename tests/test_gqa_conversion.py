@@ -459,13 +459,10 @@ class Box:
 
 
 @pytest.mark.slow
-def test_resume_after_the_gqa_stage_reuses_it(tmp_path, data_files, monkeypatch):
-    """A failure in the DSA step keeps the finished MLA stage: --resume goes on from it without rerunning SRC."""
+def _fail_after_the_gqa_stage(tmp_path, data_files, monkeypatch) -> None:
+    """Converts src into dst with the DSA step's write failing (disk full): the finished GQA stage stays."""
     import mla_dsa.conversion.convert as convert
-    import mla_dsa.conversion.gqa as gqa
 
-    save_gqa(tmp_path / "src")
-    clean = convert_checkpoint(tmp_path / "src", tmp_path / "clean", **calibration(data_files))
     real_write = convert.write_shards
 
     def failing_write(*args, **kwargs):
@@ -474,8 +471,17 @@ def test_resume_after_the_gqa_stage_reuses_it(tmp_path, data_files, monkeypatch)
     monkeypatch.setattr(convert, "write_shards", failing_write)
     with pytest.raises(ConversionError, match="--resume"):
         convert_checkpoint(tmp_path / "src", tmp_path / "dst", **calibration(data_files))
-    assert (tmp_path / ".dst.mla-dsa-gqa" / "config.json").is_file()
     monkeypatch.setattr(convert, "write_shards", real_write)
+
+
+def test_resume_after_the_gqa_stage_reuses_it(tmp_path, data_files, monkeypatch):
+    """A failure in the DSA step keeps the finished MLA stage: --resume goes on from it without rerunning SRC."""
+    import mla_dsa.conversion.gqa as gqa
+
+    save_gqa(tmp_path / "src")
+    clean = convert_checkpoint(tmp_path / "src", tmp_path / "clean", **calibration(data_files))
+    _fail_after_the_gqa_stage(tmp_path, data_files, monkeypatch)
+    assert (tmp_path / ".dst.mla-dsa-gqa" / "config.json").is_file()
     monkeypatch.setattr(gqa, "gqa_layer_stats", lambda *a: pytest.fail("the finished stage was recomputed"))
     dst = convert_checkpoint(tmp_path / "src", tmp_path / "dst", resume=True, **calibration(data_files))
     for path in clean.iterdir():
@@ -485,20 +491,10 @@ def test_resume_after_the_gqa_stage_reuses_it(tmp_path, data_files, monkeypatch)
 def test_resume_never_reuses_a_stage_with_another_rope_key(tmp_path, data_files, monkeypatch):
     """The default stage (rank 32 = the values, RoPE key 32) and `--kv-lora-rank 32` (RoPE key of one head, 16) have
     the same rank: --resume after the first failed must rebuild the stage for the second, not reuse it."""
-    import mla_dsa.conversion.convert as convert
-
     save_gqa(tmp_path / "src")
-    real_write = convert.write_shards
-
-    def failing_write(*args, **kwargs):
-        raise OSError(28, "No space left on device", str(tmp_path / "dst"))
-
-    monkeypatch.setattr(convert, "write_shards", failing_write)
-    with pytest.raises(ConversionError, match="--resume"):
-        convert_checkpoint(tmp_path / "src", tmp_path / "dst", **calibration(data_files))
+    _fail_after_the_gqa_stage(tmp_path, data_files, monkeypatch)
     stage_config = json.loads((tmp_path / ".dst.mla-dsa-gqa" / "config.json").read_text())
     assert (stage_config["kv_lora_rank"], stage_config["qk_rope_head_dim"]) == (32, 32)
-    monkeypatch.setattr(convert, "write_shards", real_write)
     dst = convert_checkpoint(tmp_path / "src", tmp_path / "dst", kv_lora_rank=32, resume=True,
                              **calibration(data_files))  # fmt: skip
     config = json.loads((dst / "config.json").read_text())
