@@ -44,9 +44,10 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **options
     src_config = read_json(Path(src) / "config.json") if Path(src, "config.json").is_file() else {}
     if opts.from_gqa or (opts.from_gqa is None and is_gqa_source(src_config)):
         return _convert_gqa(Path(src), Path(dst), opts)
-    if opts.from_gqa is not None or opts.kv_lora_rank is not None or opts.qk_rope_head_dim is not None:
-        what = ("--kv-lora-rank" if opts.kv_lora_rank is not None
-                else "--qk-rope-head-dim" if opts.qk_rope_head_dim is not None else "--from-gqa")  # fmt: skip
+    gqa_flags = {"--kv-lora-rank": opts.kv_lora_rank, "--qk-rope-head-dim": opts.qk_rope_head_dim,
+                 "--from-gqa": opts.from_gqa}  # fmt: skip
+    what = next((flag for flag, value in gqa_flags.items() if value is not None), None)
+    if what is not None:
         raise ConversionError(src, f"{what} applies to GQA sources ({', '.join(GQA_MODEL_TYPES)}); SRC's model_type "
                                    f"is {src_config.get('model_type')!r}")  # fmt: skip
     if opts.dtype not in DTYPES:

@@ -143,8 +143,8 @@ def mla_config_fields(config: dict, rank: int, rope_dim: int | None = None) -> d
     }
 
 
-def full_rank(config: dict, rope_dim: int | None = None) -> int:
-    return geometry_of(config, rope_dim).full_rank
+def full_rank(config: dict) -> int:
+    return geometry_of(config).full_rank
 
 
 def default_rope_dim(config: dict, kv_lora_rank: int | None) -> int:
