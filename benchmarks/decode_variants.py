@@ -20,7 +20,7 @@ from transformers import StaticCache
 
 import mla_dsa
 from mla_dsa.bench import build_model, random_cache_contents, topk_for
-from mla_dsa.modeling.fp8_mla_dsa import pack_fp8_rows, pack_latent_rows
+from mla_dsa.modeling.cache_mla_dsa import pack_fp8_rows, pack_latent_rows
 
 
 def filled_cache(model, contents, static_len: int | None = None):

@@ -15,25 +15,25 @@ import torch
 
 import mla_dsa
 from mla_dsa.data import fixed_windows, read_corpus, stdlib_files
-from mla_dsa.modeling import indexer_mla_dsa
+from mla_dsa.modeling import modeling_mla_dsa
 
 
 def selections(checkpoint: str, windows: torch.Tensor, **overrides) -> list[tuple[torch.Tensor, torch.Tensor]]:
     model = mla_dsa.MlaDsaForCausalLM.from_pretrained(checkpoint, **overrides).eval()
-    recorded, original = [], indexer_mla_dsa.select_topk
+    recorded, original = [], modeling_mla_dsa.select_topk
 
     def recording(scores, valid, k):
         indices, selected_valid = original(scores, valid, k)
         recorded.append((indices, selected_valid))
         return indices, selected_valid
 
-    indexer_mla_dsa.select_topk = recording
+    modeling_mla_dsa.select_topk = recording
     try:
         with torch.no_grad():
             for batch in windows.split(4):
                 model(batch, use_cache=True)
     finally:
-        indexer_mla_dsa.select_topk = original
+        modeling_mla_dsa.select_topk = original
     return recorded
 
 

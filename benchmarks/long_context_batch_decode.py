@@ -19,7 +19,7 @@ from long_context import model_dir, windows_of
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from mla_dsa import MlaDsaCache, MlaDsaForCausalLM
-from mla_dsa.modeling.compat_mla_dsa import CACHE_NAME, loading_kwargs
+from mla_dsa.modeling.modeling_mla_dsa import CACHE_NAME, loading_kwargs
 from mla_dsa.smollm2 import smollm2_checkpoint
 
 STEPS = 8

@@ -22,11 +22,14 @@ from tqdm.auto import tqdm
 
 from ..indexer_loss import IndexScorer, kl_to_target
 from ..modeling.configuration_mla_dsa import MlaDsaConfig
-from ..modeling.masks_mla_dsa import VisibleKeys
-from ..modeling.moe_mla_dsa import FUSED_EXPERTS, MlaDsaExperts
-from ..modeling.pretrained_mla_dsa import MlaDsaDecoderLayer
-from ..modeling.rope_mla_dsa import MlaDsaRotaryEmbedding
-from ..modeling.settings_mla_dsa import DsaSettings
+from ..modeling.modeling_mla_dsa import (
+    FUSED_EXPERTS,
+    DsaSettings,
+    MlaDsaDecoderLayer,
+    MlaDsaExperts,
+    MlaDsaRotaryEmbedding,
+    VisibleKeys,
+)
 from .indexer_init import init_indexer
 from .source import ConversionError, SourceCheckpoint
 

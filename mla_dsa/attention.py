@@ -20,9 +20,8 @@ import threading
 import torch
 from transformers import AttentionInterface
 
-from .modeling.attention_mla_dsa import ABSORBED_ATTENTION, absorbed_attention_forward
-from .modeling.fp8_mla_dsa import unpack_latent_rows
-from .modeling.masks_mla_dsa import gather_rows, masked_softmax
+from .modeling.cache_mla_dsa import unpack_latent_rows
+from .modeling.modeling_mla_dsa import ABSORBED_ATTENTION, absorbed_attention_forward, gather_rows, masked_softmax
 
 # The gather buffer of this thread's last prefill, reused while its shape, dtype and device fit (one entry: every
 # layer and query chunk of a prefill asks for the same one).

@@ -334,7 +334,7 @@ def load_models(directory: Path, device: torch.device, dtype: torch.dtype) -> tu
 
     import mla_dsa
 
-    from .modeling.compat_mla_dsa import loading_kwargs
+    from .modeling.modeling_mla_dsa import loading_kwargs
 
     theirs = DeepseekV32ForCausalLM.from_pretrained(directory, **loading_kwargs({"dtype": dtype})).to(device).eval()
     ours = mla_dsa.MlaDsaForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
@@ -377,7 +377,7 @@ def caches_expanded_kv(model) -> bool:
     as 5.25 does): probed with one token."""
     from transformers import DynamicCache
 
-    from .modeling.compat_mla_dsa import CACHE_NAME
+    from .modeling.modeling_mla_dsa import CACHE_NAME
 
     cache = DynamicCache(config=model.config)
     device = next(model.parameters()).device
@@ -426,7 +426,7 @@ def time_decode(
     untimed ones, and the first step's logits [batch, vocab] in float32. `forward`: what to call instead of `model`
     (a compiled `model.forward`: its warm-up steps compile and record CUDA graphs, and each step is marked as a new
     one for them). `settings`: forward arguments (ours: index_topk, use_sparse_attention)."""
-    from .modeling.compat_mla_dsa import CACHE_NAME  # transformers' models take the cache under this name only
+    from .modeling.modeling_mla_dsa import CACHE_NAME  # transformers' models take the cache under this name only
 
     device = next(model.parameters()).device
     compiled = forward is not None

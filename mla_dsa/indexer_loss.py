@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .modeling.indexer_mla_dsa import index_scores, query_block, select_topk
-from .modeling.masks_mla_dsa import VisibleKeys, gather_rows, masked_softmax
+from .modeling.modeling_mla_dsa import VisibleKeys, gather_rows, index_scores, masked_softmax, query_block, select_topk
 
 STAGES = ("dense", "sparse")
 # Largest block of gathered rows [B, queries, k, C] (latent rows for the sparse-stage target, index keys for its

@@ -1,8 +1,8 @@
 """Configuration of an MLA model with DeepSeek Sparse Attention (DSA).
 
 Field names and meanings follow transformers' DeepseekV2/V3/V32 configs, so a `config.json` written for any of them
-reads into `MlaDsaConfig` unchanged (see `MlaDsaConfig.from_dict`). This file is part of the trust_remote_code
-payload: it imports only torch, transformers and its siblings.
+(or for GLM-5, or a DeepSeek-format checkpoint of another name such as Kimi-K2's) reads into `MlaDsaConfig` unchanged
+(`config_from_deepseek`). Part of the trust_remote_code payload: it imports only transformers.
 """
 
 from typing import Any
@@ -11,15 +11,20 @@ from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import logging
 
-from .cache_mla_dsa import LAYER_TYPE
-from .compat_mla_dsa import CACHE_NAMES
-from .deepseek_format_mla_dsa import MODEL_TYPE, PAYLOAD_VERSION_KEY, config_from_deepseek
+logger = logging.get_logger(__name__)
+
+MODEL_TYPE = "mla_dsa"
+PAYLOAD_VERSION_KEY = "mla_dsa_payload_version"
+LAYER_TYPE = "mla_dsa_latent"  # the entry of `config.layer_types` that `DynamicCache(config)` builds our layer for
+# Every name a cache goes by in some supported transformers release (5.24 renamed `past_key_values` to `cache`):
+# Trainer drops these outputs at evaluation, device placement leaves them alone.
+CACHE_NAMES = ["cache", "past_key_values"]
 
 logger = logging.get_logger(__name__)
 
 # The release of this payload; config.json records it (`PAYLOAD_VERSION_KEY`) so a checkpoint says which code wrote
 # it. A checkpoint without it was written by 0.1.0. `mla-dsa upgrade-code DIR` refreshes an older checkpoint's code.
-PAYLOAD_VERSION = "0.6.0"
+PAYLOAD_VERSION = "0.7.0"
 FIRST_PAYLOAD_VERSION = "0.1.0"
 
 ATTENTION_MODES = ("auto", "mha", "absorbed")
@@ -441,6 +446,115 @@ def _require_choice(name: str, value: Any, choices: tuple) -> None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Reading config.json files written for transformers' DeepseekV2/V3/V32 and GlmMoeDsa (and DeepSeek-format
+# checkpoints of other names, such as Kimi-K2's) as MlaDsaConfig fields.
+DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa")
+# What makes a config Multi-head Latent Attention: a compressed KV latent and a query/key split into a position-free
+# part and a decoupled RoPE part. Checkpoints of other names in DeepSeek's format (Kimi-K2's "kimi_k2", ...) are read
+# as the DeepSeek family their `architectures` names, or, without one, the one their fields describe.
+MLA_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+DEEPSEEK_ARCHITECTURES = {
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+    "DeepseekV32ForCausalLM": "deepseek_v32",
+    "GlmMoeDsaForCausalLM": "glm_moe_dsa",
+}
+
+
+def deepseek_family(config_dict: dict[str, Any]) -> str:
+    """Which of DEEPSEEK_MODEL_TYPES (or "mla_dsa") a config dict is read as; ValueError if it is not MLA."""
+    model_type = config_dict.get("model_type", MODEL_TYPE)
+    if model_type == MODEL_TYPE or model_type in DEEPSEEK_MODEL_TYPES:
+        return model_type
+    missing = [name for name in MLA_FIELDS if not isinstance(config_dict.get(name), int)]
+    if missing:
+        raise ValueError(
+            f"model_type {model_type!r} is not a Multi-head Latent Attention model: an MLA config has "
+            f"{', '.join(MLA_FIELDS)} (this one lacks {', '.join(missing)})"
+        )
+    for architecture in config_dict.get("architectures") or ():
+        if architecture in DEEPSEEK_ARCHITECTURES:
+            return DEEPSEEK_ARCHITECTURES[architecture]
+    if config_dict.get("index_n_heads") is not None:
+        return "deepseek_v32"
+    return "deepseek_v2" if config_dict.get("scoring_func") == "softmax" else "deepseek_v3"
+
+
+def config_from_deepseek(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """Maps a DeepSeek-format config dict onto MlaDsaConfig's fields (a copy; our own configs pass through)."""
+    config = dict(config_dict)
+    source_type = deepseek_family(config)
+    config.pop("model_type", None)
+    if source_type == MODEL_TYPE:
+        return config
+    for name in (
+        "architectures",
+        "auto_map",
+        "quantization_config",
+        "head_dim",
+        "qk_head_dim",
+        "layer_types",
+        "ep_size",  # how DeepSeek's own inference code splits experts over processes, not the model
+        PAYLOAD_VERSION_KEY,
+    ):
+        config.pop(name, None)
+    if source_type == "glm_moe_dsa":
+        config.setdefault("indexer_rope_interleave", True)  # GLM's indexer rotates adjacent pairs (its peer code)
+        config.setdefault("n_group", 1)
+        config.setdefault("topk_group", 1)
+        config.setdefault("rms_norm_eps", 1e-5)
+        config["indexer_types"] = glm_indexer_types(config)
+    if source_type == "deepseek_v2":
+        # V2 rotates rope pairs as complex numbers: the same math as V3's interleaved layout.
+        config.setdefault("rope_interleave", True)
+        config.setdefault("scoring_func", "softmax")
+        config.setdefault("topk_method", "greedy")
+        config.setdefault("norm_topk_prob", False)
+        config.setdefault("first_k_dense_replace", 0)
+        config.setdefault("routed_scaling_factor", 1.0)
+    else:
+        config.setdefault("scoring_func", "sigmoid")
+        config.setdefault("topk_method", "noaux_tc")
+    _drop_mlp_layer_types(config)
+    for name in ("n_group", "topk_group"):
+        if config.get(name) is None:
+            config[name] = 1
+    # V3 configs count MTP layers; the model never builds them, conversion drops their tensors.
+    config.setdefault("num_nextn_predict_layers", 0)
+    return config
+
+
+def glm_indexer_types(config: dict[str, Any]) -> list[str] | None:
+    """GLM-5's per-layer indexer types, from `indexer_types` or, as transformers' GlmMoeDsaConfig derives them, from
+    an "FSS..." `index_topk_pattern` or one full layer in `index_topk_freq` from `index_skip_topk_offset` on (those
+    fields are popped); None when every layer is full."""
+    pattern = config.pop("index_topk_pattern", None)
+    freq, offset = config.pop("index_topk_freq", 1), config.pop("index_skip_topk_offset", 2)
+    types = config.get("indexer_types")
+    if types is None and pattern is not None:
+        types = [{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(pattern, str) else list(pattern)
+    if types is None:
+        freq, layers = max(freq or 1, 1), range(config.get("num_hidden_layers", 61))
+        types = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in layers]
+    return None if all(kind == "full" for kind in types) else list(types)
+
+
+def _drop_mlp_layer_types(config: dict[str, Any]) -> None:
+    """DeepseekV32's `mlp_layer_types` (written by its config, and by our export) spells out DeepSeek's rule, MoE from
+    `first_k_dense_replace` on, every `moe_layer_freq`-th layer; a list that breaks the rule has no MlaDsaConfig."""
+    types = config.pop("mlp_layer_types", None)
+    if types is None:
+        return
+    first, freq = config.get("first_k_dense_replace", 3), config.get("moe_layer_freq", 1)
+    experts = config.get("n_routed_experts", 256)
+    rule = ["sparse" if experts and i >= first and i % freq == 0 else "dense" for i in range(len(types))]
+    if list(types) != rule:
+        raise ValueError(
+            f"mlp_layer_types {types} does not follow first_k_dense_replace={first}, moe_layer_freq={freq}: "
+            "MLA+DSA models place MoE layers by those two fields"
+        )
 
 
 __all__ = ["MlaDsaConfig"]

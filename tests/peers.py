@@ -18,7 +18,7 @@ from transformers import (
     DeepseekV32ForCausalLM,
 )
 
-from mla_dsa.modeling.compat_mla_dsa import CACHE_NAME
+from mla_dsa.modeling.modeling_mla_dsa import CACHE_NAME
 
 VOCAB = 97
 

@@ -9,7 +9,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from mla_dsa import MlaDsaConfig, MlaDsaForCausalLM
 from mla_dsa.attention import cpu_absorbed_attention
-from mla_dsa.modeling.attention_mla_dsa import ABSORBED_ATTENTION, absorbed_attention_forward
+from mla_dsa.modeling.modeling_mla_dsa import ABSORBED_ATTENTION, absorbed_attention_forward
 
 from peers import VOCAB
 

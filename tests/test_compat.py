@@ -15,8 +15,8 @@ from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 import mla_dsa
-from mla_dsa.modeling import compat_mla_dsa
-from mla_dsa.modeling.compat_mla_dsa import CACHE_NAME, DEPRECATED_CACHE_NAME, loading_kwargs
+from mla_dsa.modeling import modeling_mla_dsa
+from mla_dsa.modeling.modeling_mla_dsa import CACHE_NAME, DEPRECATED_CACHE_NAME, loading_kwargs
 
 from peers import left_padded_batch, save_peer, save_peers
 
@@ -261,7 +261,7 @@ def test_loads_without_the_kernels_package_or_the_variable(saved, models, prompt
     """transformers 5.25 kernelizes by default and, without the `kernels` package, refuses to load any model;
     ours load as on older releases."""
     monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
-    monkeypatch.setattr(compat_mla_dsa, "kernels_installed", lambda: False)
+    monkeypatch.setattr(modeling_mla_dsa, "kernels_installed", lambda: False)
     model = mla_dsa.MlaDsaForCausalLM.from_pretrained(saved["deepseek_v32"][1]).eval()
     assert not getattr(model, "use_kernels", False)
     input_ids = prompt[0][:, -4:]

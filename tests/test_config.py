@@ -10,9 +10,8 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Atten
 
 import mla_dsa
 from mla_dsa import MlaDsaConfig
-from mla_dsa.modeling.attention_mla_dsa import MlaDsaAttention
 from mla_dsa.modeling.configuration_mla_dsa import AUTO_MAP
-from mla_dsa.modeling.rope_mla_dsa import MlaDsaRotaryEmbedding, yarn_softmax_scale
+from mla_dsa.modeling.modeling_mla_dsa import MlaDsaAttention, MlaDsaRotaryEmbedding, yarn_softmax_scale
 
 from peers import PEER_CLASSES
 

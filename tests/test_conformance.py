@@ -7,7 +7,7 @@ import torch
 import transformers
 
 import mla_dsa
-from mla_dsa.modeling.compat_mla_dsa import CACHE_NAME
+from mla_dsa.modeling.modeling_mla_dsa import CACHE_NAME
 
 from peers import save_peer
 

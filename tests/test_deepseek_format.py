@@ -1,4 +1,4 @@
-"""Reading MLA checkpoints written for other names and families (modeling/deepseek_format_mla_dsa.py): DeepSeek's
+"""Reading MLA checkpoints written for other names and families (modeling/configuration_mla_dsa.py): DeepSeek's
 own configs with every layer dense, Kimi-K2's, configs that name no family, and what is refused (a config without
 MLA's fields, transformers' own MLA variants)."""
 
@@ -9,7 +9,7 @@ import torch
 
 import mla_dsa
 from mla_dsa.cli import main as cli
-from mla_dsa.modeling.deepseek_format_mla_dsa import deepseek_family
+from mla_dsa.modeling.configuration_mla_dsa import deepseek_family
 
 from peers import save_peer
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import mla_dsa
-from mla_dsa.modeling.fp8_mla_dsa import dequantize_fp8_blocks, hadamard_rotate, quantize_fp8_blocks, unpack_fp8_rows
-from mla_dsa.modeling.indexer_mla_dsa import index_scores
+from mla_dsa.modeling.cache_mla_dsa import dequantize_fp8_blocks, hadamard_rotate, quantize_fp8_blocks, unpack_fp8_rows
+from mla_dsa.modeling.modeling_mla_dsa import index_scores
 
 from peers import VOCAB, save_peer
 

@@ -9,7 +9,7 @@ import torch
 from mla_dsa import MlaDsaCache, MlaDsaConfig, MlaDsaForCausalLM
 from mla_dsa.data import fixed_windows, read_corpus, stdlib_files
 from mla_dsa.default_model import ASSET_DIR
-from mla_dsa.modeling.fp8_mla_dsa import pack_latent_rows, unpack_latent_rows
+from mla_dsa.modeling.cache_mla_dsa import pack_latent_rows, unpack_latent_rows
 
 from peers import VOCAB
 

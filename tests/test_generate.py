@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 import mla_dsa
-from mla_dsa.modeling.compat_mla_dsa import CACHE_NAME
+from mla_dsa.modeling.modeling_mla_dsa import CACHE_NAME
 
 from peers import left_padded_batch, save_peer, save_peers
 

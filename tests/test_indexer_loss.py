@@ -8,8 +8,8 @@ from torch.overrides import TorchFunctionMode
 
 import mla_dsa
 from mla_dsa.indexer_loss import IndexerLoss, IndexScorer, dense_stage_loss
-from mla_dsa.modeling import indexer_mla_dsa
-from mla_dsa.modeling.masks_mla_dsa import VisibleKeys
+from mla_dsa.modeling import modeling_mla_dsa
+from mla_dsa.modeling.modeling_mla_dsa import VisibleKeys
 from mla_dsa.training import prepare_indexer_training
 
 from peers import VOCAB
@@ -193,13 +193,13 @@ def test_recall_is_the_attention_mass_inside_topk(checkpoint):
 def _count_scoring(monkeypatch) -> list[int]:
     """Records the number of queries of every index-scoring call (the [T, queries, heads] products)."""
     calls = []
-    original = indexer_mla_dsa.index_scores
+    original = modeling_mla_dsa.index_scores
 
     def counting(queries, *args):
         calls.append(queries.shape[1])
         return original(queries, *args)
 
-    monkeypatch.setattr(indexer_mla_dsa, "index_scores", counting)
+    monkeypatch.setattr(modeling_mla_dsa, "index_scores", counting)
     return calls
 
 

@@ -12,9 +12,8 @@ import torch
 from transformers import DeepseekV3ForCausalLM, DynamicCache
 
 import mla_dsa
-from mla_dsa.modeling import indexer_mla_dsa
-from mla_dsa.modeling.indexer_mla_dsa import select_topk
-from mla_dsa.modeling.masks_mla_dsa import VisibleKeys
+from mla_dsa.modeling import modeling_mla_dsa
+from mla_dsa.modeling.modeling_mla_dsa import VisibleKeys, select_topk
 
 from peers import VOCAB, build_peer, left_padded_batch, peer_cache_kwarg, positions_from_mask, save_peer, v3_config
 
@@ -251,14 +250,14 @@ def test_model_never_selects_padding(checkpoints, batch, monkeypatch, mode):
     input_ids, attention_mask = batch
     ours = checkpoints.ours("v32_dsa", attention_mode=mode)
     calls = []
-    original_forward = indexer_mla_dsa.MlaDsaIndexer.forward
+    original_forward = modeling_mla_dsa.MlaDsaIndexer.forward
 
     def recording_forward(self, hidden_states, *args, **kwargs):
         selection = original_forward(self, hidden_states, *args, **kwargs)
         calls.append((0, hidden_states.shape[1], selection.indices, selection.valid))
         return selection
 
-    monkeypatch.setattr(indexer_mla_dsa.MlaDsaIndexer, "forward", recording_forward)
+    monkeypatch.setattr(modeling_mla_dsa.MlaDsaIndexer, "forward", recording_forward)
     cache = mla_dsa.MlaDsaCache(ours.config)
     positions = positions_from_mask(attention_mask)
     mask, past_len, new_ids, new_positions = attention_mask, 0, input_ids, positions

@@ -127,10 +127,10 @@ def test_padding_layouts_match_unbatched_rows(model, layout, mode, seed):
 
 def test_padding_is_never_selected(model):
     """Every selected key a query may attend to is a real, non-future token."""
-    from mla_dsa.modeling import indexer_mla_dsa
+    from mla_dsa.modeling import modeling_mla_dsa
 
     recorded = []
-    original = indexer_mla_dsa.select_topk
+    original = modeling_mla_dsa.select_topk
 
     def recording(scores, valid, k):
         indices, selected_valid = original(scores, valid, k)
@@ -141,12 +141,12 @@ def test_padding_is_never_selected(model):
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :6] = 0
     attention_mask[2, :9] = 0
-    indexer_mla_dsa.select_topk = recording
+    modeling_mla_dsa.select_topk = recording
     try:
         with torch.no_grad():
             model(input_ids, attention_mask=attention_mask)
     finally:
-        indexer_mla_dsa.select_topk = original
+        modeling_mla_dsa.select_topk = original
     assert recorded
     for indices, selected_valid, valid in recorded:
         is_real = attention_mask.bool()[:, None, :].expand_as(valid).gather(-1, indices)

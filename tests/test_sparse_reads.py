@@ -13,7 +13,7 @@ import torch
 
 import mla_dsa
 from mla_dsa import MlaDsaCache
-from mla_dsa.modeling import indexer_mla_dsa
+from mla_dsa.modeling import modeling_mla_dsa
 
 from peers import VOCAB, save_peer
 
@@ -59,14 +59,14 @@ def _decode(model, input_ids: torch.Tensor, cache: MlaDsaCache) -> torch.Tensor:
 def _record_selections(monkeypatch) -> list[torch.Tensor]:
     """Every top-k the indexer makes, in call order (one per layer for a short step)."""
     selections = []
-    original = indexer_mla_dsa.select_topk
+    original = modeling_mla_dsa.select_topk
 
     def recording(scores, valid, k):
         indices, selected_valid = original(scores, valid, k)
         selections.append(indices.clone())
         return indices, selected_valid
 
-    monkeypatch.setattr(indexer_mla_dsa, "select_topk", recording)
+    monkeypatch.setattr(modeling_mla_dsa, "select_topk", recording)
     return selections
 
 
@@ -134,10 +134,10 @@ def _attention_shapes(monkeypatch, model, prompt: torch.Tensor, new_tokens: torc
     cache = _prefill(model, prompt)
     shapes = []
     from mla_dsa import attention as cpu_attention
-    from mla_dsa.modeling import attention_mla_dsa
+    from mla_dsa.modeling import modeling_mla_dsa
 
-    original_einsum, original_gather = torch.einsum, attention_mla_dsa.gather_rows
-    original_softmax = attention_mla_dsa.masked_softmax
+    original_einsum, original_gather = torch.einsum, modeling_mla_dsa.gather_rows
+    original_softmax = modeling_mla_dsa.masked_softmax
 
     def einsum(equation, *operands):
         out = original_einsum(equation, *operands)
@@ -154,7 +154,7 @@ def _attention_shapes(monkeypatch, model, prompt: torch.Tensor, new_tokens: torc
         return original_softmax(scores, valid)
 
     monkeypatch.setattr(torch, "einsum", einsum)
-    for module in (attention_mla_dsa, cpu_attention):
+    for module in (modeling_mla_dsa, cpu_attention):
         monkeypatch.setattr(module, "gather_rows", gather)
         monkeypatch.setattr(module, "masked_softmax", softmax)
     try:
@@ -220,14 +220,14 @@ def test_prefill_scores_only_the_causal_prefix_of_each_query_block(models, monke
     input_ids = torch.randint(3, VOCAB, (1, CONTEXT), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = model(input_ids).logits
-    scored, original = [], indexer_mla_dsa.index_scores
+    scored, original = [], modeling_mla_dsa.index_scores
 
     def recording(queries, weights, keys, softmax_scale):
         scored.append((queries.shape[1], keys.shape[1]))
         return original(queries, weights, keys, softmax_scale)
 
-    monkeypatch.setattr(indexer_mla_dsa, "index_scores", recording)
-    monkeypatch.setattr(indexer_mla_dsa, "query_block", lambda *shape: 4)
+    monkeypatch.setattr(modeling_mla_dsa, "index_scores", recording)
+    monkeypatch.setattr(modeling_mla_dsa, "query_block", lambda *shape: 4)
     with torch.no_grad():
         actual = model(input_ids).logits
     per_layer = [max(end, TOPK) for end in range(4, CONTEXT + 1, 4)]
@@ -251,18 +251,18 @@ def test_index_scores_are_made_a_tile_of_keys_at_a_time_equal_to_the_definition(
     scores them, are upcast a tile at a time instead of the whole cache per step (on CPU a fresh buffer of a long
     cache's size page-faults). Forced into tiles of 5 keys (and, for bf16, at most 5 keys per upcast): scores and
     gradients equal the definition, computed at once in float32."""
-    monkeypatch.setattr(indexer_mla_dsa, "_SCORE_TILE_ELEMENTS", 2 * queries_per_sequence * 4 * 5)
-    monkeypatch.setattr(indexer_mla_dsa, "_KEY_CHUNK", 5)  # bounds only the bf16 tiles
+    monkeypatch.setattr(modeling_mla_dsa, "_SCORE_TILE_ELEMENTS", 2 * queries_per_sequence * 4 * 5)
+    monkeypatch.setattr(modeling_mla_dsa, "_KEY_CHUNK", 5)  # bounds only the bf16 tiles
     tiles = []
-    original_tile = indexer_mla_dsa._score_tile
+    original_tile = modeling_mla_dsa._score_tile
     monkeypatch.setattr(
-        indexer_mla_dsa, "_score_tile", lambda q, w, k: tiles.append(k.shape[1]) or original_tile(q, w, k)
+        modeling_mla_dsa, "_score_tile", lambda q, w, k: tiles.append(k.shape[1]) or original_tile(q, w, k)
     )
     generator = torch.Generator().manual_seed(0)
     queries = torch.randn(2, queries_per_sequence, 4, 8, generator=generator, requires_grad=True)
     weights = torch.randn(2, queries_per_sequence, 4, generator=generator, requires_grad=True)
     keys = torch.randn(2, 23, 8, generator=generator).to(key_dtype).requires_grad_()
-    tiled = indexer_mla_dsa.index_scores(queries, weights, keys, 0.3)
+    tiled = modeling_mla_dsa.index_scores(queries, weights, keys, 0.3)
     assert tiles == [5, 5, 5, 5, 3]
     expected = _index_scores_by_definition(queries, weights, keys, 0.3)
     assert tiled.dtype == torch.float32 and tiled.shape == (2, queries_per_sequence, 23)
@@ -278,16 +278,16 @@ def test_a_gpu_scores_a_long_decode_step_in_one_tile(monkeypatch, device, tiles)
     16-sequence decode step over 128K bf16 keys is one tile, not 128 (the first H200 run looped over 128 per layer:
     benchmarks/results_gpu_day.json)."""
     sizes = []
-    original_tile = indexer_mla_dsa._score_tile
+    original_tile = modeling_mla_dsa._score_tile
     monkeypatch.setattr(
-        indexer_mla_dsa, "_score_tile", lambda q, w, k: sizes.append(k.shape[1]) or original_tile(q, w, k)
+        modeling_mla_dsa, "_score_tile", lambda q, w, k: sizes.append(k.shape[1]) or original_tile(q, w, k)
     )
     batch, heads, dim, keys = 16, 64, 128, 1 << 17
     queries = torch.empty(batch, 1, heads, dim, device=device)
     weights = torch.empty(batch, 1, heads, device=device)
     cached = torch.empty(batch, keys, dim, dtype=torch.bfloat16, device=device)
     if device == "cpu":  # on the CPU only the tile sizes are looked at: score none of them
-        monkeypatch.setattr(indexer_mla_dsa, "_score_tile", lambda q, w, k: sizes.append(k.shape[1])
+        monkeypatch.setattr(modeling_mla_dsa, "_score_tile", lambda q, w, k: sizes.append(k.shape[1])
                             or q.new_empty(batch, k.shape[1], 1))  # fmt: skip
-    scores = indexer_mla_dsa.index_scores(queries, weights, cached, dim**-0.5)
+    scores = modeling_mla_dsa.index_scores(queries, weights, cached, dim**-0.5)
     assert scores.shape == (batch, 1, keys) and len(sizes) == tiles and sum(sizes) == keys

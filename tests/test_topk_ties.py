@@ -6,7 +6,7 @@ With one indexer head, every key whose ReLU is zero scores exactly 0.0, and such
 import torch
 
 from mla_dsa import MlaDsaConfig, MlaDsaForCausalLM
-from mla_dsa.modeling.indexer_mla_dsa import index_scores, select_topk
+from mla_dsa.modeling.modeling_mla_dsa import index_scores, select_topk
 
 from peers import VOCAB
 

@@ -23,8 +23,8 @@ import torch
 import mla_dsa
 from mla_dsa.cli import main as cli
 from mla_dsa.conversion.payload import payload_files
-from mla_dsa.modeling.compat_mla_dsa import DEPRECATED_CACHE_NAME
 from mla_dsa.modeling.configuration_mla_dsa import PAYLOAD_VERSION, PAYLOAD_VERSION_KEY
+from mla_dsa.modeling.modeling_mla_dsa import DEPRECATED_CACHE_NAME
 
 from peers import save_peer
 
@@ -110,7 +110,8 @@ def test_upgrade_code_repairs_a_0_1_0_checkpoint(old_checkpoint, tmp_path, capsy
         assert generate_remotely(checkpoint, ids, tmp_path) != expected
 
     assert cli(["upgrade-code", str(checkpoint)]) == 0
-    assert "compat_mla_dsa.py" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "modeling_mla_dsa.py" in printed and "attention_mla_dsa.py (removed)" in printed
     assert file_hashes(checkpoint) == weights_before
     for source in payload_files():
         assert (checkpoint / source.name).read_bytes() == source.read_bytes(), source.name
