@@ -154,7 +154,11 @@ class DsaSettings:
 
 
 class MlaDsaRotaryEmbedding(nn.Module):
-    """cos/sin [B, S, qk_rope_head_dim] for positions [B, S], any position (past max_position_embeddings too), in
+    """Rotary embedding of the decoupled RoPE slice. Two layouts rotate it: adjacent pairs (x0, x1), (x2, x3), ...
+    for the main attention of V2/V3 checkpoints (`rope_interleave=True`; V2 writes it as complex multiplication), and
+    half-split (NeoX) pairs (x_i, x_{i + d/2}) for the V3.2 indexer and `rope_interleave=False`.
+
+    cos/sin [B, S, qk_rope_head_dim] for positions [B, S], any position (past max_position_embeddings too), in
     every rope type transformers computes: default, linear, yarn, llama3, ... and, through transformers' own
     `dynamic_rope_update`, "dynamic" (NTK frequencies grow with the sequence) and "longrope" (long factors past the
     original length)."""
@@ -429,30 +433,14 @@ class MlaDsaMoE(nn.Module):
         return routed
 
 
-# Queries per scoring block: their index scores [queries, keys] and, under autograd (training), their per-head scores
-# [queries, heads, keys] within this many float32 elements (64 MiB); without autograd only one tile of the per-head
-# scores exists at a time (below).
+# Queries per index-scoring block: their per-head scores [B, queries, heads, keys] within this many float32 elements
+# (64 MiB on a CPU; 1 GiB on an accelerator, which has no cache to fit and a launch cost per kernel: on an H200 the
+# CPU size made a 32K prefill of DeepSeek-V3.2's attention 7.9x slower).
 _SCORE_BLOCK_ELEMENTS = 1 << 24
-# Per-head scores are made and reduced over the heads one tile of keys at a time, each tile [B, s*H, keys] within
-# this many float32 elements (4 MiB, within an 8 MiB L3): the matmul, the in-place ReLU and the head weighting
-# then read it from cache. A whole [128 queries x 16 heads, 8K keys] block at once went to memory and back three times
-# (64 MiB): tiled, an 8K prefill's index scoring runs 1.3-1.5x faster on CPU, same FLOPs; a decode step's [16, 64K]
-# is one tile, as before.
-_SCORE_TILE_ELEMENTS = 1 << 20
-# At most this many bf16/FP8 keys per tile, whatever the queries: a decode step's cached keys are upcast to float32
-# a tile at a time, and on CPU a fresh 32 MB buffer (64K keys of 128 dims) is served by mmap and page-faults on every
-# step, 13 ms against 1 ms for the same copy into reused memory; 4 MB tiles come from the heap's reused blocks. A
-# prefill, whose per-head scores outweigh the keys, upcasts them once per forward instead (MlaDsaIndexer.forward).
-_KEY_CHUNK = 8192
-# The sizes above are a CPU's. A GPU has no cache to fit and a launch cost per kernel: there one block and one tile
-# hold up to this many float32 elements (1 GiB), and keys are upcast whole. On an H200 the CPU sizes made a 32K
-# prefill of DeepSeek-V3.2's attention 7.9x slower (10.4 s against 1.3 s) and a 16-sequence decode at 128K loop over
-# 128 tiles per layer (benchmarks/gpu_day.py, 2026-12-04).
 _GPU_SCORE_ELEMENTS = 1 << 28
-
-
-def _on_gpu(tensor: torch.Tensor) -> bool:
-    return tensor.device.type != "cpu"
+# The index scoring's name in transformers' attention registry: a kernel (DeepGEMM's MQA logits) or the installed
+# mla_dsa package's CPU-tuned scoring registered under it takes the place of `index_scores` below.
+INDEX_SCORES = "mla_dsa_index_scores"
 
 
 class TopkSelection(NamedTuple):
@@ -465,6 +453,18 @@ class TopkSelection(NamedTuple):
 
 
 class MlaDsaIndexer(nn.Module):
+    """The lightning indexer of DeepSeek Sparse Attention: it scores every visible key and selects the top k per query.
+
+    Index score of query t for key s (DeepSeek-V3.2, semantics as transformers' `DeepseekV32Indexer`):
+
+        I[t, s] = sum_j w[t, j] * ReLU(q_I[t, j] . k_I[s] * index_head_dim^-0.5),   w = weights_proj(h) * n_heads^-0.5
+
+    with `q_I = wq_b(c_Q)` (`index_n_heads` heads), `k_I = k_norm(wk(h))` (one head, LayerNorm with bias), and RoPE on
+    the FIRST `qk_rope_head_dim` dims of each, half-split (V3.2) or interleaved (GLM-5): the reverse of the main
+    attention's `[nope | rope]` split. Scores are float32, `weights_proj` runs in its own (float32) dtype. Training (its
+    KL losses) lives in the installed `mla_dsa` package, which scores with the same `queries`, `keys` and
+    `index_scores`."""
+
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -517,17 +517,15 @@ class MlaDsaIndexer(nn.Module):
         if keys.dtype == torch.uint8:
             queries = fp8_round_trip(queries, self.fp8_block, self.scale_fmt)
             keys = unpack_fp8_rows(keys, self.head_dim, self.fp8_block)
-        if queries.shape[1] * self.n_heads >= self.head_dim:  # many queries: upcast the keys once (few: per tile)
-            keys = keys.float()
         batch_size, seq_len, n_heads = weights.shape
         k = min(top_k, keys.shape[1])
-        block = query_block(batch_size, n_heads, keys.shape[1], _on_gpu(keys))
+        block = query_block(batch_size, n_heads, keys.shape[1], keys.device.type != "cpu")
+        score = ALL_ATTENTION_FUNCTIONS[INDEX_SCORES]
         parts = []
         for start in range(0, seq_len, block):
             end = min(seq_len, start + block)
             num_keys = visible.causal_prefix(end, k)  # keys later than the block's last query are never scored
-            scores = index_scores(queries[:, start:end], weights[:, start:end], keys[:, :num_keys],
-                                  self.softmax_scale)  # fmt: skip
+            scores = score(queries[:, start:end], weights[:, start:end], keys[:, :num_keys], self.softmax_scale)
             parts.append(select_topk(scores, visible.mask(start, end)[..., :num_keys].expand(batch_size, -1, -1), k))
         if len(parts) == 1:
             return TopkSelection(*parts[0])
@@ -545,42 +543,11 @@ def index_scores(
     queries: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, softmax_scale: float
 ) -> torch.Tensor:
     """Index scores [B, s, T] (float32) of a block of queries [B, s, H, D] with head weights [B, s, H] against keys
-    [B, T, D] (float32, or bf16/FP8-decoded ones, scored in float32 as the peer scores them)."""
-    batch_size, rows, n_heads, head_dim = queries.shape
-    num_keys = keys.shape[1]
-    # softmax_scale > 0 commutes with ReLU: fold it into the (smaller) query block.
-    q = (queries.float() * softmax_scale).reshape(batch_size, rows * n_heads, head_dim)
-    head_weights = weights.float().reshape(batch_size * rows, 1, n_heads)
-    if _on_gpu(keys):
-        tile = max(1, _GPU_SCORE_ELEMENTS // (batch_size * rows * n_heads))
-    else:
-        tile = max(1, _SCORE_TILE_ELEMENTS // (batch_size * rows * n_heads))
-        if keys.dtype != torch.float32:
-            tile = min(tile, _KEY_CHUNK)  # each tile's keys are upcast on the fly
-    if num_keys <= tile:
-        return _score_tile(q, head_weights, keys).view(batch_size, rows, num_keys)
-    scores = q.new_empty(batch_size, rows, num_keys)
-    for start in range(0, num_keys, tile):
-        end = min(num_keys, start + tile)
-        scores[:, :, start:end] = _score_tile(q, head_weights, keys[:, start:end]).view(batch_size, rows, -1)
-    return scores
-
-
-def _score_tile(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """q [B, s*H, D] (float32, scaled) and head weights [B*s, 1, H] against keys [B, t, D] -> [B*s, 1, t] (or, for
-    one query per sequence, [B, t, 1]: the same numbers).
-
-    Two matmuls and an in-place ReLU, no elementwise pass over [s, H, t] for the head weights: 1.8x faster on CPU
-    than weighting with a multiply and a sum. One query per sequence (a decode step) puts the keys on the long side,
-    [t, D] @ [D, H]: MKL runs the [H, D] @ [D, t] form, whose output has only H rows, at half the speed on AVX2 CPUs
-    (16K keys: 1.4 ms against 3.0 ms) and at the same speed on AVX-512 ones."""
-    keys = keys.float()
-    one_query_per_sequence = head_weights.shape[0] == q.shape[0]  # B * s == B
-    if one_query_per_sequence:
-        per_head = F.relu_(torch.bmm(keys, q.transpose(1, 2)))  # [B, t, H]
-        return torch.bmm(per_head, head_weights.transpose(1, 2))  # [B, t, 1]
-    per_head = F.relu_(torch.bmm(q, keys.transpose(1, 2)))  # [B, s*H, t]
-    return torch.bmm(head_weights, per_head.view(head_weights.shape[0], head_weights.shape[2], -1))
+    [B, T, D] (bf16 or FP8-decoded ones too, scored in float32 as the peer scores them), as the registry calls it
+    (`INDEX_SCORES`)."""
+    # softmax_scale > 0 commutes with ReLU: folded into the (smaller) query block.
+    per_head = torch.einsum("bshd,btd->bsht", queries.float() * softmax_scale, keys.float())  # [B, s, H, T]
+    return torch.einsum("bsht,bsh->bst", F.relu(per_head), weights.float())
 
 
 def select_topk(scores: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -645,6 +612,18 @@ class MlaDsaRMSNorm(nn.Module):
 
 
 class MlaDsaAttention(nn.Module):
+    """Multi-head Latent Attention with DeepSeek Sparse Attention: projections, the two attention modes, top-k.
+
+    - MHA mode: `kv_b_proj` expands every latent row into per-head keys [nope ; rope] and values, then scaled
+      dot-product attention under a boolean mask (causal, padding and, with DSA, the top-k selection). Cheapest for
+      short prefills and for training.
+    - Absorbed (MQA) mode: W_UK is folded into the query, `q_lat = q_nope W_UK` [B, S, H, R], so every head scores the
+      shared latent row `[c_KV ; k_R]` directly; values are the latent `c_KV`, and W_UV is applied after attention.
+      With DSA only the k selected latent rows per query are gathered: O(S * k), never an S x T score matrix for the
+      main heads. This is the decode path and the long-prefill path; the attention over the latent rows is looked up
+      in transformers' attention registry under `ABSORBED_ATTENTION` (a kernel, or the mla_dsa package's CPU-tuned
+      one, takes the place of `absorbed_attention_forward`, the plain implementation every checkpoint carries)."""
+
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.config = config
@@ -934,12 +913,14 @@ def absorbed_attention_forward(
     return torch.einsum("bshk,bskr->bshr", probs, rows[..., :rank]), None
 
 
-def register_absorbed_attention() -> None:
-    """Puts `absorbed_attention_forward` in transformers' attention registry under `ABSORBED_ATTENTION` unless
-    something already is there (the mla_dsa package's CPU-tuned implementation, a kernel): a checkpoint's code never
-    replaces what a user or a kernel package chose. Every model calls it when it is built."""
-    if ABSORBED_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(ABSORBED_ATTENTION, absorbed_attention_forward)
+def register_attention_functions() -> None:
+    """Puts `absorbed_attention_forward` and `index_scores` in transformers' attention registry (under
+    `ABSORBED_ATTENTION` and `INDEX_SCORES`) unless something already is there (the mla_dsa package's CPU-tuned
+    implementations, a kernel): a checkpoint's code never replaces what a user or a kernel package chose. Every model
+    calls it when it is built."""
+    for name, function in ((ABSORBED_ATTENTION, absorbed_attention_forward), (INDEX_SCORES, index_scores)):
+        if name not in ALL_ATTENTION_FUNCTIONS:
+            AttentionInterface.register(name, function)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -1072,7 +1053,7 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
     def __init__(self, config: MlaDsaConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         register_expert_layout()  # before transformers loads or saves weights: per-expert names <-> fused experts
-        register_absorbed_attention()  # unless the package's, or a kernel, is registered already
+        register_attention_functions()  # unless the package's, or a kernel, is registered already
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -1,6 +1,7 @@
-"""The absorbed attention through transformers' attention registry: the checkpoints' plain implementation, the
-package's CPU-tuned one registered over it (same numbers), and any implementation a user or a kernel package registers
-under `ABSORBED_ATTENTION` taking their place without an edit to the payload."""
+"""The absorbed attention and the index scoring through transformers' attention registry: the checkpoints' plain
+implementations, the package's CPU-tuned ones registered over them (same numbers), and any implementation a user or a
+kernel package registers under `ABSORBED_ATTENTION` or `INDEX_SCORES` taking their place without an edit to the
+payload."""
 
 import pytest
 import torch
@@ -8,8 +9,8 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from mla_dsa import MlaDsaConfig, MlaDsaForCausalLM
-from mla_dsa.attention import cpu_absorbed_attention
-from mla_dsa.modeling.modeling_mla_dsa import ABSORBED_ATTENTION, absorbed_attention_forward
+from mla_dsa.attention import cpu_absorbed_attention, cpu_index_scores
+from mla_dsa.modeling.modeling_mla_dsa import ABSORBED_ATTENTION, INDEX_SCORES, absorbed_attention_forward, index_scores
 
 from peers import VOCAB
 
@@ -20,9 +21,10 @@ PROMPT, NEW_TOKENS, TOPK = 20, 6, 5
 
 @pytest.fixture
 def registered():
-    """Registers a function under ABSORBED_ATTENTION for one test; the package's is put back after."""
-    yield lambda function: AttentionInterface.register(ABSORBED_ATTENTION, function)
+    """Registers a function under ABSORBED_ATTENTION (or another name) for one test; the package's are put back."""
+    yield lambda function, name=ABSORBED_ATTENTION: AttentionInterface.register(name, function)
     AttentionInterface.register(ABSORBED_ATTENTION, cpu_absorbed_attention)
+    AttentionInterface.register(INDEX_SCORES, cpu_index_scores)
 
 
 def _model(**overrides) -> MlaDsaForCausalLM:
@@ -47,8 +49,42 @@ def _run(model) -> tuple[torch.Tensor, torch.Tensor]:
     return prefill, torch.stack(out.scores)
 
 
-def test_importing_the_package_registers_its_cpu_attention():
+def test_importing_the_package_registers_its_cpu_attention_and_index_scoring():
     assert ALL_ATTENTION_FUNCTIONS[ABSORBED_ATTENTION] is cpu_absorbed_attention
+    assert ALL_ATTENTION_FUNCTIONS[INDEX_SCORES] is cpu_index_scores
+
+
+@pytest.mark.parametrize("indexer_cache_dtype", ["auto", "fp8"])
+def test_the_cpu_index_scoring_computes_what_the_checkpoints_own_does(registered, indexer_cache_dtype):
+    model = _model(indexer_cache_dtype=indexer_cache_dtype, query_chunk_size=7)
+    tuned = _run(model)
+    registered(index_scores, INDEX_SCORES)
+    plain = _run(model)
+    for mine, theirs in zip(tuned, plain, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_a_registered_index_scoring_takes_its_place(registered):
+    """Every DSA layer's selection scores through the registry: a recording wrapper sees the prefill and every decode
+    step, and a scoring that prefers the earliest keys changes the logits."""
+    model = _model()
+    expected = _run(model)
+    calls = []
+
+    def recording(queries, weights, keys, softmax_scale):
+        calls.append((queries.shape[1], keys.shape[1]))
+        return index_scores(queries, weights, keys, softmax_scale)
+
+    registered(recording, INDEX_SCORES)
+    for mine, theirs in zip(_run(model), expected, strict=True):
+        torch.testing.assert_close(mine, theirs)
+    assert (PROMPT, PROMPT) in calls and (1, PROMPT + NEW_TOKENS - 1) in calls
+
+    def earliest(queries, weights, keys, softmax_scale):
+        return -torch.arange(keys.shape[1], dtype=torch.float32).expand(*queries.shape[:2], -1)
+
+    registered(earliest, INDEX_SCORES)
+    assert not torch.allclose(_run(model)[0], expected[0])
 
 
 @pytest.mark.parametrize("latent_cache_dtype", ["auto", "fp8"])

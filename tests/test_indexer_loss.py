@@ -5,6 +5,7 @@ checkpointing; the model itself computes no training loss."""
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import mla_dsa
 from mla_dsa.indexer_loss import IndexerLoss, IndexScorer, dense_stage_loss
@@ -193,13 +194,13 @@ def test_recall_is_the_attention_mass_inside_topk(checkpoint):
 def _count_scoring(monkeypatch) -> list[int]:
     """Records the number of queries of every index-scoring call (the [T, queries, heads] products)."""
     calls = []
-    original = modeling_mla_dsa.index_scores
+    original = ALL_ATTENTION_FUNCTIONS[modeling_mla_dsa.INDEX_SCORES]
 
     def counting(queries, *args):
         calls.append(queries.shape[1])
         return original(queries, *args)
 
-    monkeypatch.setattr(modeling_mla_dsa, "index_scores", counting)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, modeling_mla_dsa.INDEX_SCORES, counting)
     return calls
 
 

@@ -10,9 +10,11 @@ import copy
 
 import pytest
 import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import mla_dsa
 from mla_dsa import MlaDsaCache
+from mla_dsa import attention as cpu_attention
 from mla_dsa.modeling import modeling_mla_dsa
 
 from peers import VOCAB, save_peer
@@ -133,7 +135,6 @@ def _attention_shapes(monkeypatch, model, prompt: torch.Tensor, new_tokens: torc
     decode step after `prompt`, in the checkpoints' absorbed attention and the package's CPU one alike."""
     cache = _prefill(model, prompt)
     shapes = []
-    from mla_dsa import attention as cpu_attention
     from mla_dsa.modeling import modeling_mla_dsa
 
     original_einsum, original_gather = torch.einsum, modeling_mla_dsa.gather_rows
@@ -220,13 +221,13 @@ def test_prefill_scores_only_the_causal_prefix_of_each_query_block(models, monke
     input_ids = torch.randint(3, VOCAB, (1, CONTEXT), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = model(input_ids).logits
-    scored, original = [], modeling_mla_dsa.index_scores
+    scored, original = [], ALL_ATTENTION_FUNCTIONS[modeling_mla_dsa.INDEX_SCORES]
 
     def recording(queries, weights, keys, softmax_scale):
         scored.append((queries.shape[1], keys.shape[1]))
         return original(queries, weights, keys, softmax_scale)
 
-    monkeypatch.setattr(modeling_mla_dsa, "index_scores", recording)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, modeling_mla_dsa.INDEX_SCORES, recording)
     monkeypatch.setattr(modeling_mla_dsa, "query_block", lambda *shape: 4)
     with torch.no_grad():
         actual = model(input_ids).logits
@@ -251,43 +252,45 @@ def test_index_scores_are_made_a_tile_of_keys_at_a_time_equal_to_the_definition(
     scores them, are upcast a tile at a time instead of the whole cache per step (on CPU a fresh buffer of a long
     cache's size page-faults). Forced into tiles of 5 keys (and, for bf16, at most 5 keys per upcast): scores and
     gradients equal the definition, computed at once in float32."""
-    monkeypatch.setattr(modeling_mla_dsa, "_SCORE_TILE_ELEMENTS", 2 * queries_per_sequence * 4 * 5)
-    monkeypatch.setattr(modeling_mla_dsa, "_KEY_CHUNK", 5)  # bounds only the bf16 tiles
+    monkeypatch.setattr(cpu_attention, "_SCORE_TILE_ELEMENTS", 2 * queries_per_sequence * 4 * 5)
+    monkeypatch.setattr(cpu_attention, "_KEY_CHUNK", 5)  # bounds only the bf16 tiles
     tiles = []
-    original_tile = modeling_mla_dsa._score_tile
+    original_tile = cpu_attention._score_tile
     monkeypatch.setattr(
-        modeling_mla_dsa, "_score_tile", lambda q, w, k: tiles.append(k.shape[1]) or original_tile(q, w, k)
+        cpu_attention, "_score_tile", lambda q, w, k: tiles.append(k.shape[1]) or original_tile(q, w, k)
     )
     generator = torch.Generator().manual_seed(0)
     queries = torch.randn(2, queries_per_sequence, 4, 8, generator=generator, requires_grad=True)
     weights = torch.randn(2, queries_per_sequence, 4, generator=generator, requires_grad=True)
     keys = torch.randn(2, 23, 8, generator=generator).to(key_dtype).requires_grad_()
-    tiled = modeling_mla_dsa.index_scores(queries, weights, keys, 0.3)
+    tiled = cpu_attention.cpu_index_scores(queries, weights, keys, 0.3)
     assert tiles == [5, 5, 5, 5, 3]
+    plain = modeling_mla_dsa.index_scores(queries, weights, keys, 0.3)  # the checkpoints' own, training's
     expected = _index_scores_by_definition(queries, weights, keys, 0.3)
-    assert tiled.dtype == torch.float32 and tiled.shape == (2, queries_per_sequence, 23)
-    torch.testing.assert_close(tiled, expected, rtol=1e-6, atol=1e-6)
-    grads = [torch.autograd.grad(scores.square().sum(), (queries, weights, keys)) for scores in (tiled, expected)]
-    for ours, reference in zip(*grads, strict=True):
+    for scores in (tiled, plain):
+        assert scores.dtype == torch.float32 and scores.shape == (2, queries_per_sequence, 23)
+        torch.testing.assert_close(scores, expected, rtol=1e-6, atol=1e-6)
+    grads = [torch.autograd.grad(s.square().sum(), (queries, weights, keys)) for s in (tiled, plain, expected)]
+    for ours, reference in zip(grads[0] + grads[1], grads[2] + grads[2], strict=True):
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("device", "tiles"), [("cpu", 128), ("meta", 1)])
+@pytest.mark.parametrize(("device", "tiles"), [("cpu", 128), ("meta", 0)])
 def test_a_gpu_scores_a_long_decode_step_in_one_tile(monkeypatch, device, tiles):
     """The score tiles are a CPU's cache size; on an accelerator (the meta device stands in: any non-CPU device) a
-    16-sequence decode step over 128K bf16 keys is one tile, not 128 (the first H200 run looped over 128 per layer:
-    benchmarks/results_gpu_day.json)."""
+    16-sequence decode step over 128K bf16 keys is the checkpoints' one product, not 128 tiles (the first H200 run
+    looped over 128 per layer: benchmarks/results_gpu_day.json)."""
     sizes = []
-    original_tile = modeling_mla_dsa._score_tile
+    original_tile = cpu_attention._score_tile
     monkeypatch.setattr(
-        modeling_mla_dsa, "_score_tile", lambda q, w, k: sizes.append(k.shape[1]) or original_tile(q, w, k)
+        cpu_attention, "_score_tile", lambda q, w, k: sizes.append(k.shape[1]) or original_tile(q, w, k)
     )
     batch, heads, dim, keys = 16, 64, 128, 1 << 17
     queries = torch.empty(batch, 1, heads, dim, device=device)
     weights = torch.empty(batch, 1, heads, device=device)
     cached = torch.empty(batch, keys, dim, dtype=torch.bfloat16, device=device)
     if device == "cpu":  # on the CPU only the tile sizes are looked at: score none of them
-        monkeypatch.setattr(modeling_mla_dsa, "_score_tile", lambda q, w, k: sizes.append(k.shape[1])
+        monkeypatch.setattr(cpu_attention, "_score_tile", lambda q, w, k: sizes.append(k.shape[1])
                             or q.new_empty(batch, k.shape[1], 1))  # fmt: skip
-    scores = modeling_mla_dsa.index_scores(queries, weights, cached, dim**-0.5)
-    assert scores.shape == (batch, 1, keys) and len(sizes) == tiles and sum(sizes) == keys
+    scores = cpu_attention.cpu_index_scores(queries, weights, cached, dim**-0.5)
+    assert scores.shape == (batch, 1, keys) and len(sizes) == tiles and sum(sizes) == (keys if tiles else 0)
