@@ -489,7 +489,7 @@ def prefill_section(section: Section, device, sizes: dict, work: Path) -> None:
 
     from mla_dsa import MlaDsaForCausalLM
     from mla_dsa.bench import prefill_flops
-    from mla_dsa.modeling.modeling_mla_dsa import loading_kwargs
+    from mla_dsa.loading import loading_kwargs
 
     directory, config = _bench_model(work, sizes)
     _, gemm_flops = _measured_speeds(work)

@@ -36,7 +36,7 @@ from mla_dsa.conversion.gqa_math import mla_attention_weights
 from mla_dsa.conversion.source import SourceCheckpoint
 from mla_dsa.data import stdlib_files, text_files_corpus
 from mla_dsa.demo_smollm2 import calibration_files, perplexity
-from mla_dsa.modeling.modeling_mla_dsa import loading_kwargs
+from mla_dsa.loading import loading_kwargs
 from mla_dsa.smollm2 import smollm2_checkpoint
 
 SEQ_LEN = 512

@@ -27,7 +27,7 @@ import torch
 
 from mla_dsa.data import chat_code_files, stdlib_files, text_files_corpus
 from mla_dsa.demo_smollm2 import GQA_KV_BYTES, answer, calibration_files, perplexity
-from mla_dsa.modeling.modeling_mla_dsa import loading_kwargs
+from mla_dsa.loading import loading_kwargs
 from mla_dsa.smollm2 import smollm2_checkpoint
 
 SEQ_LEN = 512

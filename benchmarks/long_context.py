@@ -31,7 +31,8 @@ import torch
 
 from mla_dsa.data import stdlib_files, text_files_corpus
 from mla_dsa.demo_smollm2 import calibration_files
-from mla_dsa.modeling.modeling_mla_dsa import CACHE_NAME, loading_kwargs
+from mla_dsa.loading import loading_kwargs
+from mla_dsa.modeling.modeling_mla_dsa import CACHE_NAME
 from mla_dsa.smollm2 import smollm2_checkpoint
 
 SPAN = 64  # tokens copied from a window's start to its end

@@ -19,7 +19,8 @@ from long_context import model_dir, windows_of
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from mla_dsa import MlaDsaCache, MlaDsaForCausalLM
-from mla_dsa.modeling.modeling_mla_dsa import CACHE_NAME, loading_kwargs
+from mla_dsa.loading import loading_kwargs
+from mla_dsa.modeling.modeling_mla_dsa import CACHE_NAME
 from mla_dsa.smollm2 import smollm2_checkpoint
 
 STEPS = 8

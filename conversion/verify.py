@@ -13,13 +13,14 @@ def verify_logits(source: SourceCheckpoint, converted: Path, config: MlaDsaConfi
     """Runs SRC (transformers' own class where one exists) and the converted model (an export: through transformers'
     DeepseekV32ForCausalLM) with every token selected on a
     short random input, in float32; raises ConversionError above tolerance. Returns the max logit difference."""
+    from ..loading import load_checkpoint
     from ..modeling.modeling_mla_dsa import MlaDsaForCausalLM
 
     generator = torch.Generator().manual_seed(opts.seed)
     input_ids = torch.randint(0, config.vocab_size, (2, 16), generator=generator)
     reference = _reference_model(source, config, opts)
     if opts.export is None:
-        converted_model = MlaDsaForCausalLM.from_pretrained(converted, dtype=torch.float32, use_sparse_attention=False)
+        converted_model = load_checkpoint(converted, MlaDsaForCausalLM, dtype=torch.float32, use_sparse_attention=False)
     else:  # the export through transformers' own class, every key selected
         converted_model = _exported_model(converted, opts.export)
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """mla-dsa: DeepSeek Sparse Attention (DSA) for any Multi-head Latent Attention (MLA) model, as a transformers plugin.
 
 >>> import mla_dsa
->>> model = mla_dsa.MlaDsaForCausalLM.from_pretrained("path/to/checkpoint")
+>>> model = mla_dsa.MlaDsaForCausalLM.from_pretrained("path/to/checkpoint")  # transformers' loading
+>>> model = mla_dsa.load_checkpoint("path/to/checkpoint")  # the same, with the package's checks (mla_dsa.loading)
 """
 
 from transformers import (
@@ -17,6 +18,7 @@ from .conversion.convert import convert_checkpoint
 from .conversion.source import ConversionError
 from .conversion.upgrade import upgrade_code
 from .indexer_loss import IndexerLoss
+from .loading import load_checkpoint
 from .modeling.cache_mla_dsa import MlaDsaCache, MlaDsaCacheLayer
 from .modeling.configuration_mla_dsa import PAYLOAD_VERSION, MlaDsaConfig
 from .modeling.modeling_mla_dsa import (
@@ -57,6 +59,7 @@ __all__ = [
     "ConversionError",
     "convert_checkpoint",
     "IndexerLoss",
+    "load_checkpoint",
     "MlaDsaCache",
     "MlaDsaCacheLayer",
     "MlaDsaConfig",

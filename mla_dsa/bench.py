@@ -334,7 +334,7 @@ def load_models(directory: Path, device: torch.device, dtype: torch.dtype) -> tu
 
     import mla_dsa
 
-    from .modeling.modeling_mla_dsa import loading_kwargs
+    from .loading import loading_kwargs
 
     theirs = DeepseekV32ForCausalLM.from_pretrained(directory, **loading_kwargs({"dtype": dtype})).to(device).eval()
     ours = mla_dsa.MlaDsaForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()

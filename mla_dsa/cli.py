@@ -364,7 +364,7 @@ def _run_eval(args) -> int:
     source = None
     if args.source is not None:
         _check_checkpoint(args.source, is_source=True)
-        from .modeling.modeling_mla_dsa import loading_kwargs
+        from .loading import loading_kwargs
 
         _check_source(args.source, model.config, tokenizer)
         source = AutoModelForCausalLM.from_pretrained(args.source, **loading_kwargs({"dtype": torch.float32}))
@@ -418,8 +418,8 @@ def _check_checkpoint(path: str, adapter_ok: bool = False, is_source: bool = Fal
 def _check_model_files(directory) -> None:
     """The checkpoint is an MLA one and its weight files are whole, before minutes of loading and tokenizing: the
     load would raise the same errors, as a traceback."""
+    from .loading import check_weight_file, weight_files
     from .modeling.configuration_mla_dsa import MlaDsaConfig
-    from .modeling.modeling_mla_dsa import check_weight_file, weight_files
 
     try:
         MlaDsaConfig.from_dict(json.loads((directory / "config.json").read_text()))

@@ -23,7 +23,7 @@ import torch
 
 from . import __version__
 from .data import stdlib_files, text_files_corpus
-from .modeling.modeling_mla_dsa import loading_kwargs
+from .loading import loading_kwargs
 
 CHAT_PROMPT = "Write a Python function that returns the n-th Fibonacci number."
 SEQ_LEN = 512

@@ -35,7 +35,7 @@ def smollm2_checkpoint(directory: str | os.PathLike | None = None) -> Path:
 
     source = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    from .modeling.modeling_mla_dsa import loading_kwargs
+    from .loading import loading_kwargs
 
     quantized = AutoModelForCausalLM.from_pretrained(
         source.parent, **loading_kwargs({"gguf_file": source.name, "dtype": torch.float32})

@@ -267,6 +267,7 @@ def train_indexer(
     from transformers import AutoTokenizer
 
     from .data import text_files_corpus
+    from .loading import load_checkpoint
     from .modeling.configuration_mla_dsa import MlaDsaConfig
     from .modeling.modeling_mla_dsa import MlaDsaForCausalLM
 
@@ -287,7 +288,7 @@ def train_indexer(
     # An absolute path: a LoRA adapter saved alone records it as its base model, which `eval` then finds from any
     # directory (a relative one sent it to the hub).
     local = Path(checkpoint).resolve() if Path(checkpoint).is_dir() else checkpoint
-    model = MlaDsaForCausalLM.from_pretrained(local, dtype=torch.float32)
+    model = load_checkpoint(local, MlaDsaForCausalLM, dtype=torch.float32)
     if lora_rank is not None:
         from peft import get_peft_model
         from transformers import set_seed
@@ -328,11 +329,12 @@ def train_indexer(
 def load_trained(path: str | Path, **kwargs) -> torch.nn.Module:
     """The model `train_indexer` saved at `path`: a checkpoint, or a LoRA adapter (`lora_save="adapter"`) applied to
     the checkpoint it was trained from and merged. `kwargs` go to `from_pretrained` (float32 unless given)."""
+    from .loading import load_checkpoint
     from .modeling.modeling_mla_dsa import MlaDsaForCausalLM
 
     path = Path(path)
     kwargs.setdefault("dtype", torch.float32)
-    base = MlaDsaForCausalLM.from_pretrained(trained_base(path), **kwargs)
+    base = load_checkpoint(trained_base(path), MlaDsaForCausalLM, **kwargs)
     if base.name_or_path == str(path):
         return base
     from peft import PeftModel

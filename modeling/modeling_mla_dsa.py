@@ -17,21 +17,14 @@ may be chosen by finding that decorator's name in the source of the module that 
 so "grouped_mm" (transformers' default, as for DeepseekV32) and "batched_mm" can be chosen for our models too.
 """
 
-import importlib.metadata
-import importlib.util
-import json
 import math
-import os
-import re
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -68,9 +61,7 @@ from .cache_mla_dsa import (
 from .configuration_mla_dsa import (
     ATTENTION_MODES,
     CACHE_NAMES,
-    FIRST_PAYLOAD_VERSION,
     MODEL_TYPE,
-    PAYLOAD_VERSION_KEY,
     MlaDsaConfig,
 )
 
@@ -102,18 +93,6 @@ def take_cache(cache, kwargs: dict, owner: str):
 def cache_field(cache) -> dict:
     """`{name: cache}` under the output field name of the running transformers."""
     return {CACHE_NAME: cache}
-
-
-def kernels_installed() -> bool:
-    return importlib.util.find_spec("kernels") is not None
-
-
-def loading_kwargs(kwargs: dict, installed: bool | None = None) -> dict:
-    """`from_pretrained` keyword arguments that load without hub kernels where the `kernels` package is absent."""
-    installed = kernels_installed() if installed is None else installed
-    if installed or kwargs.get("use_kernels") is not None or kwargs.get("kernel_config") is not None:
-        return kwargs
-    return {**kwargs, "use_kernels": False}
 
 
 # Where the indexer's training losses are (the model computes none): the installed package, outside every checkpoint.
@@ -997,53 +976,6 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
         "router_logits": OutputRecorder(MlaDsaRouter, index=0),
     }
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """transformers' `from_pretrained`: missing tensors are initialized and unexpected ones ignored, both
-        reported in its load report and in `output_loading_info`; `pretrained_model_name_or_path=None` with
-        `config=` and `state_dict=` works. Ours on top: a truncated or corrupt local weight file, or a tensor whose
-        shape the config contradicts, is one ValueError naming the tensor and the file (`ignore_mismatched_sizes=True`
-        re-initializes it instead, as in transformers); a checkpoint with no indexer at all (a dense MLA one) gets one
-        warning on how to train it; a checkpoint carrying older code of ours, one notice. Where the `kernels`
-        package is absent, no hub kernels are asked for (see `compat_mla_dsa`)."""
-        kwargs = loading_kwargs(kwargs)
-        wants_info = kwargs.pop("output_loading_info", False)
-        tolerate_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
-        path = pretrained_model_name_or_path
-        directory = Path(path) if path is not None and os.path.isdir(path) else None
-        files = weight_files(directory) if directory is not None else {}
-        for filename in sorted(set(files.values())):
-            check_weight_file(directory / filename)
-        # A dense checkpoint loaded to run dense (use_sparse_attention=False): its missing indexer is never used, so
-        # transformers' load report (a table of it) is not shown; anything else missing or unexpected still is.
-        dense_by_choice = kwargs.get("use_sparse_attention") is False and bool(files)
-        quiet = dense_by_choice and not any(".self_attn.indexer." in name for name in files)
-        verbosity = logging.get_verbosity()
-        if quiet:
-            logging.set_verbosity_error()
-        try:
-            # Both through transformers' documented arguments: its own mismatch error is a RuntimeError pointing at a
-            # log report, so the load runs tolerant and the first mismatch (from its loading info) is raised here.
-            model, info = super().from_pretrained(path, *args, output_loading_info=True, ignore_mismatched_sizes=True,
-                                                  **kwargs)  # fmt: skip
-        finally:
-            logging.set_verbosity(verbosity)
-        if quiet:
-            missing = sorted(key for key in info.get("missing_keys", ()) if ".self_attn.indexer." not in key)
-            unexpected = sorted(info.get("unexpected_keys", ()))
-            if missing or unexpected:
-                logger.warning(f"{path}: missing tensors {missing} (initialized), unexpected tensors {unexpected} "
-                               "(ignored)")  # fmt: skip
-        for key, checkpoint_shape, model_shape in info.get("mismatched_keys", ()) if not tolerate_mismatch else ():
-            where = directory / files[key] if key in files else path
-            raise ValueError(f"{where}: tensor {key} has shape {list(checkpoint_shape)}, the config gives "
-                             f"{list(model_shape)}")  # fmt: skip
-        if directory is not None and (directory / "modeling_mla_dsa.py").is_file():  # it carries our code
-            warn_if_code_is_older(model.config, directory)
-        if model.config.use_sparse_attention:  # dense by choice: a missing indexer is never used
-            warn_if_indexer_missing(model, set(info.get("missing_keys", ())), path)
-        return (model, info) if wants_info else model
-
     def _backbone(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs):
         """The base model's output object for a head's forward (the cache under either name)."""
         cache = take_cache(cache, kwargs, f"{type(self).__name__}.forward")
@@ -1065,65 +997,6 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             if hasattr(module, "e_score_correction_bias"):
                 init.zeros_(module.e_score_correction_bias)
-
-
-def warn_if_indexer_missing(model: nn.Module, missing: set[str], path) -> None:
-    indexer_keys = {name for name in model.state_dict() if ".self_attn.indexer." in name}
-    if indexer_keys and indexer_keys <= missing:
-        layers = {int(m.group(1)) for key in indexer_keys if (m := re.search(r"layers\.(\d+)\.", key))}
-        logger.warning(
-            f"{path} has no DSA indexer weights for {len(layers)} layer(s) ({len(indexer_keys)} tensors): they were "
-            "initialized randomly. Train the indexer (mla-dsa train-indexer) before relying on sparse attention, or "
-            "run dense: use_sparse_attention=False (to from_pretrained, or to each forward / generate call)."
-        )
-
-
-def warn_if_code_is_older(config: MlaDsaConfig, directory: Path) -> None:
-    """Once per checkpoint: with mla-dsa installed, a checkpoint whose code (the payload beside its weights) is older
-    than the package runs that old code under trust_remote_code, which newer transformers releases may break."""
-    written_by = getattr(config, PAYLOAD_VERSION_KEY, None) or FIRST_PAYLOAD_VERSION
-    try:
-        installed = importlib.metadata.version("mla-dsa")
-    except importlib.metadata.PackageNotFoundError:
-        return
-    if _release(written_by) < _release(installed):
-        logger.warning_once(
-            f"{directory} carries the code of mla-dsa {written_by}, older than the installed {installed}: run "
-            f"`mla-dsa upgrade-code {directory}` to refresh it (weights are not touched)"
-        )
-
-
-def _release(version: str) -> tuple[int, ...]:
-    """The release numbers of a version string: 0.2.0 -> (0, 2, 0), 0.2.0.dev1 -> (0, 2, 0)."""
-    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
-
-
-def weight_files(directory: Path) -> dict[str, str]:
-    """Tensor name -> safetensors file name of a local checkpoint (empty if it has no safetensors)."""
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        return dict(json.loads(index.read_text()).get("weight_map", {}))
-    single = directory / "model.safetensors"
-    if not single.exists():
-        return {}
-    return dict.fromkeys(_tensor_names(single), "model.safetensors")
-
-
-def check_weight_file(path: Path) -> None:
-    if not path.exists():
-        raise ValueError(f"{path}: weight file listed in the index is missing")
-    _tensor_names(path)
-
-
-def _tensor_names(path: Path) -> list[str]:
-    """The tensors of a safetensors file, or one ValueError naming it if it is cut short or not safetensors at all:
-    opening checks that the header's offsets cover exactly the file (safetensors maps files lazily, so a file cut
-    short would otherwise surface only when its last tensor is read)."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return list(handle.keys())
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path}: truncated or corrupt safetensors file ({err})") from None
 
 
 def packed_segment_ids(position_ids: torch.Tensor) -> torch.Tensor | None:

@@ -7,7 +7,7 @@ import transformers
 
 # transformers 5.25 loads every model with hub kernels unless told otherwise and then needs the `kernels` package;
 # where it is absent, the peers (transformers' own classes) load as on 5.14-5.24. Ours need no variable
-# (modeling_mla_dsa.loading_kwargs), which test_compat checks with it unset.
+# (mla_dsa.loading.loading_kwargs), which test_compat checks with it unset.
 if importlib.util.find_spec("kernels") is None:
     os.environ.setdefault("USE_HUB_KERNELS", "0")
 

@@ -15,8 +15,8 @@ from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 import mla_dsa
-from mla_dsa.modeling import modeling_mla_dsa
-from mla_dsa.modeling.modeling_mla_dsa import CACHE_NAME, DEPRECATED_CACHE_NAME, loading_kwargs
+from mla_dsa.loading import loading_kwargs
+from mla_dsa.modeling.modeling_mla_dsa import CACHE_NAME, DEPRECATED_CACHE_NAME
 
 from peers import left_padded_batch, save_peer, save_peers
 
@@ -259,10 +259,10 @@ def test_loading_asks_for_hub_kernels_only_where_the_package_is_there():
 
 def test_loads_without_the_kernels_package_or_the_variable(saved, models, prompt, monkeypatch):
     """transformers 5.25 kernelizes by default and, without the `kernels` package, refuses to load any model;
-    ours load as on older releases."""
+    the package's loading (`mla_dsa.load_checkpoint`, its commands') loads ours as on older releases."""
     monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
-    monkeypatch.setattr(modeling_mla_dsa, "kernels_installed", lambda: False)
-    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(saved["deepseek_v32"][1]).eval()
+    monkeypatch.setattr(mla_dsa.loading, "kernels_installed", lambda: False)
+    model = mla_dsa.load_checkpoint(saved["deepseek_v32"][1]).eval()
     assert not getattr(model, "use_kernels", False)
     input_ids = prompt[0][:, -4:]
     with torch.no_grad():

@@ -1,5 +1,7 @@
-"""A broken local checkpoint - a truncated or corrupt file, a tensor of the wrong shape - is one ValueError naming the
-tensor and the file. Missing and unexpected tensors follow transformers: initialized or ignored, and reported."""
+"""Loading is transformers' own: the checkpoints' `from_pretrained` fails on a broken checkpoint exactly where
+transformers' DeepseekV32 does, and missing and unexpected tensors are initialized or ignored and reported as it
+reports them. The package's `load_checkpoint` (what its commands run) makes each failure one ValueError naming the
+tensor and the file."""
 
 import os
 import shutil
@@ -48,14 +50,34 @@ def rewrite(path, change):
 def test_broken_checkpoint_is_one_clear_error(checkpoint, tmp_path, edit, message):
     bad = edited(checkpoint, tmp_path, edit)
     with pytest.raises(ValueError, match=message) as error:
-        mla_dsa.MlaDsaForCausalLM.from_pretrained(bad)
+        mla_dsa.load_checkpoint(bad)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [lambda p: rewrite(p, lambda t: t.update({"model.layers.0.self_attn.kv_b_proj.weight": torch.zeros(3, 3)})),
+     lambda p: os.truncate(p, os.path.getsize(p) - 1000)],
+    ids=["shape", "truncated"],
+)  # fmt: skip
+def test_from_pretrained_fails_where_transformers_deepseek_v32_fails(checkpoint, tmp_path, edit):
+    import transformers
+
+    bad = edited(checkpoint, tmp_path, edit)
+    peer_dir = tmp_path / "peer"
+    shutil.copytree(bad, peer_dir)
+    (peer_dir / "config.json").write_text((peer_dir / "config.json").read_text().replace('"mla_dsa"', '"deepseek_v32"'))
+    with pytest.raises(Exception) as theirs:
+        transformers.DeepseekV32ForCausalLM.from_pretrained(peer_dir)
+    with pytest.raises(type(theirs.value)) as ours:
+        mla_dsa.MlaDsaForCausalLM.from_pretrained(bad)
+    assert str(ours.value) == str(theirs.value)
 
 
 def test_mismatch_can_be_tolerated_as_in_transformers(checkpoint, tmp_path):
     bad = edited(checkpoint, tmp_path, lambda p: rewrite(
         p, lambda t: t.update({"model.layers.0.self_attn.kv_b_proj.weight": torch.zeros(3, 3)})))  # fmt: skip
-    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(bad, ignore_mismatched_sizes=True)
+    model = mla_dsa.load_checkpoint(bad, ignore_mismatched_sizes=True)
     assert model.model.layers[0].self_attn.kv_b_proj.weight.shape[1] == model.config.kv_lora_rank
 
 
@@ -67,10 +89,10 @@ def test_sharded_checkpoint_names_the_shard(checkpoint, tmp_path):
     assert len(shards) > 1
     os.truncate(shards[-1], os.path.getsize(shards[-1]) - 10)
     with pytest.raises(ValueError, match=rf"{shards[-1].name}: truncated or corrupt"):
-        mla_dsa.MlaDsaForCausalLM.from_pretrained(sharded)
+        mla_dsa.load_checkpoint(sharded)
     shards[-1].unlink()
     with pytest.raises(ValueError, match=rf"{shards[-1].name}: weight file listed in the index is missing"):
-        mla_dsa.MlaDsaForCausalLM.from_pretrained(sharded)
+        mla_dsa.load_checkpoint(sharded)
 
 
 @pytest.mark.parametrize(
@@ -92,6 +114,8 @@ def test_missing_and_unexpected_tensors_are_reported_as_transformers_does(checkp
     bad = edited(checkpoint, tmp_path, lambda p: rewrite(p, edit))
     model, info = mla_dsa.MlaDsaForCausalLM.from_pretrained(bad, output_loading_info=True)
     assert set(info["missing_keys"]) == missing and set(info["unexpected_keys"]) == unexpected
+    _, checked_info = mla_dsa.load_checkpoint(bad, output_loading_info=True)
+    assert checked_info == info
     peer_dir = tmp_path / "peer"
     shutil.copytree(checkpoint, peer_dir)
     (peer_dir / "config.json").write_text((peer_dir / "config.json").read_text().replace('"mla_dsa"', '"deepseek_v32"'))

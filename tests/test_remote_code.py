@@ -380,7 +380,7 @@ def _logged_warnings():
 def test_dense_v3_checkpoint_warns_once_about_indexer(tmp_path, input_ids):
     peer = save_peer("deepseek_v3", tmp_path)
     with _logged_warnings() as handler:
-        model = mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path).eval()
+        model = mla_dsa.load_checkpoint(tmp_path).eval()
 
     ours = [r.getMessage() for r in handler.records if r.name.startswith("mla_dsa") and r.levelno >= logging.WARNING]
     about_indexer = [message for message in ours if "indexer" in message.lower()]
@@ -398,13 +398,14 @@ def test_dense_v3_checkpoint_warns_once_about_indexer(tmp_path, input_ids):
 def test_documented_loads_print_nothing_alarming(tmp_path):
     """A DeepseekV3/V32 checkpoint read as ours is not transformers' "model of type deepseek_v3 to instantiate a
     model of type mla_dsa ... can yield errors" (printed on every such load), and a dense checkpoint loaded to run
-    dense, as our warning recommends, gets neither that warning nor a load report of the indexer it does not use."""
+    dense through the package's loading, as our warning recommends, gets neither that warning nor a load report of
+    the indexer it does not use."""
     save_peer("deepseek_v3", tmp_path / "v3")
     save_peer("deepseek_v32", tmp_path / "v32")
     with _logged_warnings() as handler:
         mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "v32")
         mla_dsa.MlaDsaConfig.from_pretrained(tmp_path / "v3")
-        mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "v3", use_sparse_attention=False)
+        mla_dsa.load_checkpoint(tmp_path / "v3", use_sparse_attention=False)
     assert [r.getMessage() for r in handler.records if r.levelno >= logging.WARNING] == []
 
 

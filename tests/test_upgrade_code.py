@@ -129,14 +129,14 @@ def test_upgrade_code_repairs_a_0_1_0_checkpoint(old_checkpoint, tmp_path, capsy
 def test_loading_an_older_checkpoint_names_the_command_once(old_checkpoint, caplog):
     _, checkpoint = old_checkpoint
     with caplog.at_level(logging.WARNING):
-        mla_dsa.MlaDsaForCausalLM.from_pretrained(checkpoint)
-        mla_dsa.MlaDsaForCausalLM.from_pretrained(checkpoint)
+        mla_dsa.load_checkpoint(checkpoint)
+        mla_dsa.load_checkpoint(checkpoint)
     hints = [r.getMessage() for r in caplog.records if "upgrade-code" in r.getMessage()]
     assert len(hints) == 1 and f"mla-dsa upgrade-code {checkpoint}" in hints[0] and "0.1.0" in hints[0], hints
     cli(["upgrade-code", str(checkpoint)])
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        mla_dsa.MlaDsaForCausalLM.from_pretrained(checkpoint)
+        mla_dsa.load_checkpoint(checkpoint)
     assert not [r for r in caplog.records if "upgrade-code" in r.getMessage()]
 
 
