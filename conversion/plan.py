@@ -13,14 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 
-from ..modeling.configuration_mla_dsa import (
-    POSITIVE_FIELDS,
-    REQUIRED_SHAPE_FIELDS,
-    MlaDsaConfig,
-    config_from_deepseek,
-    deepseek_family,
-    glm_indexer_types,
-)
+from ..deepseek_format import config_from_deepseek, deepseek_family, glm_indexer_types
+from ..modeling.configuration_mla_dsa import POSITIVE_FIELDS, REQUIRED_SHAPE_FIELDS, MlaDsaConfig
 from ..modeling.modeling_mla_dsa import FUSED_EXPERTS
 from .source import SCALE_SUFFIX, ConversionError, SourceCheckpoint, TensorInfo
 

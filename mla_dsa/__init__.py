@@ -13,7 +13,7 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
-from . import attention
+from . import attention, deepseek_format
 from .conversion.convert import convert_checkpoint
 from .conversion.source import ConversionError
 from .conversion.upgrade import upgrade_code
@@ -40,6 +40,8 @@ AutoModelForSequenceClassification.register(MlaDsaConfig, MlaDsaForSequenceClass
 AutoModelForTokenClassification.register(MlaDsaConfig, MlaDsaForTokenClassification, exist_ok=True)
 # The absorbed attention tuned for CPUs, in the registry where every checkpoint's code looks it up.
 attention.register()
+# DeepSeek-format config.json files (DeepseekV2/V3/V32, GLM-5, Kimi-K2, ...) read as ours.
+deepseek_format.install()
 
 # Training helpers import transformers' Trainer (and so accelerate): loaded on first use, not with the package.
 _TRAINING_NAMES = ("prepare_indexer_training", "indexer_lora_config", "train_indexer",

@@ -1,8 +1,9 @@
 """Configuration of an MLA model with DeepSeek Sparse Attention (DSA).
 
 Field names and meanings follow transformers' DeepseekV2/V3/V32 configs, so a `config.json` written for any of them
-(or for GLM-5, or a DeepSeek-format checkpoint of another name such as Kimi-K2's) reads into `MlaDsaConfig` unchanged
-(`config_from_deepseek`). Part of the trust_remote_code payload: it imports only transformers.
+(or for GLM-5, or a DeepSeek-format checkpoint of another name such as Kimi-K2's) reads into `MlaDsaConfig` where the
+mla_dsa package is installed (`foreign_config_reader`). Part of the trust_remote_code payload: it imports only
+transformers.
 """
 
 from typing import Any
@@ -398,6 +399,25 @@ class MlaDsaConfig(PreTrainedConfig):
             and (layer_idx % self.moe_layer_freq == 0)
         )
 
+    # Set by the mla_dsa package (`mla_dsa.deepseek_format`), which reads config.json files written for transformers'
+    # DeepseekV2/V3/V32 and GlmMoeDsa (and DeepSeek-format models of other names) as ours; a checkpoint's own code
+    # only ever reads its own config.
+    foreign_config_reader = None
+
+    @classmethod
+    def own_fields(cls, config_dict: dict[str, Any]) -> dict[str, Any]:
+        """A config dict's fields as ours (without `model_type`): ours as they are, another model's through
+        `foreign_config_reader`."""
+        model_type = config_dict.get("model_type", MODEL_TYPE)
+        if model_type == MODEL_TYPE:
+            return {name: value for name, value in config_dict.items() if name != "model_type"}
+        if cls.foreign_config_reader is None:
+            raise ValueError(
+                f"MlaDsaConfig: a config.json of model_type {model_type!r} is read as ours by the mla_dsa package "
+                "(pip install mla-dsa), or converted by `mla-dsa convert`"
+            )
+        return cls.foreign_config_reader(config_dict)
+
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
         """transformers' reading of config.json, a DeepSeek-format one mapped onto our fields at once: it is read
@@ -405,16 +425,16 @@ class MlaDsaConfig(PreTrainedConfig):
         "is not supported and can yield errors" as an `mla_dsa` one."""
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         if config_dict.get("model_type", MODEL_TYPE) != MODEL_TYPE:
-            config_dict = {**config_from_deepseek(config_dict), "model_type": MODEL_TYPE}
+            config_dict = {**cls.own_fields(config_dict), "model_type": MODEL_TYPE}
         return config_dict, kwargs
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> "MlaDsaConfig":
-        """Reads our own config.json and those written for deepseek_v2 / deepseek_v3 / deepseek_v32.
+        """Reads our own config.json (and, with the mla_dsa package, those of DeepSeek-format models).
 
         Warns, naming the field, when an MLA shape field is missing (its default is used) or when an unknown field
         looks like an MLA/DSA one (a typo the model would silently ignore)."""
-        fields = config_from_deepseek(config_dict)
+        fields = cls.own_fields(config_dict)
         # derived, and RoPE's legacy fields (transformers turns them into rope_parameters)
         known = (
             set(cls.__dataclass_fields__)
@@ -446,115 +466,6 @@ def _require_choice(name: str, value: Any, choices: tuple) -> None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-# Reading config.json files written for transformers' DeepseekV2/V3/V32 and GlmMoeDsa (and DeepSeek-format
-# checkpoints of other names, such as Kimi-K2's) as MlaDsaConfig fields.
-DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa")
-# What makes a config Multi-head Latent Attention: a compressed KV latent and a query/key split into a position-free
-# part and a decoupled RoPE part. Checkpoints of other names in DeepSeek's format (Kimi-K2's "kimi_k2", ...) are read
-# as the DeepSeek family their `architectures` names, or, without one, the one their fields describe.
-MLA_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-DEEPSEEK_ARCHITECTURES = {
-    "DeepseekV2ForCausalLM": "deepseek_v2",
-    "DeepseekV3ForCausalLM": "deepseek_v3",
-    "DeepseekV32ForCausalLM": "deepseek_v32",
-    "GlmMoeDsaForCausalLM": "glm_moe_dsa",
-}
-
-
-def deepseek_family(config_dict: dict[str, Any]) -> str:
-    """Which of DEEPSEEK_MODEL_TYPES (or "mla_dsa") a config dict is read as; ValueError if it is not MLA."""
-    model_type = config_dict.get("model_type", MODEL_TYPE)
-    if model_type == MODEL_TYPE or model_type in DEEPSEEK_MODEL_TYPES:
-        return model_type
-    missing = [name for name in MLA_FIELDS if not isinstance(config_dict.get(name), int)]
-    if missing:
-        raise ValueError(
-            f"model_type {model_type!r} is not a Multi-head Latent Attention model: an MLA config has "
-            f"{', '.join(MLA_FIELDS)} (this one lacks {', '.join(missing)})"
-        )
-    for architecture in config_dict.get("architectures") or ():
-        if architecture in DEEPSEEK_ARCHITECTURES:
-            return DEEPSEEK_ARCHITECTURES[architecture]
-    if config_dict.get("index_n_heads") is not None:
-        return "deepseek_v32"
-    return "deepseek_v2" if config_dict.get("scoring_func") == "softmax" else "deepseek_v3"
-
-
-def config_from_deepseek(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """Maps a DeepSeek-format config dict onto MlaDsaConfig's fields (a copy; our own configs pass through)."""
-    config = dict(config_dict)
-    source_type = deepseek_family(config)
-    config.pop("model_type", None)
-    if source_type == MODEL_TYPE:
-        return config
-    for name in (
-        "architectures",
-        "auto_map",
-        "quantization_config",
-        "head_dim",
-        "qk_head_dim",
-        "layer_types",
-        "ep_size",  # how DeepSeek's own inference code splits experts over processes, not the model
-        PAYLOAD_VERSION_KEY,
-    ):
-        config.pop(name, None)
-    if source_type == "glm_moe_dsa":
-        config.setdefault("indexer_rope_interleave", True)  # GLM's indexer rotates adjacent pairs (its peer code)
-        config.setdefault("n_group", 1)
-        config.setdefault("topk_group", 1)
-        config.setdefault("rms_norm_eps", 1e-5)
-        config["indexer_types"] = glm_indexer_types(config)
-    if source_type == "deepseek_v2":
-        # V2 rotates rope pairs as complex numbers: the same math as V3's interleaved layout.
-        config.setdefault("rope_interleave", True)
-        config.setdefault("scoring_func", "softmax")
-        config.setdefault("topk_method", "greedy")
-        config.setdefault("norm_topk_prob", False)
-        config.setdefault("first_k_dense_replace", 0)
-        config.setdefault("routed_scaling_factor", 1.0)
-    else:
-        config.setdefault("scoring_func", "sigmoid")
-        config.setdefault("topk_method", "noaux_tc")
-    _drop_mlp_layer_types(config)
-    for name in ("n_group", "topk_group"):
-        if config.get(name) is None:
-            config[name] = 1
-    # V3 configs count MTP layers; the model never builds them, conversion drops their tensors.
-    config.setdefault("num_nextn_predict_layers", 0)
-    return config
-
-
-def glm_indexer_types(config: dict[str, Any]) -> list[str] | None:
-    """GLM-5's per-layer indexer types, from `indexer_types` or, as transformers' GlmMoeDsaConfig derives them, from
-    an "FSS..." `index_topk_pattern` or one full layer in `index_topk_freq` from `index_skip_topk_offset` on (those
-    fields are popped); None when every layer is full."""
-    pattern = config.pop("index_topk_pattern", None)
-    freq, offset = config.pop("index_topk_freq", 1), config.pop("index_skip_topk_offset", 2)
-    types = config.get("indexer_types")
-    if types is None and pattern is not None:
-        types = [{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(pattern, str) else list(pattern)
-    if types is None:
-        freq, layers = max(freq or 1, 1), range(config.get("num_hidden_layers", 61))
-        types = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in layers]
-    return None if all(kind == "full" for kind in types) else list(types)
-
-
-def _drop_mlp_layer_types(config: dict[str, Any]) -> None:
-    """DeepseekV32's `mlp_layer_types` (written by its config, and by our export) spells out DeepSeek's rule, MoE from
-    `first_k_dense_replace` on, every `moe_layer_freq`-th layer; a list that breaks the rule has no MlaDsaConfig."""
-    types = config.pop("mlp_layer_types", None)
-    if types is None:
-        return
-    first, freq = config.get("first_k_dense_replace", 3), config.get("moe_layer_freq", 1)
-    experts = config.get("n_routed_experts", 256)
-    rule = ["sparse" if experts and i >= first and i % freq == 0 else "dense" for i in range(len(types))]
-    if list(types) != rule:
-        raise ValueError(
-            f"mlp_layer_types {types} does not follow first_k_dense_replace={first}, moe_layer_freq={freq}: "
-            "MLA+DSA models place MoE layers by those two fields"
-        )
 
 
 __all__ = ["MlaDsaConfig"]

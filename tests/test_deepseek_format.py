@@ -1,4 +1,4 @@
-"""Reading MLA checkpoints written for other names and families (modeling/configuration_mla_dsa.py): DeepSeek's
+"""Reading MLA checkpoints written for other names and families (mla_dsa/deepseek_format.py): DeepSeek's
 own configs with every layer dense, Kimi-K2's, configs that name no family, and what is refused (a config without
 MLA's fields, transformers' own MLA variants)."""
 
@@ -9,7 +9,7 @@ import torch
 
 import mla_dsa
 from mla_dsa.cli import main as cli
-from mla_dsa.modeling.configuration_mla_dsa import deepseek_family
+from mla_dsa.deepseek_format import deepseek_family
 
 from peers import save_peer
 
@@ -86,3 +86,13 @@ def test_transformers_own_mla_variants_are_refused_unless_they_name_deepseek(tmp
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "glm4_moe_lite" in err and "transformers' own MLA variant" in err, err
     assert not (tmp_path / "dsa").exists()
+
+
+def test_only_the_package_reads_a_deepseek_config_as_ours(tmp_path, monkeypatch):
+    """The checkpoints' own config class reads its own config.json; a DeepSeek-format one is read as ours by the
+    package's reader (`mla_dsa.deepseek_format`), and without it is refused with the way to read it."""
+    save_peer("deepseek_v3", tmp_path)
+    assert mla_dsa.MlaDsaConfig.from_pretrained(tmp_path).topk_method == "noaux_tc"
+    monkeypatch.setattr(mla_dsa.MlaDsaConfig, "foreign_config_reader", None)
+    with pytest.raises(ValueError, match=r"model_type 'deepseek_v3' is read as ours by the mla_dsa package"):
+        mla_dsa.MlaDsaConfig.from_pretrained(tmp_path)

@@ -1,0 +1,130 @@
+"""Reading config.json files written for transformers' DeepseekV2/V3/V32 and GlmMoeDsa (and DeepSeek-format
+checkpoints of other names, such as Kimi-K2's) as MlaDsaConfig fields: what the converter reads its sources with, and
+what lets `mla_dsa.MlaDsaForCausalLM.from_pretrained` read such a checkpoint directly (`install`, run when the package
+is imported, sets it as `MlaDsaConfig.foreign_config_reader`). The checkpoints' own code never needs it.
+"""
+
+from typing import Any
+
+from .modeling.configuration_mla_dsa import MODEL_TYPE, PAYLOAD_VERSION_KEY, MlaDsaConfig
+
+DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa")
+# What makes a config Multi-head Latent Attention: a compressed KV latent and a query/key split into a position-free
+# part and a decoupled RoPE part. Checkpoints of other names in DeepSeek's format (Kimi-K2's "kimi_k2", ...) are read
+# as the DeepSeek family their `architectures` names, or, without one, the one their fields describe.
+MLA_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+DEEPSEEK_ARCHITECTURES = {
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+    "DeepseekV32ForCausalLM": "deepseek_v32",
+    "GlmMoeDsaForCausalLM": "glm_moe_dsa",
+}
+
+
+def deepseek_family(config_dict: dict[str, Any]) -> str:
+    """Which of DEEPSEEK_MODEL_TYPES (or "mla_dsa") a config dict is read as; ValueError if it is not MLA."""
+    model_type = config_dict.get("model_type", MODEL_TYPE)
+    if model_type == MODEL_TYPE or model_type in DEEPSEEK_MODEL_TYPES:
+        return model_type
+    missing = [name for name in MLA_FIELDS if not isinstance(config_dict.get(name), int)]
+    if missing:
+        raise ValueError(
+            f"model_type {model_type!r} is not a Multi-head Latent Attention model: an MLA config has "
+            f"{', '.join(MLA_FIELDS)} (this one lacks {', '.join(missing)})"
+        )
+    for architecture in config_dict.get("architectures") or ():
+        if architecture in DEEPSEEK_ARCHITECTURES:
+            return DEEPSEEK_ARCHITECTURES[architecture]
+    if config_dict.get("index_n_heads") is not None:
+        return "deepseek_v32"
+    return "deepseek_v2" if config_dict.get("scoring_func") == "softmax" else "deepseek_v3"
+
+
+def config_from_deepseek(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """Maps a DeepSeek-format config dict onto MlaDsaConfig's fields (a copy; our own configs pass through)."""
+    config = dict(config_dict)
+    source_type = deepseek_family(config)
+    config.pop("model_type", None)
+    if source_type == MODEL_TYPE:
+        return config
+    for name in (
+        "architectures",
+        "auto_map",
+        "quantization_config",
+        "head_dim",
+        "qk_head_dim",
+        "layer_types",
+        "ep_size",  # how DeepSeek's own inference code splits experts over processes, not the model
+        PAYLOAD_VERSION_KEY,
+    ):
+        config.pop(name, None)
+    if source_type == "glm_moe_dsa":
+        config.setdefault("indexer_rope_interleave", True)  # GLM's indexer rotates adjacent pairs (its peer code)
+        config.setdefault("n_group", 1)
+        config.setdefault("topk_group", 1)
+        config.setdefault("rms_norm_eps", 1e-5)
+        config["indexer_types"] = glm_indexer_types(config)
+    if source_type == "deepseek_v2":
+        # V2 rotates rope pairs as complex numbers: the same math as V3's interleaved layout.
+        config.setdefault("rope_interleave", True)
+        config.setdefault("scoring_func", "softmax")
+        config.setdefault("topk_method", "greedy")
+        config.setdefault("norm_topk_prob", False)
+        config.setdefault("first_k_dense_replace", 0)
+        config.setdefault("routed_scaling_factor", 1.0)
+    else:
+        config.setdefault("scoring_func", "sigmoid")
+        config.setdefault("topk_method", "noaux_tc")
+    _drop_mlp_layer_types(config)
+    for name in ("n_group", "topk_group"):
+        if config.get(name) is None:
+            config[name] = 1
+    # V3 configs count MTP layers; the model never builds them, conversion drops their tensors.
+    config.setdefault("num_nextn_predict_layers", 0)
+    return config
+
+
+def glm_indexer_types(config: dict[str, Any]) -> list[str] | None:
+    """GLM-5's per-layer indexer types, from `indexer_types` or, as transformers' GlmMoeDsaConfig derives them, from
+    an "FSS..." `index_topk_pattern` or one full layer in `index_topk_freq` from `index_skip_topk_offset` on (those
+    fields are popped); None when every layer is full."""
+    pattern = config.pop("index_topk_pattern", None)
+    freq, offset = config.pop("index_topk_freq", 1), config.pop("index_skip_topk_offset", 2)
+    types = config.get("indexer_types")
+    if types is None and pattern is not None:
+        types = [{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(pattern, str) else list(pattern)
+    if types is None:
+        freq, layers = max(freq or 1, 1), range(config.get("num_hidden_layers", 61))
+        types = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in layers]
+    return None if all(kind == "full" for kind in types) else list(types)
+
+
+def _drop_mlp_layer_types(config: dict[str, Any]) -> None:
+    """DeepseekV32's `mlp_layer_types` (written by its config, and by our export) spells out DeepSeek's rule, MoE from
+    `first_k_dense_replace` on, every `moe_layer_freq`-th layer; a list that breaks the rule has no MlaDsaConfig."""
+    types = config.pop("mlp_layer_types", None)
+    if types is None:
+        return
+    first, freq = config.get("first_k_dense_replace", 3), config.get("moe_layer_freq", 1)
+    experts = config.get("n_routed_experts", 256)
+    rule = ["sparse" if experts and i >= first and i % freq == 0 else "dense" for i in range(len(types))]
+    if list(types) != rule:
+        raise ValueError(
+            f"mlp_layer_types {types} does not follow first_k_dense_replace={first}, moe_layer_freq={freq}: "
+            "MLA+DSA models place MoE layers by those two fields"
+        )
+
+
+def install() -> None:
+    """Makes MlaDsaConfig (the installed package's) read DeepSeek-format config.json files as its own."""
+    MlaDsaConfig.foreign_config_reader = staticmethod(config_from_deepseek)
+
+
+__all__ = [
+    "DEEPSEEK_MODEL_TYPES",
+    "MLA_FIELDS",
+    "config_from_deepseek",
+    "deepseek_family",
+    "glm_indexer_types",
+    "install",
+]
