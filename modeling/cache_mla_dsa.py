@@ -161,7 +161,7 @@ class MlaDsaCacheLayer(LatentRows, DynamicIndexedLayer):
     `index_keys` [batch, capacity, index_head_dim]; the first `length` positions along dim 1 are filled, and `keys`
     [B, 1, length, C], `values` [B, 1, length, 0] and `indexer_keys` [B, length, Di] are views of them."""
 
-    _layer_type = LAYER_TYPE  # transformers >= 5.14 registers the class under this name (see compat_mla_dsa.py)
+    _layer_type = LAYER_TYPE  # transformers >= 5.14 registers the class under this name
     is_compileable = False
     is_croppable = True
     is_sliding = False

@@ -105,7 +105,7 @@ TRAINING_MOVED = (
 @dataclass(frozen=True)
 class DsaSettings:
     """use_sparse_attention: attend only to the `index_topk` keys the indexer selects (no effect where the context
-    is no longer than k). attention_mode: "auto" | "mha" | "absorbed" (see `attention_mla_dsa.py`)."""
+    is no longer than k). attention_mode: "auto" | "mha" | "absorbed" (see `MlaDsaAttention`)."""
 
     use_sparse_attention: bool
     index_topk: int
@@ -130,6 +130,20 @@ class DsaSettings:
         if attention_mode not in ATTENTION_MODES:
             raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {attention_mode!r}")
         return cls(bool(use_sparse_attention), index_topk, attention_mode)
+
+
+class MlaDsaRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
 
 
 class MlaDsaRotaryEmbedding(nn.Module):
@@ -464,7 +478,7 @@ class MlaDsaIndexer(nn.Module):
 
     def keys(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp8: bool) -> torch.Tensor:
         """The keys of the new tokens as the cache holds them: rotated [B, S, D], or with `fp8` the packed rows
-        [B, S, D + 4 * D / 128] (uint8, see `fp8_mla_dsa.py`)."""
+        [B, S, D + 4 * D / 128] (uint8, see `cache_mla_dsa.py`)."""
         keys = _rotate_leading_dims(self.k_norm(self.wk(hidden_states)), cos, sin, self.rope_dim, self.rope_interleave)
         return pack_fp8_rows(keys, self.fp8_block, self.scale_fmt) if fp8 else keys
 
@@ -574,20 +588,6 @@ ABSORBED_ATTENTION = "mla_dsa_absorbed"
 # (values of their own head size: the math kernel, which builds the scores), so bf16 results are theirs bit for bit;
 # beyond it, values are padded to the keys' size for the flash kernel, which never builds them (training memory linear).
 _PEER_CALL_SCORE_ELEMENTS = 1 << 24
-
-
-class MlaDsaRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
 
 
 class MlaDsaAttention(nn.Module):

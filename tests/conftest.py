@@ -40,6 +40,26 @@ def v32_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def v32_topk4(tmp_path_factory):
+    """A tiny DeepSeek-V3.2 checkpoint written by transformers' own class (DSA selects 4 keys): read-only."""
+    from peers import save_peer
+
+    directory = tmp_path_factory.mktemp("v32_topk4_session")
+    save_peer("deepseek_v32", directory, index_topk=4)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def ours_v32_topk4(v32_topk4, tmp_path_factory):
+    """The same weights as our checkpoint (written by our `save_pretrained`, payload beside them): read-only."""
+    import mla_dsa
+
+    directory = tmp_path_factory.mktemp("ours_v32_topk4_session") / "checkpoint"
+    mla_dsa.MlaDsaForCausalLM.from_pretrained(v32_topk4).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def byte_dsa(tmp_path_factory):
     """A byte-level DSA checkpoint (256-token vocabulary, top-4 selection) that text files can train: read-only."""
     from peers import save_byte_level_dsa

@@ -11,7 +11,7 @@ import torch
 import mla_dsa
 from mla_dsa import MlaDsaCache, MlaDsaCacheLayer
 
-from peers import VOCAB, peer_cache_kwarg, save_peer
+from peers import VOCAB, peer_cache_kwarg
 
 LATENT_DIM = 40  # kv_lora_rank 32 + qk_rope_head_dim 8 (peers' geometry)
 INDEX_DIM = 32
@@ -20,10 +20,8 @@ PROMPT_LEN = 12
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("v32_cache")
-    save_peer("deepseek_v32", directory, index_topk=TOPK)
-    return directory
+def checkpoint(v32_topk4):
+    return v32_topk4  # index_topk = TOPK
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,10 @@ from safetensors.torch import load_file, save_file
 
 import mla_dsa
 
-from peers import save_peer
-
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    peer_dir = tmp_path_factory.mktemp("peer")
-    save_peer("deepseek_v32", peer_dir)
-    ours = tmp_path_factory.mktemp("ours") / "ckpt"
-    mla_dsa.MlaDsaForCausalLM.from_pretrained(peer_dir).save_pretrained(ours)
-    return ours
+def checkpoint(ours_v32_topk4):
+    return ours_v32_topk4  # read-only: every test edits a copy
 
 
 def edited(checkpoint, tmp_path, edit):

@@ -41,13 +41,9 @@ def input_ids():
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def saved(ours_v32_topk4):
     """(our model, the directory it saved itself to) from a DeepSeek-V3.2 peer with DSA active at 10 tokens."""
-    root = tmp_path_factory.mktemp("remote")
-    save_peer("deepseek_v32", root / "peer", index_topk=4)
-    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(root / "peer").eval()
-    model.save_pretrained(root / "checkpoint")
-    return model, root / "checkpoint"
+    return mla_dsa.MlaDsaForCausalLM.from_pretrained(ours_v32_topk4).eval(), ours_v32_topk4
 
 
 # ------------------------------------------------------------------------------------------------ the payload

@@ -17,17 +17,15 @@ from mla_dsa import MlaDsaCache
 from mla_dsa import attention as cpu_attention
 from mla_dsa.modeling import modeling_mla_dsa
 
-from peers import VOCAB, save_peer
+from peers import VOCAB
 
 TOPK = 4
 CONTEXT = 24
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("v32_sparse")
-    save_peer("deepseek_v32", directory, index_topk=TOPK)
-    return directory
+def checkpoint(v32_topk4):
+    return v32_topk4  # index_topk = TOPK
 
 
 @pytest.fixture(scope="module")
