@@ -201,13 +201,17 @@ class StreamedExperts(torch.nn.Module):
 def _run_layer(layer: MlaDsaDecoderLayer, layer_idx: int, hidden: torch.Tensor, position_embeddings,
                settings: DsaSettings) -> LayerPass:  # fmt: skip
     attn_inputs, query_latents, attentions, outputs = [], [], [], []
-    for window in hidden.split(1):
-        attn_input = layer.input_layernorm(window)
-        attn_inputs.append(attn_input)
-        query_latents.append(layer.self_attn._project_queries(attn_input)[0])
-        out, probs, _ = layer(window, position_embeddings, settings, output_attentions=True)
-        attentions.append(probs.mean(dim=1))  # [1, L, L]: heads summed, L1-normalised
-        outputs.append(out)
+    # the attention's probabilities [1, H, L, L], as transformers' output capture records them
+    recording = layer.self_attn.register_forward_hook(lambda module, args, output: attentions.append(output[1]))
+    try:
+        for window in hidden.split(1):
+            attn_input = layer.input_layernorm(window)
+            attn_inputs.append(attn_input)
+            query_latents.append(layer.self_attn._project_queries(attn_input)[0])
+            outputs.append(layer(window, position_embeddings, settings, output_attentions=True))
+    finally:
+        recording.remove()
+    attentions = [probs.mean(dim=1) for probs in attentions]  # [1, L, L]: heads summed, L1-normalised
     return LayerPass(layer_idx, layer.self_attn.indexer, torch.cat(attn_inputs), torch.cat(query_latents),
                      position_embeddings, torch.cat(attentions), torch.cat(outputs))  # fmt: skip
 

@@ -161,7 +161,7 @@ class IndexerLoss:
                 )
             main_query = attention.absorbed_query(q_nope, q_rope)  # [B, S, H, R + dr]
         top_k = call["settings"].index_topk
-        selection = output[2]
+        selection = (call.get("selections") or {}).get(layer_idx)  # what the layer attended with, if it selected
         if attention.indexer is not None:
             indexer = attention.indexer
             queries, weights = indexer.queries(hidden, query_latent, cos, sin)
@@ -176,7 +176,7 @@ class IndexerLoss:
             source = max(i for i in range(layer_idx) if not self.config.is_shared_indexer_layer(i))
             if source not in self._scorers:
                 return
-            selection = selection if selection is not None else self._selections[source]
+            selection = self._selections[source]
         scorer = self._scorers[source]
         if self.stage == "sparse":
             stats = sparse_stage_loss(scorer, selection, main_query, latent, attention.scaling)

@@ -655,17 +655,18 @@ class MlaDsaAttention(nn.Module):
         output_attentions: bool = False,
         segment_ids: torch.Tensor | None = None,
         past_len: int | torch.Tensor = 0,
-        shared_selection: TopkSelection | None = None,
+        selections: dict[int, TopkSelection | None] | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, TopkSelection | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states [B, S, hidden]; key_padding_mask [B, T] bool (True = real token) or None; segment_ids [B, T]
         for a packed batch (attention and the indexer stay inside each sequence) or None; past_len: tokens cached
-        before this call (a device scalar for a static cache, whose rows past the current length the causal mask hides).
+        before this call (a device scalar for a static cache, whose rows past the current length the causal mask hides);
+        selections: this forward's top-k selection of every full layer so far, by layer index: this layer's is added,
+        and a shared layer (GLM-5's indexer_types) attends with its source layer's.
 
-        Returns the attention output [B, S, hidden]; with `output_attentions`, the attention probabilities
+        Returns the attention output [B, S, hidden] and, with `output_attentions`, the attention probabilities
         [B, H, S, T] (0 at keys the indexer did not select), computed on the explicit (eager) MHA path whatever the
-        attention mode; and the top-k selection it attended with (a shared layer's is `shared_selection`, its source
-        layer's), or None."""
+        attention mode."""
         batch_size, seq_len, _ = hidden_states.shape
         query_latent, q_nope, q_rope, latent = self.project(hidden_states, position_embeddings)
         dsa_layer = self.layer_idx not in (self.config.dense_attention_layers or ())
@@ -689,15 +690,17 @@ class MlaDsaAttention(nn.Module):
         past_len = past_len if cache is not None else 0  # without a cache, this call's tokens are all the keys
         visible = VisibleKeys(past_len, num_keys, key_padding_mask, hidden_states.device, segment_ids)
         sparse = selects and settings.index_topk < num_keys
-        selection = shared_selection if shared else None
-        if sparse and not shared:
+        selections = {} if selections is None else selections
+        if shared:
+            selection = selections.get(self.config.indexer_source_layer(self.layer_idx)) if sparse else None
+        else:
             selection = self.indexer(hidden_states, query_latent, position_embeddings, index_keys, visible,
-                                     settings.index_topk)  # fmt: skip
-        attn_output, attn_weights = self._attend(
-            q_nope, q_rope, latent, visible, selection if sparse else None, settings, output_attentions
-        )
+                                     settings.index_topk) if sparse else None  # fmt: skip
+            selections[self.layer_idx] = selection
+        attn_output, attn_weights = self._attend(q_nope, q_rope, latent, visible, selection, settings,
+                                                 output_attentions)  # fmt: skip
         attn_output = self.o_proj(attn_output.reshape(batch_size, seq_len, -1))  # [B, S, H * dv]
-        return attn_output, attn_weights, selection
+        return attn_output, attn_weights
 
     def _attend(
         self, q_nope, q_rope, latent, visible: VisibleKeys, selection: TopkSelection | None, settings: DsaSettings,
@@ -939,20 +942,19 @@ class MlaDsaDecoderLayer(GradientCheckpointingLayer):
         key_padding_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, TopkSelection | None]:
-        """The layer's output [B, S, hidden], its attention probabilities (with `output_attentions`) and the top-k
-        selection it attended with (which GLM-5's shared layers after it reuse)."""
+    ) -> torch.Tensor:
+        """The layer's output [B, S, hidden] (its attention probabilities are recorded from the attention's output)."""
         # The cache comes by keyword, under the running transformers' name (CACHE_NAME): GradientCheckpointingLayer
         # looks for it there to drop it (with one warning) when a checkpointed training step asks for a cache.
         cache = kwargs.pop(CACHE_NAME, None)
         residual = hidden_states
-        attn_output, attn_weights, selection = self.self_attn(
+        attn_output, _ = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, settings, key_padding_mask, cache,
             output_attentions=output_attentions, **kwargs,
         )  # fmt: skip
         hidden_states = residual + attn_output
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-        return hidden_states, attn_weights, selection
+        return hidden_states
 
 
 class MlaDsaPreTrainedModel(PreTrainedModel):
@@ -1139,12 +1141,11 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        selection = None
+        selections = {}  # each full layer's top-k, which the shared layers after it reuse (GLM-5's indexer_types)
         for layer in self.layers:
-            # `selection`: the last full layer's top-k, which the shared layers after it reuse (GLM-5's indexer_types)
-            hidden_states, _, selection = layer(
+            hidden_states = layer(
                 hidden_states, position_embeddings, settings, key_padding_mask, output_attentions=output_attentions,
-                segment_ids=segment_ids, past_len=past_len, shared_selection=selection,
+                segment_ids=segment_ids, past_len=past_len, selections=selections,
                 **cache_field(cache if use_cache else None), **kwargs,
             )  # fmt: skip
         return MoeModelOutputWithPast(

@@ -397,3 +397,21 @@ def test_gradient_checkpointing_with_use_cache_trains_as_the_peer(saved):
     assert peer_cache is None and cache is None
     torch.testing.assert_close(loss, peer_loss, atol=1e-5, rtol=0)
     torch.testing.assert_close(grad, peer_grad, atol=1e-5, rtol=0)
+
+
+def test_layers_return_hidden_states_and_the_indexer_only_its_selection(saved):
+    """As transformers' layers: a decoder layer returns its hidden states, the attention (output, probabilities); the
+    indexer returns its selection (indices, valid) and nothing training-only."""
+    _, ours = _pair(saved)
+    outputs = {}
+    hooks = [module.register_forward_hook(lambda m, a, out, name=name: outputs.setdefault(name, out))
+             for name, module in (("layer", ours.model.layers[1]), ("attention", ours.model.layers[1].self_attn),
+                                  ("indexer", ours.model.layers[1].self_attn.indexer))]  # fmt: skip
+    with torch.no_grad():
+        ours(_ids(length=11))  # index_topk 5 < 11 keys: the indexer selects
+    for hook in hooks:
+        hook.remove()
+    assert isinstance(outputs["layer"], torch.Tensor) and outputs["layer"].shape == (2, 11, ours.config.hidden_size)
+    assert len(outputs["attention"]) == 2 and outputs["attention"][1] is None
+    indices, valid = outputs["indexer"]
+    assert type(outputs["indexer"])._fields == ("indices", "valid") and indices.shape == valid.shape == (2, 11, 5)
