@@ -33,13 +33,15 @@ from transformers.cache_utils import Cache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 from transformers.integrations import use_experts_implementation
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import (
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
 from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
     MoeCausalLMOutputWithPast,
     MoeModelOutputWithPast,
-    SequenceClassifierOutputWithPast,
-    TokenClassifierOutput,
 )
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -978,12 +980,6 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
         "router_logits": OutputRecorder(MlaDsaRouter, index=0),
     }
 
-    def _backbone(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs):
-        """The base model's output object for a head's forward (the cache under either name)."""
-        cache = take_cache(cache, kwargs, f"{type(self).__name__}.forward")
-        return self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                          inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs)  # fmt: skip
-
     def __init__(self, config: MlaDsaConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         register_expert_layout()  # before transformers loads or saves weights: per-expert names <-> fused experts
@@ -1283,87 +1279,34 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
         return padded_to_keys(attention_mask.bool(), size)
 
 
-class MlaDsaForSequenceClassification(MlaDsaPreTrainedModel):
-    """A linear score on the last non-pad token (transformers' generic sequence classifier, as DeepseekV3's):
-    reward models and classifiers on an MLA+DSA backbone. The loss follows `config.problem_type`."""
+class MlaDsaForSequenceClassification(GenericForSequenceClassification, MlaDsaPreTrainedModel):
+    """transformers' generic sequence classifier (as DeepseekV3's): a linear score on the last non-pad token, the loss
+    by `config.problem_type`. Reward models and classifiers on an MLA+DSA backbone."""
 
     _auto_class = "AutoModelForSequenceClassification"
 
     def __init__(self, config: MlaDsaConfig):
-        super().__init__(config)
+        # transformers' own __init__ builds the backbone through AutoModel, which remote code does not register
+        MlaDsaPreTrainedModel.__init__(self, config)
         self.num_labels = config.num_labels
         self.model = MlaDsaModel(config)
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
         self.post_init()
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        **kwargs,
-    ) -> SequenceClassifierOutputWithPast | tuple:
-        outputs = self._backbone(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs)
-        logits = self.score(outputs.last_hidden_state)  # [B, S, num_labels]
-        batch_size = logits.shape[0]
-        pad_token_id = self.config.pad_token_id
-        if pad_token_id is None and batch_size != 1:
-            raise ValueError("MlaDsaForSequenceClassification: batches of more than one row need a pad_token_id")
-        if pad_token_id is None or input_ids is None:
-            last_token = torch.full((batch_size,), -1, device=logits.device)
-        else:  # the rightmost non-pad token: left and right padding alike
-            positions = torch.arange(input_ids.shape[-1], device=logits.device)
-            last_token = (positions * (input_ids != pad_token_id).to(logits.device)).argmax(-1)
-        pooled_logits = logits[torch.arange(batch_size, device=logits.device), last_token]  # [B, num_labels]
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
-        return SequenceClassifierOutputWithPast(
-            loss=loss,
-            logits=pooled_logits,
-            **cache_field(getattr(outputs, CACHE_NAME)),
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
 
-
-class MlaDsaForTokenClassification(MlaDsaPreTrainedModel):
-    """A linear score on every token after dropout (transformers' generic token classifier, as DeepseekV3's)."""
+class MlaDsaForTokenClassification(GenericForTokenClassification, MlaDsaPreTrainedModel):
+    """transformers' generic token classifier (as DeepseekV3's): a linear score on every token after dropout."""
 
     _auto_class = "AutoModelForTokenClassification"
 
     def __init__(self, config: MlaDsaConfig):
-        super().__init__(config)
+        MlaDsaPreTrainedModel.__init__(self, config)  # as above
         self.num_labels = config.num_labels
         self.model = MlaDsaModel(config)
         dropout = getattr(config, "classifier_dropout", None)
         self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=True)
         self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        **kwargs,
-    ) -> TokenClassifierOutput | tuple:
-        outputs = self._backbone(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs)
-        logits = self.score(self.dropout(outputs.last_hidden_state))  # [B, S, num_labels]
-        loss = self.loss_function(logits, labels, self.config) if labels is not None else None
-        return TokenClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
 
 
 __all__ = [
