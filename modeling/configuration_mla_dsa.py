@@ -182,6 +182,7 @@ class MlaDsaConfig(PreTrainedConfig):
     first_k_dense_replace: int = 3
     moe_layer_freq: int = 1
     num_nextn_predict_layers: int = 0
+    output_router_logits: bool = False  # as DeepseekV32's: each MoE layer's router logits in the output
     # DeepSeek Sparse Attention
     index_n_heads: int = 64
     index_head_dim: int = 128

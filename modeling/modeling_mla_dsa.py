@@ -1220,7 +1220,7 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
         loss_kwargs = {name: kwargs.pop(name) for name in LOSS_KWARGS if name in kwargs}
         output_hidden_states, output_attentions = output_flags(self.config, output_hidden_states, output_attentions)
         if output_router_logits is None:
-            output_router_logits = getattr(self.config, "output_router_logits", False)
+            output_router_logits = self.config.output_router_logits
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -331,7 +331,7 @@ NON_DEFAULT = dict(
     n_shared_experts=2, num_experts_per_tok=3, routed_scaling_factor=1.5, scoring_func="softmax",
     topk_method="group_limited_greedy", n_group=4, topk_group=2, norm_topk_prob=False, first_k_dense_replace=2,
     dense_attention_layers=[0, 3], indexer_types=["full", "full", "shared", "full", "full"],
-    indexer_rope_interleave=True,
+    indexer_rope_interleave=True, output_router_logits=True,
     moe_layer_freq=2, num_nextn_predict_layers=1, index_n_heads=4, index_head_dim=32, index_topk=7,
     use_sparse_attention=False, attention_mode="mha", mha_max_length=100, query_chunk_size=16,
     indexer_cache_dtype="fp8", indexer_scale_fmt="ue8m0", latent_cache_dtype="fp8",
