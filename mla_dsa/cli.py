@@ -532,6 +532,49 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
             enable_progress_bars()
 
 
+def _add_serve(commands) -> None:
+    parser = commands.add_parser(
+        "serve",
+        help="an OpenAI-compatible server (chat, completions, streaming) on a checkpoint, with sparse decode",
+        description="transformers' own server (`transformers serve`: /v1/chat/completions, /v1/completions, "
+        "/v1/responses, /v1/models, /health) with CHECKPOINT loaded by mla-dsa: our checkpoints and the "
+        "--export deepseek_v32 / glm_moe_dsa outputs run in our model, with its sparse decode over the latent cache. "
+        "Requests name the model as CHECKPOINT is written here, or not at all. Needs transformers >= 5.25 and "
+        "pip install 'mla-dsa[serve]'.",
+    )
+    parser.add_argument("checkpoint", help="checkpoint directory (ours, or a DeepSeek-V3.2 / GLM-5 export)")
+    parser.add_argument("--host", default="localhost", help="listen address (default localhost)")
+    parser.add_argument("--port", type=int, default=8000, help="listen port (default 8000)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto: a GPU if any)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="weights' dtype (default auto: the checkpoint's)")  # fmt: skip
+    parser.add_argument("--index-topk", type=_positive_int, default=None, help="tokens each query attends to")
+    parser.add_argument("--dense", action="store_true", help="attend to every token (use_sparse_attention=False)")
+    parser.add_argument("--attention-mode", choices=["auto", "mha", "absorbed"], default=None,
+                        help="auto (default): absorbed MQA to decode and for long sparse prefill")  # fmt: skip
+    parser.add_argument("--latent-cache-dtype", choices=["auto", "fp8"], default=None,
+                        help="fp8: FlashMLA's FP8 latent cache (656 bytes per token at V3.2's shapes)")  # fmt: skip
+    parser.add_argument("--indexer-cache-dtype", choices=["auto", "fp8"], default=None,
+                        help="fp8: DeepSeek's FP8 indexer-key cache")  # fmt: skip
+    parser.add_argument("--log-level", default="info", help="the server's logging level (default info)")
+
+
+def _run_serve(args) -> int:
+    from .serve import serve
+
+    if not Path(args.checkpoint, "config.json").is_file():
+        raise ConversionError(args.checkpoint, "no config.json: not a checkpoint directory")
+    overrides = {"index_topk": args.index_topk, "use_sparse_attention": False if args.dense else None,
+                 "attention_mode": args.attention_mode, "latent_cache_dtype": args.latent_cache_dtype,
+                 "indexer_cache_dtype": args.indexer_cache_dtype}  # fmt: skip
+    try:
+        serve(args.checkpoint, overrides, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+              log_level=args.log_level)  # fmt: skip
+    except (ImportError, ValueError, OSError) as error:
+        raise ConversionError(args.checkpoint, str(error)) from None
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mla-dsa", description="DeepSeek Sparse Attention for MLA models")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -545,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_train_indexer(commands)
     _add_eval(commands)
     _add_upgrade_code(commands)
+    _add_serve(commands)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own argument parser
         from .bench import main as bench_main
@@ -582,6 +626,8 @@ def _dispatch(args) -> int:
             return _run_demo(args)
         if args.command == "upgrade-code":
             return _run_upgrade_code(args)
+        if args.command == "serve":
+            return _run_serve(args)
     except ConversionError as err:
         print(f"mla-dsa {args.command}: error: {err}", file=sys.stderr)
         return 1

@@ -1,0 +1,118 @@
+"""`mla-dsa serve CHECKPOINT`: transformers' own OpenAI-compatible server (`transformers serve`: its FastAPI app,
+request handling, chat templates, streaming and model process) with our model and sparse decode behind it.
+
+transformers' loader resolves `config.architectures[0]` on the `transformers` module, so it cannot load a remote-code
+checkpoint (`module transformers has no attribute MlaDsaForCausalLM`), and a DeepSeek-V3.2 or GLM-5 export would run
+in transformers' own DeepseekV32, which re-expands the whole latent cache at every step. The one change made here is
+the loader: `MlaDsaModelLoader` loads every checkpoint with `mla_dsa.load_checkpoint` (ours and the exports alike),
+with the server's settings (top-k, attention mode, FP8 caches) applied to its config. Everything else is transformers'.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .loading import load_checkpoint
+from .modeling.configuration_mla_dsa import MlaDsaConfig
+
+try:  # transformers' serving stack as of 5.25 (`ModelLoader` is new there); older releases cannot serve with it
+    from transformers.cli.serve import Serve
+    from transformers.cli.serving import server as serving_app
+    from transformers.cli.serving.model_manager import ModelLoader
+    from transformers.cli.serving.utils import parse_model_id
+    from transformers.utils.import_utils import is_serve_available
+except ImportError as error:
+    Serve = ModelLoader = None
+    SERVING_IMPORT_ERROR = str(error)
+
+# Config fields a server sets for every request it answers (`mla-dsa serve --index-topk` etc.).
+SERVER_CONFIG_FIELDS = ("index_topk", "use_sparse_attention", "attention_mode", "latent_cache_dtype",
+                        "indexer_cache_dtype")  # fmt: skip
+
+
+def check_serving_stack() -> None:
+    """An ImportError that says what to install where transformers' serving stack cannot run."""
+    if ModelLoader is None:
+        raise ImportError(f"mla-dsa serve needs transformers >= 5.25 (its serving stack): {SERVING_IMPORT_ERROR}")
+    if not is_serve_available():
+        raise ImportError("mla-dsa serve needs transformers' serving extras: pip install 'mla-dsa[serve]'")
+
+
+class MlaDsaModelLoader(ModelLoader or object):
+    """transformers' model loader, loading with ours. The API server reads the config with `MlaDsaConfig` and the
+    model process (spawned: it unpickles this loader by name) loads with `load_checkpoint`; both take our checkpoints
+    and the DeepSeek-V3.2 / GLM-5 exports alike, with the server's settings applied."""
+
+    config_overrides: dict[str, Any]
+
+    @classmethod
+    def from_loader(cls, loader, config_overrides: dict[str, Any]) -> MlaDsaModelLoader:
+        ours = cls.__new__(cls)
+        ours.__dict__.update(loader.__dict__)  # its device, dtype, attention implementation, quantization
+        ours.config_overrides = dict(config_overrides)
+        return ours
+
+    def load_config(self, model_id: str):
+        from transformers import GenerationConfig
+
+        repo, revision, _ = parse_model_id(model_id)
+        config = MlaDsaConfig.from_pretrained(repo, revision=revision, **self.config_overrides)
+        try:  # as transformers' loader: the checkpoint's generation config, else the model config's
+            generation_config = GenerationConfig.from_pretrained(repo, revision=revision)
+        except OSError:
+            generation_config = GenerationConfig.from_model_config(config)
+        return config, generation_config
+
+    def _load_model(self, model_id: str, tqdm_class: type | None = None, progress_callback=None):
+        repo, revision, gguf_file = parse_model_id(model_id)
+        if gguf_file is not None:
+            raise ValueError(f"{model_id}: GGUF is llama.cpp's format; mla-dsa serve serves safetensors checkpoints")
+        if progress_callback is not None:
+            progress_callback({"status": "loading", "model": model_id, "stage": "config"})
+        kwargs = {"revision": revision, "dtype": self.dtype, "device_map": self.device, "tqdm_class": tqdm_class}
+        if self.attn_implementation is not None:
+            kwargs["attn_implementation"] = self.attn_implementation
+        return load_checkpoint(repo, **kwargs, **self.config_overrides).eval()
+
+
+# Errors a handler raises reading a malformed request body (a string where the messages list goes, a message without
+# its role) before anything reaches the model: the request's fault. Failures in the model's process arrive as others.
+MALFORMED_REQUEST_ERRORS = (TypeError, KeyError, AttributeError, IndexError)
+
+
+async def error_with_its_message(request, error: Exception):
+    """The answer to a request a handler failed on: transformers' server answers a plain-text "Internal Server Error"
+    and logs the reason; this says it, as 400 where the request could not be read, 500 otherwise."""
+    from fastapi.responses import JSONResponse
+
+    status = 400 if isinstance(error, MALFORMED_REQUEST_ERRORS) else 500
+    problem = "the request could not be read" if status == 400 else "the server failed on this request"
+    return JSONResponse({"detail": f"{problem}: {type(error).__name__}: {error}"}, status_code=status)
+
+
+def build_app_with_error_messages(*args, **kwargs):
+    """transformers' `build_server`, answering a failed request with its reason (`error_with_its_message`)."""
+    app = build_app_with_error_messages.transformers_build_server(*args, **kwargs)
+    app.add_exception_handler(Exception, error_with_its_message)
+    return app
+
+
+def serve(checkpoint: str, config_overrides: dict[str, Any] | None = None, **serve_options) -> None:
+    """Runs transformers' server (`transformers serve`, with its options: `host`, `port`, `device`, `dtype`,
+    `log_level`, ...) on `checkpoint` with our loader, until stopped."""
+    check_serving_stack()
+    overrides = {name: value for name, value in (config_overrides or {}).items() if value is not None}
+    unknown = sorted(set(overrides) - set(SERVER_CONFIG_FIELDS))
+    if unknown:
+        raise ValueError(f"mla-dsa serve cannot set {unknown}; it sets {list(SERVER_CONFIG_FIELDS)}")
+    MlaDsaConfig.from_pretrained(checkpoint, **overrides)  # a bad checkpoint or setting fails here, in one line
+
+    class MlaDsaServe(Serve):
+        def run(self, *args, **kwargs) -> None:  # `Serve.__init__` builds transformers' loader, then runs
+            self.loader = MlaDsaModelLoader.from_loader(self.loader, overrides)
+            # `Serve.run` imports `build_server` from its module as it runs: this process serves with ours.
+            build_app_with_error_messages.transformers_build_server = serving_app.build_server
+            serving_app.build_server = build_app_with_error_messages
+            super().run(*args, **kwargs)
+
+    MlaDsaServe(checkpoint, **serve_options)

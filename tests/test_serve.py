@@ -1,0 +1,189 @@
+"""`mla-dsa serve`: transformers' own OpenAI-compatible server with our model behind it. The loader (the one place that
+differs from `transformers serve`) loads our checkpoints and the DeepSeek-V3.2 export into our model with the server's
+settings; a live server on a local port answers chat and completion requests, several at once and streamed, with what
+`generate()` gives on the same prompt, and answers bad requests with HTTP errors while staying up."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import mla_dsa
+from mla_dsa import MlaDsaForCausalLM
+from mla_dsa.cli import main as cli
+from mla_dsa.default_model import ASSET_DIR
+
+serving = pytest.importorskip("mla_dsa.serve")
+if serving.ModelLoader is None:
+    pytest.skip("transformers' serving stack (5.25+) is not installed", allow_module_level=True)
+httpx = pytest.importorskip("httpx")
+
+# Plain turns, one per line, the assistant's after "A:": enough to route chat requests through a template.
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'][0] | upper }}: {{ m['content'] }}\n{% endfor %}" \
+                "{% if add_generation_prompt %}A: {% endif %}"  # fmt: skip
+PROMPTS = ["def merge(left, right):\n    ", "class Queue:\n    def __init__(self):\n        ", "import os\n\n\ndef "]
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def served_checkpoint(tmp_path_factory) -> Path:
+    """The embedded Python model as DSA (top-16 of its keys, so prompts past 16 tokens decode sparsely), with a chat
+    template."""
+    out = mla_dsa.convert_checkpoint(ASSET_DIR, tmp_path_factory.mktemp("serve") / "dsa", index_topk=16,
+                                     progress=False)  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+    return Path(out)
+
+
+def _greedy(model, tokenizer, input_ids: torch.Tensor) -> str:
+    with torch.no_grad():
+        out = model.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    return tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
+
+
+def _completion_ids(tokenizer, prompt: str) -> torch.Tensor:
+    return tokenizer(prompt, return_tensors="pt").input_ids  # as the server's completion handler tokenizes
+
+
+def _chat_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                         return_dict=True).input_ids  # fmt: skip
+
+
+def test_the_server_loader_loads_ours_and_the_v32_export_into_our_model_with_the_servers_settings(
+    served_checkpoint, tmp_path
+):
+    export = mla_dsa.convert_checkpoint(served_checkpoint, tmp_path / "v32", export="deepseek_v32", progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(served_checkpoint)
+    ids = _completion_ids(tokenizer, PROMPTS[0] * 2)
+    settings = {"index_topk": 8, "latent_cache_dtype": "fp8"}
+    loader = serving.MlaDsaModelLoader.from_loader(serving.ModelLoader(device="cpu"), settings)
+    for checkpoint in (served_checkpoint, export):
+        config, _ = loader.load_config(str(checkpoint))
+        model = loader._load_model(str(checkpoint))
+        assert type(model) is MlaDsaForCausalLM and config.index_topk == model.config.index_topk == 8
+        assert model.config.latent_cache_dtype == "fp8" and not model.training
+        reference = mla_dsa.load_checkpoint(served_checkpoint, **settings).eval()
+        assert _greedy(model, tokenizer, ids) == _greedy(reference, tokenizer, ids)
+    untouched = mla_dsa.load_checkpoint(served_checkpoint)
+    assert untouched.config.index_topk == 16  # the settings are the server's, not the checkpoint's
+
+
+def test_serve_refuses_what_it_cannot_serve_in_one_line(served_checkpoint, tmp_path, capsys):
+    assert cli(["serve", str(tmp_path / "nothing-here")]) == 1
+    assert "no config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: a top-k of 0
+        cli(["serve", str(served_checkpoint), "--index-topk", "0"])
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="cannot set"):
+        serving.serve(str(served_checkpoint), {"num_hidden_layers": 1})
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(served_checkpoint, tmp_path_factory):
+    """`mla-dsa serve` in a process of its own on a free local port, stopped (with its model process) at the end."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    command = [sys.executable, "-m", "mla_dsa", "serve", str(served_checkpoint), "--port", str(port), "--device",
+               "cpu", "--log-level", "warning"]  # fmt: skip
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://localhost:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the server stopped: {log.read_text()[-2000:]}"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"no answer in 180 s: {log.read_text()[-2000:]}")
+    yield url
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _post(url: str, path: str, body: dict | str) -> httpx.Response:
+    content = body if isinstance(body, str) else json.dumps(body)
+    return httpx.post(f"{url}{path}", content=content, headers={"content-type": "application/json"}, timeout=120)
+
+
+def _streamed_text(url: str, body: dict) -> str:
+    text = []
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                text.extend(choice.get("text", "") for choice in json.loads(line[6:])["choices"])
+    return "".join(text)
+
+
+@pytest.mark.slow
+def test_serve_answers_concurrent_chat_and_completion_requests_as_generate_does(server, served_checkpoint):
+    model, tokenizer = (
+        mla_dsa.load_checkpoint(served_checkpoint).eval(),
+        AutoTokenizer.from_pretrained(served_checkpoint),
+    )
+    messages = [{"role": "user", "content": "Write a function that merges two sorted lists."}]
+    expected_chat = _greedy(model, tokenizer, _chat_ids(tokenizer, messages))
+    expected = [_greedy(model, tokenizer, _completion_ids(tokenizer, prompt)) for prompt in PROMPTS]
+    assert all(len(_completion_ids(tokenizer, prompt)[0]) + NEW_TOKENS > 16 for prompt in PROMPTS)  # sparse decode
+
+    greedy = {"max_tokens": NEW_TOKENS, "temperature": 0}
+    with ThreadPoolExecutor(max_workers=6) as pool:  # all at once: the server queues them
+        completions = [
+            pool.submit(_post, server, "/v1/completions", {"prompt": prompt, **greedy}) for prompt in PROMPTS
+        ]
+        chat = pool.submit(_post, server, "/v1/chat/completions", {"messages": messages, **greedy})
+        streamed = pool.submit(_streamed_text, server, {"prompt": PROMPTS[0], **greedy})
+        for future, want in zip(completions, expected, strict=True):
+            response = future.result()
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["text"] == want
+            assert response.json()["usage"]["completion_tokens"] <= NEW_TOKENS
+        assert chat.result().status_code == 200, chat.result().text
+        assert chat.result().json()["choices"][0]["message"]["content"] == expected_chat
+        assert streamed.result() == expected[0]
+    listed = httpx.get(f"{server}/v1/models", timeout=10).json()["data"]
+    assert str(served_checkpoint) in [entry["id"] for entry in listed]
+
+
+@pytest.mark.slow
+def test_serve_answers_bad_requests_with_http_errors_and_stays_up(server, served_checkpoint):
+    bad = [
+        ("/v1/completions", "{not json"),
+        ("/v1/completions", {"model": "someone/else", "prompt": "x", "max_tokens": 2}),
+        ("/v1/completions", {"prompt": "x", "max_tokens": "many"}),
+        ("/v1/chat/completions", {"messages": "not a list", "max_tokens": 2}),
+        ("/v1/chat/completions", {"messages": [{"content": "no role"}], "max_tokens": 2}),
+    ]
+    for path, body in bad:
+        response = _post(server, path, body)
+        assert 400 <= response.status_code < 500, (body, response.status_code, response.text)
+        assert response.json()["detail"]  # a message, not a bare status
+    assert httpx.get(f"{server}/health", timeout=10).status_code == 200
+    ok = _post(server, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 2, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"]
