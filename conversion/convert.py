@@ -37,8 +37,14 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **options
     attention on `calibration_data` text files: calibration_tokens, calibration_seq_len, calibration_steps,
     calibration_lr), seed, max_shard_size, resume, overwrite,
     verify (run SRC and DST and compare logits), progress, export ("deepseek_v32": DeepSeek-V3.2's native format,
-    which transformers' DeepseekV32ForCausalLM, vLLM and SGLang load without custom code).
+    which transformers' DeepseekV32ForCausalLM, vLLM and SGLang load without custom code; "glm_moe_dsa": GLM-5's;
+    "gguf": a GGUF file for llama.cpp, written by the converter of the llama.cpp checkout `llama_cpp`, in `gguf_type`
+    f32, f16 or bf16).
     Raises `ConversionError` (one line naming the file)."""
+    if options.get("export") == "gguf":  # ours as DeepSeek-V3.2's format, then llama.cpp's converter
+        from .llama_cpp import convert_to_gguf
+
+        return convert_to_gguf(src, dst, options)
     opts = ConvertOptions(**options)
     check_options(opts)
     src_config = read_json(Path(src) / "config.json") if Path(src, "config.json").is_file() else {}

@@ -138,6 +138,10 @@ def export_config(config: MlaDsaConfig, export: str) -> dict[str, Any]:
         rope_scaling=None if rope.get("rope_type") == "default" else rope,
         torch_dtype=exported.get("dtype"),
     )
+    if not any(config.is_moe_layer(layer) for layer in layers):
+        # No MoE layer: expert groups mean nothing, and llama.cpp refuses a group count not below the expert count
+        # (SmolLM2's conversions: one placeholder expert, one group). transformers reads 0 as "no grouping" too.
+        exported["n_group"] = 0
     missing = [key for key in DEEPSEEK_V32_FIELDS if key not in exported]
     if missing:
         raise RuntimeError(f"the installed transformers' {export} config no longer writes {missing}")

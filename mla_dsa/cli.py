@@ -164,10 +164,20 @@ def _add_convert(commands) -> None:
     )
     parser.add_argument(
         "--export",
-        choices=list(EXPORT_FORMATS),
+        choices=[*EXPORT_FORMATS, "gguf"],
         default=None,
         help="write a serving engine's format instead of ours: deepseek_v32 is DeepSeek-V3.2's, which transformers' "
-        "DeepseekV32ForCausalLM, vLLM and SGLang load without trust_remote_code",
+        "DeepseekV32ForCausalLM, vLLM and SGLang load without trust_remote_code; gguf is llama.cpp's (DST.gguf, "
+        "written by llama.cpp's own converter from --llama-cpp)",
+    )
+    parser.add_argument(
+        "--llama-cpp",
+        metavar="DIR",
+        default=None,
+        help="--export gguf: a llama.cpp source checkout with DeepSeek-V3.2 support (default: $LLAMA_CPP_DIR)",
+    )
+    parser.add_argument(
+        "--gguf-type", choices=["f32", "f16", "bf16"], default=None, help="--export gguf: weight type (default bf16)"
     )
     parser.add_argument("--resume", action="store_true", help="continue an interrupted conversion into the same DST")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
@@ -194,6 +204,9 @@ def _run_convert(args) -> int:
     from .conversion.convert import convert_checkpoint
     from .conversion.write import CALIBRATION_REPORT
 
+    gguf_options = {"llama_cpp": args.llama_cpp, "gguf_type": args.gguf_type} if args.export == "gguf" else {}
+    if not gguf_options and (args.llama_cpp or args.gguf_type):
+        raise ConversionError(args.dst, "--llama-cpp and --gguf-type apply to --export gguf")
     dst = convert_checkpoint(
         args.src, args.dst, dtype=args.dtype, index_n_heads=args.index_n_heads, index_head_dim=args.index_head_dim,
         index_topk=args.index_topk, indexer_init=args.indexer_init, seed=args.seed,
@@ -205,9 +218,10 @@ def _run_convert(args) -> int:
         qk_rope_head_dim=args.qk_rope_head_dim,
         max_shard_size=args.max_shard_size, resume=args.resume, overwrite=args.overwrite, verify=args.verify,
         verify_tolerance=args.verify_tolerance, follow_symlinks=args.follow_symlinks, progress=not args.no_progress,
+        **gguf_options,
     )  # fmt: skip
     report = dst / CALIBRATION_REPORT
-    if args.indexer_init == "calibrate" and report.is_file():
+    if args.indexer_init == "calibrate" and dst.is_dir() and report.is_file():
         calibrated = json.loads(report.read_text())
         kl = [(layer["kl_before"], layer["kl_after"]) for layer in calibrated["layers"].values()]
         print(
