@@ -1,0 +1,177 @@
+"""Decode and prefill speed against llama.cpp and transformers' DeepseekV32: the same weights, one run, 1 and 2 threads.
+
+    python benchmarks/llama_cpp_speed.py --llama-cpp ~/llama.cpp --llama-bench ~/llama.cpp/build/bin/llama-bench \
+        [--contexts 4096 16384 65536] [--prefill 4096] [--threads 1 2] [--dtypes float32 bfloat16] [--json out.json]
+
+The `mla-dsa bench` small model (2 layers, hidden 1024, 16 heads, kv_lora_rank 512, 16 indexer heads x 128; top-k
+256 at contexts <= 8K, 2048 beyond) is built by transformers' DeepseekV32ForCausalLM, given a byte-level tokenizer,
+converted to GGUF by `mla-dsa convert ... --export gguf` (llama.cpp's converter; f32 and bf16 weights; one GGUF per
+top-k, which llama.cpp reads from the file) and timed, each figure in the same process run, alternating engines:
+- llama.cpp: `llama-bench -n N -d CONTEXT` (decode tokens after a CONTEXT-token prefill, its default flash attention,
+  an f16 cache with f32 weights, as llama.cpp's default (llama-bench takes no f32 cache), bf16 with bf16 weights),
+  `-p 4096 -n 0` for prefill; `-t` threads;
+- ours: eager decode on our cache filled with random latents (as `mla-dsa bench`), `torch.compile(model.forward,
+  fullgraph=True)` on a static cache, and a 4K prefill forward; `torch.set_num_threads`;
+- transformers' DeepseekV32 up to `--theirs-max-context` (its decode re-expands the latent cache every step).
+ms per decoded token (median) and seconds per prefill. The machine must be otherwise idle: with the other core busy,
+2-thread figures of every engine degrade by 1.5-3x (OpenMP threads wait on a descheduled sibling).
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import StaticCache
+
+import mla_dsa
+from mla_dsa import bench
+from mla_dsa.data import byte_tokenizer
+
+DTYPES = {"float32": ("f32", torch.float32), "bfloat16": ("bf16", torch.bfloat16)}
+# llama-bench's cache type per weight type: it takes no f32 cache (f16 is llama.cpp's default)
+LLAMA_CACHE = {"float32": "f16", "bfloat16": "bf16"}
+
+
+def build(tmp: Path, topks: list[int], llama_cpp: str, dtypes: list[str]) -> dict:
+    """The benchmark model in our format per top-k, and its GGUF per (top-k, dtype)."""
+    source = bench.build_model(tmp / "v32")
+    byte_tokenizer().save_pretrained(source)
+    models = {}
+    for k in topks:
+        ours = mla_dsa.convert_checkpoint(source, tmp / f"ours-k{k}", index_topk=k, progress=False)
+        for dtype in dtypes:
+            gguf_type = DTYPES[dtype][0]
+            models[k, dtype] = (ours, mla_dsa.convert_checkpoint(ours, tmp / f"k{k}-{gguf_type}.gguf", export="gguf",
+                                                                  llama_cpp=llama_cpp, gguf_type=gguf_type,
+                                                                  progress=False))  # fmt: skip
+    return models
+
+
+def llama_bench(binary: str, gguf: Path, threads: int, dtype: str, *, depth: int = 0, prompt: int = 0,
+                tokens: int = 0, repetitions: int = 2) -> float:  # fmt: skip
+    """llama-bench's mean seconds per test (prefill of `prompt` or `tokens` decoded after `depth`). A decode test
+    runs once after its depth's prefill, with no warm-up test (each would prefill the depth again: minutes at 16K)."""
+    cache = LLAMA_CACHE[dtype]
+    command = [binary, "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", str(tokens), "-d", str(depth),
+               "-r", str(repetitions), "-ctk", cache, "-ctv", cache, "-o", "json"]  # fmt: skip
+    command += ["--no-warmup"] if depth else []
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    rows = json.loads(result.stdout)
+    return rows[0]["avg_ns"] / 1e9
+
+
+def ours_decode(model, context: int, k: int, steps: int, compiled: bool) -> float:
+    dtype = next(model.parameters()).dtype
+    contents = bench.random_cache_contents(context, dtype=dtype)
+    if not compiled:
+        with torch.no_grad():
+            return bench.time_decode(model, bench.our_cache(model, contents), context, steps, index_topk=k)[0]
+    cache = StaticCache(config=model.config, max_cache_len=context + steps + 4)
+    for layer, (c_kv, k_rope, index_keys) in enumerate(contents):
+        cache.update(torch.cat([c_kv, k_rope], dim=-1), index_keys, layer)
+    torch._dynamo.reset()  # a graph of its own for this context: no recompilation limit, no dynamic-shape fallback
+    forward = torch.compile(model.forward, fullgraph=True)
+    with torch.no_grad():
+        return bench.time_decode(model, cache, context, steps, forward=forward, warmup=2, index_topk=k)[0]
+
+
+def theirs_decode(theirs, context: int, steps: int) -> float:
+    contents = bench.random_cache_contents(context, dtype=next(theirs.parameters()).dtype)
+    with torch.no_grad():
+        return bench.time_decode(theirs, bench.their_cache(theirs, contents), context, steps)[0]
+
+
+@torch.no_grad()
+def prefill_seconds(model, length: int, **settings) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    model(ids[:, :256], logits_to_keep=1, **settings)
+    start = time.perf_counter()
+    model(ids, logits_to_keep=1, **settings)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llama-cpp", required=True, help="llama.cpp source directory (its converter)")
+    parser.add_argument("--llama-bench", required=True, help="llama.cpp's llama-bench binary")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536])
+    parser.add_argument("--prefill", type=int, nargs="*", default=[4096])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--llama-tokens", type=int, default=16, help="tokens llama-bench decodes per test")
+    parser.add_argument("--theirs-max-context", type=int, default=16384)
+    parser.add_argument("--llama-max-context", type=int, default=16384,
+                        help="llama.cpp decode only up to this depth: its CPU prefill of the depth is nearly dense "
+                        "(16K: about 3 minutes per test on 2 cores)")  # fmt: skip
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    topks = sorted({bench.topk_for(context) for context in [*args.contexts, *args.prefill]})
+    from transformers import DeepseekV32ForCausalLM
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        models = build(Path(tmp), topks, args.llama_cpp, args.dtypes)
+        for dtype in args.dtypes:
+            torch_dtype = DTYPES[dtype][1]
+            source = Path(tmp) / "v32"
+            theirs = DeepseekV32ForCausalLM.from_pretrained(source, dtype=torch_dtype).eval()
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                for context in args.contexts:
+                    k = bench.topk_for(context)
+                    ours_dir, gguf = models[k, dtype]
+                    ours = mla_dsa.load_checkpoint(ours_dir, dtype=torch_dtype).eval()
+                    row = {"what": "decode", "dtype": dtype, "threads": threads, "context": context, "index_topk": k}
+                    if context <= args.llama_max_context:
+                        seconds = llama_bench(args.llama_bench, gguf, threads, dtype, depth=context,
+                                              tokens=args.llama_tokens, repetitions=1)  # fmt: skip
+                        row["llama_cpp_ms"] = 1000 * seconds / args.llama_tokens
+                    row["ours_eager_ms"] = ours_decode(ours, context, k, args.steps, compiled=False)
+                    if not args.no_compile:
+                        row["ours_compiled_ms"] = ours_decode(ours, context, k, args.steps, compiled=True)
+                    if context <= args.theirs_max_context:
+                        bench.set_their_topk(theirs, k)
+                        row["transformers_ms"] = theirs_decode(theirs, context, steps=3)
+                    if "llama_cpp_ms" in row:
+                        row["ours_eager_vs_llama_cpp"] = row["ours_eager_ms"] / row["llama_cpp_ms"]
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+                    save(args.json, rows)
+                for length in args.prefill:
+                    k = bench.topk_for(length)
+                    ours_dir, gguf = models[k, dtype]
+                    ours = mla_dsa.load_checkpoint(ours_dir, dtype=torch_dtype).eval()
+                    bench.set_their_topk(theirs, k)
+                    row = {
+                        "what": "prefill",
+                        "dtype": dtype,
+                        "threads": threads,
+                        "tokens": length,
+                        "index_topk": k,
+                        "llama_cpp_s": llama_bench(args.llama_bench, gguf, threads, dtype, prompt=length),
+                        "ours_s": prefill_seconds(ours, length),
+                        "transformers_s": prefill_seconds(theirs, length),
+                    }
+                    row["ours_vs_llama_cpp"] = row["ours_s"] / row["llama_cpp_s"]
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+                    save(args.json, rows)
+
+
+def save(path: str | None, rows: list[dict]) -> None:
+    """The rows so far (a long run keeps what it measured if it stops)."""
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
+    if path:
+        Path(path).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
