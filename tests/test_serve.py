@@ -1,7 +1,7 @@
 """`mla-dsa serve`: transformers' own OpenAI-compatible server with our model behind it. The loader (the one place that
-differs from `transformers serve`) loads our checkpoints and the DeepSeek-V3.2 export into our model with the server's
-settings; a live server on a local port answers chat and completion requests, several at once and streamed, with what
-`generate()` gives on the same prompt, and answers bad requests with HTTP errors while staying up."""
+differs from `transformers serve`) loads our checkpoints and the DeepSeek-V3.2 and GLM-5 exports into our model with
+the server's settings; a live server on a local port answers chat and completion requests, several at once and
+streamed, with what `generate()` gives on the same prompt, and answers bad requests with HTTP errors, staying up."""
 
 import json
 import os
@@ -61,20 +61,21 @@ def _chat_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
                                          return_dict=True).input_ids  # fmt: skip
 
 
-def test_the_server_loader_loads_ours_and_the_v32_export_into_our_model_with_the_servers_settings(
+def test_the_server_loader_loads_ours_and_the_exports_into_our_model_with_the_servers_settings(
     served_checkpoint, tmp_path
 ):
-    export = mla_dsa.convert_checkpoint(served_checkpoint, tmp_path / "v32", export="deepseek_v32", progress=False)
+    exports = [mla_dsa.convert_checkpoint(served_checkpoint, tmp_path / export, export=export, progress=False)
+               for export in ("deepseek_v32", "glm_moe_dsa")]  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(served_checkpoint)
     ids = _completion_ids(tokenizer, PROMPTS[0] * 2)
     settings = {"index_topk": 8, "latent_cache_dtype": "fp8"}
     loader = serving.MlaDsaModelLoader.from_loader(serving.ModelLoader(device="cpu"), settings)
-    for checkpoint in (served_checkpoint, export):
+    reference = mla_dsa.load_checkpoint(served_checkpoint, **settings).eval()
+    for checkpoint in (served_checkpoint, *exports):
         config, _ = loader.load_config(str(checkpoint))
         model = loader._load_model(str(checkpoint))
         assert type(model) is MlaDsaForCausalLM and config.index_topk == model.config.index_topk == 8
         assert model.config.latent_cache_dtype == "fp8" and not model.training
-        reference = mla_dsa.load_checkpoint(served_checkpoint, **settings).eval()
         assert _greedy(model, tokenizer, ids) == _greedy(reference, tokenizer, ids)
     untouched = mla_dsa.load_checkpoint(served_checkpoint)
     assert untouched.config.index_topk == 16  # the settings are the server's, not the checkpoint's
