@@ -47,31 +47,25 @@ def llama_cpp_refusals(config: dict) -> list[str]:
     return reasons
 
 
-def llama_cpp_converter(directory: str | os.PathLike) -> Path:
-    """DIR's convert_hf_to_gguf.py, or a ValueError that says what DIR must be."""
-    script = Path(directory) / "convert_hf_to_gguf.py"
-    if not script.is_file() or not (Path(directory) / "gguf-py").is_dir():
-        raise ValueError(f"{directory}: not a llama.cpp checkout (no convert_hf_to_gguf.py and gguf-py); pass the "
-                         "llama.cpp source directory with --llama-cpp or LLAMA_CPP_DIR")  # fmt: skip
-    return script
+def check_llama_cpp_checkout(directory: str | os.PathLike) -> None:
+    """A ConversionError unless DIR holds llama.cpp's converter and its gguf-py."""
+    from .source import ConversionError
+
+    if not (Path(directory) / "convert_hf_to_gguf.py").is_file() or not (Path(directory) / "gguf-py").is_dir():
+        raise ConversionError(directory, "not a llama.cpp checkout (no convert_hf_to_gguf.py and gguf-py); pass the "
+                                         "llama.cpp source directory with --llama-cpp or LLAMA_CPP_DIR")  # fmt: skip
 
 
 def export_gguf(export_dir: str | os.PathLike, out_file: str | os.PathLike, llama_cpp_dir: str | os.PathLike,
                 outtype: str = "bf16") -> Path:  # fmt: skip
     """Converts a DeepSeek-V3.2 export to OUT with llama.cpp's converter (in a subprocess), written to a partial file
-    and renamed into place."""
+    and renamed into place. DIR and `outtype` are checked by `convert_to_gguf`, before the export."""
     from .source import ConversionError
 
-    if outtype not in GGUF_TYPES:
-        raise ConversionError(out_file, f"GGUF type must be one of {list(GGUF_TYPES)}, got {outtype!r}")
     config = json.loads((Path(export_dir) / "config.json").read_text())
     refusals = llama_cpp_refusals(config)
     if refusals:
         raise ConversionError(out_file, "llama.cpp cannot run this model: " + "; ".join(refusals))
-    try:
-        llama_cpp_converter(llama_cpp_dir)
-    except ValueError as error:
-        raise ConversionError(llama_cpp_dir, str(error).split(": ", 1)[1]) from None
     out_file = Path(out_file)
     partial = out_file.with_name(f".{out_file.name}.partial")
     command = [sys.executable, __file__, str(llama_cpp_dir), str(export_dir), "--outfile", str(partial),
@@ -106,10 +100,7 @@ def convert_to_gguf(src: str | os.PathLike, dst: str | os.PathLike, options: dic
                                    "--llama-cpp DIR (or LLAMA_CPP_DIR)")  # fmt: skip
     if gguf_type not in GGUF_TYPES:
         raise ConversionError(dst, f"--gguf-type must be one of {list(GGUF_TYPES)}, got {gguf_type!r}")
-    try:
-        llama_cpp_converter(llama_cpp_dir)
-    except ValueError as error:
-        raise ConversionError(llama_cpp_dir, str(error).split(": ", 1)[1]) from None
+    check_llama_cpp_checkout(llama_cpp_dir)
     if dst.exists() and not options.get("overwrite"):
         raise ConversionError(dst, "exists; pass --overwrite to replace it")
     staging = dst.parent / f".{dst.name}.deepseek_v32"
@@ -121,7 +112,7 @@ def convert_to_gguf(src: str | os.PathLike, dst: str | os.PathLike, options: dic
     except ConversionError:  # a refusal or the converter's failure: rerunning as it is cannot help
         shutil.rmtree(staging)
         raise
-    shutil.rmtree(staging)
+    shutil.rmtree(staging)  # an interruption keeps it, for --resume
     return dst
 
 
