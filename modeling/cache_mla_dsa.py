@@ -295,13 +295,15 @@ class MlaDsaStaticCacheLayer(LatentRows, StaticIndexedLayer):
         slots = torch.arange(latent.shape[1], device=self.device) + self.cumulative_length
         self.cumulative_length.add_(latent.shape[1])  # in place: the compiled step keeps one tensor
         self.indexer_cumulative_length.add_(latent.shape[1])  # transformers' count of indexer keys, kept in step
-        self.latent.index_copy_(1, slots, latent.to(self.latent.dtype))
+        # Written through `keys` itself, as transformers' StaticLayer writes: torch.compile turns an in-place write
+        # into a view of a graph input (`self.latent`) into two copies of the whole buffer per layer and step
+        self.keys.index_copy_(2, slots, latent.to(self.keys.dtype).unsqueeze(1))
         self.index_keys.index_copy_(1, slots, index_keys.to(self.index_keys.dtype))
         return self.latent, self.index_keys
 
     def reset(self) -> None:
         if self.is_initialized:
-            self.latent.zero_()
+            self.keys.zero_()
             self.index_keys.zero_()
         self.cumulative_length.zero_()
         self.indexer_cumulative_length.zero_()
@@ -310,7 +312,7 @@ class MlaDsaStaticCacheLayer(LatentRows, StaticIndexedLayer):
         """In place (the buffers keep their addresses): beam search reorders rows without a new graph."""
         if self.is_initialized:
             indices = indices.to(self.device)
-            self.latent.copy_(self.latent.index_select(0, indices))
+            self.keys.copy_(self.keys.index_select(0, indices))
             self.index_keys.copy_(self.index_keys.index_select(0, indices))
 
 

@@ -25,7 +25,7 @@ logger = logging.get_logger(__name__)
 
 # The release of this payload; config.json records it (`PAYLOAD_VERSION_KEY`) so a checkpoint says which code wrote
 # it. A checkpoint without it was written by 0.1.0. `mla-dsa upgrade-code DIR` refreshes an older checkpoint's code.
-PAYLOAD_VERSION = "0.7.1"
+PAYLOAD_VERSION = "0.7.2"
 FIRST_PAYLOAD_VERSION = "0.1.0"
 
 ATTENTION_MODES = ("auto", "mha", "absorbed")
