@@ -8,9 +8,10 @@ lives here, where a release can change it, not in the code frozen into checkpoin
 
 - a long prefill gathers every query chunk's selected latent rows into one reused buffer (a fresh large allocation
   per chunk costs more than the gather itself on CPU);
-- a decode step (one query per sequence) puts the rows on the long side of both matmuls, [k, C] @ [C, H] and
-  [R, k] @ [k, H]: the same numbers as the [H, C] @ [C, k] form, which MKL runs at 0.6x the speed on AVX2 CPUs (an
-  output of only H rows; a 16K-context step 29.8 -> 28.1 ms) and at the same speed on AVX-512 ones;
+- a decode step (one query per sequence) puts the rows on the long side of the scores, [k, C] @ [C, H]: the same
+  numbers as the [H, C] @ [C, k] form, which MKL runs at 0.6x the speed on AVX2 CPUs (an output of only H rows; a
+  16K-context step 29.8 -> 28.1 ms with the output matmul [R, k] @ [k, H] too) and at the same speed on AVX-512 ones,
+  where the output matmul is faster heads-major (`_HEADS_MAJOR_OUTPUT`);
 - index scores are made a tile of keys at a time (below), and a decode step scores keys-major too.
 
 On other devices it is the checkpoint's implementation. Shapes as there: B batch, s queries, H heads, T keys, k
@@ -65,12 +66,22 @@ def _gather_buffer(rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_step(query, rows, valid, scaling: float, kv_lora_rank: int) -> torch.Tensor:
-    """query [B, 1, H, C] against its gathered rows [B, 1, k, C] -> [B, 1, H, R], rows on the long side."""
+    """query [B, 1, H, C] against its gathered rows [B, 1, k, C] -> [B, 1, H, R], the scores keys-major."""
     rows = rows.flatten(0, 1)  # [B, k, C]
     scores = torch.bmm(rows, query.flatten(0, 1).transpose(1, 2)).transpose(1, 2)  # [B, H, k], keys-major
     probs = masked_softmax(scores * scaling, valid)  # valid [B, 1, k]
-    latent_out = torch.bmm(rows[..., :kv_lora_rank].transpose(1, 2), probs.transpose(1, 2))  # [B, R, H]
-    return latent_out.transpose(1, 2).unsqueeze(1)
+    values = rows[..., :kv_lora_rank]  # [B, k, R]
+    if _HEADS_MAJOR_OUTPUT:
+        return torch.bmm(probs, values).unsqueeze(1)  # [B, 1, H, R], contiguous for W_UV after it
+    return torch.bmm(values.transpose(1, 2), probs.transpose(1, 2)).transpose(1, 2).unsqueeze(1)  # [B, R, H] made
+
+
+# The decode step's output as [H, k] @ [k, R] (heads-major) on AVX-512 CPUs, as [R, k] @ [k, H] (rows on the long side,
+# as the scores) on the others. MKL on one AVX-512 core with bf16 (torch 2.13), k = 2048, R = 512, H = 16: heads-major
+# 0.43 against 0.51 ms in float32, 0.28 against 1.03 ms in bf16; and its [H, R] output is contiguous for the W_UV
+# product after it, which inductor makes a C++ loop for one token per sequence (a compiled step's W_UV 0.88 -> 0.13 ms
+# per layer at 4K). AVX2 CPUs keep the form measured on them (see the module's docstring).
+_HEADS_MAJOR_OUTPUT = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 # Per-head index scores are made and reduced over the heads one tile of keys at a time, each tile [B, s*H, keys] within

@@ -8,6 +8,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+import mla_dsa.attention
 from mla_dsa import MlaDsaConfig, MlaDsaForCausalLM
 from mla_dsa.attention import cpu_absorbed_attention, cpu_index_scores
 from mla_dsa.modeling.modeling_mla_dsa import ABSORBED_ATTENTION, INDEX_SCORES, absorbed_attention_forward, index_scores
@@ -87,8 +88,12 @@ def test_a_registered_index_scoring_takes_its_place(registered):
     assert not torch.allclose(_run(model)[0], expected[0])
 
 
+@pytest.mark.parametrize("heads_major", [True, False], ids=["avx512-form", "avx2-form"])
 @pytest.mark.parametrize("latent_cache_dtype", ["auto", "fp8"])
-def test_the_cpu_attention_computes_what_the_checkpoints_own_does(registered, latent_cache_dtype):
+def test_the_cpu_attention_computes_what_the_checkpoints_own_does(registered, latent_cache_dtype, heads_major,
+                                                                   monkeypatch):  # fmt: skip
+    """Both forms of a decode step's output matmul (chosen by the CPU's vector width), whichever this CPU has."""
+    monkeypatch.setattr(mla_dsa.attention, "_HEADS_MAJOR_OUTPUT", heads_major)
     model = _model(latent_cache_dtype=latent_cache_dtype, query_chunk_size=7)
     tuned = _run(model)
     registered(absorbed_attention_forward)
