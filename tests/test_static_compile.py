@@ -161,12 +161,17 @@ def test_generate_with_a_compiled_forward_compiles_once_per_shape():
 
 
 @pytest.mark.slow
-def test_inductor_compiled_decode_equals_eager():
-    """The real compiler (inductor, C++ on CPU): one graph for every decode step, logits equal to eager."""
+@pytest.mark.parametrize("freezing", [False, True], ids=["weights-as-inputs", "frozen-weights"])
+def test_inductor_compiled_decode_equals_eager(freezing):
+    """The real compiler (inductor, C++ on CPU): one graph for every decode step, logits equal to eager. With
+    `torch._inductor.config.freezing` (the weights folded in as constants and the linear layers prepacked for oneDNN,
+    what the CPU speed table uses) too."""
     model = _model()
     compiled = torch.compile(model.forward, fullgraph=True)
     expected = _decode_steps(model.forward, model, steps=5)
-    actual = _decode_steps(compiled, model, steps=5)
+    with torch._inductor.config.patch(freezing=freezing):
+        actual = _decode_steps(compiled, model, steps=5)
+    assert bool(counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"]) == freezing  # frozen: prepacked
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-4)
 
