@@ -2,6 +2,7 @@
 
     python benchmarks/llama_cpp_speed.py --llama-cpp ~/llama.cpp --llama-bench ~/llama.cpp/build/bin/llama-bench \
         [--contexts 4096 16384 65536] [--prefill 4096] [--threads 1 2] [--dtypes float32 bfloat16] [--json out.json]
+        [--checkpoint DIR --checkpoint-contexts 4096]
 
 The `mla-dsa bench` small model (2 layers, hidden 1024, 16 heads, kv_lora_rank 512, 16 indexer heads x 128; top-k
 256 at contexts <= 8K, 2048 beyond) is built by transformers' DeepseekV32ForCausalLM, given a byte-level tokenizer,
@@ -14,6 +15,8 @@ top-k, which llama.cpp reads from the file) and timed, each figure in the same p
   fullgraph=True)` with `torch._inductor.config.freezing` on a static cache, and a 4K prefill forward;
   `torch.set_num_threads`;
 - transformers' DeepseekV32 up to `--theirs-max-context` (its decode re-expands the latent cache every step).
+With `--checkpoint`, a DSA checkpoint of ours (e.g. SmolLM2-135M's conversion: 30 small layers, where a decode
+step is many small operations rather than a few large weight reads) is timed the same way, decode only.
 ms per decoded token (median) and seconds per prefill. The machine must be otherwise idle: with the other core busy,
 2-thread figures of every engine degrade by 1.5-3x (OpenMP threads wait on a descheduled sibling).
 """
@@ -39,18 +42,21 @@ DTYPES = {"float32": ("f32", torch.float32), "bfloat16": ("bf16", torch.bfloat16
 LLAMA_CACHE = {"float32": "f16", "bfloat16": "bf16"}
 
 
-def build(tmp: Path, topks: list[int], llama_cpp: str, dtypes: list[str]) -> dict:
-    """The benchmark model in our format per top-k, and its GGUF per (top-k, dtype)."""
-    source = bench.build_model(tmp / "v32")
-    byte_tokenizer().save_pretrained(source)
+def build(tmp: Path, topks: list[int], llama_cpp: str, dtypes: list[str], source: Path | None = None,
+          name: str = "bench") -> dict:  # fmt: skip
+    """A model in our format per top-k, and its GGUF per (top-k, dtype): the benchmark model (built by transformers'
+    DeepseekV32), or `source`, a checkpoint of ours with a tokenizer."""
+    if source is None:
+        source = bench.build_model(tmp / "v32")
+        byte_tokenizer().save_pretrained(source)
     models = {}
     for k in topks:
-        ours = mla_dsa.convert_checkpoint(source, tmp / f"ours-k{k}", index_topk=k, progress=False)
+        ours = mla_dsa.convert_checkpoint(source, tmp / f"{name}-k{k}", index_topk=k, progress=False)
         for dtype in dtypes:
             gguf_type = DTYPES[dtype][0]
-            models[k, dtype] = (ours, mla_dsa.convert_checkpoint(ours, tmp / f"k{k}-{gguf_type}.gguf", export="gguf",
-                                                                  llama_cpp=llama_cpp, gguf_type=gguf_type,
-                                                                  progress=False))  # fmt: skip
+            gguf = tmp / f"{name}-k{k}-{gguf_type}.gguf"
+            models[k, dtype] = (ours, mla_dsa.convert_checkpoint(ours, gguf, export="gguf", llama_cpp=llama_cpp,
+                                                                  gguf_type=gguf_type, progress=False))  # fmt: skip
     return models
 
 
@@ -69,7 +75,7 @@ def llama_bench(binary: str, gguf: Path, threads: int, dtype: str, *, depth: int
 
 def ours_decode(model, context: int, k: int, steps: int, compiled: bool) -> float:
     dtype = next(model.parameters()).dtype
-    contents = bench.random_cache_contents(context, dtype=dtype)
+    contents = bench.random_cache_contents(context, model.config.to_dict(), dtype=dtype)
     if not compiled:
         with torch.no_grad():
             return bench.time_decode(model, bench.our_cache(model, contents), context, steps, index_topk=k)[0]
@@ -98,6 +104,30 @@ def prefill_seconds(model, length: int, **settings) -> float:
     return time.perf_counter() - start
 
 
+def decode_row(models: dict, model: str, dtype: str, threads: int, context: int, args: argparse.Namespace,
+               theirs=None) -> dict:  # fmt: skip
+    """One decode figure per engine at `context`, measured one after the other in this process."""
+    k = bench.topk_for(context)
+    ours_dir, gguf = models[k, dtype]
+    ours = mla_dsa.load_checkpoint(ours_dir, dtype=DTYPES[dtype][1]).eval()
+    row = {"what": "decode", "model": model, "dtype": dtype, "threads": threads, "context": context, "index_topk": k}
+    if context <= args.llama_max_context:
+        seconds = llama_bench(args.llama_bench, gguf, threads, dtype, depth=context, tokens=args.llama_tokens,
+                              repetitions=1)  # fmt: skip
+        row["llama_cpp_ms"] = 1000 * seconds / args.llama_tokens
+    row["ours_eager_ms"] = ours_decode(ours, context, k, args.steps, compiled=False)
+    if not args.no_compile:
+        row["ours_compiled_ms"] = ours_decode(ours, context, k, args.steps, compiled=True)
+    if theirs is not None and context <= args.theirs_max_context:
+        bench.set_their_topk(theirs, k)
+        row["transformers_ms"] = theirs_decode(theirs, context, steps=3)
+    if "llama_cpp_ms" in row:
+        for variant in ("eager", "compiled"):
+            if f"ours_{variant}_ms" in row:
+                row[f"ours_{variant}_vs_llama_cpp"] = row[f"ours_{variant}_ms"] / row["llama_cpp_ms"]
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llama-cpp", required=True, help="llama.cpp source directory (its converter)")
@@ -112,6 +142,10 @@ def main() -> None:
     parser.add_argument("--llama-max-context", type=int, default=16384,
                         help="llama.cpp decode only up to this depth: its CPU prefill of the depth is nearly dense "
                         "(16K: about 3 minutes per test on 2 cores)")  # fmt: skip
+    parser.add_argument("--checkpoint", default=None,
+                        help="also a DSA checkpoint of ours with a tokenizer (e.g. SmolLM2-135M's conversion), "
+                        "decode only, without transformers")  # fmt: skip
+    parser.add_argument("--checkpoint-contexts", type=int, nargs="+", default=[4096])
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -119,34 +153,26 @@ def main() -> None:
     from transformers import DeepseekV32ForCausalLM
 
     rows = []
+
+    def record(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        save(args.json, rows)
+
     with tempfile.TemporaryDirectory() as tmp:
         models = build(Path(tmp), topks, args.llama_cpp, args.dtypes)
+        checkpoint_name = Path(args.checkpoint).name if args.checkpoint else None
+        if args.checkpoint:
+            checkpoint_topks = sorted({bench.topk_for(context) for context in args.checkpoint_contexts})
+            checkpoint_models = build(Path(tmp), checkpoint_topks, args.llama_cpp, args.dtypes,
+                                      source=Path(args.checkpoint), name=checkpoint_name)  # fmt: skip
         for dtype in args.dtypes:
             torch_dtype = DTYPES[dtype][1]
-            source = Path(tmp) / "v32"
-            theirs = DeepseekV32ForCausalLM.from_pretrained(source, dtype=torch_dtype).eval()
+            theirs = DeepseekV32ForCausalLM.from_pretrained(Path(tmp) / "v32", dtype=torch_dtype).eval()
             for threads in args.threads:
                 torch.set_num_threads(threads)
                 for context in args.contexts:
-                    k = bench.topk_for(context)
-                    ours_dir, gguf = models[k, dtype]
-                    ours = mla_dsa.load_checkpoint(ours_dir, dtype=torch_dtype).eval()
-                    row = {"what": "decode", "dtype": dtype, "threads": threads, "context": context, "index_topk": k}
-                    if context <= args.llama_max_context:
-                        seconds = llama_bench(args.llama_bench, gguf, threads, dtype, depth=context,
-                                              tokens=args.llama_tokens, repetitions=1)  # fmt: skip
-                        row["llama_cpp_ms"] = 1000 * seconds / args.llama_tokens
-                    row["ours_eager_ms"] = ours_decode(ours, context, k, args.steps, compiled=False)
-                    if not args.no_compile:
-                        row["ours_compiled_ms"] = ours_decode(ours, context, k, args.steps, compiled=True)
-                    if context <= args.theirs_max_context:
-                        bench.set_their_topk(theirs, k)
-                        row["transformers_ms"] = theirs_decode(theirs, context, steps=3)
-                    if "llama_cpp_ms" in row:
-                        row["ours_eager_vs_llama_cpp"] = row["ours_eager_ms"] / row["llama_cpp_ms"]
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
-                    save(args.json, rows)
+                    record(decode_row(models, "bench", dtype, threads, context, args, theirs))
                 for length in args.prefill:
                     k = bench.topk_for(length)
                     ours_dir, gguf = models[k, dtype]
@@ -154,6 +180,7 @@ def main() -> None:
                     bench.set_their_topk(theirs, k)
                     row = {
                         "what": "prefill",
+                        "model": "bench",
                         "dtype": dtype,
                         "threads": threads,
                         "tokens": length,
@@ -163,9 +190,10 @@ def main() -> None:
                         "transformers_s": prefill_seconds(theirs, length),
                     }
                     row["ours_vs_llama_cpp"] = row["ours_s"] / row["llama_cpp_s"]
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
-                    save(args.json, rows)
+                    record(row)
+                if args.checkpoint:
+                    for context in args.checkpoint_contexts:
+                        record(decode_row(checkpoint_models, checkpoint_name, dtype, threads, context, args))
 
 
 def save(path: str | None, rows: list[dict]) -> None:
