@@ -2,7 +2,7 @@
 
     python benchmarks/llama_cpp_speed.py --llama-cpp ~/llama.cpp --llama-bench ~/llama.cpp/build/bin/llama-bench \
         [--contexts 4096 16384 65536] [--prefill 4096] [--threads 1 2] [--dtypes float32 bfloat16] [--json out.json]
-        [--checkpoint DIR --checkpoint-contexts 4096]
+        [--checkpoint DIR --checkpoint-contexts 4096] [--repeats 1]
 
 The `mla-dsa bench` small model (2 layers, hidden 1024, 16 heads, kv_lora_rank 512, 16 indexer heads x 128; top-k
 256 at contexts <= 8K, 2048 beyond) is built by transformers' DeepseekV32ForCausalLM, given a byte-level tokenizer,
@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import tempfile
 import time
@@ -106,21 +107,28 @@ def prefill_seconds(model, length: int, **settings) -> float:
 
 def decode_row(models: dict, model: str, dtype: str, threads: int, context: int, args: argparse.Namespace,
                theirs=None) -> dict:  # fmt: skip
-    """One decode figure per engine at `context`, measured one after the other in this process."""
+    """One decode figure per engine at `context`: the median of `args.repeats` rounds, each round measuring the
+    engines one after the other in this process (a shared VM's speed drifts by 20-40 % over minutes: a single round
+    can catch one engine in a slow spell). Every round's figure is kept under `*_runs`."""
     k = bench.topk_for(context)
     ours_dir, gguf = models[k, dtype]
     ours = mla_dsa.load_checkpoint(ours_dir, dtype=DTYPES[dtype][1]).eval()
+    runs = {}
+    for _ in range(args.repeats):
+        if context <= args.llama_max_context:
+            seconds = llama_bench(args.llama_bench, gguf, threads, dtype, depth=context, tokens=args.llama_tokens,
+                                  repetitions=1)  # fmt: skip
+            runs.setdefault("llama_cpp_ms", []).append(1000 * seconds / args.llama_tokens)
+        runs.setdefault("ours_eager_ms", []).append(ours_decode(ours, context, k, args.steps, compiled=False))
+        if not args.no_compile:
+            runs.setdefault("ours_compiled_ms", []).append(ours_decode(ours, context, k, args.steps, compiled=True))
+        if theirs is not None and context <= args.theirs_max_context:
+            bench.set_their_topk(theirs, k)
+            runs.setdefault("transformers_ms", []).append(theirs_decode(theirs, context, steps=3))
     row = {"what": "decode", "model": model, "dtype": dtype, "threads": threads, "context": context, "index_topk": k}
-    if context <= args.llama_max_context:
-        seconds = llama_bench(args.llama_bench, gguf, threads, dtype, depth=context, tokens=args.llama_tokens,
-                              repetitions=1)  # fmt: skip
-        row["llama_cpp_ms"] = 1000 * seconds / args.llama_tokens
-    row["ours_eager_ms"] = ours_decode(ours, context, k, args.steps, compiled=False)
-    if not args.no_compile:
-        row["ours_compiled_ms"] = ours_decode(ours, context, k, args.steps, compiled=True)
-    if theirs is not None and context <= args.theirs_max_context:
-        bench.set_their_topk(theirs, k)
-        row["transformers_ms"] = theirs_decode(theirs, context, steps=3)
+    row |= {engine: statistics.median(figures) for engine, figures in runs.items()}
+    if args.repeats > 1:
+        row |= {f"{engine}_runs": figures for engine, figures in runs.items()}
     if "llama_cpp_ms" in row:
         for variant in ("eager", "compiled"):
             if f"ours_{variant}_ms" in row:
@@ -137,6 +145,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds per decode figure, engines alternating; the median is reported (each llama.cpp "
+                        "round prefills the context again: minutes at 16K)")  # fmt: skip
     parser.add_argument("--llama-tokens", type=int, default=16, help="tokens llama-bench decodes per test")
     parser.add_argument("--theirs-max-context", type=int, default=16384)
     parser.add_argument("--llama-max-context", type=int, default=16384,
