@@ -8,11 +8,11 @@ lives here, where a release can change it, not in the code frozen into checkpoin
 
 - a long prefill gathers every query chunk's selected latent rows into one reused buffer (a fresh large allocation
   per chunk costs more than the gather itself on CPU);
-- a decode step (one query per sequence) puts the rows on the long side of the scores, [k, C] @ [C, H]: the same
-  numbers as the [H, C] @ [C, k] form, which MKL runs at 0.6x the speed on AVX2 CPUs (an output of only H rows; a
-  16K-context step 29.8 -> 28.1 ms with the output matmul [R, k] @ [k, H] too) and at the same speed on AVX-512 ones,
-  where the output matmul is faster heads-major (`_HEADS_MAJOR_OUTPUT`);
-- index scores are made a tile of keys at a time (below), and a decode step scores keys-major too.
+- on AVX2 CPUs a decode step (one query per sequence) puts the rows on the long side of the scores, [k, C] @ [C, H]:
+  the same numbers as the [H, C] @ [C, k] form, which MKL runs there at 0.6x the speed (an output of only H rows; a
+  16K-context step 29.8 -> 28.1 ms with the output matmul [R, k] @ [k, H] too). AVX-512 CPUs run the output heads-major
+  (`_HEADS_MAJOR_OUTPUT`), and the scores too for a head count that is not a multiple of 16 (`_HEADS_MAJOR_SCORES`);
+- index scores are made a tile of keys at a time (below), a decode step's in the same form as its attention scores.
 
 On other devices it is the checkpoint's implementation. Shapes as there: B batch, s queries, H heads, T keys, k
 selected keys, C = R + dr the latent row, R `kv_lora_rank`.
@@ -66,9 +66,12 @@ def _gather_buffer(rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_step(query, rows, valid, scaling: float, kv_lora_rank: int) -> torch.Tensor:
-    """query [B, 1, H, C] against its gathered rows [B, 1, k, C] -> [B, 1, H, R], the scores keys-major."""
+    """query [B, 1, H, C] against its gathered rows [B, 1, k, C] -> [B, 1, H, R]."""
     rows = rows.flatten(0, 1)  # [B, k, C]
-    scores = torch.bmm(rows, query.flatten(0, 1).transpose(1, 2)).transpose(1, 2)  # [B, H, k], keys-major
+    if _heads_major_scores(query.shape[2]):
+        scores = torch.bmm(query.flatten(0, 1), rows.transpose(1, 2))  # [B, H, k]
+    else:
+        scores = torch.bmm(rows, query.flatten(0, 1).transpose(1, 2)).transpose(1, 2)  # [B, H, k], keys-major
     probs = masked_softmax(scores * scaling, valid)  # valid [B, 1, k]
     values = rows[..., :kv_lora_rank]  # [B, k, R]
     if _HEADS_MAJOR_OUTPUT:
@@ -82,6 +85,17 @@ def _decode_step(query, rows, valid, scaling: float, kv_lora_rank: int) -> torch
 # product after it, which inductor makes a C++ loop for one token per sequence (a compiled step's W_UV 0.88 -> 0.13 ms
 # per layer at 4K). AVX2 CPUs keep the form measured on them (see the module's docstring).
 _HEADS_MAJOR_OUTPUT = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+# A decode step's scores (the attention's over its k rows, the indexer's over every cached key) heads-major, [H, C] @
+# [C, keys], on AVX-512 CPUs when H is not a multiple of 16: a keys-major output row of H floats then leaves part of
+# a 16-lane vector empty. SmolLM2's 9 heads, 1 core, float32: [4096, 128] @ [128, 9] 0.35 ms against 0.18 ms
+# heads-major, [256, 384] @ [384, 9] 0.059 against 0.034 ms; its conversion's bf16 decode at 4K 61.8 -> 58.2 ms
+# compiled, 121 -> 114 ms eager. With 16 heads keys-major stays: the bench model's compiled bf16 step at 4K took
+# 9.4 ms heads-major against 7.9.
+_HEADS_MAJOR_SCORES = _HEADS_MAJOR_OUTPUT
+
+
+def _heads_major_scores(n_heads: int) -> bool:
+    return _HEADS_MAJOR_SCORES and n_heads % 16 != 0
 
 
 # Per-head index scores are made and reduced over the heads one tile of keys at a time, each tile [B, s*H, keys] within
@@ -127,10 +141,11 @@ def _score_tile(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor)
 
     Two matmuls and an in-place ReLU, no elementwise pass over [s, H, t] for the head weights: 1.8x faster on CPU
     than weighting with a multiply and a sum. One query per sequence (a decode step) puts the keys on the long side,
-    [t, D] @ [D, H]: MKL runs the [H, D] @ [D, t] form, whose output has only H rows, at half the speed on AVX2 CPUs
-    (16K keys: 1.4 ms against 3.0 ms) and at the same speed on AVX-512 ones."""
+    [t, D] @ [D, H] on AVX2 CPUs: MKL runs the [H, D] @ [D, t] form, whose output has only H rows, at half the speed
+    there (16K keys: 1.4 ms against 3.0 ms); AVX-512 CPUs run [H, D] @ [D, t] when H is not a multiple of 16
+    (`_HEADS_MAJOR_SCORES`)."""
     keys = keys.float()
-    if head_weights.shape[0] == q.shape[0]:  # one query per sequence (B * s == B)
+    if head_weights.shape[0] == q.shape[0] and not _heads_major_scores(head_weights.shape[2]):  # one query each
         per_head = F.relu_(torch.bmm(keys, q.transpose(1, 2)))  # [B, t, H]
         return torch.bmm(per_head, head_weights.transpose(1, 2))  # [B, t, 1]
     per_head = F.relu_(torch.bmm(q, keys.transpose(1, 2)))  # [B, s*H, t]

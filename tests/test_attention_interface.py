@@ -92,8 +92,10 @@ def test_a_registered_index_scoring_takes_its_place(registered):
 @pytest.mark.parametrize("latent_cache_dtype", ["auto", "fp8"])
 def test_the_cpu_attention_computes_what_the_checkpoints_own_does(registered, latent_cache_dtype, heads_major,
                                                                    monkeypatch):  # fmt: skip
-    """Both forms of a decode step's output matmul (chosen by the CPU's vector width), whichever this CPU has."""
+    """Both forms of a decode step's score and output matmuls (chosen by the CPU's vector width), whichever this CPU
+    has."""
     monkeypatch.setattr(mla_dsa.attention, "_HEADS_MAJOR_OUTPUT", heads_major)
+    monkeypatch.setattr(mla_dsa.attention, "_HEADS_MAJOR_SCORES", heads_major)
     model = _model(latent_cache_dtype=latent_cache_dtype, query_chunk_size=7)
     tuned = _run(model)
     registered(absorbed_attention_forward)

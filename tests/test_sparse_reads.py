@@ -241,15 +241,17 @@ def _index_scores_by_definition(queries, weights, keys, softmax_scale):
 
 
 @pytest.mark.parametrize("key_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("queries_per_sequence", [3, 1])  # 1: a decode step, scored keys-major
+@pytest.mark.parametrize("queries_per_sequence", [3, 1])  # 1: a decode step
+@pytest.mark.parametrize("heads_major", [True, False], ids=["avx512-form", "avx2-form"])  # a decode step's form
 def test_index_scores_are_made_a_tile_of_keys_at_a_time_equal_to_the_definition(
-    monkeypatch, key_dtype, queries_per_sequence
+    monkeypatch, key_dtype, queries_per_sequence, heads_major
 ):
     """Index scores are built a tile of keys at a time (the per-head scores of a tile stay in cache between the
     matmul, the ReLU and the head weighting), and bf16 (or FP8) keys, scored in float32 as transformers' DeepseekV32
     scores them, are upcast a tile at a time instead of the whole cache per step (on CPU a fresh buffer of a long
     cache's size page-faults). Forced into tiles of 5 keys (and, for bf16, at most 5 keys per upcast): scores and
     gradients equal the definition, computed at once in float32."""
+    monkeypatch.setattr(cpu_attention, "_HEADS_MAJOR_SCORES", heads_major)
     monkeypatch.setattr(cpu_attention, "_SCORE_TILE_ELEMENTS", 2 * queries_per_sequence * 4 * 5)
     monkeypatch.setattr(cpu_attention, "_KEY_CHUNK", 5)  # bounds only the bf16 tiles
     tiles = []
