@@ -76,7 +76,8 @@ def _decode_step(query, rows, valid, scaling: float, kv_lora_rank: int) -> torch
     values = rows[..., :kv_lora_rank]  # [B, k, R]
     if _HEADS_MAJOR_OUTPUT:
         return torch.bmm(probs, values).unsqueeze(1)  # [B, 1, H, R], contiguous for W_UV after it
-    return torch.bmm(values.transpose(1, 2), probs.transpose(1, 2)).transpose(1, 2).unsqueeze(1)  # [B, R, H] made
+    latent_out = torch.bmm(values.transpose(1, 2), probs.transpose(1, 2))  # [B, R, H], rows on the long side
+    return latent_out.transpose(1, 2).unsqueeze(1)  # [B, 1, H, R]
 
 
 # The decode step's output as [H, k] @ [k, R] (heads-major) on AVX-512 CPUs, as [R, k] @ [k, H] (rows on the long side,
@@ -86,10 +87,10 @@ def _decode_step(query, rows, valid, scaling: float, kv_lora_rank: int) -> torch
 # per layer at 4K). AVX2 CPUs keep the form measured on them (see the module's docstring).
 _HEADS_MAJOR_OUTPUT = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 # A decode step's scores (the attention's over its k rows, the indexer's over every cached key) heads-major, [H, C] @
-# [C, keys], on AVX-512 CPUs when H is not a multiple of 16: a keys-major output row of H floats then leaves part of
-# a 16-lane vector empty. SmolLM2's 9 heads, 1 core, float32: [4096, 128] @ [128, 9] 0.35 ms against 0.18 ms
-# heads-major, [256, 384] @ [384, 9] 0.059 against 0.034 ms; its conversion's bf16 decode at 4K 61.8 -> 58.2 ms
-# compiled, 121 -> 114 ms eager. With 16 heads keys-major stays: the bench model's compiled bf16 step at 4K took
+# [C, keys], on AVX-512 CPUs when H is not a multiple of 16 (presumably because a keys-major output row of H floats
+# then leaves part of a vector empty). SmolLM2's 9 heads, 1 core, float32: [4096, 128] @ [128, 9] 0.35 ms against
+# 0.18 ms heads-major, [256, 384] @ [384, 9] 0.059 against 0.034 ms; its conversion's bf16 decode at 4K 61.8 -> 58.2
+# ms compiled, 121 -> 114 ms eager. With 16 heads keys-major stays: the bench model's compiled bf16 step at 4K took
 # 9.4 ms heads-major against 7.9.
 _HEADS_MAJOR_SCORES = _HEADS_MAJOR_OUTPUT
 
