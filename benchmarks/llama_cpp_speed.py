@@ -2,7 +2,7 @@
 
     python benchmarks/llama_cpp_speed.py --llama-cpp ~/llama.cpp --llama-bench ~/llama.cpp/build/bin/llama-bench \
         [--contexts 4096 16384 65536] [--prefill 4096] [--threads 1 2] [--dtypes float32 bfloat16] [--json out.json]
-        [--checkpoint DIR --checkpoint-contexts 4096] [--repeats 1]
+        [--checkpoint DIR --checkpoint-contexts 4096] [--repeats 1] [--onednn-linear]
 
 The `mla-dsa bench` small model (2 layers, hidden 1024, 16 heads, kv_lora_rank 512, 16 indexer heads x 128; top-k
 256 at contexts <= 8K, 2048 beyond) is built by transformers' DeepseekV32ForCausalLM, given a byte-level tokenizer,
@@ -13,7 +13,8 @@ top-k, which llama.cpp reads from the file) and timed, each figure in the same p
   `-p 4096 -n 0` for prefill; `-t` threads;
 - ours: eager decode on our cache filled with random latents (as `mla-dsa bench`), `torch.compile(model.forward,
   fullgraph=True)` with `torch._inductor.config.freezing` on a static cache, and a 4K prefill forward;
-  `torch.set_num_threads`;
+  `torch.set_num_threads`; with `--onednn-linear`, float32 linear layers through oneDNN (`mla_dsa.cpu_linear`: on
+  this AMD CPU, PyTorch's default MKL matrix-vector product uses one core whatever the thread count);
 - transformers' DeepseekV32 up to `--theirs-max-context` (its decode re-expands the latent cache every step).
 With `--checkpoint`, a DSA checkpoint of ours (e.g. SmolLM2-135M's conversion: 30 small layers, where a decode
 step is many small operations rather than a few large weight reads) is timed the same way, decode only.
@@ -113,6 +114,8 @@ def decode_row(models: dict, model: str, dtype: str, threads: int, context: int,
     k = bench.topk_for(context)
     ours_dir, gguf = models[k, dtype]
     ours = mla_dsa.load_checkpoint(ours_dir, dtype=DTYPES[dtype][1]).eval()
+    if args.onednn_linear:
+        mla_dsa.use_onednn_linear(ours)
     runs = {}
     for _ in range(args.repeats):
         if context <= args.llama_max_context:
@@ -126,6 +129,7 @@ def decode_row(models: dict, model: str, dtype: str, threads: int, context: int,
             bench.set_their_topk(theirs, k)
             runs.setdefault("transformers_ms", []).append(theirs_decode(theirs, context, steps=3))
     row = {"what": "decode", "model": model, "dtype": dtype, "threads": threads, "context": context, "index_topk": k}
+    row |= {"onednn_linear": True} if args.onednn_linear and dtype == "float32" else {}
     row |= {engine: statistics.median(figures) for engine, figures in runs.items()}
     if args.repeats > 1:
         row |= {f"{engine}_runs": figures for engine, figures in runs.items()}
@@ -158,6 +162,9 @@ def main() -> None:
                         "decode only, without transformers")  # fmt: skip
     parser.add_argument("--checkpoint-contexts", type=int, nargs="+", default=[4096])
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--onednn-linear", action="store_true",
+                        help="float32 linear layers through oneDNN (mla_dsa.use_onednn_linear), ours and "
+                        "transformers'")  # fmt: skip
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     topks = sorted({bench.topk_for(context) for context in [*args.contexts, *args.prefill]})
@@ -180,6 +187,8 @@ def main() -> None:
         for dtype in args.dtypes:
             torch_dtype = DTYPES[dtype][1]
             theirs = DeepseekV32ForCausalLM.from_pretrained(Path(tmp) / "v32", dtype=torch_dtype).eval()
+            if args.onednn_linear:
+                mla_dsa.use_onednn_linear(theirs)
             for threads in args.threads:
                 torch.set_num_threads(threads)
                 for context in args.contexts:
@@ -188,6 +197,8 @@ def main() -> None:
                     k = bench.topk_for(length)
                     ours_dir, gguf = models[k, dtype]
                     ours = mla_dsa.load_checkpoint(ours_dir, dtype=torch_dtype).eval()
+                    if args.onednn_linear:
+                        mla_dsa.use_onednn_linear(ours)
                     bench.set_their_topk(theirs, k)
                     row = {
                         "what": "prefill",
@@ -201,6 +212,7 @@ def main() -> None:
                         "transformers_s": prefill_seconds(theirs, length),
                     }
                     row["ours_vs_llama_cpp"] = row["ours_s"] / row["llama_cpp_s"]
+                    row |= {"onednn_linear": True} if args.onednn_linear and dtype == "float32" else {}
                     record(row)
                 if args.checkpoint:
                     for context in args.checkpoint_contexts:

@@ -2,7 +2,7 @@
 
     python benchmarks/long_context.py [--out DIR] [--json benchmarks/results_long_context.json]
         [--lengths 2048 4096 8192] [--windows 2] [--topk 256 512 1024 2048] [--models full 50%]
-        [--no-decode | --decode-only | --lookup] [--no-source] [--append] [--table]
+        [--no-decode | --decode-only [--compile] [--onednn-linear] | --lookup] [--no-source] [--append] [--table]
 
 Held-out data: the standard library's held-out files (never used for calibration or training), whole files one
 after another, so long-range structure (a module's names, imports, repeated code) exists. Each window of L tokens is
@@ -166,10 +166,36 @@ def decode_ms(model, window: torch.Tensor, cache, **settings) -> dict:
     return {"context": context, "prefill_s": prefill, "decode_ms": 1000 * times[len(times) // 2]}
 
 
+@torch.no_grad()
+def compiled_decode_ms(model, window: torch.Tensor, **settings) -> dict:
+    """As `decode_ms`, on a static cache (transformers' `StaticCache`: its own layers for the source, ours for ours)
+    with the decode step `torch.compile(model.forward, fullgraph=True)` under inductor's freezing, the way the README
+    compiles ours; the prefill runs eager. Its first DECODE_STEPS // 2 steps compile (untimed); the median of the
+    rest. Each model compiles its own graph (`torch._dynamo.reset()` first)."""
+    from transformers import StaticCache
+
+    context = len(window) - DECODE_STEPS
+    cache = StaticCache(config=model.config, max_cache_len=len(window))
+    start = time.perf_counter()
+    model(window[None, :context], use_cache=True, logits_to_keep=1, **{CACHE_NAME: cache}, **settings)
+    prefill = time.perf_counter() - start
+    torch._dynamo.reset()
+    forward = torch.compile(model.forward, fullgraph=True)
+    times = []
+    with torch._inductor.config.patch(freezing=True):
+        for t in range(context, len(window)):
+            position = torch.tensor([[t]])
+            start = time.perf_counter()
+            forward(window[None, t : t + 1], position_ids=position, use_cache=True, **{CACHE_NAME: cache}, **settings)
+            times.append(time.perf_counter() - start)
+    times = sorted(times[DECODE_STEPS // 2 :])
+    return {"context": context, "prefill_s": prefill, "decode_ms": 1000 * times[len(times) // 2], "compiled": True}
+
+
 def run(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-    from mla_dsa import MlaDsaCache, MlaDsaForCausalLM
+    from mla_dsa import MlaDsaCache, MlaDsaForCausalLM, use_onednn_linear
 
     out, json_path = Path(args.out), Path(args.json)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,6 +229,9 @@ def run(args) -> dict:
 
     source = AutoModelForCausalLM.from_pretrained(source_dir, **loading_kwargs({"dtype": torch.float32})).eval()
     ours = {name: MlaDsaForCausalLM.from_pretrained(dst, dtype=torch.float32).eval() for name, dst in converted.items()}
+    if args.onednn_linear:  # every model's float32 projections on oneDNN (mla_dsa.cpu_linear): the source's too
+        for model in [source, *ours.values()]:
+            use_onednn_linear(model)
     if args.lookup:  # the lookup task's rows, instead of perplexity and the copy
         for length in args.lengths:
             window, depths, probes_start = lookup_window(tokenizer, length)
@@ -228,17 +257,24 @@ def run(args) -> dict:
     if not args.no_decode:
         results["decode"] = []  # one run's rows: compared with one another only
         window = windows_of(tokenizer, max(args.lengths), 1)[0]
+        linear = {"onednn_linear": True} if args.onednn_linear else {}
         if not args.no_source:
-            results["decode"].append({"model": "source",
+            results["decode"].append({"model": "source", **linear,
                                       **decode_ms(source, window, DynamicCache(config=source.config))})  # fmt: skip
+            if args.compile:
+                results["decode"].append({"model": "source", **linear, **compiled_decode_ms(source, window)})
             save()
         for name, model in ours.items():
             k = max(args.lengths) // 8
             for attention, settings in (("dense", {"use_sparse_attention": False}), ("dsa", {"index_topk": k})):
-                entry = {"model": name, "attention": attention, **settings,
-                         **decode_ms(model, window, MlaDsaCache(model.config), **settings)}  # fmt: skip
-                results["decode"].append(entry)
-                print(json.dumps(entry), flush=True)
+                entries = [{"model": name, "attention": attention, **settings, **linear,
+                            **decode_ms(model, window, MlaDsaCache(model.config), **settings)}]  # fmt: skip
+                if args.compile:
+                    entries.append({"model": name, "attention": attention, **settings, **linear,
+                                    **compiled_decode_ms(model, window, **settings)})  # fmt: skip
+                for entry in entries:
+                    results["decode"].append(entry)
+                    print(json.dumps(entry), flush=True)
                 save()
     return results
 
@@ -279,6 +315,10 @@ def table(results: dict) -> str:
             attention = row.get("attention", "")
             if "index_topk" in row:
                 attention += f", k = {row['index_topk']}"
+            if row.get("compiled"):
+                attention += (", " if attention else "") + "compiled, static cache"
+            if row.get("onednn_linear"):
+                attention += (", " if attention else "") + "oneDNN linear"
             lines.append(f"| {row['model']} | {attention} | {row['context']:,} | {row['prefill_s']:.1f} "
                          f"| {row['decode_ms']:.0f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -294,6 +334,16 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--decode-only", action="store_true", help="only the decode rows (at the longest --lengths)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode rows also on static caches with torch.compile (freezing), source and ours",
+    )
+    parser.add_argument(
+        "--onednn-linear",
+        action="store_true",
+        help="every model's float32 linear layers through oneDNN (mla_dsa.use_onednn_linear)",
+    )
     parser.add_argument("--lookup", action="store_true", help="the lookup task's rows (cue -> answer at 8 depths)")
     parser.add_argument("--no-source", action="store_true", help="skip the source's rows (measured in an earlier run)")
     parser.add_argument("--append", action="store_true", help="add the rows to the results JSON instead of replacing")

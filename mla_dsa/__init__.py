@@ -17,6 +17,7 @@ from . import attention, deepseek_format
 from .conversion.convert import convert_checkpoint
 from .conversion.source import ConversionError
 from .conversion.upgrade import upgrade_code
+from .cpu_linear import use_onednn_linear
 from .indexer_loss import IndexerLoss
 from .loading import load_checkpoint
 from .modeling.cache_mla_dsa import MlaDsaCache, MlaDsaCacheLayer
@@ -71,4 +72,5 @@ __all__ = [
     "MlaDsaModel",
     "MlaDsaPreTrainedModel",
     "upgrade_code",
+    "use_onednn_linear",
 ]

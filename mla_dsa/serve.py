@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .cpu_linear import use_onednn_linear
 from .loading import load_checkpoint
 from .modeling.configuration_mla_dsa import MlaDsaConfig
 
@@ -72,7 +73,9 @@ class MlaDsaModelLoader(ModelLoader or object):
         kwargs = {"revision": revision, "dtype": self.dtype, "device_map": self.device, "tqdm_class": tqdm_class}
         if self.attn_implementation is not None:
             kwargs["attn_implementation"] = self.attn_implementation
-        return load_checkpoint(repo, **kwargs, **self.config_overrides).eval()
+        model = load_checkpoint(repo, **kwargs, **self.config_overrides).eval()
+        use_onednn_linear(model)  # float32 on a CPU: projections on every core (see mla_dsa.cpu_linear)
+        return model
 
 
 # Errors a handler raises reading a malformed request body (a string where the messages list goes, a message without
