@@ -2,7 +2,7 @@
 
     python benchmarks/llama_cpp_speed.py --llama-cpp ~/llama.cpp --llama-bench ~/llama.cpp/build/bin/llama-bench \
         [--contexts 4096 16384 65536] [--prefill 4096] [--threads 1 2] [--dtypes float32 bfloat16] [--json out.json]
-        [--checkpoint DIR --checkpoint-contexts 4096] [--repeats 1] [--onednn-linear]
+        [--checkpoint DIR --checkpoint-contexts 4096] [--repeats 1] [--onednn-linear [--onednn-min-weights N]]
 
 The `mla-dsa bench` small model (2 layers, hidden 1024, 16 heads, kv_lora_rank 512, 16 indexer heads x 128; top-k
 256 at contexts <= 8K, 2048 beyond) is built by transformers' DeepseekV32ForCausalLM, given a byte-level tokenizer,
@@ -37,6 +37,7 @@ from transformers import StaticCache
 
 import mla_dsa
 from mla_dsa import bench
+from mla_dsa.cpu_linear import MIN_WEIGHT_ELEMENTS
 from mla_dsa.data import byte_tokenizer
 
 DTYPES = {"float32": ("f32", torch.float32), "bfloat16": ("bf16", torch.bfloat16)}
@@ -115,7 +116,7 @@ def decode_row(models: dict, model: str, dtype: str, threads: int, context: int,
     ours_dir, gguf = models[k, dtype]
     ours = mla_dsa.load_checkpoint(ours_dir, dtype=DTYPES[dtype][1]).eval()
     if args.onednn_linear:
-        mla_dsa.use_onednn_linear(ours)
+        mla_dsa.use_onednn_linear(ours, args.onednn_min_weights)
     runs = {}
     for _ in range(args.repeats):
         if context <= args.llama_max_context:
@@ -129,7 +130,7 @@ def decode_row(models: dict, model: str, dtype: str, threads: int, context: int,
             bench.set_their_topk(theirs, k)
             runs.setdefault("transformers_ms", []).append(theirs_decode(theirs, context, steps=3))
     row = {"what": "decode", "model": model, "dtype": dtype, "threads": threads, "context": context, "index_topk": k}
-    row |= {"onednn_linear": True} if args.onednn_linear and dtype == "float32" else {}
+    row |= linear_fields(args, dtype)
     row |= {engine: statistics.median(figures) for engine, figures in runs.items()}
     if args.repeats > 1:
         row |= {f"{engine}_runs": figures for engine, figures in runs.items()}
@@ -138,6 +139,11 @@ def decode_row(models: dict, model: str, dtype: str, threads: int, context: int,
             if f"ours_{variant}_ms" in row:
                 row[f"ours_{variant}_vs_llama_cpp"] = row[f"ours_{variant}_ms"] / row["llama_cpp_ms"]
     return row
+
+
+def linear_fields(args: argparse.Namespace, dtype: str) -> dict:
+    """What a row records of `--onednn-linear` (float32 rows only: bfloat16 layers are on oneDNN already)."""
+    return {"onednn_min_weights": args.onednn_min_weights} if args.onednn_linear and dtype == "float32" else {}
 
 
 def main() -> None:
@@ -165,6 +171,8 @@ def main() -> None:
     parser.add_argument("--onednn-linear", action="store_true",
                         help="float32 linear layers through oneDNN (mla_dsa.use_onednn_linear), ours and "
                         "transformers'")  # fmt: skip
+    parser.add_argument("--onednn-min-weights", type=int, default=MIN_WEIGHT_ELEMENTS,
+                        help="with --onednn-linear: layers of at least this many weights (0: all)")  # fmt: skip
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     topks = sorted({bench.topk_for(context) for context in [*args.contexts, *args.prefill]})
@@ -188,7 +196,7 @@ def main() -> None:
             torch_dtype = DTYPES[dtype][1]
             theirs = DeepseekV32ForCausalLM.from_pretrained(Path(tmp) / "v32", dtype=torch_dtype).eval()
             if args.onednn_linear:
-                mla_dsa.use_onednn_linear(theirs)
+                mla_dsa.use_onednn_linear(theirs, args.onednn_min_weights)
             for threads in args.threads:
                 torch.set_num_threads(threads)
                 for context in args.contexts:
@@ -198,7 +206,7 @@ def main() -> None:
                     ours_dir, gguf = models[k, dtype]
                     ours = mla_dsa.load_checkpoint(ours_dir, dtype=torch_dtype).eval()
                     if args.onednn_linear:
-                        mla_dsa.use_onednn_linear(ours)
+                        mla_dsa.use_onednn_linear(ours, args.onednn_min_weights)
                     bench.set_their_topk(theirs, k)
                     row = {
                         "what": "prefill",
@@ -212,7 +220,7 @@ def main() -> None:
                         "transformers_s": prefill_seconds(theirs, length),
                     }
                     row["ours_vs_llama_cpp"] = row["ours_s"] / row["llama_cpp_s"]
-                    row |= {"onednn_linear": True} if args.onednn_linear and dtype == "float32" else {}
+                    row |= linear_fields(args, dtype)
                     record(row)
                 if args.checkpoint:
                     for context in args.checkpoint_contexts:

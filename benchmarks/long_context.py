@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from mla_dsa.cpu_linear import MIN_WEIGHT_ELEMENTS
 from mla_dsa.data import stdlib_files, text_files_corpus
 from mla_dsa.demo_smollm2 import calibration_files
 from mla_dsa.loading import loading_kwargs
@@ -184,9 +185,10 @@ def compiled_decode_ms(model, window: torch.Tensor, **settings) -> dict:
     times = []
     with torch._inductor.config.patch(freezing=True):
         for t in range(context, len(window)):
-            position = torch.tensor([[t]])
+            # cache_position as generate() passes it: without it transformers' model asks the static cache its length
+            positions = {"position_ids": torch.tensor([[t]]), "cache_position": torch.tensor([t])}
             start = time.perf_counter()
-            forward(window[None, t : t + 1], position_ids=position, use_cache=True, **{CACHE_NAME: cache}, **settings)
+            forward(window[None, t : t + 1], **positions, use_cache=True, **{CACHE_NAME: cache}, **settings)
             times.append(time.perf_counter() - start)
     times = sorted(times[DECODE_STEPS // 2 :])
     return {"context": context, "prefill_s": prefill, "decode_ms": 1000 * times[len(times) // 2], "compiled": True}
@@ -257,7 +259,7 @@ def run(args) -> dict:
     if not args.no_decode:
         results["decode"] = []  # one run's rows: compared with one another only
         window = windows_of(tokenizer, max(args.lengths), 1)[0]
-        linear = {"onednn_linear": True} if args.onednn_linear else {}
+        linear = {"onednn_min_weights": MIN_WEIGHT_ELEMENTS} if args.onednn_linear else {}
         if not args.no_source:
             results["decode"].append({"model": "source", **linear,
                                       **decode_ms(source, window, DynamicCache(config=source.config))})  # fmt: skip
@@ -317,7 +319,7 @@ def table(results: dict) -> str:
                 attention += f", k = {row['index_topk']}"
             if row.get("compiled"):
                 attention += (", " if attention else "") + "compiled, static cache"
-            if row.get("onednn_linear"):
+            if "onednn_min_weights" in row:
                 attention += (", " if attention else "") + "oneDNN linear"
             lines.append(f"| {row['model']} | {attention} | {row['context']:,} | {row['prefill_s']:.1f} "
                          f"| {row['decode_ms']:.0f} |")  # fmt: skip

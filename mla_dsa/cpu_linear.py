@@ -4,15 +4,15 @@ PyTorch runs a float32 `nn.Linear` on an x86 CPU through MKL (eager `F.linear`, 
 which packs the weights for MKL). Measured on a 2-core AMD EPYC (AVX-512), torch 2.14: MKL's matrix-vector product - a
 batch-1 decode step's every projection - uses one core whatever the thread count (8192 x 1024: 1.9 ms with 1 or 2
 threads, 18 GB/s), where oneDNN's (the library PyTorch already uses for bfloat16 layers) takes 1.1 ms on one thread
-and 0.65 ms on two; at 256 or 4,096 rows oneDNN was 1.06-1.34x MKL's speed too. A decode step of the benchmark model
-at 4K, 2 threads: 10.8 -> 7.9 ms compiled, 14.0 -> 10.7 ms eager.
+and 0.65 ms on two; at 256 or 4,096 rows oneDNN was 1.06-1.34x MKL's speed too. Small layers are the exception
+(`MIN_WEIGHT_ELEMENTS`). `benchmarks/onednn_linear.py` measures both, per layer size and per decode step.
 
-The same layers, the same weights and state dict: only the forward of each float32 `nn.Linear` is replaced, on the
-instance, by one that calls oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, what inductor calls for bfloat16
+The same layers, the same weights and state dict: only the forward of each large float32 `nn.Linear` is replaced, on
+the instance, by one that calls oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, what inductor calls for bfloat16
 layers) for float32 CPU tensors outside autograd, and `F.linear` otherwise (training, other dtypes and devices, a
 tensor-parallel shard). Results equal `F.linear`'s up to float32 rounding (another summation order). Applies to any
-model, ours or transformers' (the benchmarks apply it to both sides of a comparison). Not applied by default: it
-replaces methods on the user's modules, and the gain depends on the CPU's MKL.
+model, ours or transformers' (the benchmarks apply it to both sides of a comparison). `mla-dsa serve` applies it;
+nothing else does by default: it replaces methods on the user's modules, and the gain depends on the CPU's MKL.
 """
 
 import types
@@ -20,6 +20,12 @@ import types
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# Smaller layers stay on MKL: oneDNN's fixed cost per call outweighs its faster reads there. With all its 331 layers
+# (0.3-1.3 M weights but the LM head) on oneDNN, SmolLM2's compiled 4K decode step took 92.7 ms on one thread against
+# 81.7 on MKL; with its LM head alone, 84.3 (benchmarks/results_onednn_linear.json, one run). On two threads the bench
+# model's compiled step gained as much from its layers of 2 M weights and more (9.98 -> 8.40 ms) as from all (8.53).
+MIN_WEIGHT_ELEMENTS = 1 << 21
 
 
 def onednn_available() -> bool:
@@ -30,21 +36,27 @@ def onednn_available() -> bool:
 def _onednn_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight = self.weight
     plain = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and type(weight.data) is torch.Tensor
-    if not plain or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        return F.linear(x, weight, self.bias)  # oneDNN's op has no backward
+    # F.linear for autograd (oneDNN's op has no backward) and for a wrong input width (its error names the shapes)
+    if (
+        not plain
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        or x.shape[-1] != weight.shape[1]
+    ):
+        return F.linear(x, weight, self.bias)
     rows = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, self.bias, "none", [], "")
     return rows.view(*x.shape[:-1], rows.shape[-1])
 
 
-def use_onednn_linear(model: nn.Module) -> int:
-    """Routes every float32 CPU `nn.Linear` of `model` (exactly that class: a LoRA or quantized wrapper's own
-    forward is left alone, its base layer is not) through oneDNN; returns how many layers. Does nothing (0) where
-    this PyTorch has no oneDNN. Applying it twice changes nothing more."""
+def use_onednn_linear(model: nn.Module, min_weight_elements: int = MIN_WEIGHT_ELEMENTS) -> int:
+    """Routes every float32 CPU `nn.Linear` of `model` with at least `min_weight_elements` weights (exactly that
+    class: a LoRA or quantized wrapper's own forward is left alone, its base layer is not) through oneDNN; returns
+    how many layers. Does nothing (0) where this PyTorch has no oneDNN. Applying it twice changes nothing more."""
     if not onednn_available():
         return 0
     count = 0
     for module in model.modules():
-        if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
+        if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu" \
+                and module.weight.numel() >= min_weight_elements:  # fmt: skip
             module.forward = types.MethodType(_onednn_linear_forward, module)
             count += 1
     return count

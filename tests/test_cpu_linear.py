@@ -36,7 +36,7 @@ def _layers() -> nn.Sequential:
 @pytest.mark.parametrize("shape", [(1, 48), (5, 48), (2, 3, 48)])
 def test_onednn_linear_equals_f_linear_and_runs_on_onednn(shape):
     plain, fast = _layers(), _layers()
-    assert use_onednn_linear(fast) == 2
+    assert use_onednn_linear(fast, min_weight_elements=0) == 2
     x = torch.randn(*shape)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
@@ -46,7 +46,7 @@ def test_onednn_linear_equals_f_linear_and_runs_on_onednn(shape):
 
 def test_onednn_linear_leaves_autograd_and_bfloat16_to_f_linear():
     plain, fast = _layers(), _layers()
-    use_onednn_linear(fast)
+    use_onednn_linear(fast, min_weight_elements=0)
     x = torch.randn(4, 48)
     assert ONEDNN_OP not in _ops_run(lambda: fast(x).sum().backward())  # weights that need gradients
     plain(x).sum().backward()
@@ -54,9 +54,9 @@ def test_onednn_linear_leaves_autograd_and_bfloat16_to_f_linear():
         torch.testing.assert_close(ours.grad, theirs.grad)
     with torch.no_grad():
         bf16 = _layers().to(torch.bfloat16)
-        assert use_onednn_linear(bf16) == 0
+        assert use_onednn_linear(bf16, min_weight_elements=0) == 0
         half = _layers()
-        use_onednn_linear(half)
+        use_onednn_linear(half, min_weight_elements=0)
         half.to(torch.bfloat16)  # cast after: each call checks the dtype
         assert torch.equal(half(x.bfloat16()), bf16(x.bfloat16()))
 
@@ -67,7 +67,7 @@ def test_onednn_linear_on_our_model_eager_and_compiled_decode():
     ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(ids).logits
-        patched = use_onednn_linear(model)
+        patched = use_onednn_linear(model, min_weight_elements=0)
         assert patched == sum(type(module) is nn.Linear for module in model.modules())
         assert ONEDNN_OP in _ops_run(lambda: model(ids))
         torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
@@ -91,7 +91,7 @@ def test_onednn_linear_under_a_lora_adapter():
     ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = lora(input_ids=ids).logits
-        use_onednn_linear(lora)  # the adapters' own Linear layers and the wrapped base layers
+        use_onednn_linear(lora, min_weight_elements=0)  # the adapters' own Linear layers and the wrapped base layers
         torch.testing.assert_close(lora(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
         assert ONEDNN_OP in _ops_run(lambda: lora(input_ids=ids))
 
@@ -103,10 +103,30 @@ def test_onednn_linear_on_a_tensor_subclass_weight_is_f_linear():
         pass
 
     layer = nn.Linear(8, 4)
-    use_onednn_linear(layer)
+    use_onednn_linear(layer, min_weight_elements=0)
     layer.weight = nn.Parameter(layer.weight.detach().as_subclass(Marked), requires_grad=False)
     x = torch.randn(2, 8)
     with torch.no_grad():
         assert ONEDNN_OP not in _ops_run(lambda: layer(x))
         torch.testing.assert_close(layer(x).as_subclass(torch.Tensor), F.linear(x, layer.weight, layer.bias)
                                    .as_subclass(torch.Tensor))  # fmt: skip
+
+
+def test_onednn_linear_leaves_layers_below_the_size_on_mkl():
+    """By default only layers of at least `MIN_WEIGHT_ELEMENTS` weights move (smaller ones ran slower on oneDNN)."""
+    from mla_dsa.cpu_linear import MIN_WEIGHT_ELEMENTS
+
+    small, large = nn.Linear(64, 64), nn.Linear(64, MIN_WEIGHT_ELEMENTS // 64, bias=False)
+    model = nn.ModuleDict({"small": small, "large": large})
+    assert use_onednn_linear(model) == 1
+    with torch.no_grad():
+        x = torch.randn(1, 64)
+        assert ONEDNN_OP not in _ops_run(lambda: small(x))
+        assert ONEDNN_OP in _ops_run(lambda: large(x))
+
+
+def test_onednn_linear_reports_a_wrong_input_width_as_f_linear_does():
+    layer = nn.Linear(16, 8)
+    use_onednn_linear(layer, min_weight_elements=0)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="cannot be multiplied"):
+        layer(torch.randn(2, 12))
