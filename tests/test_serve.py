@@ -81,6 +81,20 @@ def test_the_server_loader_loads_ours_and_the_exports_into_our_model_with_the_se
     assert untouched.config.index_topk == 16  # the settings are the server's, not the checkpoint's
 
 
+def test_the_server_loader_runs_large_float32_layers_on_onednn(served_checkpoint, monkeypatch):
+    """`mla-dsa serve` applies `use_onednn_linear` (with its size rule: this tiny model's layers are all smaller, so
+    the rule is set to 0 here to see every layer moved)."""
+    from mla_dsa import cpu_linear
+
+    if not cpu_linear.onednn_available():
+        pytest.skip("this PyTorch has no oneDNN")
+    monkeypatch.setattr(cpu_linear.use_onednn_linear, "__defaults__", (0,))
+    loader = serving.MlaDsaModelLoader.from_loader(serving.ModelLoader(device="cpu"), {})
+    model = loader._load_model(str(served_checkpoint))
+    linears = [module for module in model.modules() if type(module) is torch.nn.Linear]
+    assert linears and all("forward" in vars(module) for module in linears)  # each forward replaced on the instance
+
+
 def test_serve_refuses_what_it_cannot_serve_in_one_line(served_checkpoint, tmp_path, capsys):
     assert cli(["serve", str(tmp_path / "nothing-here")]) == 1
     assert "no config.json" in capsys.readouterr().err
