@@ -2,8 +2,8 @@
 
 PyTorch runs a float32 `nn.Linear` on an x86 CPU through MKL (eager `F.linear`, and `torch.compile` with freezing,
 which packs the weights for MKL). Measured on a 2-core AMD EPYC (AVX-512), torch 2.14: MKL's matrix-vector product - a
-batch-1 decode step's every projection - uses one core whatever the thread count (8192 x 1024: 1.9 ms with 1 or 2
-threads, 18 GB/s), where oneDNN's (the library PyTorch already uses for bfloat16 layers) takes 1.1 ms on one thread
+batch-1 decode step's every projection - barely uses a second core (8192 x 1024: 1.7-1.9 ms on 1 thread, 1.4-1.9
+on 2; about 18 GB/s), where oneDNN's (the library PyTorch already uses for bfloat16 layers) takes 1.1 ms on one thread
 and 0.65 ms on two; at 256 or 4,096 rows oneDNN was 1.06-1.34x MKL's speed too. Small layers are the exception
 (`MIN_WEIGHT_ELEMENTS`). `benchmarks/onednn_linear.py` measures both, per layer size and per decode step.
 
