@@ -13,8 +13,8 @@ top-k, which llama.cpp reads from the file) and timed, each figure in the same p
   `-p 4096 -n 0` for prefill; `-t` threads;
 - ours: eager decode on our cache filled with random latents (as `mla-dsa bench`), `torch.compile(model.forward,
   fullgraph=True)` with `torch._inductor.config.freezing` on a static cache, and a 4K prefill forward;
-  `torch.set_num_threads`; with `--onednn-linear`, float32 linear layers through oneDNN (`mla_dsa.cpu_linear`: on
-  this AMD CPU, PyTorch's default MKL matrix-vector product uses one core whatever the thread count);
+  `torch.set_num_threads`; with `--onednn-linear`, large float32 linear layers through oneDNN (`mla_dsa.cpu_linear`:
+  on this AMD CPU, PyTorch's default MKL matrix-vector product barely uses a second core);
 - transformers' DeepseekV32 up to `--theirs-max-context` (its decode re-expands the latent cache every step).
 With `--checkpoint`, a DSA checkpoint of ours (e.g. SmolLM2-135M's conversion: 30 small layers, where a decode
 step is many small operations rather than a few large weight reads) is timed the same way, decode only.

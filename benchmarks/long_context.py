@@ -231,7 +231,7 @@ def run(args) -> dict:
 
     source = AutoModelForCausalLM.from_pretrained(source_dir, **loading_kwargs({"dtype": torch.float32})).eval()
     ours = {name: MlaDsaForCausalLM.from_pretrained(dst, dtype=torch.float32).eval() for name, dst in converted.items()}
-    if args.onednn_linear:  # every model's float32 projections on oneDNN (mla_dsa.cpu_linear): the source's too
+    if args.onednn_linear:  # every model's large float32 layers on oneDNN (mla_dsa.cpu_linear): the source's too
         for model in [source, *ours.values()]:
             use_onednn_linear(model)
     if args.lookup:  # the lookup task's rows, instead of perplexity and the copy
