@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import ConversionError
 from .fp8 import dequantize_block_fp8
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -38,14 +39,6 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-class ConversionError(Exception):
-    """A problem with the input or output, reported as one line naming the file."""
-
-    def __init__(self, path: Path | str, problem: str):
-        super().__init__(f"{path}: {problem}")
-        self.path, self.problem = str(path), problem
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .conversion.export import EXPORT_FORMATS
-from .conversion.indexer_init import INDEXER_INITS
-from .conversion.source import ConversionError
+from .conversion import ConversionError
+
+# Spelled out (tests/test_cli_errors.py holds them equal to the conversion's) so that `--help` needs no torch.
+EXPORT_FORMATS = ("deepseek_v32", "glm_moe_dsa")  # conversion.export.EXPORT_FORMATS
+INDEXER_INITS = ("random", "svd", "calibrate")  # conversion.indexer_init.INDEXER_INITS
 
 
 def _positive_float(text: str) -> float:
@@ -604,12 +606,16 @@ def main(argv: list[str] | None = None) -> int:
     _add_upgrade_code(commands)
     _add_serve(commands)
     argv = sys.argv[1:] if argv is None else argv
+    from . import register_with_transformers
+
     if argv[:1] == ["bench"]:  # its own argument parser
+        register_with_transformers()
         from .bench import main as bench_main
 
         bench_main(argv[1:])
         return 0
     args = parser.parse_args(argv)
+    register_with_transformers()
     with _progress_bars(not getattr(args, "no_progress", False)):
         return _dispatch(args)
 
