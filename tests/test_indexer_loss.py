@@ -5,6 +5,7 @@ checkpointing; the model itself computes no training loss."""
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import mla_dsa
@@ -200,7 +201,9 @@ def _count_scoring(monkeypatch) -> list[int]:
         calls.append(queries.shape[1])
         return original(queries, *args)
 
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, modeling_mla_dsa.INDEX_SCORES, counting)
+    # registered as transformers registers (an item set on ALL_ATTENTION_FUNCTIONS would stay in its
+    # local mapping after the test, over every later registration)
+    monkeypatch.setitem(AttentionInterface._global_mapping, modeling_mla_dsa.INDEX_SCORES, counting)
     return calls
 
 

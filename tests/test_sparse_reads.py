@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import mla_dsa
@@ -225,7 +226,9 @@ def test_prefill_scores_only_the_causal_prefix_of_each_query_block(models, monke
         scored.append((queries.shape[1], keys.shape[1]))
         return original(queries, weights, keys, softmax_scale)
 
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, modeling_mla_dsa.INDEX_SCORES, recording)
+    # registered as transformers registers (an item set on ALL_ATTENTION_FUNCTIONS would stay in its
+    # local mapping after the test, over every later registration)
+    monkeypatch.setitem(AttentionInterface._global_mapping, modeling_mla_dsa.INDEX_SCORES, recording)
     monkeypatch.setattr(modeling_mla_dsa, "query_block", lambda *shape: 4)
     with torch.no_grad():
         actual = model(input_ids).logits
