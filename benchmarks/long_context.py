@@ -2,7 +2,8 @@
 
     python benchmarks/long_context.py [--out DIR] [--json benchmarks/results_long_context.json]
         [--lengths 2048 4096 8192] [--windows 2] [--topk 256 512 1024 2048] [--models full 50%]
-        [--no-decode | --decode-only [--compile] [--onednn-linear] | --lookup] [--no-source] [--append] [--table]
+        [--no-decode | --decode-only [--compile | --rounds N] [--onednn-linear] | --lookup] [--no-source] [--append]
+        [--table]
 
 Held-out data: the standard library's held-out files (never used for calibration or training), whole files one
 after another, so long-range structure (a module's names, imports, repeated code) exists. Each window of L tokens is
@@ -16,7 +17,9 @@ L - 64 tokens of that text followed by a copy of its first 64 tokens: one forwar
 Rows: the source (transformers' LlamaForCausalLM), each conversion (`mla-dsa convert --kv-lora-rank R --indexer-init
 calibrate`, R = 320: the source's full key/value width; R = 128: half the cache) run densely, and DSA at each k < L.
 Each row gives its seconds per window on this machine. With decode: ms per token at the longest context, the source
-through transformers' cache against ours, dense and DSA. Results JSON is rewritten after every row.
+through transformers' cache against ours, dense and DSA; with `--rounds N` instead, the source's
+fastest decode (eager) against ours compiled with DSA, each prefilled once, then N rounds of decode steps alternating
+between them (one round's figures moved by up to 20 % on this VM). Results JSON is rewritten after every row.
 """
 
 import argparse
@@ -194,6 +197,60 @@ def compiled_decode_ms(model, window: torch.Tensor, **settings) -> dict:
     return {"context": context, "prefill_s": prefill, "decode_ms": 1000 * times[len(times) // 2], "compiled": True}
 
 
+@torch.no_grad()
+def alternating_decode_ms(source, model, window: torch.Tensor, rounds: int, **settings) -> list[dict]:
+    """The source's decode eager on transformers' DynamicCache against ours compiled on a static cache (as
+    `compiled_decode_ms`), both prefilled once (eager), then `rounds` rounds alternating between them, each timing
+    the window's last DECODE_STEPS tokens from the same cache state (the caches are cut back to the prefill after
+    each round). Ours compiles in an untimed round first. One row per model: every round's median, and their median."""
+    from transformers import DynamicCache, StaticCache
+
+    context = len(window) - DECODE_STEPS
+    source_cache = DynamicCache(config=source.config)
+    static_cache = StaticCache(config=model.config, max_cache_len=len(window))
+    prefill = {}
+    for name, engine, cache, options in (("source", source, source_cache, {}), ("ours", model, static_cache, settings)):
+        start = time.perf_counter()
+        engine(window[None, :context], use_cache=True, logits_to_keep=1, **{CACHE_NAME: cache}, **options)
+        prefill[name] = time.perf_counter() - start
+    torch._dynamo.reset()
+    forward = torch.compile(model.forward, fullgraph=True)
+
+    def source_round() -> float:
+        times = []
+        for t in range(context, len(window)):
+            start = time.perf_counter()
+            source(window[None, t : t + 1], use_cache=True, **{CACHE_NAME: source_cache})
+            times.append(time.perf_counter() - start)
+        source_cache.crop(-DECODE_STEPS)  # the tokens this round added
+        return 1000 * sorted(times)[len(times) // 2]
+
+    def ours_round() -> float:
+        times = []
+        for t in range(context, len(window)):
+            positions = {"position_ids": torch.tensor([[t]]), "cache_position": torch.tensor([t])}
+            start = time.perf_counter()
+            forward(window[None, t : t + 1], **positions, use_cache=True, **{CACHE_NAME: static_cache}, **settings)
+            times.append(time.perf_counter() - start)
+        for layer in static_cache.layers:  # back to the prefill: the same rows are written again next round
+            layer.cumulative_length.fill_(context)
+            layer.indexer_cumulative_length.fill_(context)
+        return 1000 * sorted(times)[len(times) // 2]
+
+    medians: dict[str, list[float]] = {"source": [], "ours": []}
+    with torch._inductor.config.patch(freezing=True):
+        ours_round()  # compiles
+        for _ in range(rounds):
+            medians["source"].append(source_round())
+            medians["ours"].append(ours_round())
+    rows = []
+    for name in ("source", "ours"):
+        ms = sorted(medians[name])
+        rows.append({"context": context, "prefill_s": prefill[name], "decode_ms": ms[len(ms) // 2],
+                     "round_ms": medians[name], "compiled": name == "ours", "alternating": True})  # fmt: skip
+    return rows
+
+
 def run(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
@@ -260,6 +317,15 @@ def run(args) -> dict:
         results["decode"] = []  # one run's rows: compared with one another only
         window = windows_of(tokenizer, max(args.lengths), 1)[0]
         linear = {"onednn_min_weights": MIN_WEIGHT_ELEMENTS} if args.onednn_linear else {}
+        if args.rounds:
+            for name, model in ours.items():
+                settings = {"index_topk": max(args.lengths) // 8}
+                source_row, ours_row = alternating_decode_ms(source, model, window, args.rounds, **settings)
+                results["decode"].append({"model": "source", **linear, **source_row})
+                results["decode"].append({"model": name, "attention": "dsa", **settings, **linear, **ours_row})
+                save()
+                print(json.dumps(results["decode"][-2:]), flush=True)
+            return results
         if not args.no_source:
             results["decode"].append({"model": "source", **linear,
                                       **decode_ms(source, window, DynamicCache(config=source.config))})  # fmt: skip
@@ -319,6 +385,8 @@ def table(results: dict) -> str:
                 attention += f", k = {row['index_topk']}"
             if row.get("compiled"):
                 attention += (", " if attention else "") + "compiled, static cache"
+            if row.get("alternating"):
+                attention += (", " if attention else "") + f"median of {len(row['round_ms'])} alternating rounds"
             if "onednn_min_weights" in row:
                 attention += (", " if attention else "") + "oneDNN linear"
             lines.append(f"| {row['model']} | {attention} | {row['context']:,} | {row['prefill_s']:.1f} "
@@ -345,6 +413,12 @@ def main() -> None:
         "--onednn-linear",
         action="store_true",
         help="every model's float32 linear layers through oneDNN (mla_dsa.use_onednn_linear)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="the source's eager decode against ours compiled (DSA), N rounds alternating (instead of the decode rows)",
     )
     parser.add_argument("--lookup", action="store_true", help="the lookup task's rows (cue -> answer at 8 depths)")
     parser.add_argument("--no-source", action="store_true", help="skip the source's rows (measured in an earlier run)")
