@@ -202,7 +202,8 @@ def alternating_decode_ms(source, model, window: torch.Tensor, rounds: int, **se
     """The source's decode eager on transformers' DynamicCache against ours compiled on a static cache (as
     `compiled_decode_ms`), both prefilled once (eager), then `rounds` rounds alternating between them, each timing
     the window's last DECODE_STEPS tokens from the same cache state (the caches are cut back to the prefill after
-    each round). Ours compiles in an untimed round first. One row per model: every round's median, and their median."""
+    each round; a round that predicts other tokens than the first raises). Ours compiles in an untimed round first.
+    One row per model: every round's median, their median, and the greedy next token of each step."""
     from transformers import DynamicCache, StaticCache
 
     context = len(window) - DECODE_STEPS
@@ -216,38 +217,45 @@ def alternating_decode_ms(source, model, window: torch.Tensor, rounds: int, **se
     torch._dynamo.reset()
     forward = torch.compile(model.forward, fullgraph=True)
 
-    def source_round() -> float:
-        times = []
+    def source_round() -> tuple[float, list[int]]:
+        times, tokens = [], []
         for t in range(context, len(window)):
             start = time.perf_counter()
-            source(window[None, t : t + 1], use_cache=True, **{CACHE_NAME: source_cache})
+            logits = source(window[None, t : t + 1], use_cache=True, **{CACHE_NAME: source_cache}).logits
             times.append(time.perf_counter() - start)
+            tokens.append(int(logits[0, -1].argmax()))
         source_cache.crop(-DECODE_STEPS)  # the tokens this round added
-        return 1000 * sorted(times)[len(times) // 2]
+        return 1000 * sorted(times)[len(times) // 2], tokens
 
-    def ours_round() -> float:
-        times = []
+    def ours_round() -> tuple[float, list[int]]:
+        times, tokens = [], []
         for t in range(context, len(window)):
             positions = {"position_ids": torch.tensor([[t]]), "cache_position": torch.tensor([t])}
             start = time.perf_counter()
-            forward(window[None, t : t + 1], **positions, use_cache=True, **{CACHE_NAME: static_cache}, **settings)
+            logits = forward(window[None, t : t + 1], **positions, use_cache=True, **{CACHE_NAME: static_cache},
+                             **settings).logits  # fmt: skip
             times.append(time.perf_counter() - start)
+            tokens.append(int(logits[0, -1].argmax()))
         for layer in static_cache.layers:  # back to the prefill: the same rows are written again next round
             layer.cumulative_length.fill_(context)
             layer.indexer_cumulative_length.fill_(context)
-        return 1000 * sorted(times)[len(times) // 2]
+        return 1000 * sorted(times)[len(times) // 2], tokens
 
     medians: dict[str, list[float]] = {"source": [], "ours": []}
     with torch._inductor.config.patch(freezing=True):
-        ours_round()  # compiles
+        predicted = {"ours": ours_round()[1]}  # compiles
         for _ in range(rounds):
-            medians["source"].append(source_round())
-            medians["ours"].append(ours_round())
+            for name, decode_round in (("source", source_round), ("ours", ours_round)):
+                ms, tokens = decode_round()
+                medians[name].append(ms)
+                if predicted.setdefault(name, tokens) != tokens:  # every round decodes from the same state
+                    raise RuntimeError(f"{name}: a round predicted {tokens}, the first {predicted[name]}")
     rows = []
     for name in ("source", "ours"):
         ms = sorted(medians[name])
         rows.append({"context": context, "prefill_s": prefill[name], "decode_ms": ms[len(ms) // 2],
-                     "round_ms": medians[name], "compiled": name == "ours", "alternating": True})  # fmt: skip
+                     "round_ms": medians[name], "compiled": name == "ours", "alternating": True,
+                     "next_tokens": predicted[name]})  # fmt: skip
     return rows
 
 

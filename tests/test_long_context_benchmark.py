@@ -69,3 +69,25 @@ def test_the_copy_is_scored_where_it_stands():
     result = long_context.measure(_memorised(window), window)
     assert result["copy_exact"] == 1.0 and result["copy_top1"] == 1.0 and result["ppl"] < 1.1
     assert result["copy_nll"] < 0.05 and result["seconds_per_window"] > 0
+
+
+@pytest.mark.slow  # compiles a decode step
+def test_alternating_rounds_decode_from_the_prefill_every_round(v32_topk4):
+    """`--rounds`: both models prefilled once, then rounds alternating between them, each from the same cache state
+    (a round predicting other tokens raises): the greedy tokens of every step equal a full forward's, for the source
+    on transformers' DynamicCache and for ours compiled with DSA on a static cache."""
+    from mla_dsa import MlaDsaForCausalLM
+
+    torch.manual_seed(0)
+    source = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2)).eval()  # fmt: skip
+    ours = MlaDsaForCausalLM.from_pretrained(v32_topk4).eval()
+    window = torch.randint(3, 64, (20 + long_context.DECODE_STEPS,), generator=torch.Generator().manual_seed(1))
+    rows = long_context.alternating_decode_ms(source, ours, window, rounds=2, index_topk=4)
+    context = len(window) - long_context.DECODE_STEPS
+    for row, model in zip(rows, (source, ours), strict=True):
+        with torch.no_grad():
+            full = model(window[None], **({"index_topk": 4} if model is ours else {})).logits[0, context:]
+        assert row["next_tokens"] == full.argmax(-1).tolist()
+        assert row["context"] == context and len(row["round_ms"]) == 2 and row["decode_ms"] > 0
+    assert rows[1]["compiled"] and not rows[0]["compiled"]
