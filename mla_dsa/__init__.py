@@ -7,6 +7,25 @@
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what `_NAMES` loads on first use, for type checkers and editors (as transformers' own __init__)
+    from .conversion import ConversionError
+    from .conversion.convert import convert_checkpoint
+    from .conversion.upgrade import upgrade_code
+    from .cpu_linear import use_onednn_linear
+    from .indexer_loss import IndexerLoss
+    from .loading import load_checkpoint
+    from .modeling.cache_mla_dsa import MlaDsaCache, MlaDsaCacheLayer
+    from .modeling.configuration_mla_dsa import PAYLOAD_VERSION, MlaDsaConfig
+    from .modeling.modeling_mla_dsa import (
+        MlaDsaForCausalLM,
+        MlaDsaForSequenceClassification,
+        MlaDsaForTokenClassification,
+        MlaDsaModel,
+        MlaDsaPreTrainedModel,
+    )
+    from .training import evaluate_indexer, indexer_lora_config, prepare_indexer_training, train_indexer
 
 # The public names, loaded on first use: the command line (`mla-dsa --help`, an argument error) answers before torch
 # and transformers load (4 s), and the training helpers import transformers' Trainer (and so accelerate).
@@ -96,6 +115,7 @@ __all__ = [
     "MlaDsaForTokenClassification",
     "MlaDsaModel",
     "MlaDsaPreTrainedModel",
+    "PAYLOAD_VERSION",
     "upgrade_code",
     "use_onednn_linear",
 ]

@@ -34,3 +34,9 @@ def test_the_documented_names_are_at_the_top_level():
         assert hasattr(mla_dsa, name) and name in mla_dsa.__all__
     with pytest.raises(AttributeError):
         mla_dsa.no_such_name  # noqa: B018
+
+
+def test_every_lazily_loaded_name_resolves_and_is_public():
+    for name in mla_dsa._NAMES:
+        assert getattr(mla_dsa, name) is not None and name in mla_dsa.__all__
+    assert mla_dsa.__version__ == mla_dsa.PAYLOAD_VERSION
