@@ -49,6 +49,7 @@ SKIP = 8  # the copy's first tokens, not scored: they tell the model which span 
 MODELS = {
     "exact": (192, (4, 192), 192),
     "exact, indexer fit at 2K": (192, (4, 192), 192, 2048),
+    "exact, 9x192 indexer": (192, (9, 192), 192),  # one indexer head per attention head
     "full": (320, None, 64),
     "50%": (128, None, 64),
     "full, 4x64 indexer": (320, (4, 64), 64),
