@@ -12,7 +12,8 @@ lives here, where a release can change it, not in the code frozen into checkpoin
   the same numbers as the [H, C] @ [C, k] form, which MKL runs there at 0.6x the speed (an output of only H rows; a
   16K-context step 29.8 -> 28.1 ms with the output matmul [R, k] @ [k, H] too). AVX-512 CPUs run the output heads-major
   (`_HEADS_MAJOR_OUTPUT`), and the scores too for a head count that is not a multiple of 16 (`_HEADS_MAJOR_SCORES`);
-- index scores are made a tile of keys at a time (below), a decode step's in the same form as its attention scores.
+- index scores are made a tile of keys at a time (below), a decode step's in the same form as its attention scores,
+  except over float32 cached keys, which come from memory: keys-major on every CPU (`_score_tile`).
 
 On other devices it is the checkpoint's implementation. Shapes as there: B batch, s queries, H heads, T keys, k
 selected keys, C = R + dr the latent row, R `kv_lora_rank`.
@@ -86,12 +87,13 @@ def _decode_step(query, rows, valid, scaling: float, kv_lora_rank: int) -> torch
 # product after it, which inductor makes a C++ loop for one token per sequence (a compiled step's W_UV 0.88 -> 0.13 ms
 # per layer at 4K). AVX2 CPUs keep the form measured on them (see the module's docstring).
 _HEADS_MAJOR_OUTPUT = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-# A decode step's scores (the attention's over its k rows, the indexer's over every cached key) heads-major, [H, C] @
-# [C, keys], on AVX-512 CPUs when H is not a multiple of 16 (presumably because a keys-major output row of H floats
-# then leaves part of a vector empty). SmolLM2's 9 heads, 1 core, float32: [4096, 128] @ [128, 9] 0.35 ms against
-# 0.18 ms heads-major, [256, 384] @ [384, 9] 0.059 against 0.034 ms; its conversion's bf16 decode at 4K 61.8 -> 58.2
-# ms compiled, 121 -> 114 ms eager. With 16 heads keys-major stays: the bench model's compiled bf16 step at 4K took
-# 9.4 ms heads-major against 7.9.
+# A decode step's scores (the attention's over its k rows, the indexer's over cached keys just upcast from bf16/FP8)
+# heads-major, [H, C] @ [C, keys], on AVX-512 CPUs when H is not a multiple of 16 (presumably because a keys-major
+# output row of H floats then leaves part of a vector empty). Measured with the keys in cache: SmolLM2's 9 heads, 1
+# core, float32: [4096, 128] @ [128, 9] 0.35 ms against 0.18 ms heads-major (from memory, as float32 cached keys come,
+# keys-major wins instead: `_score_tile`), [256, 384] @ [384, 9] 0.059 against 0.034 ms; its conversion's bf16
+# decode at 4K 61.8 -> 58.2 ms compiled, 121 -> 114 ms eager. With 16 heads keys-major stays: the bench model's
+# compiled bf16 step at 4K took 9.4 ms heads-major against 7.9.
 _HEADS_MAJOR_SCORES = _HEADS_MAJOR_OUTPUT
 
 
