@@ -88,10 +88,11 @@ def register_with_transformers() -> None:
 
 def _started_as_the_command() -> bool:
     """This process is `mla-dsa ...` or `python -m mla_dsa ...` (then `sys.argv[0]` reads "-m" while we import)."""
-    if Path(sys.argv[0]).stem == "mla-dsa":
+    started = getattr(sys, "argv", None) or [""]  # an embedded interpreter may have none
+    if Path(started[0]).stem == "mla-dsa":
         return True
     argv = getattr(sys, "orig_argv", [])
-    return sys.argv[:1] == ["-m"] and "-m" in argv and argv[argv.index("-m") + 1 :][:1] == ["mla_dsa"]
+    return started[0] == "-m" and "-m" in argv and argv[argv.index("-m") + 1 :][:1] == ["mla_dsa"]
 
 
 if not _started_as_the_command():

@@ -50,8 +50,10 @@ print(code, "mla_dsa" in CONFIG_MAPPING, AttentionInterface()["mla_dsa_absorbed"
     assert "/no/such/checkpoint" in result.stderr
 
 
-def test_import_mla_dsa_registers_with_transformers():
-    program = "import mla_dsa, sys; from transformers import AutoConfig; print(AutoConfig.for_model('mla_dsa'))"
+@pytest.mark.parametrize("argv", ["", "del sys.argv; "], ids=["script", "embedded-without-argv"])
+def test_import_mla_dsa_registers_with_transformers(argv):
+    program = f"import sys; {argv}import mla_dsa; from transformers import AutoConfig; "
+    program += "print(AutoConfig.for_model('mla_dsa'))"
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert "MlaDsaConfig" in result.stdout, result.stderr
 
