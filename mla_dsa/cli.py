@@ -8,9 +8,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import register_with_transformers  # the package's __init__ itself loads nothing for the command
 from .conversion import ConversionError
 
-# Spelled out (tests/test_cli_errors.py holds them equal to the conversion's) so that `--help` needs no torch.
+# Spelled out (tests/test_cli_startup.py holds them equal to the conversion's) so that `--help` needs no torch.
 EXPORT_FORMATS = ("deepseek_v32", "glm_moe_dsa")  # conversion.export.EXPORT_FORMATS
 INDEXER_INITS = ("random", "svd", "calibrate")  # conversion.indexer_init.INDEXER_INITS
 
@@ -606,8 +607,6 @@ def main(argv: list[str] | None = None) -> int:
     _add_upgrade_code(commands)
     _add_serve(commands)
     argv = sys.argv[1:] if argv is None else argv
-    from . import register_with_transformers
-
     if argv[:1] == ["bench"]:  # its own argument parser
         register_with_transformers()
         from .bench import main as bench_main
