@@ -25,16 +25,15 @@ logger = logging.get_logger(__name__)
 
 # The release of this payload; config.json records it (`PAYLOAD_VERSION_KEY`) so a checkpoint says which code wrote
 # it. A checkpoint without it was written by 0.1.0. `mla-dsa upgrade-code DIR` refreshes an older checkpoint's code.
-PAYLOAD_VERSION = "0.7.2"
+PAYLOAD_VERSION = "0.7.3"
 FIRST_PAYLOAD_VERSION = "0.1.0"
 
 ATTENTION_MODES = ("auto", "mha", "absorbed")
-INDEXER_CACHE_DTYPES = ("auto", "fp8")
-LATENT_CACHE_DTYPES = ("auto", "fp8")
 INDEXER_TYPES = ("full", "shared")
-SCALE_FORMATS = (None, "ue8m0")
-SCORING_FUNCS = ("softmax", "sigmoid")
-TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+CHOICES = {"attention_mode": ATTENTION_MODES, "indexer_cache_dtype": ("auto", "fp8"),
+           "latent_cache_dtype": ("auto", "fp8"), "indexer_scale_fmt": (None, "ue8m0")}  # fmt: skip
+ROUTING_CHOICES = {"scoring_func": ("softmax", "sigmoid"),
+                   "topk_method": ("greedy", "group_limited_greedy", "noaux_tc")}  # fmt: skip
 
 # A config.json without these cannot describe its checkpoint's tensors: a default is used, with a warning.
 REQUIRED_SHAPE_FIELDS = (
@@ -44,7 +43,7 @@ REQUIRED_SHAPE_FIELDS = (
 POSITIVE_FIELDS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim",
     "v_head_dim", "index_n_heads", "index_head_dim", "index_topk", "max_position_embeddings", "mha_max_length",
-    "query_chunk_size",
+    "query_chunk_size", "moe_layer_freq",
 )  # fmt: skip
 MLA_FIELD_PREFIXES = ("index_", "indexer", "kv_", "q_", "qk_", "v_head", "use_sparse", "rope_", "dense_attention")
 
@@ -230,10 +229,8 @@ class MlaDsaConfig(PreTrainedConfig):
     # re-raise each check's ValueError as a StrictDataclassClassValidationError (not a ValueError): loading, the CLI
     # and users' `except ValueError` rely on one ValueError naming the field.
     def validate(self) -> None:
-        """Ours (`validate_*` below), each naming the field it refuses, then transformers' own checks."""
-        for check in (self.validate_shapes, self.validate_sparse_attention, self.validate_rope_type,
-                      self.validate_routing):  # fmt: skip
-            check()
+        """Ours (`validate_fields`), each naming the field it refuses, then transformers' own checks."""
+        self.validate_fields()
         # transformers' layer-type check knows only its own cache layer types: ours (one per layer) are set in
         # __post_init__, never read from config.json, so that check runs without them.
         ours, self.layer_types = self.layer_types, None
@@ -246,88 +243,64 @@ class MlaDsaConfig(PreTrainedConfig):
         finally:
             self.layer_types = ours
 
-    def validate_shapes(self) -> None:
+    def validate_fields(self) -> None:
+        """Shapes, the DSA fields, RoPE and (where a layer routes) the MoE routing, in that order."""
         for name in POSITIVE_FIELDS:
-            _require(
-                name,
-                getattr(self, name),
-                _is_int(getattr(self, name)) and getattr(self, name) > 0,
-                "a positive integer",
-            )
-        _require(
-            "qk_nope_head_dim",
-            self.qk_nope_head_dim,
-            _is_int(self.qk_nope_head_dim) and self.qk_nope_head_dim >= 0,
-            "a non-negative integer",
-        )
-        _require(
-            "q_lora_rank",
-            self.q_lora_rank,
-            self.q_lora_rank is None or (_is_int(self.q_lora_rank) and self.q_lora_rank > 0),
-            "a positive integer or None (no query compression, as DeepSeek-V2-Lite)",
-        )
-        _require("qk_rope_head_dim", self.qk_rope_head_dim, self.qk_rope_head_dim % 2 == 0, "even (RoPE rotates pairs)")
-        _require(
-            "first_k_dense_replace",
-            self.first_k_dense_replace,
-            _is_int(self.first_k_dense_replace) and self.first_k_dense_replace >= 0,
-            "a non-negative integer",
-        )
-
-    def validate_sparse_attention(self) -> None:
-        _require(
-            "index_head_dim",
-            self.index_head_dim,
-            self.index_head_dim >= self.qk_rope_head_dim,
-            f"at least qk_rope_head_dim={self.qk_rope_head_dim} (the indexer rotates its first rope dims)",
-        )
-        _require_choice("indexer_cache_dtype", self.indexer_cache_dtype, INDEXER_CACHE_DTYPES)
-        _require_choice("indexer_scale_fmt", self.indexer_scale_fmt, SCALE_FORMATS)
-        _require_choice("attention_mode", self.attention_mode, ATTENTION_MODES)
-        _require_choice("latent_cache_dtype", self.latent_cache_dtype, LATENT_CACHE_DTYPES)
+            self._check(name, _is_int(getattr(self, name), 1), "a positive integer")
+        for name in ("qk_nope_head_dim", "first_k_dense_replace"):
+            self._check(name, _is_int(getattr(self, name), 0), "a non-negative integer")
+        for name, choices in CHOICES.items():
+            self._check(name, getattr(self, name) in choices, f"one of {choices}")
+        q_rank, rank = self.q_lora_rank, self.kv_lora_rank
+        rope_dim, index_dim = self.qk_rope_head_dim, self.index_head_dim
+        self._check("q_lora_rank", q_rank is None or _is_int(q_rank, 1), "a positive integer or None (as V2-Lite)")
+        self._check("qk_rope_head_dim", rope_dim % 2 == 0, "even (RoPE rotates pairs)")
+        self._check("index_head_dim", index_dim >= rope_dim, f"at least qk_rope_head_dim={rope_dim} (rotated dims)")
         if self.latent_cache_dtype == "fp8":
-            rank, block = self.kv_lora_rank, min(128, self.kv_lora_rank)
-            expected = "a multiple of 128 (or below 128) with latent_cache_dtype='fp8'"
-            _require("kv_lora_rank", rank, rank % block == 0, expected)
+            self._check("kv_lora_rank", rank % min(128, rank) == 0, "a multiple of 128 (or below 128) for fp8")
         if self.indexer_cache_dtype == "fp8":
-            dim = self.index_head_dim
-            _require(
-                "index_head_dim",
-                dim,
-                dim & (dim - 1) == 0 and dim >= 16,
-                "a power of two >= 16 with indexer_cache_dtype='fp8' (Hadamard rotation)",
-            )
-        layers = self.dense_attention_layers
-        _require(
-            "dense_attention_layers",
-            layers,
-            layers is None
-            or (
-                isinstance(layers, (list, tuple))
-                and all(_is_int(i) and 0 <= i < self.num_hidden_layers for i in layers)
-            ),
-            f"None or a list of layer indices below num_hidden_layers={self.num_hidden_layers}",
+            power_of_two = index_dim & (index_dim - 1) == 0 and index_dim >= 16
+            self._check("index_head_dim", power_of_two, "a power of two >= 16 for fp8 (Hadamard rotation)")
+        layers, dense, types = self.num_hidden_layers, self.dense_attention_layers, self.indexer_types
+        dense_ok = (
+            dense is None or isinstance(dense, (list, tuple)) and all(_is_int(i, 0) and i < layers for i in dense)
         )
+        self._check("dense_attention_layers", dense_ok, f"None or a list of layer indices below {layers}")
+        types_ok = types is None or isinstance(types, (list, tuple)) and len(types) == layers and types[0] == "full"
+        types_ok = types_ok and (types is None or all(kind in INDEXER_TYPES for kind in types))
+        self._check("indexer_types", types_ok, f"None or one of {INDEXER_TYPES} per layer ({layers}), the first 'full'")
+        for layer in range(layers):
+            source = self.indexer_source_layer(layer)
+            if source != layer and source in (dense or ()):
+                raise ValueError(f"MlaDsaConfig: layer {layer} shares the selection of layer {source}, which is in "
+                                 "dense_attention_layers and selects nothing")  # fmt: skip
+        rope = self.rope_parameters
+        rope_types = ("default", *ROPE_INIT_FUNCTIONS)  # what the installed transformers computes
+        rope_ok = isinstance(rope, dict) and rope.get("rope_type") in rope_types
+        self._check("rope_parameters", rope_ok, f"a dict whose rope_type is one of {rope_types}")
+        if any(self.is_moe_layer(idx) for idx in range(layers)):
+            self.validate_routing()
 
-        types = self.indexer_types
-        _require(
-            "indexer_types",
-            types,
-            types is None
-            or (
-                isinstance(types, (list, tuple))
-                and len(types) == self.num_hidden_layers
-                and all(kind in INDEXER_TYPES for kind in types)
-                and types[0] == "full"
-            ),
-            f"None or one of {INDEXER_TYPES} per layer ({self.num_hidden_layers}), the first 'full'",
-        )
-        for layer in range(self.num_hidden_layers):
-            if self.is_shared_indexer_layer(layer) and self.indexer_source_layer(layer) in (layers or ()):
-                raise ValueError(
-                    f"MlaDsaConfig: layer {layer} shares the selection of layer {self.indexer_source_layer(layer)}, "
-                    "which is in dense_attention_layers and selects nothing"
-                )
+    def validate_routing(self) -> None:
+        """Routing fields matter only where a layer routes: a dense-only checkpoint (first_k_dense_replace >= layers)
+        may keep transformers' defaults (n_group=8 with 4 experts), which its own classes load and run."""
+        for name, choices in ROUTING_CHOICES.items():
+            self._check(name, getattr(self, name) in choices, f"one of {choices}")
+        self._check("moe_intermediate_size", _is_int(self.moe_intermediate_size, 1), "a positive integer")
+        experts, per_token, method = self.n_routed_experts, self.num_experts_per_tok, self.topk_method
+        self._check("num_experts_per_tok", _is_int(per_token, 1) and per_token <= experts, f"in 1..{experts} (experts)")
+        if method == "noaux_tc":
+            self._check("scoring_func", self.scoring_func == "sigmoid", "'sigmoid' for topk_method='noaux_tc' (V3)")
+        if method in ("group_limited_greedy", "noaux_tc"):
+            groups, group_k = self.n_group, self.topk_group
+            self._check("n_group", _is_int(groups, 1) and experts % groups == 0, f"a divisor of {experts} (experts)")
+            self._check("topk_group", _is_int(group_k, 1) and group_k <= groups, f"in 1..n_group={groups}")
+            two_each = method != "noaux_tc" or experts // groups >= 2  # noaux_tc scores a group by its best two
+            self._check("n_group", two_each, f"at most {experts} / 2 (experts) for noaux_tc")
+
+    def _check(self, name: str, ok: bool, expected: str) -> None:
+        if not ok:
+            raise ValueError(f"MlaDsaConfig: {name} must be {expected}, got {getattr(self, name)!r}")
 
     def is_shared_indexer_layer(self, layer_idx: int) -> bool:
         """Whether the layer reuses an earlier layer's top-k instead of running an indexer of its own."""
@@ -338,59 +311,6 @@ class MlaDsaConfig(PreTrainedConfig):
         while self.is_shared_indexer_layer(layer_idx):
             layer_idx -= 1
         return layer_idx
-
-    def validate_rope_type(self) -> None:
-        if not isinstance(self.rope_parameters, dict) or "rope_type" not in self.rope_parameters:
-            raise ValueError(
-                f"MlaDsaConfig: rope_parameters must be a dict with a rope_type, got {self.rope_parameters!r}"
-            )
-        rope_types = ("default", *ROPE_INIT_FUNCTIONS)  # what the installed transformers computes
-        _require_choice("rope_parameters['rope_type']", self.rope_parameters["rope_type"], rope_types)
-
-    def validate_routing(self) -> None:
-        """Routing fields matter only where a layer routes: a dense-only checkpoint (first_k_dense_replace >= layers)
-        may keep transformers' defaults (n_group=8 with 4 experts), which its own classes load and run."""
-        if not any(self.is_moe_layer(idx) for idx in range(self.num_hidden_layers)):
-            return
-        _require_choice("scoring_func", self.scoring_func, SCORING_FUNCS)
-        _require_choice("topk_method", self.topk_method, TOPK_METHODS)
-        experts = self.n_routed_experts
-        _require(
-            "num_experts_per_tok",
-            self.num_experts_per_tok,
-            _is_int(self.num_experts_per_tok) and 0 < self.num_experts_per_tok <= experts,
-            f"between 1 and n_routed_experts={experts}",
-        )
-        for name in ("moe_intermediate_size", "moe_layer_freq"):
-            _require(
-                name,
-                getattr(self, name),
-                _is_int(getattr(self, name)) and getattr(self, name) > 0,
-                "a positive integer",
-            )
-        if self.topk_method == "noaux_tc" and self.scoring_func != "sigmoid":
-            raise ValueError("MlaDsaConfig: topk_method='noaux_tc' needs scoring_func='sigmoid' (DeepSeek-V3 routing)")
-        if self.topk_method in ("group_limited_greedy", "noaux_tc"):
-            groups = self.n_group
-            _require(
-                "n_group",
-                groups,
-                _is_int(groups) and groups > 0 and experts % groups == 0,
-                f"a positive divisor of n_routed_experts={experts} for topk_method={self.topk_method!r}",
-            )
-            _require(
-                "topk_group",
-                self.topk_group,
-                _is_int(self.topk_group) and 0 < self.topk_group <= groups,
-                f"between 1 and n_group={groups}",
-            )
-            if self.topk_method == "noaux_tc":
-                _require(
-                    "n_group",
-                    groups,
-                    experts // groups >= 2,
-                    "at most n_routed_experts / 2 (noaux_tc scores a group by its two best experts)",
-                )
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """DeepSeek's rule: MoE from `first_k_dense_replace` on, every `moe_layer_freq`-th layer."""
@@ -456,17 +376,8 @@ class MlaDsaConfig(PreTrainedConfig):
         return result
 
 
-def _require(name: str, value: Any, ok: bool, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"MlaDsaConfig: {name} must be {expected}, got {value!r}")
-
-
-def _require_choice(name: str, value: Any, choices: tuple) -> None:
-    _require(name, value, value in choices, f"one of {choices}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _is_int(value: Any, at_least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
 
 
 __all__ = ["MlaDsaConfig"]

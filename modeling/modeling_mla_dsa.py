@@ -1,20 +1,14 @@
-"""MLA + DeepSeek Sparse Attention models, loadable with `trust_remote_code=True`: the base model, the causal LM and
-the classification heads. Read top to bottom: settings of one forward, rotary embedding, which keys a query may see,
-the MLP and the MoE, the lightning indexer, the attention, the decoder layer, the models.
+"""MLA + DeepSeek Sparse Attention models, loadable with `trust_remote_code=True`. Read top to bottom: settings of one
+forward, rotary embedding, which keys a query may see, the MLP and the MoE, the lightning indexer, the attention, the
+decoder layer, the models.
 
 Shapes: B batch, S new tokens (queries), T cached + new tokens (keys), H heads, R `kv_lora_rank`, dn/dr/dv
 `qk_nope_head_dim`/`qk_rope_head_dim`/`v_head_dim`, k the number of selected keys per query.
 
-What differs between the transformers releases this file runs on (5.14 to the newest) is decided by what the
-installed transformers provides, never by version numbers: the cache's name (5.24 renamed the `past_key_values`
-argument and output field to `cache`; `CACHE_NAME` is the running release's, read off its `CausalLMOutputWithPast`;
-forwards also take `past_key_values`, which warns where transformers deprecated it), `crop(-n)` against
-`crop(length)` (the cache layers read both), and hub kernels (5.25 kernelizes by default and fails without the
-`kernels` package; our layers have none, so where it is absent `loading_kwargs` loads with `use_kernels=False`).
-
-The routed experts are `@use_experts_implementation`: transformers decides whether a model's `experts_implementation`
-may be chosen by finding that decorator's name in the source of the module that defines the model class - this one -
-so "grouped_mm" (transformers' default, as for DeepseekV32) and "batched_mm" can be chosen for our models too.
+What differs between the transformers releases this file runs on (5.14 to the newest) is read off the installed one,
+never off version numbers: the cache's name (`CACHE_NAME`: 5.24 renamed `past_key_values` to `cache`) and `crop(-n)`
+against `crop(length)` (the cache layers read both). The routed experts are `@use_experts_implementation`, a name
+transformers looks for in this file's source before it lets `experts_implementation` be chosen.
 """
 
 import math
@@ -90,11 +84,6 @@ def take_cache(cache, kwargs: dict, owner: str):
             stacklevel=3,
         )
     return legacy
-
-
-def cache_field(cache) -> dict:
-    """`{name: cache}` under the output field name of the running transformers."""
-    return {CACHE_NAME: cache}
 
 
 # Where the indexer's training losses are (the model computes none): the installed package, outside every checkpoint.
@@ -1147,10 +1136,10 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
             hidden_states = layer(
                 hidden_states, position_embeddings, settings, key_padding_mask, output_attentions=output_attentions,
                 segment_ids=segment_ids, past_len=past_len, selections=selections,
-                **cache_field(cache if use_cache else None), **kwargs,
+                **{CACHE_NAME: cache if use_cache else None}, **kwargs,
             )  # fmt: skip
         return MoeModelOutputWithPast(
-            last_hidden_state=self.norm(hidden_states), **cache_field(cache if use_cache else None)
+            last_hidden_state=self.norm(hidden_states), **{CACHE_NAME: cache if use_cache else None}
         )
 
     def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
@@ -1254,7 +1243,7 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
         return MoeCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            **cache_field(getattr(outputs, CACHE_NAME)),
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,

@@ -300,6 +300,16 @@ INVALID = [
     ("first_k_dense_replace", dict(first_k_dense_replace=-1)),
     ("dense_attention_layers", dict(dense_attention_layers=[61])),  # 61 layers: 0..60
     ("dense_attention_layers", dict(dense_attention_layers=[-1])),
+    ("latent_cache_dtype", dict(latent_cache_dtype="int8")),
+    ("kv_lora_rank", dict(latent_cache_dtype="fp8", kv_lora_rank=200)),  # FP8 scales cover blocks of 128
+    ("index_head_dim", dict(indexer_cache_dtype="fp8", index_head_dim=96)),  # Hadamard rotation: a power of two
+    ("indexer_types", dict(indexer_types=["full"])),  # one per layer
+    ("indexer_types", dict(indexer_types=["shared"] + ["full"] * 60)),  # the first layer has nothing to share
+    ("dense_attention_layers", dict(indexer_types=["full", "shared"] + ["full"] * 59, dense_attention_layers=[0])),
+    ("rope_parameters", dict(rope_parameters={"rope_type": "bogus", "rope_theta": 1.0})),
+    ("scoring_func", dict(scoring_func="softmax")),  # noaux_tc routes sigmoid scores
+    ("moe_layer_freq", dict(moe_layer_freq=0)),
+    ("moe_intermediate_size", dict(moe_intermediate_size=0)),
 ]
 
 
