@@ -30,6 +30,7 @@ from .modeling.modeling_mla_dsa import (
     ABSORBED_ATTENTION,
     INDEX_SCORES,
     absorbed_attention_forward,
+    attend_to_rows,
     gather_rows,
     index_scores,
     masked_softmax,
@@ -47,16 +48,26 @@ def cpu_absorbed_attention(module, query, key, value, attention_mask, scaling: f
         return absorbed_attention_forward(module, query, key, value, attention_mask, scaling, dropout, indices)
     rows = key[:, 0]  # [B, T, C]
     if query.shape[2] > 1:  # a prefill: the checkpoints' computation, gathering into the reused buffer
-        buffer = _gather_buffer(rows, indices)
-        return absorbed_attention_forward(module, query, key, value, attention_mask, scaling, dropout, indices, buffer)
+        gathered = gather_rows_into(_gather_buffer(rows, indices), rows, indices.clamp(min=0))
+        return attend_to_rows(query.transpose(1, 2), gathered, indices >= 0, scaling, module.kv_lora_rank), None
     gathered = gather_rows(rows, indices.clamp(min=0))  # [B, 1, k, C]
     if gathered.dtype == torch.uint8:
         gathered = unpack_latent_rows(gathered, module.kv_lora_rank, query.dtype)
     return _decode_step(query.transpose(1, 2), gathered, indices >= 0, scaling, module.kv_lora_rank), None
 
 
+def gather_rows_into(out: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """`gather_rows` (rows [B, T, C] by indices [B, s, k] -> [B, s, k, C]) written into `out` (contiguous
+    [B, >= s, k, C]), so a prefill's loop over layers and query chunks reuses one buffer: on a CPU a fresh large
+    allocation per chunk costs more than the gather."""
+    out = out[:, : indices.shape[1]]
+    for b in range(rows.shape[0]):
+        torch.index_select(rows[b], 0, indices[b].reshape(-1), out=out[b].view(-1, rows.shape[-1]))
+    return out
+
+
 def _gather_buffer(rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """A contiguous [B, >= s, k, C] buffer for `gather_rows` to write into."""
+    """A contiguous [B, >= s, k, C] buffer for `gather_rows_into` to write into."""
     batch_size, queries, k = indices.shape
     buffer = getattr(_local, "rows", None)
     fits = buffer is not None and buffer.dtype == rows.dtype and buffer.device == rows.device

@@ -261,15 +261,9 @@ def selected_keys_mask(indices: torch.Tensor, num_keys: int) -> torch.Tensor:
     return mask.scatter_(-1, indices, True)
 
 
-def gather_rows(rows: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def gather_rows(rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """rows [B, T, C] picked by indices [B, s, k] -> [B, s, k, C] (index_select per batch row: a copy of just the
-    selected rows, never of all T). `out` (contiguous [B, >= s, k, C], outside autograd): written in place, so a loop
-    over query chunks reuses one buffer (a fresh large allocation per chunk costs more than the gather on CPU)."""
-    if out is not None:
-        out = out[:, : indices.shape[1]]
-        for b in range(rows.shape[0]):
-            torch.index_select(rows[b], 0, indices[b].reshape(-1), out=out[b].view(-1, rows.shape[-1]))
-        return out
+    selected rows, never of all T)."""
     picked = [rows[b].index_select(0, indices[b].reshape(-1)) for b in range(rows.shape[0])]
     stacked = picked[0].unsqueeze(0) if len(picked) == 1 else torch.stack(picked)
     return stacked.view(*indices.shape, rows.shape[-1])
@@ -864,7 +858,6 @@ def absorbed_attention_forward(
     scaling: float,
     dropout: float = 0.0,
     indices: torch.Tensor | None = None,
-    gather_out: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """MLA's absorbed attention for a block of queries, as the registry calls it (`ABSORBED_ATTENTION`).
@@ -873,8 +866,8 @@ def absorbed_attention_forward(
     every query head), or DeepSeek-V3.2's FP8-packed rows (uint8 [B, 1, T, 656], FlashMLA's layout). value: the same
     rows (MLA's values are their first `module.kv_lora_rank` columns). indices [B, s, k]: the rows each query attends
     to, -1 where there is none (FlashMLA's convention); or None, and every row where attention_mask [B or 1, 1, s, T]
-    (bool, True = visible) is True. gather_out: where to gather the selected rows (see `gather_rows`), or None.
-    Returns the latent output [B, s, H, R] (W_UV is applied after) and no probabilities."""
+    (bool, True = visible) is True. Returns the latent output [B, s, H, R] (W_UV is applied after) and no
+    probabilities."""
     query = query.transpose(1, 2)  # [B, s, H, R + dr]
     rows, rank = key[:, 0], module.kv_lora_rank  # [B, T, R + dr]
     if indices is None:
@@ -883,12 +876,19 @@ def absorbed_attention_forward(
         scores = torch.einsum("bshc,btc->bsht", query, rows)  # [B, s, H, T]
         probs = masked_softmax(scores * scaling, attention_mask[:, 0].unsqueeze(2))
         return torch.einsum("bsht,btr->bshr", probs, rows[..., :rank]), None
-    rows = gather_rows(rows, indices.clamp(min=0), gather_out)  # [B, s, k, R + dr]: only the selected rows are read
+    rows = gather_rows(rows, indices.clamp(min=0))  # [B, s, k, R + dr]: only the selected rows are read
+    return attend_to_rows(query, rows, indices >= 0, scaling, rank), None
+
+
+def attend_to_rows(query: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, scaling: float, kv_lora_rank: int
+                   ) -> torch.Tensor:  # fmt: skip
+    """Each query [B, s, H, R + dr] over its own gathered rows [B, s, k, R + dr] (or FP8-packed ones, decoded here,
+    after the gather), where valid [B, s, k] -> the latent output [B, s, H, R]."""
     if rows.dtype == torch.uint8:
-        rows = unpack_latent_rows(rows, rank, query.dtype)  # decoded after the gather
+        rows = unpack_latent_rows(rows, kv_lora_rank, query.dtype)
     scores = torch.einsum("bshc,bskc->bshk", query, rows)
-    probs = masked_softmax(scores * scaling, (indices >= 0).unsqueeze(2))
-    return torch.einsum("bshk,bskr->bshr", probs, rows[..., :rank]), None
+    probs = masked_softmax(scores * scaling, valid.unsqueeze(2))
+    return torch.einsum("bshk,bskr->bshr", probs, rows[..., :kv_lora_rank])
 
 
 def register_attention_functions() -> None:

@@ -132,3 +132,22 @@ def test_a_registered_implementation_takes_its_place(registered):
 
     registered(zeros)
     assert not torch.allclose(_run(model)[0], expected[0])
+
+
+def test_the_cpu_prefill_gathers_every_chunk_and_layer_into_one_reused_buffer(monkeypatch):
+    """The package's prefill (several query chunks, two layers, twice) gathers into one buffer it keeps: a fresh large
+    allocation per chunk costs more than the gather on a CPU."""
+    model = _model(query_chunk_size=7)
+    buffers = []
+    original = mla_dsa.attention.gather_rows_into
+
+    def recording(out, rows, indices):
+        buffers.append(out.untyped_storage().data_ptr())
+        return original(out, rows, indices)
+
+    monkeypatch.setattr(mla_dsa.attention, "gather_rows_into", recording)
+    with torch.no_grad():
+        model(_prompt(), attention_mode="absorbed")
+        model(_prompt(), attention_mode="absorbed")
+    assert len(buffers) == 2 * 2 * 3  # two prefills, two layers, ceil(20 / 7) query chunks
+    assert len(set(buffers)) == 1

@@ -32,6 +32,7 @@ def test_help_and_argument_errors_load_neither_torch_nor_transformers(start, arg
     assert not packages & {"torch", "transformers", "safetensors"}, sorted(packages)
 
 
+@pytest.mark.slow  # a fresh process importing torch and transformers: ~5 s
 def test_the_command_registers_with_transformers_once_its_arguments_parse():
     program = """
 import sys
@@ -50,6 +51,7 @@ print(code, "mla_dsa" in CONFIG_MAPPING, AttentionInterface()["mla_dsa_absorbed"
     assert "/no/such/checkpoint" in result.stderr
 
 
+@pytest.mark.slow  # fresh processes importing torch and transformers: ~5 s each
 @pytest.mark.parametrize("argv", ["", "del sys.argv; "], ids=["script", "embedded-without-argv"])
 def test_import_mla_dsa_registers_with_transformers(argv):
     program = f"import sys; {argv}import mla_dsa; from transformers import AutoConfig; "

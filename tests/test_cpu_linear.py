@@ -61,6 +61,7 @@ def test_onednn_linear_leaves_autograd_and_bfloat16_to_f_linear():
         assert torch.equal(half(x.bfloat16()), bf16(x.bfloat16()))
 
 
+@pytest.mark.slow  # compiles a decode step: ~9 s
 def test_onednn_linear_on_our_model_eager_and_compiled_decode():
     torch.manual_seed(0)
     model = MlaDsaForCausalLM(MlaDsaConfig(**CONFIG)).eval()

@@ -154,6 +154,14 @@ def _attention_shapes(monkeypatch, model, prompt: torch.Tensor, new_tokens: torc
         return original_softmax(scores, valid)
 
     monkeypatch.setattr(torch, "einsum", einsum)
+    original_gather_into = cpu_attention.gather_rows_into
+
+    def gather_into(*args, **kwargs):  # the package's prefill gathers into a reused buffer
+        out = original_gather_into(*args, **kwargs)
+        shapes.append(("gather", "", tuple(out.shape)))
+        return out
+
+    monkeypatch.setattr(cpu_attention, "gather_rows_into", gather_into)
     for module in (modeling_mla_dsa, cpu_attention):
         monkeypatch.setattr(module, "gather_rows", gather)
         monkeypatch.setattr(module, "masked_softmax", softmax)

@@ -221,6 +221,7 @@ def test_fsdp_config_on_cpu_says_it_runs_data_parallel(dsa_checkpoint, tmp_path)
 
 
 @pytest.mark.compat
+@pytest.mark.slow  # trains, saves and reloads three times: ~6 s
 def test_lora_adapters_train_save_load_and_merge(dsa_checkpoint, tmp_path):
     sys.path.insert(0, str(REPO / "examples"))
     try:
