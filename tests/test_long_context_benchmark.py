@@ -91,3 +91,17 @@ def test_alternating_rounds_decode_from_the_prefill_every_round(v32_topk4):
         assert row["next_tokens"] == full.argmax(-1).tolist()
         assert row["context"] == context and len(row["round_ms"]) == 2 and row["decode_ms"] > 0
     assert rows[1]["compiled"] and not rows[0]["compiled"]
+
+
+def test_trained_rows_train_on_files_the_rows_never_measure():
+    """A trained model's row (`TRAINED`) starts from a listed conversion, trains on train-split files only (the rows
+    read the held-out split), and lives in a directory of its own."""
+    from mla_dsa.data import stdlib_files
+
+    held_out = {str(path) for path in stdlib_files("held_out")}
+    files = long_context.training_files()
+    assert files and not held_out & set(files)
+    out = Path("/models")
+    for name, (base, options) in long_context.TRAINED.items():
+        assert base in long_context.MODELS and "--stage" in options
+        assert long_context.model_dir(out, name) != long_context.model_dir(out, base)
