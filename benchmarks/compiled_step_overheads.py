@@ -10,7 +10,8 @@ wrapper around the kernels. Two A/Bs, each on a static cache filled at random:
 
     python benchmarks/compiled_step_overheads.py --dtypes bfloat16 float32 --threads 1 --rounds 6
 
-Writes benchmarks/results_compiled_step_overheads.json: per row the median ms of each round (24 steps) per variant.
+Writes benchmarks/results_compiled_step_overheads.json: per row the median ms of each round (24 steps) per variant,
+and whether the two wrappers gave bitwise the same logits on the first step.
 """
 
 import argparse
@@ -47,17 +48,21 @@ def alternate(variants: dict, context: int, rounds: int, topk: int, cache) -> di
     round). Every variant decodes from where the last one stopped (the cache only grows)."""
     position = context
     ids = torch.tensor([[5]])
+    first_logits = {}
 
-    def step(forward) -> float:
+    def step(forward, name: str | None = None) -> float:
         nonlocal position
         start = time.perf_counter()
-        forward(ids, position_ids=torch.tensor([[position]]), use_cache=True, cache=cache, index_topk=topk)
+        out = forward(ids, position_ids=torch.tensor([[position]]), use_cache=True, cache=cache, index_topk=topk)
         position += 1
+        if name is not None:
+            first_logits[name] = out.logits.float()
         return time.perf_counter() - start
 
-    for forward, before in variants.values():  # compile, and warm up
+    for name, (forward, before) in variants.items():  # compile, and warm up
         before()
-        for _ in range(3):
+        step(forward, name)  # the first step's logits: every variant's comes from the same cache at `context`
+        for _ in range(2):
             step(forward)
     results = {name: [] for name in variants}
     for _ in range(rounds):
@@ -66,7 +71,7 @@ def alternate(variants: dict, context: int, rounds: int, topk: int, cache) -> di
             times = [step(forward) for _ in range(STEPS_PER_ROUND)]
             results[name].append(round(1000 * statistics.median(times), 3))
     torch.compiler.set_stance("default", skip_guard_eval_unsafe=False)
-    return results
+    return results, first_logits
 
 
 def compiled_forward(model, wrapper: str):
@@ -82,7 +87,7 @@ def run_guards(model, args) -> dict[str, list[float]]:
         "guards skipped": (compiled, lambda: torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)),
     }
     slots = (2 * args.rounds + 2) * STEPS_PER_ROUND
-    return alternate(variants, args.context, args.rounds, 256, static_cache(model, args.context, slots))
+    return alternate(variants, args.context, args.rounds, 256, static_cache(model, args.context, slots))[0]
 
 
 def run_wrapper(model, args) -> dict[str, list[float]]:
@@ -90,7 +95,12 @@ def run_wrapper(model, args) -> dict[str, list[float]]:
     process would share its guard checks."""
     variants = {args.wrapper: (compiled_forward(model, args.wrapper), lambda: None)}
     slots = (args.rounds + 2) * STEPS_PER_ROUND
-    return alternate(variants, args.context, args.rounds, 256, static_cache(model, args.context, slots))
+    results, first_logits = alternate(
+        variants, args.context, args.rounds, 256, static_cache(model, args.context, slots)
+    )
+    # the first step's logits, for the parent to compare the wrappers' (each process fills its cache alike)
+    torch.save(first_logits[args.wrapper], args.checkpoint.parent / f"logits-{args.wrapper}.pt")
+    return results
 
 
 def measure(args) -> dict:
@@ -121,6 +131,10 @@ def run(args) -> list[dict]:
                 for _ in range(args.processes):  # alternating processes, each one wrapper's rounds
                     for wrapper in ("python wrapper", "C++ wrapper"):
                         row.setdefault(wrapper, []).extend(child("wrapper", dtype, threads, wrapper)[wrapper])
+                logits = [
+                    torch.load(checkpoint.parent / f"logits-{name}.pt") for name in ("python wrapper", "C++ wrapper")
+                ]
+                row["wrappers_bitwise_equal"] = torch.equal(*logits)  # the same kernels, called from C++
                 variants = ("guards evaluated", "guards skipped", "python wrapper", "C++ wrapper")
                 row["medians"] = {name: statistics.median(row[name]) for name in variants}
                 print(json.dumps(row["medians"] | {"dtype": dtype, "threads": threads}), flush=True)

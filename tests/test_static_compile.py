@@ -161,13 +161,14 @@ def test_generate_with_a_compiled_forward_compiles_once_per_shape():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("freezing", [False, True], ids=["weights-as-inputs", "frozen-weights"])
-def test_inductor_compiled_decode_equals_eager(freezing):
+@pytest.mark.parametrize(("freezing", "cpp_wrapper"), [(False, False), (True, False), (True, True)],
+                         ids=["weights-as-inputs", "frozen-weights", "frozen-weights-cpp-wrapper"])  # fmt: skip
+def test_inductor_compiled_decode_equals_eager(freezing, cpp_wrapper):
     """The real compiler (inductor, C++ on CPU): one graph for every decode step, logits equal to eager. With
     `torch._inductor.config.freezing` (the weights folded in as constants and the linear layers prepacked for oneDNN,
-    what the CPU speed table uses) too."""
+    what the CPU speed table uses) too, and with inductor's C++ wrapper (the README's recipe)."""
     model = _model()
-    compiled = torch.compile(model.forward, fullgraph=True)
+    compiled = torch.compile(model.forward, fullgraph=True, options={"cpp_wrapper": cpp_wrapper})
     expected = _decode_steps(model.forward, model, steps=5)
     with torch._inductor.config.patch(freezing=freezing):
         actual = _decode_steps(compiled, model, steps=5)
