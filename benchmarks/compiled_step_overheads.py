@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import StaticCache
 
 import mla_dsa
@@ -32,6 +33,8 @@ from mla_dsa import bench
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 STEPS_PER_ROUND = 24
+GUARDS = ("guards evaluated", "guards skipped")
+WRAPPERS = ("python wrapper", "C++ wrapper")
 
 
 def static_cache(model, context: int, slots: int) -> StaticCache:
@@ -99,7 +102,7 @@ def run_wrapper(model, args) -> dict[str, list[float]]:
         variants, args.context, args.rounds, 256, static_cache(model, args.context, slots)
     )
     # the first step's logits, for the parent to compare the wrappers' (each process fills its cache alike)
-    torch.save(first_logits[args.wrapper], args.checkpoint.parent / f"logits-{args.wrapper}.pt")
+    save_file({"logits": first_logits[args.wrapper]}, args.checkpoint.parent / f"logits-{args.wrapper}.safetensors")
     return results
 
 
@@ -129,14 +132,11 @@ def run(args) -> list[dict]:
             for threads in args.threads:
                 row = {"dtype": dtype, "threads": threads, "context": args.context, **child("guards", dtype, threads)}
                 for _ in range(args.processes):  # alternating processes, each one wrapper's rounds
-                    for wrapper in ("python wrapper", "C++ wrapper"):
+                    for wrapper in WRAPPERS:
                         row.setdefault(wrapper, []).extend(child("wrapper", dtype, threads, wrapper)[wrapper])
-                logits = [
-                    torch.load(checkpoint.parent / f"logits-{name}.pt") for name in ("python wrapper", "C++ wrapper")
-                ]
+                logits = [load_file(checkpoint.parent / f"logits-{name}.safetensors")["logits"] for name in WRAPPERS]
                 row["wrappers_bitwise_equal"] = torch.equal(*logits)  # the same kernels, called from C++
-                variants = ("guards evaluated", "guards skipped", "python wrapper", "C++ wrapper")
-                row["medians"] = {name: statistics.median(row[name]) for name in variants}
+                row["medians"] = {name: statistics.median(row[name]) for name in (*GUARDS, *WRAPPERS)}
                 print(json.dumps(row["medians"] | {"dtype": dtype, "threads": threads}), flush=True)
                 rows.append(row)
     return rows

@@ -315,8 +315,10 @@ def run(args) -> dict:
         base_dir, dst = model_dir(out, base), model_dir(out, name)
         if not (base_dir / "config.json").is_file():
             raise SystemExit(f"{name!r} trains {base!r}: run its conversion first (--models {base!r})")
+        # a Trainer checkpoint every 5 steps: a stopped run resumes from it when the command is run again
+        resume = ["--resume"] if any((dst / "checkpoints").glob("checkpoint-*")) else ["--overwrite"]
         command = ["train-indexer", str(base_dir), "--data", *training_files(), "--out", str(dst), *options,
-                   "--overwrite", "--no-progress"]  # fmt: skip
+                   "--save-steps", "5", *resume, "--no-progress"]  # fmt: skip
         entry = results["models"].setdefault(name, {"rank": MODELS[base][0]})
         if not (dst / "config.json").is_file():
             start = time.perf_counter()
