@@ -58,7 +58,7 @@ MODELS = {
 # text is train-split standard-library files (`training_files()`), never the held-out text the rows measure.
 TRAINED = {
     "exact, 9x192 indexer, dense warm-up 2K": ("exact, 9x192 indexer",
-                                              ["--stage", "dense", "--seq-len", "2048", "--steps", "40", "--bf16"]),
+                                              ["--stage", "dense", "--seq-len", "2048", "--steps", "16", "--bf16"]),
 }  # fmt: skip
 # The lookup task: CUE tokens of the text that occur there once, asked again after the text, then the ANSWER tokens
 # that followed them; one probe per depth (a fraction of the text back), all in one window. A shorter cue (8) is
