@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import StaticCache
 
 import mla_dsa
 from mla_dsa import bench
@@ -37,18 +36,15 @@ GUARDS = ("guards evaluated", "guards skipped")
 WRAPPERS = ("python wrapper", "C++ wrapper")
 
 
-def static_cache(model, context: int, slots: int) -> StaticCache:
-    """A static cache holding `context` random rows (its length set by writing them, as a prefill would)."""
-    dtype = next(model.parameters()).dtype
-    cache = StaticCache(config=model.config, max_cache_len=context + slots)
-    for layer, (c_kv, k_rope, index_keys) in enumerate(bench.random_cache_contents(context, dtype=dtype)):
-        cache.update(torch.cat([c_kv, k_rope], dim=-1), index_keys, layer)
-    return cache
+def static_cache(model, context: int, slots: int):
+    """A static cache holding `context` random rows, with `slots` free ones for the steps after them."""
+    contents = bench.random_cache_contents(context, dtype=next(model.parameters()).dtype)
+    return bench.our_cache(model, contents, max_cache_len=context + slots)
 
 
-def alternate(variants: dict, context: int, rounds: int, topk: int, cache) -> dict[str, list[float]]:
-    """{variant: [median ms of each round]}; each variant is (a compiled forward, a function called before its
-    round). Every variant decodes from where the last one stopped (the cache only grows)."""
+def alternate(variants: dict, context: int, rounds: int, topk: int, cache) -> tuple[dict, dict]:
+    """({variant: [median ms of each round]}, {variant: its first step's logits}); each variant is (a compiled
+    forward, a function called before its round). Every variant decodes from where the last one stopped."""
     position = context
     ids = torch.tensor([[5]])
     first_logits = {}

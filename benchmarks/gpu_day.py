@@ -318,7 +318,6 @@ def decode_section(section: Section, device, sizes: dict, work: Path) -> None:
     """Eager rows (and transformers') at every (context, batch) first; then compiled rows, longest context first, while
     time is left: a static cache's buffers have fixed addresses and shapes, so every (context, batch) compiles anew."""
     import torch
-    from transformers import StaticCache
 
     from mla_dsa.bench import (
         decode_bytes,
@@ -347,11 +346,7 @@ def decode_section(section: Section, device, sizes: dict, work: Path) -> None:
     steps = sizes["steps"]
 
     def static_cache(contents, batch: int, context: int):
-        cache = StaticCache(config=ours.config, max_cache_len=context + steps + 4)
-        for layer, (c_kv, k_rope, index_keys) in enumerate(contents):
-            latent = torch.cat([c_kv, k_rope], dim=-1).expand(batch, -1, -1)
-            cache.update(latent, index_keys.expand(batch, -1, -1), layer)
-        return cache
+        return our_cache(ours, contents, batch, max_cache_len=context + steps + 4)
 
     def measure(row: dict, label: str, forward, cache, **settings) -> torch.Tensor | None:
         try:

@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import StaticCache
 
 import mla_dsa
 from mla_dsa import bench
@@ -82,9 +81,7 @@ def ours_decode(model, context: int, k: int, steps: int, compiled: bool) -> floa
     if not compiled:
         with torch.no_grad():
             return bench.time_decode(model, bench.our_cache(model, contents), context, steps, index_topk=k)[0]
-    cache = StaticCache(config=model.config, max_cache_len=context + steps + 4)
-    for layer, (c_kv, k_rope, index_keys) in enumerate(contents):
-        cache.update(torch.cat([c_kv, k_rope], dim=-1), index_keys, layer)
+    cache = bench.our_cache(model, contents, max_cache_len=context + steps + 4)
     torch._dynamo.reset()  # a graph of its own for this context: no recompilation limit, no dynamic-shape fallback
     forward = torch.compile(model.forward, fullgraph=True)
     # freezing: the weights become constants and inductor prepacks the linear layers for oneDNN (bf16 GEMVs 1.6x faster)

@@ -89,8 +89,8 @@ def training_files() -> list[str]:
 def model_dir(out: Path, name: str) -> Path:
     if name in TRAINED:
         base, options = TRAINED[name]
-        return model_dir(out, base).with_name(model_dir(out, base).name + "-" + "-".join(
-            part.lstrip("-") for part in options))  # fmt: skip
+        base_dir = model_dir(out, base)
+        return base_dir.with_name(base_dir.name + "-" + "-".join(part.lstrip("-") for part in options))
     rank, indexer, rope, *window = MODELS[name]
     return out / (f"mla-{rank}" + (f"-rope-{rope}" if rope != 64 else "")
                   + (f"-indexer-{indexer[0]}x{indexer[1]}" if indexer else "")
@@ -297,7 +297,7 @@ def run(args) -> dict:
 
     converted = {}
     for name in args.models:
-        if name in TRAINED:  # after the conversion it starts from (listed before it in MODELS, converted below)
+        if name in TRAINED:  # trained below, from a conversion made by an earlier run
             continue
         dst, (rank, indexer, rope, *window) = model_dir(out, name), MODELS[name]
         command = convert_command(source_dir, dst, rank, indexer, rope, *window)
@@ -324,7 +324,8 @@ def run(args) -> dict:
             start = time.perf_counter()
             subprocess.run([sys.executable, "-m", "mla_dsa", *command], check=True)
             entry["train_s"] = time.perf_counter() - start
-        entry["command"] = f"mla-dsa train-indexer {base!r} --data training_files() --out DST " + " ".join(options)
+        entry["command"] = f"mla-dsa train-indexer {base!r} --data training_files() --out DST " + " ".join(
+            [*options, "--save-steps", "5"])  # fmt: skip
         converted[name] = dst
     save()
 

@@ -361,10 +361,17 @@ def random_cache_contents(
     return layers
 
 
-def our_cache(model, contents, batch: int = 1):
+def our_cache(model, contents, batch: int = 1, max_cache_len: int | None = None):
+    """Our cache holding `contents` for `batch` sequences: growing, or with `max_cache_len` a static one of that many
+    slots (what a compiled decode step runs on)."""
+    from transformers import StaticCache
+
     from mla_dsa import MlaDsaCache
 
-    cache = MlaDsaCache(model.config)
+    if max_cache_len is None:
+        cache = MlaDsaCache(model.config)
+    else:
+        cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
     for layer, (c_kv, k_rope, index_keys) in enumerate(contents):
         latent = torch.cat([c_kv, k_rope], dim=-1).expand(batch, -1, -1)  # the cache copies it into its buffer
         cache.update(latent, index_keys.expand(batch, -1, -1), layer)
