@@ -2,8 +2,8 @@
 
     python benchmarks/long_context.py [--out DIR] [--json benchmarks/results_long_context.json]
         [--lengths 2048 4096 8192] [--windows 2] [--topk 256 512 1024 2048] [--models full 50%]
-        [--no-decode | --decode-only [--compile | --rounds N] [--onednn-linear] | --lookup] [--no-source] [--append]
-        [--table]
+        [--no-decode | --decode-only [--compile | --rounds N] [--onednn-linear] | --lookup [--lookup-windows N]
+        [--oracle]] [--no-source] [--append] [--table]
 
 Held-out data: the standard library's held-out files (never used for calibration or training), whole files one
 after another, so long-range structure (a module's names, imports, repeated code) exists. Each window of L tokens is
@@ -13,7 +13,10 @@ L - 64 tokens of that text followed by a copy of its first 64 tokens: one forwar
   token on (the first 8 tell the model which span it is): mean NLL per token, top-1 accuracy, and exact match (every
   one of those tokens the argmax, which is what greedy decoding from there would reproduce).
 - lookup (`--lookup`, rows of their own): after the text, one probe per depth (5 % to 98 % of the text back): 24
-  tokens that occur once in the text, then the 8 that followed them there; answered when all 8 are the argmax.
+  tokens that occur once in the text, then the 8 that followed them there; answered when all 8 are the argmax, and
+  its margin (the answer's smallest logit lead) says how near a tie that was. `--lookup-windows N`: N windows of
+  consecutive held-out text, 8 N probes, each DSA row compared probe by probe with its own dense row. `--oracle`:
+  rows instead whose layers select the k keys their own dense attention weighs most (what any shared top-k keeps).
 Rows: the source (transformers' LlamaForCausalLM), each conversion (`mla-dsa convert --kv-lora-rank R --indexer-init
 calibrate`, R = 320: the source's full key/value width; R = 128: half the cache) run densely, and DSA at each k < L.
 Each row gives its seconds per window on this machine. With decode: ms per token at the longest context, the source
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -36,7 +40,7 @@ from mla_dsa.cpu_linear import MIN_WEIGHT_ELEMENTS
 from mla_dsa.data import stdlib_files, text_files_corpus
 from mla_dsa.demo_smollm2 import calibration_files
 from mla_dsa.loading import loading_kwargs
-from mla_dsa.modeling.modeling_mla_dsa import CACHE_NAME
+from mla_dsa.modeling.modeling_mla_dsa import CACHE_NAME, TopkSelection, select_topk
 from mla_dsa.smollm2 import smollm2_checkpoint
 
 SPAN = 64  # tokens copied from a window's start to its end
@@ -104,11 +108,13 @@ def windows_of(tokenizer, length: int, count: int) -> torch.Tensor:
     return torch.cat([text, text[:, :SPAN]], dim=1)
 
 
-def lookup_window(tokenizer, length: int) -> tuple[torch.Tensor, list[int], int]:
-    """[length]: held-out text, then one probe per depth (its cue, then its answer). Returns the window, each probe's
-    depth in tokens back from the end of the text, and where the probes start."""
+def lookup_window(tokenizer, length: int, index: int = 0) -> tuple[torch.Tensor, list[int], int]:
+    """[length]: held-out text (the `index`-th stretch of `length` tokens), then one probe per depth (its cue, then its
+    answer). Returns the window, each probe's depth in tokens back from the end of the text, and where the probes
+    start."""
     probes_len = len(DEPTHS) * (CUE + ANSWER)
-    text = text_files_corpus(stdlib_files("held_out"), tokenizer, max_tokens=length)[: length - probes_len]
+    corpus = text_files_corpus(stdlib_files("held_out"), tokenizer, max_tokens=(index + 1) * length)
+    text = corpus[index * length : (index + 1) * length - probes_len]
     cues = [tuple(text[start : start + CUE].tolist()) for start in range(len(text) - CUE + 1)]
     unique = {cue for cue, count in Counter(cues).items() if count == 1}  # a cue that names one passage only
     last = len(text) - CUE - ANSWER
@@ -123,8 +129,9 @@ def lookup_window(tokenizer, length: int) -> tuple[torch.Tensor, list[int], int]
 
 @torch.no_grad()
 def measure_lookup(model, window: torch.Tensor, depths: list[int], probes_start: int, **settings) -> dict:
-    """Per probe (depth): the answer's NLL per token and whether every answer token is the argmax (what greedy decoding
-    after the cue would write)."""
+    """Per probe (depth): the answer's NLL per token, whether every answer token is the argmax (what greedy decoding
+    after the cue would write), and its margin: the smallest lead, over its tokens, of the answer's logit over the
+    best other token's (negative where it is not answered; a small positive one is a near-tie a perturbation flips)."""
     start = time.perf_counter()
     hidden = model.model(window[None], **settings).last_hidden_state[0]  # [L, hidden]
     probes = []
@@ -132,14 +139,42 @@ def measure_lookup(model, window: torch.Tensor, depths: list[int], probes_start:
         answer = probes_start + index * (CUE + ANSWER) + CUE  # the answer's first position
         logits = model.lm_head(hidden[answer - 1 : answer - 1 + ANSWER]).float()  # predictions of its tokens
         wanted = window[answer : answer + ANSWER]
+        others = logits.scatter(-1, wanted[:, None], float("-inf")).amax(-1)
+        margin = (logits.gather(-1, wanted[:, None])[:, 0] - others).min().item()
         probes.append({"depth": depth, "nll": torch.nn.functional.cross_entropy(logits, wanted).item(),
-                       "exact": bool((logits.argmax(-1) == wanted).all())})  # fmt: skip
+                       "exact": bool((logits.argmax(-1) == wanted).all()), "margin": margin})  # fmt: skip
     return {
         "lookup": probes,
         "lookup_exact": sum(p["exact"] for p in probes),
         "lookup_nll": sum(p["nll"] for p in probes) / len(probes),
         "seconds": time.perf_counter() - start,
     }
+
+
+@contextmanager
+def oracle_selection(model):
+    """Within it, every indexer of `model` (ours) selects not by its index scores but the k keys with the most dense
+    attention mass: the layer's own softmax probabilities, summed over heads, in the same forward. What the best top-k
+    shared by a layer's heads keeps, whatever the indexer: a diagnostic, for forwards without a cache (it builds the
+    [B, H, L, L] probabilities per layer)."""
+
+    def oracle(attention, hidden_states, query_latent, position_embeddings, keys, visible, top_k) -> TopkSelection:
+        if keys.shape[1] != hidden_states.shape[1]:
+            raise ValueError("the oracle selection is for forwards without a cache")
+        _, q_nope, q_rope, latent = attention.project(hidden_states, position_embeddings)
+        _, probs = attention._mha_attention(q_nope, q_rope, latent, visible, None, return_weights=True)
+        mass = probs.float().sum(1)  # [B, S, T]
+        return TopkSelection(*select_topk(mass, visible.mask(0, mass.shape[1]).expand_as(mass), top_k))
+
+    indexers = [(layer.self_attn, layer.self_attn.indexer) for layer in model.model.layers]
+    indexers = [(attention, indexer) for attention, indexer in indexers if indexer is not None]
+    for attention, indexer in indexers:
+        indexer.forward = lambda *args, attention=attention: oracle(attention, *args)
+    try:
+        yield model
+    finally:
+        for _, indexer in indexers:
+            del indexer.forward  # the class's again
 
 
 @torch.no_grad()
@@ -336,15 +371,27 @@ def run(args) -> dict:
             use_onednn_linear(model)
     if args.lookup:  # the lookup task's rows, instead of perplexity and the copy
         for length in args.lengths:
-            window, depths, probes_start = lookup_window(tokenizer, length)
-            rows = [("source", None, source, {})] if not args.no_source else []
+            windows = [lookup_window(tokenizer, length, index) for index in range(args.lookup_windows)]
+            rows = [("source", None, source, {})] if not (args.no_source or args.oracle) else []
             for name, model in ours.items():
+                if args.oracle:  # compared with the dense rows of an earlier run
+                    rows += [(name, "oracle", model, {"index_topk": k}) for k in args.topk if k < length]
+                    continue
                 rows.append((name, "dense", model, {"use_sparse_attention": False}))
                 rows += [(name, "dsa", model, {"index_topk": k}) for k in args.topk if k < length]
             for name, attention, model, settings in rows:
+                with oracle_selection(model) if attention == "oracle" else nullcontext():
+                    measured = [measure_lookup(model, *window, **settings) for window in windows]
+                probes = [
+                    {"window": index, "depth_fraction": DEPTHS[order], **probe}
+                    for index, one in enumerate(measured)
+                    for order, probe in enumerate(one["lookup"])
+                ]
                 save({"model": name, "attention": attention, "index_topk": settings.get("index_topk"),
-                      "length": length, **measure_lookup(model, window, depths, probes_start, **settings)},
-                     rows="lookup")  # fmt: skip
+                      "length": length, "lookup_windows": len(windows), "lookup": probes,
+                      "lookup_exact": sum(probe["exact"] for probe in probes),
+                      "lookup_nll": sum(probe["nll"] for probe in probes) / len(probes),
+                      "seconds": sum(one["seconds"] for one in measured)}, rows="lookup")  # fmt: skip
         return results
     for length in [] if args.decode_only else args.lengths:
         windows = windows_of(tokenizer, length, args.windows)
@@ -391,7 +438,7 @@ def run(args) -> dict:
 
 
 def _row_key(row: dict) -> tuple:
-    return row["model"], row.get("attention"), row.get("index_topk"), row["length"]
+    return row["model"], row.get("attention"), row.get("index_topk"), row["length"], row.get("lookup_windows", 1)
 
 
 def table(results: dict) -> str:
@@ -411,15 +458,19 @@ def table(results: dict) -> str:
         lines.append(f"| {row['length']:,} | {row['model']} | {attention} | {row['ppl']:.3f} | {ratio:.3f} "
                      f"| {row['copy_nll']:.3f} | {row['copy_top1']:.3f} | {row['copy_exact']:.0%} "
                      f"| {row['seconds_per_window']:.1f} |")  # fmt: skip
-    if results.get("lookup"):
+    single = [row for row in results.get("lookup", []) if row.get("lookup_windows", 1) == 1]
+    several = [row for row in results.get("lookup", []) if row.get("lookup_windows", 1) > 1]
+    if single:
         lines += ["", "| tokens | model | attention | answered | answer NLL | NLL by depth (tokens back; * answered) |",
                   "|---:|---|---|---:|---:|---|"]  # fmt: skip
-        for row in sorted(results["lookup"], key=lambda row: (row["length"], order.get(row["model"], len(order)),
-                                                               row.get("index_topk") or 0)):  # fmt: skip
+        for row in sorted(single, key=lambda row: (row["length"], order.get(row["model"], len(order)),
+                                                   row.get("index_topk") or 0)):  # fmt: skip
             attention = f"DSA, k = {row['index_topk']}" if row["attention"] == "dsa" else (row["attention"] or "")
             depths = ", ".join(f"{p['depth']:,}: {p['nll']:.2f}" + (" *" if p["exact"] else "") for p in row["lookup"])
             lines.append(f"| {row['length']:,} | {row['model']} | {attention} | {row['lookup_exact']} of "
                          f"{len(row['lookup'])} | {row['lookup_nll']:.3f} | {depths} |")  # fmt: skip
+    if several:
+        lines += ["", lookup_table(several, order)]
     if results.get("decode"):
         lines += ["", "| model | attention | context | prefill (s) | decode (ms / token) |", "|---|---|---:|---:|---:|"]
         for row in results["decode"]:
@@ -435,6 +486,35 @@ def table(results: dict) -> str:
             lines.append(f"| {row['model']} | {attention} | {row['context']:,} | {row['prefill_s']:.1f} "
                          f"| {row['decode_ms']:.0f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def lookup_table(rows: list[dict], order: dict[str, int]) -> str:
+    """Markdown for lookup rows over several windows: probes answered in all and per depth (a fraction of the text
+    back), and for DSA against its own dense row on the same probes: how many of dense's answers it keeps, the dense
+    margins of those it loses (in nats: how near a tie dense's answer was), and how many it answers that dense does
+    not."""
+    lines = ["| tokens | model | attention | answered | answer NLL | answered by depth (5 % ... 98 % back) "
+             "| of dense's answers kept | dense margins of the lost | answered, dense not |",
+             "|---:|---|---|---:|---:|---|---:|---|---:|"]  # fmt: skip
+    dense = {(row["model"], row["length"]): row for row in rows if row["attention"] == "dense"}
+    for row in sorted(rows, key=lambda row: (row["length"], order.get(row["model"], len(order)),
+                                             row.get("index_topk") or 0)):  # fmt: skip
+        attention = row["attention"] or ""
+        if row["attention"] in ("dsa", "oracle"):
+            attention = f"{'DSA' if row['attention'] == 'dsa' else 'oracle top-k'}, k = {row['index_topk']}"
+        per_depth = [sum(p["exact"] for p in row["lookup"] if p["depth_fraction"] == d) for d in DEPTHS]
+        kept = lost = gained = ""
+        reference = dense.get((row["model"], row["length"]))
+        if row["attention"] in ("dsa", "oracle") and reference is not None:
+            pairs = list(zip(reference["lookup"], row["lookup"], strict=True))
+            answered = [(ref, probe) for ref, probe in pairs if ref["exact"]]
+            kept = f"{sum(probe['exact'] for _, probe in answered)} of {len(answered)}"
+            lost = ", ".join(f"{ref['margin']:.2f}" for ref, probe in answered if not probe["exact"]) or "none"
+            gained = str(sum(probe["exact"] and not ref["exact"] for ref, probe in pairs))
+        lines.append(f"| {row['length']:,} | {row['model']} | {attention} | {row['lookup_exact']} of "
+                     f"{len(row['lookup'])} | {row['lookup_nll']:.3f} | {' / '.join(map(str, per_depth))} "
+                     f"| {kept} | {lost} | {gained} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -464,6 +544,17 @@ def main() -> None:
         help="the source's eager decode against ours compiled (DSA), N rounds alternating (instead of the decode rows)",
     )
     parser.add_argument("--lookup", action="store_true", help="the lookup task's rows (cue -> answer at 8 depths)")
+    parser.add_argument(
+        "--lookup-windows",
+        type=int,
+        default=1,
+        help="lookup windows per row (consecutive stretches of held-out text, 8 probes each)",
+    )
+    parser.add_argument(
+        "--oracle",
+        action="store_true",
+        help="only the lookup rows of the oracle selection (each layer's k keys of most dense attention mass)",
+    )
     parser.add_argument("--no-source", action="store_true", help="skip the source's rows (measured in an earlier run)")
     parser.add_argument("--append", action="store_true", help="add the rows to the results JSON instead of replacing")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of --json and exit")
