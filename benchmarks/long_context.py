@@ -63,6 +63,11 @@ MODELS = {
 TRAINED = {
     "exact, 9x192 indexer, dense warm-up 2K": ("exact, 9x192 indexer",
                                               ["--stage", "dense", "--seq-len", "2048", "--steps", "16", "--bf16"]),
+    # as many steps and tokens as the 2K row (train-indexer's batch is 4), at the length the lookup measures; a
+    # batch of 4 x 4K tokens took more than this machine's 24 GB
+    "exact, 9x192 indexer, dense warm-up 4K": ("exact, 9x192 indexer",
+                                              ["--stage", "dense", "--seq-len", "4096", "--batch-size", "2",
+                                               "--steps", "16", "--bf16"]),
 }  # fmt: skip
 # The lookup task: CUE tokens of the text that occur there once, asked again after the text, then the ANSWER tokens
 # that followed them; one probe per depth (a fraction of the text back), all in one window. A shorter cue (8) is

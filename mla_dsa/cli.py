@@ -252,6 +252,14 @@ def _add_train_indexer(commands) -> None:
     parser.add_argument("--seq-len", type=_positive_int, default=512)
     parser.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per step and process")
     parser.add_argument(
+        "--gradient-accumulation-steps",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="the Trainer's: a step takes N batches of --batch-size one after another, so it trains on batch x N "
+        "sequences (per process) in the memory of one batch (long --seq-len)",
+    )
+    parser.add_argument(
         "--lr",
         type=float,
         default=None,
@@ -318,6 +326,7 @@ def _run_train_indexer(args) -> int:
         optim=args.optim, lr_scheduler=args.lr_scheduler, lora_rank=args.lora, lora_save=args.lora_save,
         dense_control=args.dense_control, bf16=args.bf16, overwrite=args.overwrite,
         gradient_checkpointing=args.gradient_checkpointing,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
     )  # fmt: skip
     _leave_process_group()
     print(f"wrote {out}")

@@ -247,6 +247,7 @@ def train_indexer(
     bf16: bool = False,
     overwrite: bool = False,
     gradient_checkpointing: bool = False,
+    gradient_accumulation_steps: int = 1,
 ) -> Path:
     """One stage of indexer training with transformers' Trainer; saves a loadable DSA checkpoint to `out_dir`.
 
@@ -259,7 +260,9 @@ def train_indexer(
     `bf16`: the Trainer's bf16 mixed precision (weights and optimizer in float32, matrix products in bfloat16 under
     autocast; on a CPU with bf16 dot products, AVX512-BF16 or AMX, several times faster than float32).
     `gradient_checkpointing`: the Trainer's activation checkpointing (each decoder layer recomputed in backward), for
-    long sequences.
+    long sequences. `gradient_accumulation_steps`: the Trainer's; each step takes that many batches of `batch_size`
+    one after another, so a step's batch is `batch_size * gradient_accumulation_steps` sequences (per process) held
+    in the memory of `batch_size`.
     With `save_steps`, a Trainer checkpoint (weights, optimizer and RNG state) goes to `out_dir/checkpoints` every
     `save_steps` steps, the newest kept, and `resume=True` continues from it; without, none is written.
     `out_dir/mla-dsa-training.json` records the run and its logged losses. Runs data-parallel unchanged under
@@ -301,9 +304,9 @@ def train_indexer(
     prepare_indexer_training(model, stage)
     lr = learning_rate if learning_rate is not None else default_learning_rate(stage, model.config.hidden_size)
     args = _training_arguments(out_dir, stage, steps, batch_size, lr, save_steps, logging_steps, seed, progress, optim,
-                               lr_scheduler, bf16, gradient_checkpointing)  # fmt: skip
+                               lr_scheduler, bf16, gradient_checkpointing, gradient_accumulation_steps)  # fmt: skip
     world = max(1, args.world_size)
-    dataset = WindowDataset(corpus, seq_len, steps * batch_size * world, seed=seed)
+    dataset = WindowDataset(corpus, seq_len, steps * batch_size * gradient_accumulation_steps * world, seed=seed)
     trainer = IndexerTrainer(model=model, args=args, train_dataset=dataset, stage=stage, index_topk=index_topk,
                              dense_attention=dense_control, callbacks=callbacks)  # fmt: skip
     _warn_if_sharding_fell_back(trainer)
@@ -352,7 +355,8 @@ def trained_base(path: str | Path) -> Path:
 
 def _training_arguments(out_dir: Path, stage: str, steps: int, batch_size: int, lr: float, save_steps: int | None,
                         logging_steps: int, seed: int, progress: bool, optim: str, lr_scheduler: str,
-                        bf16: bool = False, gradient_checkpointing: bool = False):  # fmt: skip
+                        bf16: bool = False, gradient_checkpointing: bool = False,
+                        gradient_accumulation_steps: int = 1):  # fmt: skip
     """The Trainer settings of one stage: the LR schedule after a 5 % warm-up (constant by default), no weight decay,
     clipped gradients, the newest checkpoint kept (with `save_steps`), a fixed data order."""
     from transformers import TrainingArguments
@@ -365,6 +369,7 @@ def _training_arguments(out_dir: Path, stage: str, steps: int, batch_size: int, 
         output_dir=str(out_dir / "checkpoints"),
         max_steps=steps,
         per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
         learning_rate=lr,
         lr_scheduler_type=lr_scheduler,
         warmup_steps=max(1, steps // 20),

@@ -21,8 +21,6 @@ LAYER_TYPE = "mla_dsa_latent"  # the entry of `config.layer_types` that `Dynamic
 # Trainer drops these outputs at evaluation, device placement leaves them alone.
 CACHE_NAMES = ["cache", "past_key_values"]
 
-logger = logging.get_logger(__name__)
-
 # The release of this payload; config.json records it (`PAYLOAD_VERSION_KEY`) so a checkpoint says which code wrote
 # it. A checkpoint without it was written by 0.1.0. `mla-dsa upgrade-code DIR` refreshes an older checkpoint's code.
 PAYLOAD_VERSION = "0.7.3"

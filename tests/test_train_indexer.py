@@ -432,6 +432,32 @@ def test_gradient_checkpointing_trains_as_without(dsa_checkpoint, tmp_path):
         torch.testing.assert_close(runs[True][1][name], tensor, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+def test_gradient_accumulation_trains_as_the_whole_batch_in_smaller_batches(dsa_checkpoint, tmp_path, stage,
+                                                                           monkeypatch):  # fmt: skip
+    """`--gradient-accumulation-steps 2 --batch-size 2` (for long --seq-len, where 4 sequences at once do not fit)
+    trains as `--batch-size 4`: the same windows, the same weights after each step (SGD: updates linear in the
+    gradient), with the model never given more than 2 sequences at once."""
+    common = ["train-indexer", str(dsa_checkpoint), "--stage", stage, "--data", *DATA, "--seq-len", "32",
+              "--steps", "2", "--optim", "sgd", "--lr", "1.0", "--no-progress"]  # fmt: skip
+    batch_sizes, compute_loss = [], mla_dsa.training.IndexerTrainer.compute_loss
+
+    def recording(self, model, inputs, *args, **kwargs):
+        batch_sizes.append(inputs["input_ids"].shape[0])
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(mla_dsa.training.IndexerTrainer, "compute_loss", recording)
+    accumulated = ["--batch-size", "2", "--gradient-accumulation-steps", "2", "--out", str(tmp_path / "accumulated")]
+    assert cli([*common, *accumulated]) == 0
+    assert batch_sizes == [2, 2, 2, 2]  # 2 steps of 2 batches of 2
+    assert cli([*common, "--batch-size", "4", "--out", str(tmp_path / "whole")]) == 0
+    assert batch_sizes[4:] == [4, 4]
+    start, whole, accumulated = weights(dsa_checkpoint), weights(tmp_path / "whole"), weights(tmp_path / "accumulated")
+    assert max((whole[name] - start[name]).abs().max().item() for name in whole) > 1e-4  # it trained
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], atol=1e-5, rtol=1e-4)
+
+
 # ------------------------------------------------------------------ saving in the middle of indexer training
 @pytest.mark.parametrize("stage", ["dense", "sparse"])
 def test_a_checkpoint_saved_mid_training_loads_for_inference(byte_dsa, tmp_path, stage):
