@@ -70,6 +70,23 @@ class IndexScorer(NamedTuple):
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
+class MainQueries(NamedTuple):
+    """One layer's main-attention queries q_nope [B, S, H, dn] and rotated q_rope [B, S, H, dr] (no gradient), with a
+    detached copy of its W_UK [H, dn, R], absorbed a block of queries at a time. The dense stage keeps them for its
+    backward (each query chunk's target is recomputed there): the absorbed queries [B, S, H, R + dr] are 3x their
+    size at DeepSeek-V3.2's shapes (576 against 192 numbers per head) and were the largest tensor a layer kept."""
+
+    q_nope: torch.Tensor
+    q_rope: torch.Tensor
+    w_uk: torch.Tensor
+
+    def absorbed(self, start: int, end: int) -> torch.Tensor:
+        """[B, end - start, H, R + dr]: W_UK folded into queries start..end-1, so they score latent rows directly."""
+        q_nope = self.q_nope[:, start:end]
+        return torch.cat([torch.einsum("bshn,hnr->bshr", q_nope, self.w_uk.to(q_nope.dtype)),
+                          self.q_rope[:, start:end]], dim=-1)  # fmt: skip
+
+
 class IndexerLoss:
     """The indexer's KL loss of `stage` ("dense" | "sparse") for every forward of `model` while installed (a context
     manager, or `install()` / `remove()`). `kl`, `recall`, `kl_uniform`: the means over the DSA layers of the forwards
@@ -159,7 +176,11 @@ class IndexerLoss:
                     f"{q_nope.shape[2]} (tensor parallelism): train the indexer data-parallel or sharded (accelerate, "
                     "FSDP) instead"
                 )
-            main_query = attention.absorbed_query(q_nope, q_rope)  # [B, S, H, R + dr]
+            # q_nope copied: a view would keep the whole projection [B, S, H, dn + dr] alive (q_rope is rotated into
+            # a tensor of its own); W_UK copied: sharded training (FSDP) frees the gathered weight after the layer's
+            # forward, before backward
+            q_nope = q_nope.clone(memory_format=torch.contiguous_format)
+            main_queries = MainQueries(q_nope, q_rope, attention.absorbed_weights()[0].detach().clone())
         top_k = call["settings"].index_topk
         selection = (call.get("selections") or {}).get(layer_idx)  # what the layer attended with, if it selected
         if attention.indexer is not None:
@@ -179,9 +200,9 @@ class IndexerLoss:
             selection = self._selections[source]
         scorer = self._scorers[source]
         if self.stage == "sparse":
-            stats = sparse_stage_loss(scorer, selection, main_query, latent, attention.scaling)
+            stats = sparse_stage_loss(scorer, selection, main_queries, latent, attention.scaling)
         else:
-            stats = dense_stage_loss(scorer, visible, main_query, latent, attention.scaling, top_k,
+            stats = dense_stage_loss(scorer, visible, main_queries, latent, attention.scaling, top_k,
                                      self.config.query_chunk_size)  # fmt: skip
         self.layers.append(stats)
 
@@ -191,23 +212,24 @@ def _is_zero(past_len) -> bool:
 
 
 def dense_stage_loss(
-    scorer: IndexScorer, visible: VisibleKeys, main_query: torch.Tensor, latent: torch.Tensor, scaling: float,
+    scorer: IndexScorer, visible: VisibleKeys, main_queries: MainQueries, latent: torch.Tensor, scaling: float,
     top_k: int, chunk_size: int,
 ) -> IndexerStats:  # fmt: skip
     """KL over every visible key, and the recall of the top `top_k` by index score. Query chunks run under
-    activation checkpointing (each chunk's index scores are computed once forward, once in backward), so no
-    [heads, S, T] tensor is ever alive: peak extra memory is O(chunk * T * max(H, index heads))."""
-    seq_len = main_query.shape[1]
+    activation checkpointing (each chunk's target and index scores are computed once forward, once in backward), so
+    no [heads, S, T] tensor is ever alive: peak extra memory is O(chunk * T * max(H, index heads)); what a layer keeps
+    for backward is its index queries and keys, its main queries (not absorbed) and its latent rows."""
+    seq_len = main_queries.q_rope.shape[1]
     # kl sum, queries, recall sum, queries with > k keys, uniform-choice kl sum
-    totals = main_query.new_zeros(5, dtype=torch.float32)
+    totals = latent.new_zeros(5, dtype=torch.float32)
     for start in range(0, seq_len, chunk_size):
         end = min(seq_len, start + chunk_size)
         # The chunk's mask is made inside it: kept as a checkpoint input for every chunk, the masks would add up to
         # an S x T tensor.
         chunk = checkpoint(
             _dense_chunk, scorer.queries[:, start:end], scorer.weights[:, start:end], scorer.keys,
-            main_query[:, start:end], latent, visible, start, end, scorer.softmax_scale, scaling, top_k,
-            use_reentrant=False,
+            main_queries.q_nope[:, start:end], main_queries.q_rope[:, start:end], main_queries.w_uk, latent, visible,
+            start, end, scorer.softmax_scale, scaling, top_k, use_reentrant=False,
         )  # fmt: skip
         totals = totals + chunk
     kl = totals[0] / totals[1].clamp(min=1)
@@ -215,12 +237,13 @@ def dense_stage_loss(
     return IndexerStats(kl, recall.detach(), (totals[4] / totals[1].clamp(min=1)).detach())
 
 
-def _dense_chunk(index_q, index_w, index_k, main_query, latent, visible_keys: VisibleKeys, start: int, end: int,
-                 softmax_scale, scaling, top_k):  # fmt: skip
-    """[kl sum, queries, recall sum, recall queries, uniform kl sum] of queries start..end-1; only the kl sum carries
-    gradients."""
-    visible = visible_keys.mask(start, end).expand(main_query.shape[0], -1, -1)  # [B, s, T]
+def _dense_chunk(index_q, index_w, index_k, q_nope, q_rope, w_uk, latent, visible_keys: VisibleKeys, start: int,
+                 end: int, softmax_scale, scaling, top_k):  # fmt: skip
+    """[kl sum, queries, recall sum, recall queries, uniform kl sum] of queries start..end-1 (the index and main
+    queries given are theirs); only the kl sum carries gradients."""
+    visible = visible_keys.mask(start, end).expand(latent.shape[0], -1, -1)  # [B, s, T]
     with torch.no_grad():
+        main_query = MainQueries(q_nope, q_rope, w_uk).absorbed(0, end - start)  # [B, s, H, R + dr]
         scores = torch.einsum("bshc,btc->bsht", main_query, latent) * scaling  # [B, s, H, T]
         target = masked_softmax(scores.float(), visible.unsqueeze(2)).mean(dim=2)  # heads summed, L1-normalised
         del scores
@@ -237,12 +260,12 @@ def _dense_chunk(index_q, index_w, index_k, main_query, latent, visible_keys: Vi
 
 
 def sparse_stage_loss(
-    scorer: IndexScorer, selection, main_query: torch.Tensor, latent: torch.Tensor, scaling: float
+    scorer: IndexScorer, selection, main_queries: MainQueries, latent: torch.Tensor, scaling: float
 ) -> IndexerStats:
     """KL over the selected keys `selection.indices` [B, S, k] (masked by `selection.valid`): the target and the
     index scores read only the k gathered rows per query, a bounded block of queries at a time (the index scores
     under activation checkpointing, so backward gathers them again instead of keeping them)."""
-    batch_size, seq_len = main_query.shape[:2]
+    batch_size, seq_len = main_queries.q_rope.shape[:2]
     k = selection.indices.shape[-1]
     gpu = latent.device.type != "cpu"
     elements = _GPU_GATHER_BLOCK_ELEMENTS if gpu else _GATHER_BLOCK_ELEMENTS
@@ -253,7 +276,7 @@ def sparse_stage_loss(
         indices = selection.indices[:, start:end]
         with torch.no_grad():
             rows = gather_rows(latent, indices)  # [B, s, k, R + dr]
-            main = torch.einsum("bshc,bskc->bshk", main_query[:, start:end], rows) * scaling
+            main = torch.einsum("bshc,bskc->bshk", main_queries.absorbed(start, end), rows) * scaling
             targets.append(masked_softmax(main.float(), selection.valid[:, start:end].unsqueeze(2)).mean(dim=2))
             del rows, main
         scores.append(checkpoint(_selected_index_scores, scorer.queries[:, start:end], scorer.weights[:, start:end],
@@ -286,6 +309,7 @@ __all__ = [
     "IndexScorer",
     "IndexerLoss",
     "IndexerStats",
+    "MainQueries",
     "dense_stage_loss",
     "kl_to_target",
     "sparse_stage_loss",

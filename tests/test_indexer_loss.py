@@ -9,7 +9,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import mla_dsa
-from mla_dsa.indexer_loss import IndexerLoss, IndexScorer, dense_stage_loss
+from mla_dsa.indexer_loss import IndexerLoss, IndexScorer, MainQueries, dense_stage_loss
 from mla_dsa.modeling import modeling_mla_dsa
 from mla_dsa.modeling.modeling_mla_dsa import VisibleKeys
 from mla_dsa.training import prepare_indexer_training
@@ -130,9 +130,10 @@ class _LargestTensor(TorchFunctionMode):
 def test_loss_memory_is_chunked():
     """No [heads, S, T] tensor: the largest tensor built by the loss is O(chunk * T * heads)."""
     torch.manual_seed(0)
-    bsz, seq, heads, index_heads, row, chunk = 1, 256, 8, 4, 24, 16
-    main_query = torch.randn(bsz, seq, heads, row)
-    latent = torch.randn(bsz, seq, row)
+    bsz, seq, heads, index_heads, nope, rope, rank, chunk = 1, 256, 8, 4, 8, 8, 16, 16
+    main_queries = MainQueries(torch.randn(bsz, seq, heads, nope), torch.randn(bsz, seq, heads, rope),
+                               torch.randn(heads, nope, rank))  # fmt: skip
+    latent = torch.randn(bsz, seq, rank + rope)
     index_q = torch.randn(bsz, seq, index_heads, 16, requires_grad=True)
     index_w = torch.randn(bsz, seq, index_heads)
     index_k = torch.randn(bsz, seq, 16)
@@ -140,11 +141,37 @@ def test_loss_memory_is_chunked():
     scorer = IndexScorer(index_q, index_w, index_k, 0.25)
     recorder = _LargestTensor()
     with recorder:
-        stats = dense_stage_loss(scorer, visible, main_query, latent, 0.1, top_k=32, chunk_size=chunk)
+        stats = dense_stage_loss(scorer, visible, main_queries, latent, 0.1, top_k=32, chunk_size=chunk)
         stats.kl.backward()
     assert index_q.grad is not None and index_q.grad.abs().sum() > 0
     assert recorder.largest <= bsz * chunk * max(heads, index_heads) * seq
     assert recorder.largest < bsz * heads * seq * seq // 4
+
+
+def test_dense_stage_keeps_no_absorbed_query_for_backward(checkpoint):
+    """What a layer keeps for the dense stage's backward grows with the sequence: its main queries as projected
+    ([H, dn + dr] per token), never absorbed ([H, R + dr]: 3x more at DeepSeek-V3.2's shapes); a chunk absorbs its
+    own again when backward recomputes it. The KL and its gradients are those of the absorbed queries."""
+    model = load(checkpoint, query_chunk_size=4)
+    prepare_indexer_training(model, "dense")
+    config = model.config
+    input_ids, attention_mask = batch()
+    absorbed_shape = (config.num_attention_heads, config.kv_lora_rank + config.qk_rope_head_dim)
+    saved_shapes = []
+
+    def keep(tensor):
+        saved_shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with IndexerLoss(model, "dense") as indexer_loss:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            model(input_ids, attention_mask=attention_mask, use_sparse_attention=False)
+        indexer_loss.kl.backward()
+    projected = (config.num_attention_heads, config.qk_nope_head_dim)
+    assert any(shape[-2:] == projected for shape in saved_shapes)  # the main queries are kept, as projected
+    assert not [shape for shape in saved_shapes if shape[-2:] == absorbed_shape]
+    grads = [param.grad for param in model.parameters() if param.grad is not None]
+    assert grads and all(torch.isfinite(grad).all() for grad in grads) and any(grad.abs().sum() > 0 for grad in grads)
 
 
 def test_dense_stage_trains_only_the_indexer(checkpoint):
