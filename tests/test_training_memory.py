@@ -61,4 +61,6 @@ def _step_growth_mb(stage: str, length: int, lora: bool) -> float:
                          ids=["dense-warm-up", "sparse-stage", "sparse-stage-lora"])  # fmt: skip
 def test_a_training_steps_memory_grows_linearly_with_length(stage, lora):
     short, long = _step_growth_mb(stage, 2048, lora), _step_growth_mb(stage, 4096, lora)
-    assert long < 2.6 * max(short, 1.0), f"{stage}: {short:.0f} MB at 2048 tokens, {long:.0f} MB at 4096"
+    # Linear: 2x; an S x T term alone: 4x, as large as the linear part: 3x. Peak RSS moves with the allocator (the
+    # dense warm-up measured 2.1x-2.8x over runs of one code; its quadratic version 3.8x, the sparse stage's 3.4x)
+    assert long < 3.0 * max(short, 1.0), f"{stage}: {short:.0f} MB at 2048 tokens, {long:.0f} MB at 4096"
