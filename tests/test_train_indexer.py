@@ -432,6 +432,7 @@ def test_gradient_checkpointing_trains_as_without(dsa_checkpoint, tmp_path):
         torch.testing.assert_close(runs[True][1][name], tensor, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # two Trainer runs
 def test_gradient_accumulation_trains_as_the_whole_batch_in_smaller_batches(dsa_checkpoint, tmp_path, monkeypatch):
     """`--gradient-accumulation-steps 2 --batch-size 2` (for long --seq-len, where 4 sequences at once do not fit)
     trains as `--batch-size 4`: the same windows, the same weights after each step (SGD: updates linear in the
