@@ -176,11 +176,13 @@ class IndexerLoss:
                     f"{q_nope.shape[2]} (tensor parallelism): train the indexer data-parallel or sharded (accelerate, "
                     "FSDP) instead"
                 )
-            # q_nope copied: a view would keep the whole projection [B, S, H, dn + dr] alive (q_rope is rotated into
-            # a tensor of its own); W_UK copied: sharded training (FSDP) frees the gathered weight after the layer's
-            # forward, before backward
-            q_nope = q_nope.clone(memory_format=torch.contiguous_format)
-            main_queries = MainQueries(q_nope, q_rope, attention.absorbed_weights()[0].detach().clone())
+            w_uk = attention.absorbed_weights()[0].detach()
+            if self.stage == "dense":  # kept for the backward of its checkpointed chunks (sparse: used here only)
+                # q_nope copied: a view would keep the whole projection [B, S, H, dn + dr] alive (q_rope is rotated
+                # into a tensor of its own); W_UK copied: sharded training (FSDP) frees the gathered weight after the
+                # layer's forward, before backward
+                q_nope, w_uk = q_nope.clone(memory_format=torch.contiguous_format), w_uk.clone()
+            main_queries = MainQueries(q_nope, q_rope, w_uk)
         top_k = call["settings"].index_topk
         selection = (call.get("selections") or {}).get(layer_idx)  # what the layer attended with, if it selected
         if attention.indexer is not None:

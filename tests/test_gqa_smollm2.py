@@ -33,7 +33,8 @@ def source_dir(tmp_path_factory):
 def test_smollm2_becomes_dsa_answers_and_exports(source_dir, tmp_path):
     """`mla-dsa demo --model smollm2` (a lighter indexer calibration): perplexity kept, DSA close to MLA, it still
     talks; then the export loads in transformers' DeepseekV32ForCausalLM with our logits."""
-    results = run_smollm2_demo(tmp_path, calibration_tokens=2048, calibration_steps=20, progress=False)
+    # A quarter of the demo's fit (1,024 tokens, 10 steps): DSA measured 1.023x MLA with it, against the 1.05 asked
+    results = run_smollm2_demo(tmp_path, calibration_tokens=1024, calibration_steps=10, progress=False)
     source, dsa = results["source"], results["dsa"]
     assert dsa["kv_lora_rank"] == dsa["qk_rope_head_dim"] == 3 * 64  # SRC's cache width, 2 x 3 x 64: nothing lost
     assert source["ppl"] < 12 and abs(dsa["mla_ppl"] / source["ppl"] - 1) < 1e-4, results
