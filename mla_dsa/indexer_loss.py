@@ -176,7 +176,7 @@ class IndexerLoss:
                     f"{q_nope.shape[2]} (tensor parallelism): train the indexer data-parallel or sharded (accelerate, "
                     "FSDP) instead"
                 )
-            w_uk = attention.absorbed_weights()[0].detach()
+            w_uk = attention.absorbed_weights(hidden.device)[0].detach()
             if self.stage == "dense":  # kept for the backward of its checkpointed chunks (sparse: used here only)
                 # q_nope copied: a view would keep the whole projection [B, S, H, dn + dr] alive (q_rope is rotated
                 # into a tensor of its own); W_UK copied: sharded training (FSDP) frees the gathered weight after the

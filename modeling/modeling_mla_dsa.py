@@ -777,19 +777,24 @@ class MlaDsaAttention(nn.Module):
         return out.transpose(1, 2) * has_key.unsqueeze(-1)  # [B, S, H, dv]
 
     # ------------------------------------------------------------------------------------------ absorbed mode
-    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def absorbed_weights(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, dn, R] and W_UV [H, dv, R] from `kv_b_proj`, viewed as [H, dn + dv, R].
 
         A plain Linear gives views of its weight (free, and differentiable). A wrapped one (LoRA, quantized) is
         evaluated on the identity, so its effective weight is used. Outside autograd that result is reused while the
         module still maps a fixed probe row to the same output: whatever changes what the module computes - a weight
         update, a merge, PEFT's disable_adapter() or set_adapter(), a new scale, another dtype or device - changes
-        the probe's output too, where parameter versions alone miss adapter switches. The probe costs one row."""
+        the probe's output too, where parameter versions alone miss adapter switches. The probe costs one row.
+
+        An offloaded module (`device_map` with "cpu" or "disk" offload: its weights are on the meta device until its
+        own forward loads them) is evaluated on the identity on `device` (the queries'), at every call: kept, the
+        weight would stay loaded, against what the offload is for."""
         module = self.kv_b_proj
-        if type(module) is nn.Linear:
+        offloaded = next(module.parameters()).device.type == "meta"
+        if type(module) is nn.Linear and not offloaded:
             weight = _local(module.weight)  # under tensor parallelism, this process's heads
-        elif torch.is_grad_enabled():
-            weight = _effective_weight(module, self.kv_lora_rank)
+        elif torch.is_grad_enabled() or offloaded:
+            weight = _effective_weight(module, self.kv_lora_rank, device)
         else:
             probe = module(_probe_row(module, self.kv_lora_rank))
             cached = self._absorbed_cache
@@ -802,7 +807,7 @@ class MlaDsaAttention(nn.Module):
 
     def absorbed_query(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
         """[B, S, H, R + dr]: W_UK folded into the query, so it scores the latent row [c_KV ; k_R] directly."""
-        w_uk, _ = self.absorbed_weights()
+        w_uk, _ = self.absorbed_weights(q_nope.device)
         return torch.cat([torch.einsum("bshn,hnr->bshr", q_nope, w_uk.to(q_nope.dtype)), q_rope], dim=-1)
 
     def _absorbed_attention(self, q_nope, q_rope, latent, visible: VisibleKeys, selection: TopkSelection | None
@@ -812,7 +817,7 @@ class MlaDsaAttention(nn.Module):
         checkpointed (recomputed in backward), so training keeps no chunk's scores or gathered rows either: memory
         grows with S, not with S x k or S x T."""
         batch_size, seq_len, num_heads, _ = q_nope.shape
-        w_uk, w_uv = (weight.to(q_nope.dtype) for weight in self.absorbed_weights())
+        w_uk, w_uv = (weight.to(q_nope.dtype) for weight in self.absorbed_weights(q_nope.device))
         if selection is None:
             per_query = batch_size * num_heads * latent.shape[1]  # scores against every key
         else:
@@ -914,11 +919,13 @@ def _probe_row(module: nn.Module, in_features: int) -> torch.Tensor:
     return torch.sin(row * 12.9898).mul(43758.5453).frac().sub(0.5).to(param.dtype).unsqueeze(0)
 
 
-def _effective_weight(module: nn.Module, in_features: int) -> torch.Tensor:
-    """The weight [out, in] a (possibly wrapped) linear module applies, bias excluded."""
+def _effective_weight(module: nn.Module, in_features: int, device: torch.device | None = None) -> torch.Tensor:
+    """The weight [out, in] a (possibly wrapped) linear module applies, bias excluded; run on `device` where the
+    module's weights are offloaded (on the meta device), else on theirs."""
     param = next(module.parameters())
-    eye = torch.eye(in_features, dtype=param.dtype, device=param.device)
-    zero = torch.zeros(1, in_features, dtype=param.dtype, device=param.device)
+    device = device if param.device.type == "meta" else param.device
+    eye = torch.eye(in_features, dtype=param.dtype, device=device)
+    zero = torch.zeros(1, in_features, dtype=param.dtype, device=device)
     return (module(eye) - module(zero)).T
 
 

@@ -74,6 +74,23 @@ def test_greedy_matches_peer(saved, prompt, peer_greedy, model_type, mode):
     )
 
 
+@pytest.mark.parametrize("mode", ["absorbed", "auto"])
+def test_greedy_with_layers_offloaded_to_disk_matches_peer(saved, prompt, peer_greedy, mode, tmp_path):
+    """`device_map` offload (accelerate's hooks: an offloaded module's weights stay on the meta device until its own
+    forward loads them) - the absorbed attention reads W_UK/W_UV of `kv_b_proj` without calling it, so it must load
+    them through the module: reading the weight crashed on the meta device."""
+    input_ids, attention_mask = prompt
+    directory = saved["deepseek_v32"][1]
+    layers = mla_dsa.MlaDsaConfig.from_pretrained(directory).num_hidden_layers
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "lm_head": "cpu", "model.rotary_emb": "cpu"}
+    device_map |= {f"model.layers.{layer}": "disk" if layer % 2 == 0 else "cpu" for layer in range(layers)}
+    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(directory, device_map=device_map, offload_folder=tmp_path,
+                                                      attention_mode=mode).eval()  # fmt: skip
+    assert model.model.layers[0].self_attn.kv_b_proj.weight.device.type == "meta"  # offloaded, loaded per forward
+    tokens = model.generate(input_ids, attention_mask=attention_mask, **GREEDY)
+    assert torch.equal(tokens, peer_greedy["deepseek_v32"])
+
+
 def test_greedy_with_cache_equals_recomputation(ours, prompt, ours_greedy):
     input_ids, attention_mask = prompt
     recomputed = ours.generate(input_ids, attention_mask=attention_mask, use_cache=False, **GREEDY)
