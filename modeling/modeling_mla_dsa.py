@@ -780,8 +780,9 @@ class MlaDsaAttention(nn.Module):
     def absorbed_weights(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, dn, R] and W_UV [H, dv, R] from `kv_b_proj`, viewed as [H, dn + dv, R].
 
-        A plain Linear gives views of its weight (free, and differentiable). A wrapped one (LoRA, quantized) is
-        evaluated on the identity, so its effective weight is used. Outside autograd that result is reused while the
+        A plain Linear gives views of its weight (free, and differentiable). A wrapped one (LoRA) or one whose weight
+        is a tensor subclass other than a DTensor (torchao's quantized weights, `TorchAoConfig`) is evaluated on the
+        identity, so its effective weight is used. Outside autograd that result is reused while the
         module still maps a fixed probe row to the same output: whatever changes what the module computes - a weight
         update, a merge, PEFT's disable_adapter() or set_adapter(), a new scale, another dtype or device - changes
         the probe's output too, where parameter versions alone miss adapter switches. The probe costs one row.
@@ -791,7 +792,7 @@ class MlaDsaAttention(nn.Module):
         weight would stay loaded, against what the offload is for."""
         module = self.kv_b_proj
         offloaded = next(module.parameters()).device.type == "meta"
-        if type(module) is nn.Linear and not offloaded:
+        if type(module) is nn.Linear and not offloaded and _plain(module.weight):
             weight = _local(module.weight)  # under tensor parallelism, this process's heads
         elif torch.is_grad_enabled() or offloaded:
             weight = _effective_weight(module, self.kv_lora_rank, device)
@@ -910,6 +911,11 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The part of a tensor this process holds: a DTensor's local shard (tensor parallelism), else the tensor."""
     to_local = getattr(tensor, "to_local", None)  # only DTensors have it; plain tensors are whole
     return to_local() if to_local is not None else tensor
+
+
+def _plain(weight: torch.Tensor) -> bool:
+    """Whether a weight's numbers are its own elements: a tensor, or a DTensor (its shard is)."""
+    return type(weight) in (nn.Parameter, torch.Tensor) or hasattr(weight, "to_local")
 
 
 def _probe_row(module: nn.Module, in_features: int) -> torch.Tensor:

@@ -91,6 +91,30 @@ def test_greedy_with_layers_offloaded_to_disk_matches_peer(saved, prompt, peer_g
     assert torch.equal(tokens, peer_greedy["deepseek_v32"])
 
 
+@pytest.mark.parametrize("mode", ["absorbed", "auto"])
+def test_greedy_with_torchao_quantized_weights_matches_the_quantized_peer(saved, prompt, mode):
+    """transformers' `TorchAoConfig` (int8 weight-only: every Linear keeps its class, its weight becomes a torchao
+    tensor subclass) - the absorbed attention reads `kv_b_proj`'s weight as W_UK/W_UV, and a view of the quantized
+    tensor raised NotImplementedError; it now reads the weight the module applies. Ours equals transformers'
+    DeepseekV32 quantized the same way."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import DeepseekV32ForCausalLM, TorchAoConfig
+
+    input_ids, attention_mask = prompt
+    directory = saved["deepseek_v32"][1]
+    quantized = dict(quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), dtype=torch.float32)
+    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(directory, attention_mode=mode, **quantized).eval()
+    assert type(model.model.layers[0].self_attn.kv_b_proj.weight).__module__.startswith("torchao")  # quantized
+    peer = DeepseekV32ForCausalLM.from_pretrained(directory, **quantized).eval()
+    with torch.no_grad():
+        ours_logits = model(input_ids, attention_mask=attention_mask).logits
+        peer_logits = peer(input_ids, attention_mask=attention_mask).logits
+    assert (ours_logits - peer_logits).abs().max() < 1e-4 * peer_logits.abs().max()
+    tokens = model.generate(input_ids, attention_mask=attention_mask, **GREEDY)
+    assert torch.equal(tokens, peer.generate(input_ids, attention_mask=attention_mask, **GREEDY))
+
+
 def test_greedy_with_cache_equals_recomputation(ours, prompt, ours_greedy):
     input_ids, attention_mask = prompt
     recomputed = ours.generate(input_ids, attention_mask=attention_mask, use_cache=False, **GREEDY)
