@@ -10,7 +10,6 @@ finishes it without rewriting finished shards, and the result is byte-identical 
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from subprocesses import own_stderr
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import mla_dsa
@@ -307,10 +307,7 @@ def test_cli_process_bad_input_prints_exactly_one_line(tmp_path, sharded_v3):
     )
     assert result.returncode == 1
     assert result.stdout == ""
-    # Not ours: records that torch's logging prints while other installed packages import (torchao 0.18 on torch
-    # 2.14: "W1206 ... site-packages/torch/utils/_pytree.py:630] <enum ...> is an Enum subclass ...")
-    ours = [line for line in result.stderr.splitlines() if not re.match(r"[WI]\d{4} [\d:. ]+ \d+ site-packages/", line)]
-    assert_one_line_error("\n".join(ours), named, *words)
+    assert_one_line_error(own_stderr(result.stderr), named, *words)  # less other packages' import-time logs
     assert not dst.exists() and not partial_of(dst).exists()
     assert snapshot(src) == before
 
