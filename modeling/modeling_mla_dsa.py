@@ -780,20 +780,24 @@ class MlaDsaAttention(nn.Module):
     def absorbed_weights(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, dn, R] and W_UV [H, dv, R] from `kv_b_proj`, viewed as [H, dn + dv, R].
 
-        A plain Linear gives views of its weight (free, and differentiable). A wrapped one (LoRA) or one whose weight
-        is a tensor subclass other than a DTensor (torchao's quantized weights, `TorchAoConfig`) is evaluated on the
-        identity, so its effective weight is used. Outside autograd that result is reused while the
-        module still maps a fixed probe row to the same output: whatever changes what the module computes - a weight
-        update, a merge, PEFT's disable_adapter() or set_adapter(), a new scale, another dtype or device - changes
-        the probe's output too, where parameter versions alone miss adapter switches. The probe costs one row.
+        A plain Linear gives views of its weight (free, and differentiable), or its dequantized weight where the
+        weight is a quantized tensor (torchao's, `TorchAoConfig`). A wrapped one (LoRA, or a weight of another tensor
+        subclass) is evaluated on the identity, so its effective weight is used. Outside autograd that result is
+        reused while the module still maps a fixed probe row to the same output: whatever changes what the module
+        computes - a weight update, a merge, PEFT's disable_adapter() or set_adapter(), a new scale, another dtype or
+        device - changes the probe's output too, where parameter versions alone miss adapter switches. The probe costs
+        one row.
 
         An offloaded module (`device_map` with "cpu" or "disk" offload: its weights are on the meta device until its
         own forward loads them) is evaluated on the identity on `device` (the queries'), at every call: kept, the
         weight would stay loaded, against what the offload is for."""
         module = self.kv_b_proj
         offloaded = next(module.parameters()).device.type == "meta"
-        if type(module) is nn.Linear and not offloaded and _plain(module.weight):
+        plain_linear = type(module) is nn.Linear and not offloaded
+        if plain_linear and _plain(module.weight):
             weight = _local(module.weight)  # under tensor parallelism, this process's heads
+        elif plain_linear and callable(getattr(module.weight, "dequantize", None)):
+            weight = module.weight.dequantize()  # torchao's quantized weights: a pass over them, and it compiles
         elif torch.is_grad_enabled() or offloaded:
             weight = _effective_weight(module, self.kv_lora_rank, device)
         else:

@@ -124,6 +124,23 @@ def test_compiled_decode_has_no_graph_break_and_no_recompilation_per_token(overr
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
 
 
+def test_torchao_int8_weights_decode_compiled_with_one_graph():
+    """torchao's int8 weight-only quantization (`quantize_`, what transformers' TorchAoConfig applies): the absorbed
+    attention dequantizes kv_b_proj's quantized weight inside the graph, so the compiled decode has no graph break (the
+    probe-and-cache path of wrapped modules compares tensors on the host) and equals eager."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = _model()
+    quantize_(model, Int8WeightOnlyConfig())
+    assert type(model.model.layers[0].self_attn.kv_b_proj.weight).__module__.startswith("torchao")
+    compiled = torch.compile(model.forward, fullgraph=True, backend="eager")
+    expected = _decode_steps(model.forward, model, steps=4)
+    actual = _decode_steps(compiled, model, steps=4)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
 def test_compiled_decode_writes_the_cache_in_place():
     """The decode graph after functionalization (what inductor compiles) writes each new row into the cache buffers
     themselves: an in-place write into a view of a graph input (the latent rows as `keys[:, 0]`) becomes a scatter
