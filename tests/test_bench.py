@@ -10,11 +10,12 @@ import sys
 
 import pytest
 import torch
-from subprocesses import own_stderr
 from transformers import DeepseekV32Config
 
 from mla_dsa import bench
 from mla_dsa.cli import main
+
+from subprocesses import own_stderr
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from subprocesses import own_stderr
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import mla_dsa
@@ -43,6 +42,7 @@ from checkpoints import (
     write_synthetic_checkpoint,
 )
 from peers import build_peer, save_peer
+from subprocesses import own_stderr
 
 STATE_NAME = ".mla-dsa-convert-state.json"
 
