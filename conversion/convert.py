@@ -21,7 +21,15 @@ from pathlib import Path
 from ..modeling.configuration_mla_dsa import MlaDsaConfig
 from .calibrate import CalibrationOptions, calibration_windows
 from .export import export_refusals, export_warnings
-from .gqa import GQA_MODEL_TYPES, checked_shape, is_gqa_source, mla_config_fields, verify_mla_stage, write_mla_stage
+from .gqa import (
+    GQA_MODEL_TYPES,
+    checked_shape,
+    has_attention_biases,
+    is_gqa_source,
+    mla_config_fields,
+    verify_mla_stage,
+    write_mla_stage,
+)
 from .indexer_init import INDEXER_INITS
 from .plan import DTYPES, ConvertOptions, check_options, default_indexer_shape, plan_output, target_config
 from .source import ConversionError, SourceCheckpoint, read_json
@@ -151,7 +159,7 @@ def _check_indexer_options(source: SourceCheckpoint, dst: Path, opts: ConvertOpt
     """The indexer flags against the MLA model the GQA stage will write: a shape the DSA stage refuses (a head
     narrower than the RoPE dims it rotates, say) is refused now, not after the GQA stage's calibration."""
     geometry, rank = checked_shape(source, opts)
-    fields = mla_config_fields(source.config, rank, geometry.rope_dim)
+    fields = mla_config_fields(source.config, rank, geometry.rope_dim, has_attention_biases(source))
     fields["index_n_heads"], fields["index_head_dim"] = default_indexer_shape(fields)
     fields.update({name: getattr(opts, name) for name in ("index_n_heads", "index_head_dim", "index_topk")
                    if getattr(opts, name) is not None})  # fmt: skip

@@ -94,16 +94,24 @@ def permute_indexer_rope(name: str, tensor: torch.Tensor, config: MlaDsaConfig, 
 
 def export_warnings(config: MlaDsaConfig, export: str) -> list[str]:
     """What the format holds but the serving engines are known to misread (transformers reads it right)."""
+    found = []
     rope_type = config.rope_parameters.get("rope_type", "default")
-    if rope_type in ("default", "yarn"):
-        return []
-    return [
-        f"rope_type {rope_type!r} (an exact GQA conversion's RoPE key carries each source frequency once per key "
-        f"head, written as one longrope factor per pair): transformers' {FORMAT_NAMES[export]} class reads it, "
-        "but vLLM's and SGLang's DeepSeek attention read any rope_scaling as YaRN and would rotate these keys "
-        "at other frequencies; serve this export through transformers, or convert the GQA source with "
-        "--qk-rope-head-dim set to its head_dim (one RoPE head, lossy past the calibration length) for them"
-    ]
+    if rope_type not in ("default", "yarn"):
+        found.append(
+            f"rope_type {rope_type!r} (an exact GQA conversion's RoPE key carries each source frequency once per key "
+            f"head, written as one longrope factor per pair): transformers' {FORMAT_NAMES[export]} class reads it, "
+            "but vLLM's and SGLang's DeepSeek attention read any rope_scaling as YaRN and would rotate these keys "
+            "at other frequencies; serve this export through transformers, or convert the GQA source with "
+            "--qk-rope-head-dim set to its head_dim (one RoPE head, lossy past the calibration length) for them"
+        )
+    if config.attention_bias:
+        found.append(
+            "attention_bias=True (a GQA source's q/k/v/o biases, carried by q_a_proj, kv_a_proj_with_mqa and o_proj): "
+            f"transformers' {FORMAT_NAMES[export]} class reads them, but vLLM's and SGLang's DeepSeek attention build "
+            "those projections without biases (vLLM's loader skips bias tensors it has no place for) and would "
+            "compute without them; serve this export through transformers or `mla-dsa serve`"
+        )
+    return found
 
 
 def export_config(config: MlaDsaConfig, export: str) -> dict[str, Any]:

@@ -26,7 +26,13 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .calibrate import CalibrationOptions, calibration_windows
-from .gqa_math import GqaGeometry, LayerStats, mla_attention_weights, rope_frequencies
+from .gqa_math import (
+    GqaGeometry,
+    LayerStats,
+    mla_attention_weights,
+    mla_attention_weights_with_biases,
+    rope_frequencies,
+)
 from .plan import DTYPES, ConvertOptions
 from .source import SINGLE_NAME, ConversionError, SourceCheckpoint
 from .write import save_state, start_state
@@ -67,16 +73,19 @@ def gqa_refusals(source: SourceCheckpoint) -> list[str]:
         reasons.append(f"rope_type {rope_type!r}: the GQA conversion carries plain RoPE (rope_type 'default')")
     if (rope.get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0) != 1.0:
         reasons.append("partial_rotary_factor != 1: only RoPE on the whole head is carried")
-    biased = sorted({name.rsplit(".", 2)[-2] for name in names if ".self_attn." in name and name.endswith(".bias")
-                     and source.read(name).abs().max() > 0})  # fmt: skip
-    if biased:
-        reasons.append(f"attention biases ({', '.join(biased)}): DeepSeek's MLA query projection has no bias")
     if any(".mlp." in name and name.endswith(".bias") for name in names):
         reasons.append("MLP biases (mlp_bias): DeepSeek's MLP has none")
     heads, kv_heads = config.get("num_attention_heads", 0), config.get("num_key_value_heads") or 0
     if not kv_heads or heads % kv_heads:
         reasons.append(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     return reasons
+
+
+def has_attention_biases(source: SourceCheckpoint) -> bool:
+    """Whether any of SRC's q/k/v/o projections has a nonzero bias (Qwen2's q/k/v; Llama's `attention_bias`): the
+    MLA model then carries DeepSeek's `attention_bias` (gqa_math.py, step 4). All-zero biases are left out."""
+    return any(source.read(name).abs().max() > 0 for name in source.tensors
+               if ".self_attn." in name and name.endswith(".bias"))  # fmt: skip
 
 
 def geometry_of(config: dict, rope_dim: int | None = None) -> GqaGeometry:
@@ -104,9 +113,10 @@ def mla_rope_parameters(config: dict, geometry: GqaGeometry) -> dict:
             "factor": 1.0, "original_max_position_embeddings": max_positions}  # fmt: skip
 
 
-def mla_config_fields(config: dict, rank: int, rope_dim: int | None = None) -> dict:
+def mla_config_fields(config: dict, rank: int, rope_dim: int | None = None, biased: bool = False) -> dict:
     """SRC's architecture as a dense DeepSeek-V3 config with `rank` latent dims (every layer's MLP dense) and a
-    shared RoPE key of `rope_dim` dims (default: one head)."""
+    shared RoPE key of `rope_dim` dims (default: one head); `biased`: SRC's attention has biases
+    (`has_attention_biases`)."""
     geometry = geometry_of(config, rope_dim)
     rope = mla_rope_parameters(config, geometry)
     return {
@@ -123,7 +133,7 @@ def mla_config_fields(config: dict, rank: int, rope_dim: int | None = None) -> d
         "topk_group": 1,
         "num_attention_heads": geometry.heads,
         "num_key_value_heads": geometry.heads,
-        "q_lora_rank": config["hidden_size"],  # the identity, exact (gqa_math.mla_attention_weights)
+        "q_lora_rank": config["hidden_size"] + biased,  # the identity (on [x; 1] with biases), exact: gqa_math.py
         "kv_lora_rank": rank,
         "qk_nope_head_dim": geometry.nope_dim,
         "qk_rope_head_dim": geometry.rope_dim,
@@ -133,7 +143,7 @@ def mla_config_fields(config: dict, rank: int, rope_dim: int | None = None) -> d
         "rms_norm_eps": config.get("rms_norm_eps", 1e-6),
         "rope_parameters": rope,
         "rope_interleave": True,
-        "attention_bias": False,
+        "attention_bias": biased,
         "tie_word_embeddings": config.get("tie_word_embeddings", False),
         "bos_token_id": config.get("bos_token_id"),
         "eos_token_id": config.get("eos_token_id"),
@@ -185,7 +195,8 @@ def write_mla_stage(source: SourceCheckpoint, stage: Path, opts: ConvertOptions)
     geometry, rank = checked_shape(source, opts)
     from transformers import DeepseekV3Config
 
-    mla_config = DeepseekV3Config(**mla_config_fields(source.config, rank, geometry.rope_dim))
+    biased = has_attention_biases(source)
+    mla_config = DeepseekV3Config(**mla_config_fields(source.config, rank, geometry.rope_dim, biased))
     fingerprint = _stage_fingerprint(source, opts, rank, geometry.rope_dim)
     state = start_state(stage, fingerprint, opts.resume, name=STAGE_STATE, progress="shards", kept=())
     if state.get("complete"):
@@ -200,7 +211,13 @@ def write_mla_stage(source: SourceCheckpoint, stage: Path, opts: ConvertOptions)
         prefix = f"model.layers.{layer_idx}."
         if not writer.done(prefix):
             attention = [source.read(f"{prefix}self_attn.{p}.weight", torch.float32).float() for p in _ATTENTION]
-            tensors = mla_attention_weights(*attention, stats, geometry, _inv_freq(source.config), rank)
+            if biased:
+                biases = {p: source.read(f"{prefix}self_attn.{p}.bias", torch.float32).float() for p in _ATTENTION
+                          if f"{prefix}self_attn.{p}.bias" in source.tensors}  # fmt: skip
+                tensors = mla_attention_weights_with_biases(*attention, biases, stats, geometry,
+                                                            _inv_freq(source.config), rank)  # fmt: skip
+            else:
+                tensors = mla_attention_weights(*attention, stats, geometry, _inv_freq(source.config), rank)
             out = {prefix + "self_attn." + name: tensor for name, tensor in tensors.items()}
             out.update({prefix + name: source.read(prefix + name, torch.float32).float() for name in _LAYER_TENSORS})
             writer.add(prefix, {name: tensor.to(dtype).contiguous() for name, tensor in out.items()})
@@ -277,7 +294,7 @@ def gqa_layer_stats(source: SourceCheckpoint, windows: torch.Tensor):
         heads = config.num_attention_heads
         moment = torch.zeros(config.hidden_size, config.hidden_size, dtype=torch.float64)
         distance = torch.zeros(heads, length, dtype=torch.float64)
-        largest = 0.0
+        largest, total = 0.0, torch.zeros(config.hidden_size, dtype=torch.float64)
         captured: dict[str, torch.Tensor] = {}
         hooks = [
             layer.self_attn.register_forward_pre_hook(partial(_keep_input, captured), with_kwargs=True),
@@ -289,13 +306,15 @@ def gqa_layer_stats(source: SourceCheckpoint, windows: torch.Tensor):
                 outputs.append(layer(window[None], attention_mask=causal, position_embeddings=position_embeddings)[0])
                 x = captured["x"][0].double()  # [L, hidden]
                 moment += x.T @ x
+                total += x.sum(0)
                 largest = max(largest, x.pow(2).sum(-1).max().item())
                 distance.index_add_(1, delta, captured["p"][0].double().reshape(heads, -1))
         for hook in hooks:
             hook.remove()
         hidden = torch.stack(outputs)
         skeleton.model.layers[layer_idx] = torch.nn.Identity()  # drop the layer's tensors
-        yield layer_idx, LayerStats(moment / hidden[..., 0].numel(), largest, distance)
+        count = hidden[..., 0].numel()
+        yield layer_idx, LayerStats(moment / count, largest, distance, total / count)
 
 
 def _keep_input(captured: dict, module, args, kwargs) -> None:
@@ -385,4 +404,11 @@ def _stage_fingerprint(source: SourceCheckpoint, opts: ConvertOptions, rank: int
     return hashlib.sha256(json.dumps(described, default=str).encode()).hexdigest()
 
 
-__all__ = ["GQA_MODEL_TYPES", "gqa_refusals", "is_gqa_source", "verify_mla_stage", "write_mla_stage"]
+__all__ = [
+    "GQA_MODEL_TYPES",
+    "gqa_refusals",
+    "has_attention_biases",
+    "is_gqa_source",
+    "verify_mla_stage",
+    "write_mla_stage",
+]

@@ -29,6 +29,11 @@ Everything is computed from two calibration statistics of the layer's attention 
    the identity, held in the same linear regime. Training either down-projection would leave the regime (an optimizer
    step is not scaled down), so mla-dsa's training freezes them on such models (`linear_latent_norm` in the config)
    and adapts q_b_proj, kv_b_proj, o_proj and the MLP instead.
+4. **Biases** (Qwen2's q/k/v, Llama's `attention_bias`). A projection with a bias is linear in `[x; 1]`: steps 1-3
+   run on that input (its second moment from `E[x]`), and the constant coordinate becomes the bias of q_a_proj and
+   kv_a_proj_with_mqa (DeepSeek's `attention_bias`), so RoPE turns the keys' and queries' biases with them, exactly
+   as the source's. c_Q is `[x; 1]` then (`q_lora_rank` = hidden + 1). A value bias needs no latent dimension: every
+   query's attention weights sum to 1, so it adds `W_o b_v` to the output whatever the query reads: o_proj's bias.
 """
 
 import math
@@ -67,11 +72,12 @@ class GqaGeometry:
 @dataclass
 class LayerStats:
     """Calibration statistics of one layer: E[x x^T] [d, d] of the attention input, the largest squared norm of x
-    (for the latent scale), and per query head the attention mass at each distance t - s [H, T]."""
+    (for the latent scale), per query head the attention mass at each distance t - s [H, T], and E[x]."""
 
     x_moment: torch.Tensor
     x_max_sq: float
     distance: torch.Tensor
+    x_mean: torch.Tensor | None = None  # E[x] [d]: the biases' cross term (step 4)
 
 
 def pairs(head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,6 +242,37 @@ def mla_attention_weights(w_q, w_k, w_v, w_o, stats: LayerStats, geometry: GqaGe
     }
 
 
+def mla_attention_weights_with_biases(w_q, w_k, w_v, w_o, biases: dict[str, torch.Tensor], stats: LayerStats,
+                                     geometry: GqaGeometry, inv_freq: torch.Tensor, rank: int, **options
+                                     ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """`mla_attention_weights` for an attention whose projections have biases (module docstring, step 4): `biases`
+    maps "q_proj", "k_proj", "v_proj", "o_proj" to theirs (a missing one is zero). The result also holds q_a_proj,
+    kv_a_proj_with_mqa and o_proj biases, and q_a_proj / q_a_layernorm / q_b_proj are of rank d + 1."""
+    hidden, heads, head_dim = w_q.shape[1], geometry.heads, geometry.head_dim
+
+    def bias(name: str, weight: torch.Tensor) -> torch.Tensor:
+        found = biases.get(name)
+        return weight.new_zeros(weight.shape[0]) if found is None else found.to(weight.dtype)
+
+    def affine(weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:  # [out, d] -> [out, d + 1]: on [x; 1]
+        return torch.cat([weight, shift[:, None]], dim=1)
+
+    group_of = torch.arange(heads) // geometry.group
+    value_bias = bias("v_proj", w_v).view(geometry.kv_heads, head_dim)[group_of].flatten()  # [H * D]: each head's
+    out_bias = bias("o_proj", w_o) + w_o @ value_bias
+    mean = stats.x_mean.to(stats.x_moment.dtype)
+    moment = torch.cat([torch.cat([stats.x_moment, mean[:, None]], 1), torch.cat([mean, mean.new_ones(1)])[None]])
+    affine_stats = LayerStats(moment, stats.x_max_sq + 1.0, stats.distance, None)
+    tensors = mla_attention_weights(affine(w_q, bias("q_proj", w_q)), affine(w_k, bias("k_proj", w_k)),
+                                    affine(w_v, w_v.new_zeros(w_v.shape[0])), w_o, affine_stats,
+                                    geometry, inv_freq, rank, **options)  # fmt: skip
+    for name in ("q_a_proj", "kv_a_proj_with_mqa"):  # they read [x; 1]: the last column is their bias
+        weight = tensors.pop(f"{name}.weight")
+        tensors[f"{name}.weight"], tensors[f"{name}.bias"] = weight[:, :hidden].contiguous(), weight[:, hidden]
+    tensors["o_proj.bias"] = out_bias.float()
+    return tensors
+
+
 __all__ = [
     "GqaGeometry",
     "LayerStats",
@@ -244,5 +281,6 @@ __all__ = [
     "factor_latent",
     "latent_scale",
     "mla_attention_weights",
+    "mla_attention_weights_with_biases",
     "rope_frequencies",
 ]

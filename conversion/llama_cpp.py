@@ -40,6 +40,9 @@ def llama_cpp_refusals(config: dict) -> list[str]:
                        "--index-head-dim 64 or 128)")  # fmt: skip
     if not config.get("qk_nope_head_dim"):
         reasons.append("qk_nope_head_dim=0: llama.cpp's deepseek32 loader needs the position-free part of the query")
+    if config.get("attention_bias"):
+        reasons.append("attention_bias=True (a GQA source's q/k/v biases): llama.cpp's DeepSeek graphs load "
+                       "q_a_proj, kv_a_proj_with_mqa and o_proj weights without biases")  # fmt: skip
     rope_type = (config.get("rope_scaling") or {}).get("rope_type", (config.get("rope_scaling") or {}).get("type"))
     if rope_type not in (None, "default", "yarn"):
         reasons.append(f"rope_scaling type {rope_type!r}: llama.cpp's deepseek32 graph applies no per-frequency "

@@ -252,21 +252,66 @@ def test_the_published_alternatives_compared_against_are_what_they_say():
         torch.testing.assert_close(torch.cat([b_k, b_v]) @ a_full, torch.cat([k_nope, w_v.double()]))
 
 
-def test_qwen2_converts_and_refuses_query_bias(tmp_path, data_files):
-    """Qwen2 is read as a GQA source; its q/k/v biases are refused (MLA's query projection has none) unless zero."""
-    save_gqa(tmp_path / "zero", Qwen2ForCausalLM, Qwen2Config, edit=_zero_attention_biases)
-    dst = convert_checkpoint(tmp_path / "zero", tmp_path / "dst", **calibration(data_files))
-    assert converted(dst).config.model_type == "mla_dsa"
-    save_gqa(tmp_path / "biased", Qwen2ForCausalLM, Qwen2Config)
-    with pytest.raises(ConversionError, match=r"attention biases \(k_proj, q_proj, v_proj\)"):
-        convert_checkpoint(tmp_path / "biased", tmp_path / "dst2", **calibration(data_files))
-    assert not (tmp_path / "dst2").exists()
+@pytest.mark.parametrize(
+    "model_class, config_class, overrides",
+    [(Qwen2ForCausalLM, Qwen2Config, {}), (LlamaForCausalLM, LlamaConfig, {"attention_bias": True})],
+    ids=["qwen2-qkv-bias", "llama-attention-bias"],
+)
+def test_attention_biases_convert_exactly(tmp_path, data_files, capsys, model_class, config_class, overrides):
+    """Qwen2's q/k/v biases and Llama's `attention_bias` (o_proj's too), made large: the projections are linear in
+    [x; 1], the constant coordinate becomes q_a_proj's and kv_a_proj_with_mqa's bias (so RoPE turns the query and key
+    biases as the source does) and the value bias o_proj's. At the full width the converted model, every key
+    selected, equals the source (MHA and absorbed modes, greedy tokens), and so do transformers' DeepseekV3
+    (--verify) and DeepseekV32 on the export, which warns that vLLM and SGLang would drop the biases; training never
+    moves the prescaled projections' biases. All-zero biases leave `attention_bias` off."""
+    source = save_gqa(tmp_path / "src", model_class, config_class, edit=_enlarge_attention_biases, **overrides)
+    dst = convert_checkpoint(tmp_path / "src", tmp_path / "dst", index_topk=256, verify=True,
+                             **calibration(data_files))  # fmt: skip
+    assert "exact: every key/value head keeps its RoPE" in capsys.readouterr().out
+    config = converted(dst).config
+    assert config.attention_bias and config.q_lora_rank == SMALL["hidden_size"] + 1
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = source(ids).logits
+        for mode in ("mha", "absorbed"):
+            assert (converted(dst, attention_mode=mode)(ids).logits - expected).abs().max() < 1e-4, mode
+        prompt = ids[:1, :32]
+        assert torch.equal(converted(dst).generate(prompt, max_new_tokens=8, do_sample=False),
+                           source.generate(prompt, max_new_tokens=8, do_sample=False))  # fmt: skip
+    with pytest.warns(UserWarning, match="vLLM's and SGLang's DeepSeek attention build those projections without"):
+        exported = convert_checkpoint(tmp_path / "src", tmp_path / "v32", index_topk=256, export="deepseek_v32",
+                                      **calibration(data_files))  # fmt: skip
+    with torch.no_grad():
+        native = DeepseekV32ForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+        assert (native(ids).logits - expected).abs().max() < 1e-4
+
+    from mla_dsa.training import prepare_indexer_training
+
+    attention = prepare_indexer_training(converted(dst), "sparse").model.layers[0].self_attn
+    assert not attention.q_a_proj.bias.requires_grad and not attention.kv_a_proj_with_mqa.bias.requires_grad
+    assert attention.o_proj.bias.requires_grad
+
+    save_gqa(tmp_path / "zero", model_class, config_class, edit=_zero_attention_biases, **overrides)
+    zero = convert_checkpoint(tmp_path / "zero", tmp_path / "dst_zero", **calibration(data_files))
+    assert not converted(zero).config.attention_bias
+
+
+def _attention_biases(model) -> list[torch.Tensor]:
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    projections = [getattr(layer.self_attn, name) for layer in model.model.layers for name in names]
+    return [proj.bias for proj in projections if proj.bias is not None]
+
+
+def _enlarge_attention_biases(model):
+    with torch.no_grad():
+        for bias in _attention_biases(model):
+            bias.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(bias.numel()))
 
 
 def _zero_attention_biases(model):
-    for layer in model.model.layers:
-        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-            proj.bias.data.zero_()
+    with torch.no_grad():
+        for bias in _attention_biases(model):
+            bias.zero_()
 
 
 @pytest.mark.parametrize(

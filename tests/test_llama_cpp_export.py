@@ -39,6 +39,8 @@ def test_llama_cpp_refusals_name_what_its_deepseek32_graph_cannot_run():
     for head_dim in (32, 96, 192):  # its Hadamard rotation needs a power of two >= 64
         assert "index_head_dim" in " ".join(llama_cpp_refusals({**runnable, "index_head_dim": head_dim}))
     assert "qk_nope_head_dim" in " ".join(llama_cpp_refusals({**runnable, "qk_nope_head_dim": 0}))
+    assert llama_cpp_refusals({**runnable, "attention_bias": False}) == []
+    assert "attention_bias" in " ".join(llama_cpp_refusals({**runnable, "attention_bias": True}))
     longrope = {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}
     assert "longrope" in " ".join(llama_cpp_refusals({**runnable, "rope_scaling": longrope}))
 
