@@ -44,7 +44,7 @@ _local = threading.local()
 def cpu_absorbed_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0,
                            indices: torch.Tensor | None = None, **kwargs):  # fmt: skip
     """`absorbed_attention_forward`'s contract, faster on a CPU (see the module's docstring)."""
-    if indices is None or query.device.type != "cpu" or torch.is_grad_enabled():
+    if indices is None or query.device.type != "cpu" or torch.is_grad_enabled() or dropout:
         return absorbed_attention_forward(module, query, key, value, attention_mask, scaling, dropout, indices)
     rows = key[:, 0]  # [B, T, C]
     if query.shape[2] > 1:  # a prefill: the checkpoints' computation, gathering into the reused buffer

@@ -498,7 +498,7 @@ class MlaDsaIndexer(nn.Module):
         batch_size, seq_len, n_heads = weights.shape
         k = min(top_k, keys.shape[1])
         block = query_block(batch_size, n_heads, keys.shape[1], keys.device.type != "cpu")
-        score = ALL_ATTENTION_FUNCTIONS[INDEX_SCORES]
+        score = ALL_ATTENTION_FUNCTIONS.get_interface(INDEX_SCORES, index_scores)
         parts = []
         for start in range(0, seq_len, block):
             end = min(seq_len, start + block)
@@ -780,13 +780,13 @@ class MlaDsaAttention(nn.Module):
     def absorbed_weights(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, dn, R] and W_UV [H, dv, R] from `kv_b_proj`, viewed as [H, dn + dv, R].
 
-        A plain Linear gives views of its weight (free, and differentiable), or its dequantized weight where the
-        weight is a quantized tensor (torchao's, `TorchAoConfig`). A wrapped one (LoRA, or a weight of another tensor
-        subclass) is evaluated on the identity, so its effective weight is used. Outside autograd that result is
-        reused while the module still maps a fixed probe row to the same output: whatever changes what the module
-        computes - a weight update, a merge, PEFT's disable_adapter() or set_adapter(), a new scale, another dtype or
-        device - changes the probe's output too, where parameter versions alone miss adapter switches. The probe costs
-        one row.
+        A plain Linear gives views of its weight (free, and differentiable; also while torch.export or torch.compile
+        traces it), or its dequantized weight where the weight's class dequantizes its own (torchao's quantized
+        tensors, `TorchAoConfig`). A wrapped one (LoRA) is evaluated on the identity, so its effective weight is used.
+        Outside autograd that result is reused while the module still maps a fixed probe row to the same output:
+        whatever changes what the module computes - a weight update, a merge, PEFT's disable_adapter() or
+        set_adapter(), a new scale, another dtype or device - changes the probe's output too, where parameter versions
+        alone miss adapter switches. The probe costs one row.
 
         An offloaded module (`device_map` with "cpu" or "disk" offload: its weights are on the meta device until its
         own forward loads them) is evaluated on the identity on `device` (the queries'), at every call: kept, the
@@ -794,10 +794,10 @@ class MlaDsaAttention(nn.Module):
         module = self.kv_b_proj
         offloaded = next(module.parameters()).device.type == "meta"
         plain_linear = type(module) is nn.Linear and not offloaded
-        if plain_linear and _plain(module.weight):
-            weight = _local(module.weight)  # under tensor parallelism, this process's heads
-        elif plain_linear and callable(getattr(module.weight, "dequantize", None)):
+        if plain_linear and type(module.weight).dequantize is not torch.Tensor.dequantize:
             weight = module.weight.dequantize()  # torchao's quantized weights: a pass over them, and it compiles
+        elif plain_linear:
+            weight = _local(module.weight)  # under tensor parallelism, this process's heads
         elif torch.is_grad_enabled() or offloaded:
             weight = _effective_weight(module, self.kv_lora_rank, device)
         else:
@@ -849,8 +849,9 @@ class MlaDsaAttention(nn.Module):
         else:
             mask = None
             indices = torch.where(selection.valid[:, start:end], selection.indices[:, start:end], -1)  # [B, s, k]
-        attention = ALL_ATTENTION_FUNCTIONS[ABSORBED_ATTENTION]
-        latent_out, _ = attention(self, query.transpose(1, 2), rows, rows, mask, self.scaling, indices=indices)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(ABSORBED_ATTENTION, absorbed_attention_forward)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        latent_out, _ = attention(self, query.transpose(1, 2), rows, rows, mask, self.scaling, dropout, indices=indices)
         # W_UV as stored ([H, dv, R]) times the outputs [H, R, B*s]: einsum would copy W_UV transposed at every call
         # in bfloat16 on CPUs (a quarter of a bf16 decode step at small sizes)
         batch_size, seq_len, num_heads, rank = latent_out.shape
@@ -885,19 +886,21 @@ def absorbed_attention_forward(
             rows = unpack_latent_rows(rows, rank, query.dtype)
         scores = torch.einsum("bshc,btc->bsht", query, rows)  # [B, s, H, T]
         probs = masked_softmax(scores * scaling, attention_mask[:, 0].unsqueeze(2))
+        probs = F.dropout(probs, dropout) if dropout else probs
         return torch.einsum("bsht,btr->bshr", probs, rows[..., :rank]), None
     rows = gather_rows(rows, indices.clamp(min=0))  # [B, s, k, R + dr]: only the selected rows are read
-    return attend_to_rows(query, rows, indices >= 0, scaling, rank), None
+    return attend_to_rows(query, rows, indices >= 0, scaling, rank, dropout), None
 
 
-def attend_to_rows(query: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, scaling: float, kv_lora_rank: int
-                   ) -> torch.Tensor:  # fmt: skip
+def attend_to_rows(query: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, scaling: float, kv_lora_rank: int,
+                   dropout: float = 0.0) -> torch.Tensor:  # fmt: skip
     """Each query [B, s, H, R + dr] over its own gathered rows [B, s, k, R + dr] (or FP8-packed ones, decoded here,
-    after the gather), where valid [B, s, k] -> the latent output [B, s, H, R]."""
+    after the gather), where valid [B, s, k] -> the latent output [B, s, H, R]; `dropout` on the probabilities."""
     if rows.dtype == torch.uint8:
         rows = unpack_latent_rows(rows, kv_lora_rank, query.dtype)
     scores = torch.einsum("bshc,bskc->bshk", query, rows)
     probs = masked_softmax(scores * scaling, valid.unsqueeze(2))
+    probs = F.dropout(probs, dropout) if dropout else probs
     return torch.einsum("bshk,bskr->bshr", probs, rows[..., :kv_lora_rank])
 
 
@@ -915,11 +918,6 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The part of a tensor this process holds: a DTensor's local shard (tensor parallelism), else the tensor."""
     to_local = getattr(tensor, "to_local", None)  # only DTensors have it; plain tensors are whole
     return to_local() if to_local is not None else tensor
-
-
-def _plain(weight: torch.Tensor) -> bool:
-    """Whether a weight's numbers are its own elements: a tensor, or a DTensor (its shard is)."""
-    return type(weight) in (nn.Parameter, torch.Tensor) or hasattr(weight, "to_local")
 
 
 def _probe_row(module: nn.Module, in_features: int) -> torch.Tensor:
@@ -1029,6 +1027,19 @@ def output_flags(config, hidden_states: bool | None, attentions: bool | None) ->
         config.output_hidden_states if hidden_states is None else hidden_states,
         config.output_attentions if attentions is None else attentions,
     )
+
+
+def kept_positions(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The positions of hidden_states [B, S, hidden] whose logits are wanted, as transformers' models read
+    `logits_to_keep`: an int keeps the last n (0: all); a 1D tensor, these positions of every row; a 2D integer tensor
+    [B, n], n positions per row; a 2D bool mask [B, S], its True positions, flattened to [count, hidden]."""
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 2:
+        if logits_to_keep.dtype == torch.bool:
+            return hidden_states[logits_to_keep]
+        return torch.take_along_dim(hidden_states, logits_to_keep[..., None], dim=1)
+    if isinstance(logits_to_keep, int):
+        return hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+    return hidden_states[:, logits_to_keep]
 
 
 def check_input_ids(input_ids: torch.Tensor) -> None:
@@ -1248,12 +1259,7 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
             attention_mode=attention_mode,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
+        logits = self.lm_head(kept_positions(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None or loss_kwargs.get("shift_labels") is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)

@@ -244,6 +244,71 @@ def test_eager_is_the_explicit_path_and_sdpa_the_default(saved, monkeypatch):
             mla_dsa.MlaDsaForCausalLM.from_pretrained(saved, attn_implementation=unsupported)
 
 
+def test_set_attn_implementation_switches_as_the_peers_does(saved, monkeypatch):
+    """`model.set_attn_implementation(...)` after loading: transformers allows it for a model whose file looks its
+    attention up with `ALL_ATTENTION_FUNCTIONS.get_interface(` (ours was left on "sdpa" with a warning). Switched to
+    eager the model never calls SDPA and gives the sdpa logits; flex attention is refused, as by the peer."""
+    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(saved, attention_mode="mha").eval()
+    input_ids = _ids()
+    with torch.no_grad():
+        expected = model(input_ids).logits
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("SDPA called")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, expected, atol=1e-5, rtol=0)
+    monkeypatch.undo()
+    model.set_attn_implementation("sdpa")
+    assert model.config._attn_implementation == "sdpa"
+    peer, _ = _pair(saved)
+    for candidate in (peer, model):
+        with pytest.raises(ValueError):
+            candidate.set_attn_implementation("flex_attention")
+
+
+@pytest.mark.parametrize("kind", ["positions per row", "bool mask"])
+def test_logits_to_keep_as_a_2d_tensor_as_the_peer(saved, kind):
+    """transformers reads a 2D `logits_to_keep` as positions per row ([B, n] integers) or as a mask ([B, S] bool,
+    flattened to [count, vocab]); ours had indexed the sequence dimension with it."""
+    peer, ours = _pair(saved)
+    input_ids = _ids(length=12)
+    if kind == "bool mask":
+        keep = torch.zeros(2, 12, dtype=torch.bool)
+        keep[0, [1, 2]] = keep[1, 7] = True
+    else:
+        keep = torch.tensor([[0, 5], [3, 11]])
+    with torch.no_grad():
+        expected = peer(input_ids, logits_to_keep=keep).logits
+        got = ours(input_ids, logits_to_keep=keep).logits
+        full = ours(input_ids).logits
+    assert got.shape == expected.shape == ((3, full.shape[-1]) if kind == "bool mask" else (2, 2, full.shape[-1]))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, full[keep] if kind == "bool mask" else full.gather(
+        1, keep[..., None].expand(-1, -1, full.shape[-1])))  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["absorbed", "mha"])
+def test_attention_dropout_applies_in_training_in_every_mode(saved, mode):
+    """config.attention_dropout in train mode drops attention probabilities whichever path attends (the absorbed one,
+    which "auto" picks for short inputs, had applied none), and nothing in eval mode, as the peer."""
+    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(saved, attention_mode=mode, attention_dropout=0.5)
+    input_ids = _ids(length=12)
+
+    def logits(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return model(input_ids).logits
+
+    model.train()
+    assert not torch.equal(logits(0), logits(1))
+    model.eval()
+    assert torch.equal(logits(0), logits(1))
+
+
 # ------------------------------------------------------------------------------------------------------- RoPE
 ROPE_TYPES = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},

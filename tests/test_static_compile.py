@@ -141,6 +141,34 @@ def test_torchao_int8_weights_decode_compiled_with_one_graph():
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
 
 
+class _Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def test_torch_export_reads_kv_b_proj_as_a_view_and_leaves_the_model_trainable():
+    """torch.export (non-strict: Python runs on traced tensors) of a forward in absorbed mode: kv_b_proj's weight is
+    read as a view, as in eager. The torchao test "has a dequantize" had held for every traced tensor, so the graph
+    aliased the parameter through aten.dequantize (run with grad, the exported module turned the model's weight into
+    a non-leaf: no backward, no optimizer). Now: no dequantize, equal logits, the model still trains."""
+    model = _model(attention_mode="absorbed", first_k_dense_replace=2)  # dense MLPs: grouped_mm traces bf16 only
+    input_ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exported = torch.export.export(_Logits(model), (input_ids,))
+        expected = model(input_ids).logits
+        torch.testing.assert_close(exported.module()(input_ids), expected, rtol=0, atol=1e-5)
+    assert "aten.dequantize.self" not in {str(node.target) for node in exported.graph.nodes}
+    weight = model.model.layers[0].self_attn.kv_b_proj.weight
+    model.train()
+    model(input_ids, labels=input_ids).loss.backward()
+    assert weight.is_leaf and weight.grad is not None
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+
+
 def test_compiled_decode_writes_the_cache_in_place():
     """The decode graph after functionalization (what inductor compiles) writes each new row into the cache buffers
     themselves: an in-place write into a view of a graph input (the latent rows as `keys[:, 0]`) becomes a scatter
