@@ -29,6 +29,12 @@ from transformers.cache_utils import Cache, DynamicIndexedLayer, StaticIndexedLa
 
 from .configuration_mla_dsa import LAYER_TYPE
 
+# transformers keeps one cache layer class per layer type for the whole process, and every checkpoint's code is a module
+# of its own: each model names its own module's layers in its config (`OWN_LAYER_TYPE`), so two checkpoints loaded side
+# by side (a model and its assistant, two conversions) each build theirs. A config without a model names LAYER_TYPE,
+# the layers of the checkpoint code imported last.
+OWN_LAYER_TYPE = f"{LAYER_TYPE}:{__name__}"
+
 FP8_BLOCK = 128  # values per scale, as DeepSeek's inference code
 FP8_MAX = 448.0  # largest finite float8 e4m3 value
 
@@ -161,7 +167,7 @@ class MlaDsaCacheLayer(LatentRows, DynamicIndexedLayer):
     `index_keys` [batch, capacity, index_head_dim]; the first `length` positions along dim 1 are filled, and `keys`
     [B, 1, length, C], `values` [B, 1, length, 0] and `indexer_keys` [B, length, Di] are views of them."""
 
-    _layer_type = LAYER_TYPE  # transformers >= 5.14 registers the class under this name
+    _layer_type = OWN_LAYER_TYPE  # transformers >= 5.14 registers the class under this name
     is_compileable = False
     is_croppable = True
     is_sliding = False
@@ -255,7 +261,7 @@ class MlaDsaStaticCacheLayer(LatentRows, StaticIndexedLayer):
     so the causal mask hides them (and `crop` only moves the length back). `keys` [B, 1, max_cache_len, C] is the
     latent buffer, `indexer_keys` [B, max_cache_len, Di] the indexer-key buffer."""
 
-    _layer_type = LAYER_TYPE  # a StaticLayer subclass registers as the static layer of this type
+    _layer_type = OWN_LAYER_TYPE  # a StaticLayer subclass registers as the static layer of this type
     is_compileable = True
     is_croppable = True
     is_sliding = False
@@ -317,6 +323,14 @@ class MlaDsaStaticCacheLayer(LatentRows, StaticIndexedLayer):
 
 
 CACHE_LAYERS = (MlaDsaCacheLayer, MlaDsaStaticCacheLayer)
+
+
+class _LastImportedCacheLayer(MlaDsaCacheLayer):
+    _layer_type = LAYER_TYPE  # DynamicCache(config) of a config no model has named its layers in
+
+
+class _LastImportedStaticCacheLayer(MlaDsaStaticCacheLayer):
+    _layer_type = LAYER_TYPE
 
 
 def cache_lengths(cache, seq_len: int) -> tuple[int | torch.Tensor, int]:

@@ -44,6 +44,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .cache_mla_dsa import (
     FP8_BLOCK,
+    OWN_LAYER_TYPE,
     MlaDsaCache,
     cache_lengths,
     check_cache,
@@ -991,6 +992,7 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
 
     def __init__(self, config: MlaDsaConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
+        config.layer_types = [OWN_LAYER_TYPE] * config.num_hidden_layers  # DynamicCache(config): this file's layers
         register_expert_layout()  # before transformers loads or saves weights: per-expert names <-> fused experts
         register_attention_functions()  # unless the package's, or a kernel, is registered already
 

@@ -240,6 +240,11 @@ REMOTE_SCRIPT = textwrap.dedent(
     again = AutoModelForCausalLM.from_pretrained(resaved, trust_remote_code=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, expected["logits"], rtol=0, atol=1e-6)
+    # Two checkpoints' code side by side, each a module of its own (transformers keeps one cache layer class per layer
+    # type): each model still generates on its own module's cache layers.
+    assert type(again).__module__ != type(model).__module__
+    for each in (model, again, model):
+        assert torch.equal(each.generate(ids, max_new_tokens=4, do_sample=False), expected["generated"])
 
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
