@@ -73,10 +73,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **options
     if opts.indexer_init != "calibrate" and opts.calibration_data:
         raise ConversionError(dst, f"--calibration-data is read only with --indexer-init calibrate, not "
                                    f"{opts.indexer_init}")  # fmt: skip
-    for path in opts.calibration_data or ():
-        if not Path(path).is_file():
-            raise ConversionError(path, "calibration data file not found")
     src, dst = Path(src).resolve(), Path(dst).resolve()
+    _check_calibration_files(opts.calibration_data, dst)
     partial = dst.parent / f".{dst.name}.mla-dsa-partial"
     finished = opts.resume and not partial.exists() and dst.is_dir() and any(dst.iterdir())
     _check_paths(src, dst, opts.overwrite or finished)
@@ -128,9 +126,7 @@ def _convert_gqa(src: Path, dst: Path, opts: ConvertOptions) -> Path:
     """GQA SRC: its dense MLA checkpoint first (`gqa.py`, in `.DST.mla-dsa-gqa`), then that converted to DSA."""
     src, dst = src.resolve(), dst.resolve()
     _check_paths(src, dst, True)  # DST's own emptiness is checked by the second stage
-    for path in opts.calibration_data or ():
-        if not Path(path).is_file():
-            raise ConversionError(path, "calibration data file not found")
+    _check_calibration_files(opts.calibration_data, dst)
     stage = dst.parent / f".{dst.name}.mla-dsa-gqa"
     source = SourceCheckpoint(src, follow_symlinks=opts.follow_symlinks)
     try:
@@ -167,6 +163,16 @@ def _check_indexer_options(source: SourceCheckpoint, dst: Path, opts: ConvertOpt
         MlaDsaConfig(**fields)
     except ValueError as err:
         raise ConversionError(dst, f"{err} (from the indexer flags)") from None
+
+
+def _check_calibration_files(paths, dst: Path) -> None:
+    """Each calibration file exists, and lies outside DST (which the conversion replaces: a file there would be read,
+    then deleted)."""
+    for path in paths or ():
+        if not Path(path).is_file():
+            raise ConversionError(path, "calibration data file not found")
+        if dst in Path(path).resolve().parents:
+            raise ConversionError(path, "is inside DST, which the conversion replaces: move the data out of DST")
 
 
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:

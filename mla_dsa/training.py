@@ -281,7 +281,7 @@ def train_indexer(
     if dense_control and stage != "sparse":
         raise ValueError("dense_control is the sparse stage's control run: pass stage='sparse'")
     out_dir = Path(out_dir)
-    _check_output(Path(checkpoint), out_dir, resume, overwrite)
+    _check_output(Path(checkpoint), out_dir, resume, overwrite, data_files)
     if resume:
         _check_resumed_stage(out_dir, stage)
     check_seq_len(checkpoint, MlaDsaConfig.from_pretrained(checkpoint), seq_len)
@@ -420,9 +420,10 @@ def check_data_length(data_files: list, corpus: torch.Tensor, seq_len: int) -> N
         raise ConversionError(where, f"the data has {len(corpus)} tokens, fewer than --seq-len {seq_len} + 1")
 
 
-def _check_output(checkpoint: Path, out_dir: Path, resume: bool, overwrite: bool) -> None:
+def _check_output(checkpoint: Path, out_dir: Path, resume: bool, overwrite: bool, data_files=()) -> None:
     """As `convert` treats DST: OUT is never the input checkpoint (nor holds it, nor lies in it), and a non-empty
-    OUT is only continued (`resume`) or replaced (`overwrite`, which empties it first), never written over."""
+    OUT is only continued (`resume`) or replaced (`overwrite`, which empties it first, and never deletes the training
+    data), never written over."""
     checkpoint, target = checkpoint.resolve(), out_dir.resolve()
     if target == checkpoint or checkpoint in target.parents:
         raise ConversionError(out_dir, "OUT is the input checkpoint or inside it; the input is never written to")
@@ -434,6 +435,9 @@ def _check_output(checkpoint: Path, out_dir: Path, resume: bool, overwrite: bool
         if not overwrite:
             raise ConversionError(out_dir, "OUT exists and is not empty; pass --resume to continue the run it holds, "
                                            "or --overwrite to replace it")  # fmt: skip
+        inside = [path for path in data_files if target in Path(path).resolve().parents]
+        if inside:
+            raise ConversionError(inside[0], "is inside OUT, which --overwrite replaces: move the data out of OUT")
         shutil.rmtree(target)
 
 

@@ -345,6 +345,21 @@ def test_overwrite_replaces_a_non_empty_dst(small_src, tmp_path, capsys):
     assert snapshot(small_src) == before
 
 
+def test_calibration_data_inside_dst_is_refused_before_anything_is_deleted(small_src, tmp_path, capsys):
+    """--overwrite replaces DST: a calibration file inside it was read, then silently deleted with the old DST."""
+    from mla_dsa.data import stdlib_files
+
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    calibration = dst / "calibration.txt"
+    calibration.write_text(stdlib_files("train")[0].read_text())
+    rc, _, err = run_cli(capsys, small_src, dst, "--overwrite", "--indexer-init", "calibrate", "--calibration-data",
+                         calibration)  # fmt: skip
+    assert rc == 1
+    assert_one_line_error(err, calibration, "inside DST")
+    assert calibration.exists() and sorted(p.name for p in dst.iterdir()) == ["calibration.txt"]
+
+
 def _corrupt_one_tensor(monkeypatch):
     """Every conversion in this test writes a wrong o_proj in layer 1 (check_output only checks names and shapes)."""
     produce = write_module.TensorMaker.__call__

@@ -150,6 +150,30 @@ def test_a_rope_key_of_every_key_head_is_exact_at_any_distance():
             torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
 
 
+def test_a_bfloat16_source_verifies_at_its_precision(tmp_path, data_files, monkeypatch):
+    """A bfloat16 Llama (as published ones are) with --dtype auto: the stage's new attention weights are rounded to
+    bfloat16, which the float32 tolerance of 1e-4 had refused (1.4e-3 here); the tolerance follows the dtype's
+    precision, and a wrong weight still fails."""
+    import mla_dsa.conversion.gqa as gqa
+
+    model = save_gqa(tmp_path / "src")
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    convert_checkpoint(tmp_path / "src", tmp_path / "dst", verify=True, **calibration(data_files))
+    assert converted(tmp_path / "dst").model.layers[0].self_attn.q_b_proj.weight.dtype == torch.float32  # loaded so
+    assert json.loads((tmp_path / "dst" / "config.json").read_text())["dtype"] == "bfloat16"
+
+    exact = gqa.mla_attention_weights
+
+    def off_by_a_tenth(*args, **kwargs):
+        tensors = exact(*args, **kwargs)
+        tensors["o_proj.weight"] = tensors["o_proj.weight"] * 1.1
+        return tensors
+
+    monkeypatch.setattr(gqa, "mla_attention_weights", off_by_a_tenth)
+    with pytest.raises(ConversionError, match="--verify failed: GQA -> MLA"):
+        convert_checkpoint(tmp_path / "src", tmp_path / "wrong", verify=True, **calibration(data_files))
+
+
 def test_full_rope_key_converts_exactly_far_past_the_calibration(tmp_path, data_files, capsys):
     """`qk_rope_head_dim = kv_heads x head_dim` at the full latent width (the values alone: the same cache as SRC):
     the conversion is exact at positions far past the calibration windows (64 tokens; measured at 250), through

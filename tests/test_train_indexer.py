@@ -92,7 +92,8 @@ def test_resumed_sparse_stage_equals_an_uninterrupted_run(dsa_checkpoint, tmp_pa
 
 def test_train_indexer_never_writes_over_its_input_or_a_full_out(dsa_checkpoint, tmp_path, capsys):
     """As convert treats DST: OUT may not be the input checkpoint (which it used to overwrite in place), and a
-    non-empty OUT is continued with --resume or replaced with --overwrite, never silently written over."""
+    non-empty OUT is continued with --resume or replaced with --overwrite, never silently written over, nor replaced
+    while the training data lies inside it (--overwrite had deleted it, then failed to read it)."""
     import shutil
 
     own = tmp_path / "own"
@@ -110,6 +111,12 @@ def test_train_indexer_never_writes_over_its_input_or_a_full_out(dsa_checkpoint,
     (full / "notes.txt").write_text("mine")
     assert cli(["train-indexer", str(own), *common, "--out", str(full)]) == 1
     assert "--overwrite" in capsys.readouterr().err and (full / "notes.txt").exists()
+    data_inside = full / "corpus.txt"
+    data_inside.write_text(Path(DATA[0]).read_text())
+    inside = ["--stage", "dense", "--data", str(data_inside), *common[4:]]
+    assert cli(["train-indexer", str(own), *inside, "--out", str(full), "--overwrite"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "inside OUT" in line and data_inside.exists() and (full / "notes.txt").exists()  # nothing deleted
     assert cli(["train-indexer", str(own), *common, "--out", str(full), "--overwrite"]) == 0
     assert not (full / "notes.txt").exists() and (full / "model.safetensors").exists()
 
