@@ -38,12 +38,37 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _shard_size(text: str) -> str:
-    """argparse type: a positive size such as 5GB, 500MB or 1000000 (bytes)."""
+_SIZE_UNITS = {"": 1, "B": 1, **{f"{unit}B": 1000 ** (i + 1) for i, unit in enumerate("KMGT")},
+               **{f"{unit}IB": 1024 ** (i + 1) for i, unit in enumerate("KMGT")}}  # fmt: skip
+
+
+def _shard_size(text: str) -> int:
+    """argparse type: a positive size in bytes, given as 5GB, 500MB, 2GiB or 1000000."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, flags=re.IGNORECASE)
-    if not match or float(match.group(1)) <= 0:
+    size = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").upper()]) if match else 0
+    if size <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive size such as 5GB or 500MB, got {text!r}")
-    return text.strip()
+    return size
+
+
+def _optimizer(name: str) -> str:
+    """argparse type: one of transformers' optimizer names (`optim`)."""
+    from transformers.training_args import OptimizerNames
+
+    return _one_of(name, [member.value for member in OptimizerNames])
+
+
+def _lr_scheduler(name: str) -> str:
+    """argparse type: one of transformers' `lr_scheduler_type` names."""
+    from transformers.trainer_utils import SchedulerType
+
+    return _one_of(name, [member.value for member in SchedulerType])
+
+
+def _one_of(name: str, names: list[str]) -> str:
+    if name not in names:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(names)}; got {name!r}")
+    return name
 
 
 def _add_indexer_arguments(group) -> None:
@@ -261,7 +286,7 @@ def _add_train_indexer(commands) -> None:
     )
     parser.add_argument(
         "--lr",
-        type=float,
+        type=_positive_float,
         default=None,
         help="learning rate (default: dense 1e-3; sparse 7.3e-6 * sqrt(7168 / hidden_size))",
     )
@@ -273,9 +298,11 @@ def _add_train_indexer(commands) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (never the input)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--optim", default="adamw_torch", help="a transformers optimizer name (adamw_torch, sgd, ...)")
+    parser.add_argument("--optim", type=_optimizer, default="adamw_torch",
+                        help="a transformers optimizer name (adamw_torch, sgd, ...)")  # fmt: skip
     parser.add_argument(
         "--lr-scheduler",
+        type=_lr_scheduler,
         default="constant_with_warmup",
         help="a transformers lr_scheduler_type: constant_with_warmup (default, as the paper), cosine, linear, ...",
     )
@@ -319,6 +346,10 @@ def _run_train_indexer(args) -> int:
 
     _check_checkpoint(args.checkpoint)
     _check_files(args.data)
+    if args.dense_control and args.stage != "sparse":
+        raise ConversionError(args.out, "--dense-control is the sparse stage's control run: pass --stage sparse")
+    if args.lora_save != "merged" and args.lora is None:
+        raise ConversionError(args.out, "--lora-save applies to LoRA training: pass --lora R")
     out = train_indexer(
         args.checkpoint, args.stage, args.data, args.out, steps=args.steps, seq_len=args.seq_len,
         batch_size=args.batch_size, learning_rate=args.lr, index_topk=args.index_topk, save_steps=args.save_steps,

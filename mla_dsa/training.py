@@ -291,7 +291,10 @@ def train_indexer(
     # An absolute path: a LoRA adapter saved alone records it as its base model, which `eval` then finds from any
     # directory (a relative one sent it to the hub).
     local = Path(checkpoint).resolve() if Path(checkpoint).is_dir() else checkpoint
-    model = load_checkpoint(local, MlaDsaForCausalLM, dtype=torch.float32)
+    # --index-topk is the k the model is trained at, so it is the k its output runs at (config.json of a merged or
+    # full checkpoint; the run record, which `load_trained` reads, for an adapter)
+    overrides = {} if index_topk is None else {"index_topk": index_topk}
+    model = load_checkpoint(local, MlaDsaForCausalLM, dtype=torch.float32, **overrides)
     if lora_rank is not None:
         from peft import get_peft_model
         from transformers import set_seed
@@ -314,7 +317,8 @@ def train_indexer(
     if trainer.is_world_process_zero():
         out_dir.mkdir(parents=True, exist_ok=True)
         run = {"stage": stage, "checkpoint": str(checkpoint), "processes": world, "sharded": trainer.is_fsdp_enabled,
-               "lora_rank": lora_rank, "dense_control": dense_control}  # fmt: skip
+               "lora_rank": lora_rank, "dense_control": dense_control,
+               "index_topk": _dsa_model(model).config.index_topk}  # fmt: skip
         (out_dir / RUN_FILE).write_text(json.dumps(run) + "\n")
     trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
     if trainer.is_world_process_zero():
@@ -337,7 +341,11 @@ def load_trained(path: str | Path, **kwargs) -> torch.nn.Module:
 
     path = Path(path)
     kwargs.setdefault("dtype", torch.float32)
-    base = load_checkpoint(trained_base(path), MlaDsaForCausalLM, **kwargs)
+    base_path = trained_base(path)
+    if base_path != path and (path / RUN_FILE).is_file():  # an adapter: the k it was trained at
+        kwargs.setdefault("index_topk", json.loads((path / RUN_FILE).read_text()).get("index_topk"))
+        kwargs = {name: value for name, value in kwargs.items() if value is not None}
+    base = load_checkpoint(base_path, MlaDsaForCausalLM, **kwargs)
     if base.name_or_path == str(path):
         return base
     from peft import PeftModel

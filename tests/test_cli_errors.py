@@ -105,6 +105,7 @@ def test_a_gqa_conversion_refuses_an_indexer_shape_before_its_calibration(tmp_pa
         ["train-indexer", "SRC", "--stage", "dense", "--data", "x", "--out", "DST", "--batch-size", "0"],
         ["train-indexer", "SRC", "--stage", "dense", "--data", "x", "--out", "DST", "--seq-len", "-1"],
         ["train-indexer", "SRC", "--stage", "dense", "--data", "x", "--out", "DST", "--index-topk", "0"],
+        ["train-indexer", "SRC", "--stage", "dense", "--data", "x", "--out", "DST", "--lr", "-1"],
         ["eval", "SRC", "--data", "x", "--batch-size", "0"],
         ["eval", "SRC", "--data", "x", "--windows", "two"],
     ],
@@ -118,6 +119,47 @@ def test_bad_numbers_on_the_command_line_stop_before_any_work(v32_checkpoint, tm
     err = capsys.readouterr().err
     assert "must be a positive" in err.splitlines()[-1], err
     assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--optim", "bogus"], "argument --optim: must be one of adamw_torch"),
+        (["--lr-scheduler", "bogus"], "argument --lr-scheduler: must be one of linear"),
+    ],
+)
+def test_training_names_transformers_does_not_know_stop_before_any_work(v32_checkpoint, tmp_path, capsys, flags,
+                                                                        expected):  # fmt: skip
+    """They passed the command line, then ended in transformers' enum traceback, with OUT half written."""
+    argv = ["train-indexer", str(v32_checkpoint), "--stage", "dense", "--data", DATA, "--out", str(tmp_path / "dst")]
+    with pytest.raises(SystemExit) as stopped:
+        cli([*argv, *flags])
+    assert stopped.value.code != 0
+    assert expected in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--stage", "dense", "--dense-control"], "--dense-control is the sparse stage's control run"),
+        (["--stage", "sparse", "--lora-save", "adapter"], "--lora-save applies to LoRA training"),
+    ],
+)
+def test_training_flags_that_do_not_go_together_are_one_line(v32_checkpoint, tmp_path, capsys, flags, expected):
+    argv = ["train-indexer", str(v32_checkpoint), "--data", DATA, "--out", str(tmp_path / "dst"), "--steps", "1"]
+    assert cli([*argv, *flags]) == 1
+    assert expected in _one_line(capsys)
+    assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize(("size", "expected"), [("100000", 100_000), ("2GiB", 2 * 1024**3), ("1.5MB", 1_500_000),
+                                                ("5gb", 5 * 10**9)])  # fmt: skip
+def test_shard_sizes_are_read_in_bytes_as_written(size, expected):
+    """`--max-shard-size 100000` and `2GiB` passed the command line, then failed in huggingface_hub's size parser."""
+    from mla_dsa.cli import _shard_size
+
+    assert _shard_size(size) == expected
 
 
 @pytest.mark.parametrize("command", ["eval", "train-indexer"])

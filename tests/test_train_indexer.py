@@ -49,6 +49,21 @@ def test_dense_warmup_trains_only_the_indexer_and_saves_a_dsa_checkpoint(dsa_che
     assert (export / "tokenizer.json").exists() and not (export / "mla-dsa-training.json").exists()
 
 
+@pytest.mark.parametrize("lora_save", [None, "merged", "adapter"])
+def test_the_k_trained_at_is_the_k_the_output_runs_at(dsa_checkpoint, tmp_path, lora_save):
+    """`--index-topk K` trains at K (the checkpoint has 16): the output's config (or, for an adapter, the run record
+    that `load_trained` and `eval` read) says K, where it had kept the checkpoint's k without a word."""
+    out = tmp_path / "out"
+    lora = [] if lora_save is None else ["--lora", "2", "--lora-save", lora_save]
+    assert cli(["train-indexer", str(dsa_checkpoint), "--stage", "sparse", "--data", *DATA, "--out", str(out),
+                "--steps", "1", "--seq-len", "64", "--batch-size", "1", "--index-topk", "8", "--no-progress",
+                *lora]) == 0  # fmt: skip
+    assert json.loads((out / "mla-dsa-training.json").read_text())["index_topk"] == 8
+    if lora_save != "adapter":
+        assert json.loads((out / "config.json").read_text())["index_topk"] == 8
+    assert load_trained(out).config.index_topk == 8
+
+
 def test_resume_continues_from_the_last_checkpoint(dsa_checkpoint, tmp_path):
     common = ["--stage", "dense", "--data", *DATA, "--seq-len", "64", "--batch-size", "2", "--no-progress",
               "--save-steps", "3"]  # fmt: skip
