@@ -88,10 +88,10 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **options
         for warning in export_warnings(config, opts.export):
             warnings.warn(f"--export {opts.export}: {warning}", UserWarning, stacklevel=2)
     plan = plan_output(source, config, opts)
-    if opts.indexer_init == "calibrate" and not any(t.source is None for shard in plan for t in shard.tensors):
+    if opts.indexer_init != "random" and not any(t.source is None for shard in plan for t in shard.tensors):
         source.close()
-        raise ConversionError(src, "SRC has an indexer in every layer that needs one: --indexer-init calibrate fits "
-                                   "only the indexers a conversion grafts")  # fmt: skip
+        raise ConversionError(src, f"SRC has an indexer in every layer that needs one: --indexer-init "
+                                   f"{opts.indexer_init} makes only the indexers a conversion grafts")  # fmt: skip
     if opts.indexer_init == "calibrate":
         try:  # refuse unusable data (no tokenizer, too few tokens) before anything is written
             calibration_windows(source, config, CalibrationOptions.of(opts))
@@ -169,6 +169,8 @@ def _check_calibration_files(paths, dst: Path) -> None:
     """Each calibration file exists, and lies outside DST (which the conversion replaces: a file there would be read,
     then deleted)."""
     for path in paths or ():
+        if Path(path).is_dir():
+            raise ConversionError(path, "is a directory: pass the text files in it (DIR/*.py, DIR/*.txt)")
         if not Path(path).is_file():
             raise ConversionError(path, "calibration data file not found")
         if dst in Path(path).resolve().parents:
@@ -178,6 +180,9 @@ def _check_calibration_files(paths, dst: Path) -> None:
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
     if not src.is_dir():
         raise ConversionError(src, "SRC is not a directory")
+    if (src / "adapter_config.json").is_file() and not (src / "config.json").is_file():
+        raise ConversionError(src, "is a LoRA adapter, not a checkpoint: convert the checkpoint it adapts, or merge "
+                                   "it first (mla_dsa.training.load_trained(SRC).save_pretrained(DIR))")  # fmt: skip
     if dst == src or src in dst.parents:
         raise ConversionError(dst, "DST is inside SRC; the source is never written to")
     if dst in src.parents:

@@ -9,7 +9,7 @@ import argparse
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 
 def main() -> None:
@@ -22,9 +22,12 @@ def main() -> None:
     args = parser.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        args.checkpoint, trust_remote_code=True, use_sparse_attention=not args.dense
-    ).eval()
+    config = AutoConfig.from_pretrained(args.checkpoint, trust_remote_code=True)
+    if hasattr(config, "use_sparse_attention"):  # ours; an export (DeepSeek-V3.2's format) always attends sparsely
+        config.use_sparse_attention = not args.dense
+    elif args.dense:
+        parser.error(f"--dense: {config.model_type} checkpoints have no dense switch (an export: convert it back)")
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, config=config, trust_remote_code=True).eval()
     inputs = tokenizer([args.prompt], return_tensors="pt", add_special_tokens=False)
     sampling = dict(do_sample=True, temperature=0.8, top_k=40) if args.sample else dict(do_sample=False)
     start = time.time()

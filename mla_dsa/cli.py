@@ -425,7 +425,11 @@ def _run_eval(args) -> int:
 
         _check_source(args.source, model.config, tokenizer)
         source = AutoModelForCausalLM.from_pretrained(args.source, **loading_kwargs({"dtype": torch.float32}))
-    windows = fixed_windows(corpus, args.windows, args.seq_len)
+    distinct = len(corpus) - args.seq_len  # window starts; more windows would repeat some
+    if args.windows > distinct:
+        print(f"mla-dsa eval: the data holds {distinct} distinct windows of {args.seq_len} tokens, fewer than "
+              f"--windows {args.windows}: evaluating those {distinct}", file=sys.stderr)  # fmt: skip
+    windows = fixed_windows(corpus, min(args.windows, distinct), args.seq_len)
     result = evaluate_indexer(model, windows, index_topk=args.index_topk, batch_size=args.batch_size, source=source)
     print(json.dumps(result, indent=2))
     return 0
@@ -494,6 +498,8 @@ def _check_files(paths: list[str]) -> None:
     from pathlib import Path
 
     for path in paths:
+        if Path(path).is_dir():
+            raise ConversionError(path, "is a directory: pass the text files in it (DIR/*.py, DIR/*.txt)")
         if not Path(path).is_file():
             raise ConversionError(path, "no such file")
 

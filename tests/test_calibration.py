@@ -175,9 +175,11 @@ def test_refused_without_a_tokenizer_or_with_nothing_to_fit(data_files, tmp_path
                                    progress=False, **CALIBRATION)  # fmt: skip
     v32 = tmp_path / "v32"
     save_peer("deepseek_v32", v32, vocab_size=256)
-    with pytest.raises(ConversionError, match="fits only the indexers a conversion grafts"):
+    with pytest.raises(ConversionError, match="--indexer-init calibrate makes only the indexers a conversion grafts"):
         mla_dsa.convert_checkpoint(v32, tmp_path / "b", indexer_init="calibrate", calibration_data=data_files,
                                    progress=False)  # fmt: skip
+    with pytest.raises(ConversionError, match="--indexer-init svd makes only the indexers"):  # it had been ignored
+        mla_dsa.convert_checkpoint(v32, tmp_path / "c", indexer_init="svd", progress=False)
 
 
 def test_cli_reports_the_fit(byte_peers, data_files, tmp_path, capsys):

@@ -162,6 +162,32 @@ def test_shard_sizes_are_read_in_bytes_as_written(size, expected):
     assert _shard_size(size) == expected
 
 
+@pytest.mark.parametrize("command", ["train-indexer", "eval", "convert"])
+def test_a_directory_given_as_data_is_named_a_directory(v32_checkpoint, tmp_path, capsys, command):
+    """It was "no such file" / "calibration data file not found", about a directory that exists."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    argv = {
+        "train-indexer": ["--stage", "dense", "--out", str(tmp_path / "out"), "--data", str(folder)],
+        "eval": ["--data", str(folder)],
+        "convert": [str(tmp_path / "out"), "--indexer-init", "calibrate", "--calibration-data", str(folder)],
+    }
+    assert cli([command, str(v32_checkpoint), *argv[command]]) == 1
+    assert f"{folder}: is a directory: pass the text files in it" in _one_line(capsys)
+
+
+def test_eval_evaluates_no_window_twice(byte_dsa, tmp_path, capsys):
+    """--windows beyond the distinct windows the data holds had evaluated the same windows over and over (minutes on a
+    small file): it evaluates each once, and says so."""
+    text = tmp_path / "small.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 2)  # about 56 tokens: about 24 window starts
+    assert cli(["eval", str(byte_dsa), "--data", str(text), "--seq-len", "32", "--windows", "100000"]) == 0
+    captured = capsys.readouterr()
+    evaluated = json.loads(captured.out)["windows"]
+    assert 20 <= evaluated <= 24
+    assert f"holds {evaluated} distinct windows of 32 tokens, fewer than --windows 100000" in captured.err
+
+
 @pytest.mark.parametrize("command", ["eval", "train-indexer"])
 def test_a_missing_checkpoint_is_one_line(tmp_path, capsys, command):
     argv = [command, str(tmp_path / "nowhere"), "--data", *DATA_FILES]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import mla_dsa
@@ -244,8 +245,18 @@ def _not_safetensors(root, sharded_v3):
     return src, root / "dst", src, ("safetensors",)
 
 
+def _lora_adapter(root, sharded_v3):
+    """A PEFT adapter directory (train-indexer --lora-save adapter) was reported as "config.json: missing"."""
+    src = root / "adapter"
+    src.mkdir()
+    (src / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "x"}))
+    save_file({"lora_A": torch.zeros(2, 2)}, str(src / "adapter_model.safetensors"))
+    return src, root / "dst", src, ("LoRA adapter",)
+
+
 BAD_INPUTS = {
     "gpt2": _gpt2,
+    "lora_adapter": _lora_adapter,
     "missing_shard": _missing_shard,
     "truncated_shard": _truncated_shard,
     "truncated_header": _truncated_header,

@@ -33,6 +33,11 @@ def test_generate_example(dsa_checkpoint, tmp_path):
     dense = run_example(str(EXAMPLES / "generate.py"), str(dsa_checkpoint), "--max-new-tokens", "4", "--dense",
                         cwd=tmp_path)  # fmt: skip
     assert "dense attention]" in dense
+    import mla_dsa
+
+    export = mla_dsa.convert_checkpoint(dsa_checkpoint, tmp_path / "export", export="deepseek_v32", progress=False)
+    served = run_example(str(EXAMPLES / "generate.py"), str(export), "--max-new-tokens", "4", cwd=tmp_path)
+    assert "[4 tokens in" in served  # transformers' DeepseekV32 (it had been given our dense switch and raised)
 
 
 @pytest.mark.slow  # a subprocess or a full script: over 6 s on 2 cores
