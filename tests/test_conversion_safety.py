@@ -309,6 +309,7 @@ def test_fp8_scale_of_the_wrong_shape_fails_cleanly(tmp_path, fp8_sharded, capsy
     assert snapshot(src) == before
 
 
+@pytest.mark.slow  # a subprocess: over 6 s on 2 cores
 def test_cli_process_bad_input_prints_exactly_one_line(tmp_path, sharded_v3):
     """The installed entry point, in its own process: exit status 1 and one stderr line, nothing else."""
     src, dst, named, words = _gpt2(tmp_path, sharded_v3)
@@ -445,6 +446,7 @@ def _writer_temporary(partial: Path) -> bool:
     return any(not entry.name.startswith(("model-", STATE_NAME)) for entry in partial.iterdir())
 
 
+@pytest.mark.slow  # a subprocess: over 6 s on 2 cores
 def test_killed_conversion_resumes_to_identical_bytes(many_shards, tmp_path):
     """SIGKILL after at least 3 shards are done, while the next one is being written (the common case for multi-GB
     shards); should a writer leave no temporary to see, after 10 shards."""
