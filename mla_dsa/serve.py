@@ -65,6 +65,12 @@ class MlaDsaModelLoader(ModelLoader or object):
         return config, generation_config
 
     def _load_model(self, model_id: str, tqdm_class: type | None = None, progress_callback=None):
+        from . import register_with_transformers
+
+        # The model process is spawned with the server's argv: started as `mla-dsa`, importing the package there
+        # registered nothing (the command registers once its arguments parse, in the server's process only), and
+        # the exports' config.json would not read as ours, nor would the CPU-tuned attention be in place.
+        register_with_transformers()
         repo, revision, gguf_file = parse_model_id(model_id)
         if gguf_file is not None:
             raise ValueError(f"{model_id}: GGUF is llama.cpp's format; mla-dsa serve serves safetensors checkpoints")
