@@ -342,9 +342,9 @@ def load_trained(path: str | Path, **kwargs) -> torch.nn.Module:
     path = Path(path)
     kwargs.setdefault("dtype", torch.float32)
     base_path = trained_base(path)
-    if base_path != path and (path / RUN_FILE).is_file():  # an adapter: the k it was trained at
-        kwargs.setdefault("index_topk", json.loads((path / RUN_FILE).read_text()).get("index_topk"))
-        kwargs = {name: value for name, value in kwargs.items() if value is not None}
+    recorded = json.loads((path / RUN_FILE).read_text()).get("index_topk") if (path / RUN_FILE).is_file() else None
+    if base_path != path and recorded is not None:  # an adapter: the k it was trained at
+        kwargs.setdefault("index_topk", recorded)
     base = load_checkpoint(base_path, MlaDsaForCausalLM, **kwargs)
     if base.name_or_path == str(path):
         return base
