@@ -10,6 +10,7 @@ with the server's settings (top-k, attention mode, FP8 caches) applied to its co
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from .cpu_linear import use_onednn_linear
@@ -99,9 +100,55 @@ async def error_with_its_message(request, error: Exception):
     return JSONResponse({"detail": f"{problem}: {type(error).__name__}: {error}"}, status_code=status)
 
 
+# Generation settings transformers' handlers use as given, bounded as the OpenAI API bounds them: (field, low, high)
+SETTING_BOUNDS = (("top_p", 0, 1), ("frequency_penalty", -2, 2))
+
+
+def request_value_problem(body: dict) -> str | None:
+    """What is wrong with a request's generation settings, by the OpenAI API's rules, or None. transformers' handlers
+    check the field names and some values (`max_tokens`, `temperature`) and pass the others on: `stop: 5` failed
+    inside `generate()` (500), `top_p: 3` was used as given, and `n` and `logprobs` were dropped with a log line, so a
+    client asking for several choices or for log-probabilities got one choice and none, silently."""
+    for name, low, high in SETTING_BOUNDS:
+        value = body.get(name)
+        if value is not None and not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+        ):
+            return f"`{name}` must be a number from {low} to {high}, got {value!r}"
+    stop = body.get("stop")
+    if not (
+        stop is None or isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
+        return f"`stop` must be a string or a list of strings, got {stop!r}"
+    if body.get("n") not in (None, 1):
+        return f"this server answers with one choice per request: `n` must be 1, got {body['n']!r}"
+    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
+        return "this server does not return log-probabilities (`logprobs`, `top_logprobs`)"
+    return None
+
+
+def checking_request_values(validate):
+    """A handler's `_validate_request`, also refusing bad generation settings (`request_value_problem`) with 422."""
+
+    def validate_request(body: dict) -> None:
+        from fastapi import HTTPException
+
+        validate(body)
+        problem = request_value_problem(body)
+        if problem is not None:
+            raise HTTPException(status_code=422, detail=problem)
+
+    return validate_request
+
+
 def build_app_with_error_messages(*args, **kwargs):
-    """transformers' `build_server`, answering a failed request with its reason (`error_with_its_message`)."""
-    app = build_app_with_error_messages.transformers_build_server(*args, **kwargs)
+    """transformers' `build_server`, answering a failed request with its reason (`error_with_its_message`), its chat
+    and completion handlers refusing bad generation settings with theirs (`request_value_problem`)."""
+    build_server = build_app_with_error_messages.transformers_build_server
+    handlers = inspect.signature(build_server).bind(*args, **kwargs).arguments
+    for name in ("chat_handler", "completion_handler"):
+        handlers[name]._validate_request = checking_request_values(handlers[name]._validate_request)
+    app = build_server(*args, **kwargs)
     app.add_exception_handler(Exception, error_with_its_message)
     return app
 

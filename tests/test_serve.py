@@ -207,6 +207,13 @@ def test_serve_answers_bad_requests_with_http_errors_and_stays_up(server, served
         ("/v1/completions", {"prompt": "x", "max_tokens": "many"}),
         ("/v1/chat/completions", {"messages": "not a list", "max_tokens": 2}),
         ("/v1/chat/completions", {"messages": [{"content": "no role"}], "max_tokens": 2}),
+        # values transformers' handlers pass on unchecked (their names are valid)
+        ("/v1/completions", {"prompt": "x", "max_tokens": 2, "stop": 5}),
+        ("/v1/completions", {"prompt": "x", "max_tokens": -1}),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 2, "temperature": "hot"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "top_p": 3}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "n": 2}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "logprobs": True}),
     ]
     for path, body in bad:
         response = _post(server, path, body)
