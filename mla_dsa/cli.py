@@ -619,6 +619,9 @@ def _add_serve(commands) -> None:
                         help="fp8: FlashMLA's FP8 latent cache (656 bytes per token at V3.2's shapes)")  # fmt: skip
     parser.add_argument("--indexer-cache-dtype", choices=["auto", "fp8"], default=None,
                         help="fp8: DeepSeek's FP8 indexer-key cache")  # fmt: skip
+    parser.add_argument("--max-model-len", type=_positive_int, default=None,
+                        help="the longest a request may be, prompt and answer, in tokens (default: the model's "
+                        "context); a longer prompt is refused")  # fmt: skip
     parser.add_argument("--log-level", default="info", help="the server's logging level (default info)")
 
 
@@ -632,7 +635,7 @@ def _run_serve(args) -> int:
                  "indexer_cache_dtype": args.indexer_cache_dtype}  # fmt: skip
     try:
         serve(args.checkpoint, overrides, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-              log_level=args.log_level)  # fmt: skip
+              max_model_len=args.max_model_len, log_level=args.log_level)  # fmt: skip
     except (ImportError, ValueError, OSError) as error:
         raise ConversionError(args.checkpoint, str(error)) from None
     return 0

@@ -33,6 +33,7 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'][0] | upper }}: {{ m['conten
                 "{% if add_generation_prompt %}A: {% endif %}"  # fmt: skip
 PROMPTS = ["def merge(left, right):\n    ", "class Queue:\n    def __init__(self):\n        ", "import os\n\n\ndef "]
 NEW_TOKENS = 12
+MAX_MODEL_LEN = 256  # the server's (`--max-model-len`): the model's context is 4,096
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,8 @@ def server(served_export, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     script = shutil.which("mla-dsa", path=str(Path(sys.executable).parent)) or shutil.which("mla-dsa")
-    command = [script, "serve", str(served_export), "--port", str(port), "--device", "cpu", "--log-level", "warning"]
+    command = [script, "serve", str(served_export), "--port", str(port), "--device", "cpu", "--log-level", "warning",
+               "--max-model-len", str(MAX_MODEL_LEN)]  # fmt: skip
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://localhost:{port}"
@@ -214,11 +216,13 @@ def test_serve_answers_bad_requests_with_http_errors_and_stays_up(server, served
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "top_p": 3}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "n": 2}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "logprobs": True}),
+        ("/v1/completions", {"prompt": PROMPTS[0] * MAX_MODEL_LEN, "max_tokens": 2}),  # longer than --max-model-len
     ]
     for path, body in bad:
         response = _post(server, path, body)
         assert 400 <= response.status_code < 500, (body, response.status_code, response.text)
         assert response.json()["detail"]  # a message, not a bare status
+    assert "--max-model-len" in response.json()["detail"]  # the last: the option the server was started with
     assert httpx.get(f"{server}/health", timeout=10).status_code == 200
     ok = _post(server, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 2, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"]
