@@ -11,6 +11,7 @@ with the server's settings (top-k, attention mode, FP8 caches) applied to its co
 from __future__ import annotations
 
 import inspect
+import json
 from typing import Any
 
 from .cpu_linear import use_onednn_linear
@@ -102,13 +103,18 @@ async def error_with_its_message(request, error: Exception):
 
 # Generation settings transformers' handlers use as given, bounded as the OpenAI API bounds them: (field, low, high)
 SETTING_BOUNDS = (("top_p", 0, 1), ("frequency_penalty", -2, 2))
+# OpenAI fields transformers' handlers accept and drop (with a log line): the values that ask for nothing
+IGNORED_FIELDS = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None, False, 0),
+                  "top_logprobs": (None, 0), "presence_penalty": (None, 0),
+                  "response_format": (None, {"type": "text"})}  # fmt: skip
 
 
 def request_value_problem(body: dict) -> str | None:
     """What is wrong with a request's generation settings, by the OpenAI API's rules, or None. transformers' handlers
     check the field names and some values (`max_tokens`, `temperature`) and pass the others on: `stop: 5` failed
-    inside `generate()` (500), `top_p: 3` was used as given, and `n` and `logprobs` were dropped with a log line, so a
-    client asking for several choices or for log-probabilities got one choice and none, silently."""
+    inside `generate()` (500), `top_p: 3` was used as given, and `n`, `logprobs`, `echo`, a JSON `response_format`
+    were dropped with a log line: a client asking for several choices, log-probabilities or JSON got one choice,
+    none and free text, silently."""
     for name, low, high in SETTING_BOUNDS:
         value = body.get(name)
         if value is not None and not (
@@ -120,10 +126,9 @@ def request_value_problem(body: dict) -> str | None:
         stop is None or isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
     ):
         return f"`stop` must be a string or a list of strings, got {stop!r}"
-    if body.get("n") not in (None, 1):
-        return f"this server answers with one choice per request: `n` must be 1, got {body['n']!r}"
-    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
-        return "this server does not return log-probabilities (`logprobs`, `top_logprobs`)"
+    for name, accepted in IGNORED_FIELDS.items():
+        if body.get(name) not in accepted:
+            return f"this server cannot honour `{name}: {json.dumps(body[name])}` (it takes {accepted[-1]!r} or none)"
     return None
 
 

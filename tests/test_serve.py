@@ -107,6 +107,18 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(served_checkpoint, tmp_p
         serving.serve(str(served_checkpoint), {"num_hidden_layers": 1})
 
 
+def test_requests_for_what_transformers_would_drop_or_misuse_are_refused_with_the_reason():
+    fine = {"prompt": "x", "n": 1, "echo": False, "top_p": 0.9, "stop": ["\n"], "response_format": {"type": "text"},
+            "presence_penalty": 0}  # fmt: skip
+    assert serving.request_value_problem(fine) is None
+    refused = [{"n": 2}, {"best_of": 3}, {"echo": True}, {"logprobs": 2}, {"top_logprobs": 1}, {"top_p": 3},
+               {"top_p": True}, {"frequency_penalty": -3}, {"presence_penalty": 0.5}, {"stop": 5}, {"stop": ["a", 1]},
+               {"response_format": {"type": "json_object"}}]  # fmt: skip
+    for body in refused:
+        name = next(iter(body))
+        assert f"`{name}" in serving.request_value_problem(body), body
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
@@ -216,6 +228,15 @@ def test_serve_answers_bad_requests_with_http_errors_and_stays_up(server, served
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "top_p": 3}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "n": 2}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "logprobs": True}),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 2, "echo": True}),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "max_tokens": 2,
+                "response_format": {"type": "json_object"},
+            },
+        ),  # fmt: skip
         ("/v1/completions", {"prompt": PROMPTS[0] * MAX_MODEL_LEN, "max_tokens": 2}),  # longer than --max-model-len
     ]
     for path, body in bad:
@@ -224,5 +245,6 @@ def test_serve_answers_bad_requests_with_http_errors_and_stays_up(server, served
         assert response.json()["detail"]  # a message, not a bare status
     assert "--max-model-len" in response.json()["detail"]  # the last: the option the server was started with
     assert httpx.get(f"{server}/health", timeout=10).status_code == 200
-    ok = _post(server, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 2, "temperature": 0})
+    nothing_asked = {"n": 1, "logprobs": None, "echo": False}  # the refused fields' values that ask for nothing
+    ok = _post(server, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 2, "temperature": 0, **nothing_asked})
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"]
