@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -360,12 +361,16 @@ def test_lr_scheduler_is_the_trainers(dsa_checkpoint, tmp_path):
 
 
 @pytest.mark.slow  # two Trainer runs
-def test_bf16_mixed_precision_keeps_float32_weights(dsa_checkpoint, tmp_path, capsys):
+def test_bf16_mixed_precision_keeps_float32_weights(dsa_checkpoint, tmp_path, capsys, monkeypatch):
     """`--bf16` (the Trainer's): the projections run in bfloat16 under autocast, the weights stay float32 and the
-    LM loss (a dense-control fine-tune) stays the float32 run's within bf16 rounding."""
+    LM loss (a dense-control fine-tune) stays the float32 run's within bf16 rounding. On a CPU whose PyTorch has no
+    native bf16 product (AVX2: several times slower than float32) it says so."""
     from transformers import TrainerCallback
 
+    from mla_dsa import training
     from mla_dsa.training import train_indexer
+
+    monkeypatch.setattr(training, "cpu_has_bf16_matmul", lambda: False)  # as on an AVX2 CPU
 
     class RecordDtypes(TrainerCallback):
         def __init__(self):
@@ -381,9 +386,13 @@ def test_bf16_mixed_precision_keeps_float32_weights(dsa_checkpoint, tmp_path, ca
     runs = {}
     for bf16 in (False, True):
         record = RecordDtypes()
-        out = train_indexer(dsa_checkpoint, "sparse", DATA, tmp_path / str(bf16), steps=3, seq_len=32, batch_size=1,
-                            logging_steps=1, progress=False, callbacks=[record], dense_control=True,
-                            bf16=bf16)  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = train_indexer(dsa_checkpoint, "sparse", DATA, tmp_path / str(bf16), steps=3, seq_len=32,
+                                batch_size=1, logging_steps=1, progress=False, callbacks=[record], dense_control=True,
+                                bf16=bf16)  # fmt: skip
+        slow = [w for w in caught if "no bfloat16 matrix instructions" in str(w.message)]
+        assert len(slow) == bf16, [str(w.message) for w in caught]  # the bf16 run only, once
         runs[bf16] = record
         assert {t.dtype for t in weights(out).values()} == {torch.float32}
     assert runs[False].dtypes == {torch.float32} and runs[True].dtypes == {torch.bfloat16}
