@@ -56,10 +56,19 @@ MODELS = {
     "exact, 9x192 indexer": (192, (9, 192), 192),  # one indexer head per attention head
     "full": (320, None, 64),
     "50%": (128, None, 64),
+    "50%, 2 RoPE heads": (64, None, 128),  # the same 192 numbers: two heads' rotations kept, the latent 64 wide
     "full, 4x64 indexer": (320, (4, 64), 64),
 }
-# Conversions trained further: name: (the conversion it starts from, `mla-dsa train-indexer` options). The training
-# text is train-split standard-library files (`training_files()`), never the held-out text the rows measure.
+HEAL_512 = ["--stage", "sparse", "--dense-control", "--lora", "16", "--steps", "220", "--batch-size", "2", "--seq-len",
+            "512", "--lr", "5e-4", "--lr-scheduler", "cosine", "--save-steps", "50"]  # fmt: skip
+WARM_UP_512 = ["--stage", "dense", "--steps", "40", "--batch-size", "2", "--seq-len", "512"]
+# the same two stages continued on 2,048-token sequences (65,536 tokens: 29 % of the 512-token healing's)
+HEAL_2K = ["--stage", "sparse", "--dense-control", "--lora", "16", "--steps", "32", "--batch-size", "1", "--seq-len",
+           "2048", "--lr", "3e-4", "--lr-scheduler", "cosine", "--save-steps", "8"]  # fmt: skip
+WARM_UP_2K = ["--stage", "dense", "--steps", "8", "--batch-size", "1", "--seq-len", "2048"]
+# Conversions trained further: name: (the model it starts from, a conversion or a model trained before it, `mla-dsa
+# train-indexer` options). The training text is train-split standard-library files (`training_files()`), never the
+# held-out text the rows measure.
 TRAINED = {
     "exact, 9x192 indexer, dense warm-up 2K": ("exact, 9x192 indexer",
                                               ["--stage", "dense", "--seq-len", "2048", "--steps", "16", "--bf16"]),
@@ -68,6 +77,12 @@ TRAINED = {
     "exact, 9x192 indexer, dense warm-up 4K": ("exact, 9x192 indexer",
                                               ["--stage", "dense", "--seq-len", "4096", "--batch-size", "2",
                                                "--steps", "16", "--bf16"]),
+    # the README's 512-token healing of the half cache (benchmarks/gqa_smollm2.py: LoRA under the sparse stage's dense
+    # control, then the indexer's dense warm-up), on code
+    "50%, healed at 512": ("50%", HEAL_512),
+    "50%, healed at 512, warmed": ("50%, healed at 512", WARM_UP_512),
+    "50%, healed at 512, then 2K": ("50%, healed at 512, warmed", HEAL_2K),
+    "50%, healed at 512, then 2K, warmed": ("50%, healed at 512, then 2K", WARM_UP_2K),
 }  # fmt: skip
 # The lookup task: CUE tokens of the text that occur there once, asked again after the text, then the ANSWER tokens
 # that followed them; one probe per depth (a fraction of the text back), all in one window. A shorter cue (8) is
@@ -93,6 +108,11 @@ def convert_command(source: Path, dst: Path, rank: int, indexer: tuple[int, int]
 def training_files() -> list[str]:
     """Train-split standard-library files for `TRAINED` (every 7th, from the second: mostly not the calibration's)."""
     return [str(path) for path in stdlib_files("train")[1::7]]
+
+
+def conversion_of(name: str) -> str:
+    """The `MODELS` conversion a (possibly trained) model starts from."""
+    return conversion_of(TRAINED[name][0]) if name in TRAINED else name
 
 
 def model_dir(out: Path, name: str) -> Path:
@@ -350,23 +370,29 @@ def run(args) -> dict:
             command[:1] + ["SMOLLM2", "DST"] + [part for part in command[3:] if not part.endswith(".py")]
         )  # the calibration files: calibration_files()
         converted[name] = dst
-    for name in [name for name in args.models if name in TRAINED]:
+
+    def train(name: str) -> Path:  # a trained model, after the one it starts from (a run made earlier keeps it)
         base, options = TRAINED[name]
         base_dir, dst = model_dir(out, base), model_dir(out, name)
-        if not (base_dir / "config.json").is_file():
+        if base in TRAINED:
+            train(base)
+        elif not (base_dir / "config.json").is_file():
             raise SystemExit(f"{name!r} trains {base!r}: run its conversion first (--models {base!r})")
-        # a Trainer checkpoint every 5 steps: a stopped run resumes from it when the command is run again
+        # a Trainer checkpoint every 5 steps (unless the options say): a stopped run resumes from it when run again
         resume = ["--resume"] if any((dst / "checkpoints").glob("checkpoint-*")) else ["--overwrite"]
-        command = ["train-indexer", str(base_dir), "--data", *training_files(), "--out", str(dst), *options,
-                   "--save-steps", "5", *resume, "--no-progress"]  # fmt: skip
-        entry = results["models"].setdefault(name, {"rank": MODELS[base][0]})
+        command = ["train-indexer", str(base_dir), "--data", *training_files(), "--out", str(dst), "--save-steps", "5",
+                   *options, *resume, "--no-progress"]  # fmt: skip
+        entry = results["models"].setdefault(name, {"rank": MODELS[conversion_of(name)][0]})
         if not (dst / "config.json").is_file():
             start = time.perf_counter()
             subprocess.run([sys.executable, "-m", "mla_dsa", *command], check=True)
             entry["train_s"] = time.perf_counter() - start
         entry["command"] = f"mla-dsa train-indexer {base!r} --data training_files() --out DST " + " ".join(
-            [*options, "--save-steps", "5"])  # fmt: skip
-        converted[name] = dst
+            ["--save-steps", "5", *options])  # fmt: skip
+        return dst
+
+    for name in [name for name in args.models if name in TRAINED]:
+        converted[name] = train(name)
     save()
 
     source = AutoModelForCausalLM.from_pretrained(source_dir, **loading_kwargs({"dtype": torch.float32})).eval()
@@ -453,7 +479,7 @@ def table(results: dict) -> str:
     lines = ["| tokens | model | attention | perplexity | x source | copy NLL | copy top-1 | copy exact | s / window |",
              "|---:|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     latest = {_row_key(row): row for row in results["rows"]}  # runs before rows replaced their repeats
-    order = {name: index for index, name in enumerate(["source", *MODELS])}
+    order = {name: index for index, name in enumerate(["source", *MODELS, *TRAINED])}
     for row in sorted(latest.values(), key=lambda row: (row["length"], order.get(row["model"], len(order)),
                                                          row.get("index_topk") or 0)):  # fmt: skip
         attention = "" if row["model"] == "source" else row["attention"]

@@ -149,8 +149,8 @@ def test_alternating_rounds_decode_from_the_prefill_every_round(v32_topk4):
 
 
 def test_trained_rows_train_on_files_the_rows_never_measure():
-    """A trained model's row (`TRAINED`) starts from a listed conversion, trains on train-split files only (the rows
-    read the held-out split), and lives in a directory of its own."""
+    """A trained model's row (`TRAINED`) starts from a listed conversion or a model trained from one, trains on
+    train-split files only (the rows read the held-out split), and lives in a directory of its own."""
     from mla_dsa.data import stdlib_files
 
     held_out = {str(path) for path in stdlib_files("held_out")}
@@ -158,8 +158,11 @@ def test_trained_rows_train_on_files_the_rows_never_measure():
     assert files and not held_out & set(files)
     out = Path("/models")
     for name, (base, options) in long_context.TRAINED.items():
-        assert base in long_context.MODELS and "--stage" in options
+        assert (base in long_context.MODELS or base in long_context.TRAINED) and "--stage" in options
+        assert long_context.conversion_of(name) in long_context.MODELS
         assert long_context.model_dir(out, name) != long_context.model_dir(out, base)
+    directories = [long_context.model_dir(out, name) for name in [*long_context.MODELS, *long_context.TRAINED]]
+    assert len(set(directories)) == len(directories)
 
 
 def test_the_oracle_selects_each_querys_keys_of_most_dense_attention_mass(ours_v32_topk4):
