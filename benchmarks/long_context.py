@@ -26,6 +26,7 @@ between them (one round's figures moved by up to 20 % on this VM). Results JSON 
 """
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -118,8 +119,10 @@ def conversion_of(name: str) -> str:
 def model_dir(out: Path, name: str) -> Path:
     if name in TRAINED:
         base, options = TRAINED[name]
-        base_dir = model_dir(out, base)
-        return base_dir.with_name(base_dir.name + "-" + "-".join(part.lstrip("-") for part in options))
+        base_dir, trained = model_dir(out, base), "-".join(part.lstrip("-") for part in options)
+        if len(base_dir.name) + len(trained) > 200:  # a chain's names outgrow a file name (255 bytes)
+            trained = hashlib.sha1(f"{base_dir.name}-{trained}".encode()).hexdigest()[:12]
+        return base_dir.with_name(base_dir.name + "-" + trained)
     rank, indexer, rope, *window = MODELS[name]
     return out / (f"mla-{rank}" + (f"-rope-{rope}" if rope != 64 else "")
                   + (f"-indexer-{indexer[0]}x{indexer[1]}" if indexer else "")
