@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from typing import Any
 
-from .cpu_linear import use_onednn_linear
+import torch
+
+from .cpu_linear import cpu_has_bf16_matmul, use_onednn_linear
 from .loading import load_checkpoint
 from .modeling.configuration_mla_dsa import MlaDsaConfig
 
@@ -27,6 +30,8 @@ try:  # transformers' serving stack as of 5.25 (`ModelLoader` is new there); old
 except ImportError as error:
     Serve = ModelLoader = None
     SERVING_IMPORT_ERROR = str(error)
+
+logger = logging.getLogger(__name__)
 
 # Config fields a server sets for every request it answers (`mla-dsa serve --index-topk` etc.).
 SERVER_CONFIG_FIELDS = ("index_topk", "use_sparse_attention", "attention_mode", "latent_cache_dtype",
@@ -83,6 +88,10 @@ class MlaDsaModelLoader(ModelLoader or object):
             kwargs["attn_implementation"] = self.attn_implementation
         model = load_checkpoint(repo, **kwargs, **self.config_overrides).eval()
         use_onednn_linear(model)  # float32 on a CPU: projections on every core (see mla_dsa.cpu_linear)
+        if model.device.type == "cpu" and model.dtype == torch.bfloat16 and not cpu_has_bf16_matmul():
+            logger.warning(f"{model_id} runs in bfloat16 on a CPU without bf16 matrix instructions (AVX-512 or AMX), "
+                           "where PyTorch multiplies bf16 matrices several times slower than float32: serve it with "
+                           "--dtype float32")  # fmt: skip
         return model
 
 

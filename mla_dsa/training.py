@@ -28,6 +28,7 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.utils import logging
 
 from .conversion.source import TRAINING_RUN_FILE, ConversionError
+from .cpu_linear import cpu_has_bf16_matmul
 from .indexer_loss import STAGES, IndexerLoss
 
 logger = logging.get_logger(__name__)
@@ -403,16 +404,6 @@ def _training_arguments(out_dir: Path, stage: str, steps: int, batch_size: int, 
         bf16=bf16,
         **checkpointing,
     )
-
-
-def cpu_has_bf16_matmul() -> bool:
-    """Whether PyTorch multiplies bfloat16 matrices with oneDNN on this CPU (AVX-512 and up). Elsewhere (AVX2 CPUs) it
-    falls back to a reference loop: `train-indexer --bf16` measured 3.4x slower per step than float32 on the embedded
-    model, and a bf16 [512, 8192] @ [8192, 576] product 60x slower than float32's, on one such CPU."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a PyTorch without oneDNN
-        return False
 
 
 def _warn_if_bf16_is_slow_here(args) -> None:

@@ -4,6 +4,7 @@ the server's settings; a live server on a local port answers chat and completion
 streamed, with what `generate()` gives on the same prompt, and answers bad requests with HTTP errors, staying up."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -95,6 +96,19 @@ def test_the_server_loader_runs_large_float32_layers_on_onednn(served_checkpoint
     model = loader._load_model(str(served_checkpoint))
     linears = [module for module in model.modules() if type(module) is torch.nn.Linear]
     assert linears and all("forward" in vars(module) for module in linears)  # each forward replaced on the instance
+
+
+def test_the_server_loader_says_when_bfloat16_is_slow_on_this_cpu(served_checkpoint, monkeypatch, caplog):
+    """On a CPU without bf16 matrix instructions (AVX2) PyTorch's bf16 product is a slow reference loop: a bf16
+    server says to serve in float32 instead."""
+    monkeypatch.setattr(serving, "cpu_has_bf16_matmul", lambda: False)  # as on an AVX2 CPU
+    for dtype, warned in (("bfloat16", True), ("float32", False)):
+        caplog.clear()
+        loader = serving.MlaDsaModelLoader.from_loader(serving.ModelLoader(device="cpu", dtype=dtype), {})
+        with caplog.at_level(logging.WARNING, logger="mla_dsa.serve"):
+            model = loader._load_model(str(served_checkpoint))
+        assert model.dtype == getattr(torch, dtype)
+        assert ("--dtype float32" in caplog.text) == warned, caplog.text
 
 
 def test_serve_refuses_what_it_cannot_serve_in_one_line(served_checkpoint, tmp_path, capsys):
