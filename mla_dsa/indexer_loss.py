@@ -36,6 +36,13 @@ STAGES = ("dense", "sparse")
 # scores) made at once: 128 MiB in float32 on a CPU, 1 GiB on a GPU (few large kernels, not many small ones).
 _GATHER_BLOCK_ELEMENTS = 1 << 25
 _GPU_GATHER_BLOCK_ELEMENTS = 1 << 28
+# Activation checkpointing of the loss's query chunks keeps a step's memory linear in the sequence length at the price
+# of computing every chunk twice. Where what the chunks would keep for backward instead (the dense stage's per-head
+# index scores [B, S, h, T] and its target, log-probabilities and mask [B, S, T]; the sparse stage's gathered index
+# keys [B, S, k, D] and per-head scores [B, S, h, k]) is at most this many float32 elements over all DSA layers of a
+# step, they are kept: a bounded amount, and a quarter less time per dense warm-up step of the demo's model at 4 x 512
+# tokens.
+KEPT_ELEMENTS_PER_STEP = 1 << 27  # 512 MiB
 
 
 class IndexerStats(NamedTuple):
@@ -201,11 +208,16 @@ class IndexerLoss:
                 return
             selection = self._selections[source]
         scorer = self._scorers[source]
+        batch_size, seq_len, index_heads, index_dim = scorer.queries.shape
         if self.stage == "sparse":
-            stats = sparse_stage_loss(scorer, selection, main_queries, latent, attention.scaling)
+            kept = batch_size * seq_len * selection.indices.shape[-1] * (index_dim + index_heads)
+            checkpointed = kept * len(self.attentions) > KEPT_ELEMENTS_PER_STEP
+            stats = sparse_stage_loss(scorer, selection, main_queries, latent, attention.scaling, checkpointed)
         else:
+            kept = batch_size * seq_len * scorer.keys.shape[1] * (index_heads + 3)
+            checkpointed = kept * len(self.attentions) > KEPT_ELEMENTS_PER_STEP
             stats = dense_stage_loss(scorer, visible, main_queries, latent, attention.scaling, top_k,
-                                     self.config.query_chunk_size)  # fmt: skip
+                                     self.config.query_chunk_size, checkpointed)  # fmt: skip
         self.layers.append(stats)
 
 
@@ -215,12 +227,13 @@ def _is_zero(past_len) -> bool:
 
 def dense_stage_loss(
     scorer: IndexScorer, visible: VisibleKeys, main_queries: MainQueries, latent: torch.Tensor, scaling: float,
-    top_k: int, chunk_size: int,
+    top_k: int, chunk_size: int, checkpointed: bool = True,
 ) -> IndexerStats:  # fmt: skip
-    """KL over every visible key, and the recall of the top `top_k` by index score. Query chunks run under
-    activation checkpointing (each chunk's target and index scores are computed once forward, once in backward), so
-    no [heads, S, T] tensor is ever alive: peak extra memory is O(chunk * T * max(H, index heads)); what a layer keeps
-    for backward is its index queries and keys, its main queries (not absorbed) and its latent rows."""
+    """KL over every visible key, and the recall of the top `top_k` by index score, a chunk of queries at a time, so
+    no [heads, S, T] tensor is ever alive: peak extra memory is O(chunk * T * max(H, index heads)). `checkpointed`:
+    the chunks run under activation checkpointing (each chunk's target and index scores are computed once forward, once
+    in backward) and what a layer keeps for backward is its index queries and keys, its main queries (not absorbed) and
+    its latent rows; otherwise each chunk keeps its [B, chunk, h, T] index scores and [B, chunk, T] target."""
     seq_len = main_queries.q_rope.shape[1]
     # kl sum, queries, recall sum, queries with > k keys, uniform-choice kl sum
     totals = latent.new_zeros(5, dtype=torch.float32)
@@ -228,10 +241,10 @@ def dense_stage_loss(
         end = min(seq_len, start + chunk_size)
         # The chunk's mask is made inside it: kept as a checkpoint input for every chunk, the masks would add up to
         # an S x T tensor.
-        chunk = checkpoint(
-            _dense_chunk, scorer.queries[:, start:end], scorer.weights[:, start:end], scorer.keys,
+        chunk = _run(
+            checkpointed, _dense_chunk, scorer.queries[:, start:end], scorer.weights[:, start:end], scorer.keys,
             main_queries.q_nope[:, start:end], main_queries.q_rope[:, start:end], main_queries.w_uk, latent, visible,
-            start, end, scorer.softmax_scale, scaling, top_k, use_reentrant=False,
+            start, end, scorer.softmax_scale, scaling, top_k,
         )  # fmt: skip
         totals = totals + chunk
     kl = totals[0] / totals[1].clamp(min=1)
@@ -262,11 +275,12 @@ def _dense_chunk(index_q, index_w, index_k, q_nope, q_rope, w_uk, latent, visibl
 
 
 def sparse_stage_loss(
-    scorer: IndexScorer, selection, main_queries: MainQueries, latent: torch.Tensor, scaling: float
-) -> IndexerStats:
+    scorer: IndexScorer, selection, main_queries: MainQueries, latent: torch.Tensor, scaling: float,
+    checkpointed: bool = True,
+) -> IndexerStats:  # fmt: skip
     """KL over the selected keys `selection.indices` [B, S, k] (masked by `selection.valid`): the target and the
-    index scores read only the k gathered rows per query, a bounded block of queries at a time (the index scores
-    under activation checkpointing, so backward gathers them again instead of keeping them)."""
+    index scores read only the k gathered rows per query, a bounded block of queries at a time (`checkpointed`: the
+    index scores under activation checkpointing, so backward gathers them again instead of keeping them)."""
     batch_size, seq_len = main_queries.q_rope.shape[:2]
     k = selection.indices.shape[-1]
     gpu = latent.device.type != "cpu"
@@ -281,8 +295,8 @@ def sparse_stage_loss(
             main = torch.einsum("bshc,bskc->bshk", main_queries.absorbed(start, end), rows) * scaling
             targets.append(masked_softmax(main.float(), selection.valid[:, start:end].unsqueeze(2)).mean(dim=2))
             del rows, main
-        scores.append(checkpoint(_selected_index_scores, scorer.queries[:, start:end], scorer.weights[:, start:end],
-                                 scorer.keys, indices, scorer.softmax_scale, use_reentrant=False))  # fmt: skip
+        scores.append(_run(checkpointed, _selected_index_scores, scorer.queries[:, start:end],
+                           scorer.weights[:, start:end], scorer.keys, indices, scorer.softmax_scale))  # fmt: skip
     target = torch.cat(targets, dim=1) if len(targets) > 1 else targets[0]  # [B, S, k]
     index = torch.cat(scores, dim=1) if len(scores) > 1 else scores[0]
     kl_sum, count = kl_to_target(target, index, selection.valid)
@@ -295,6 +309,10 @@ def _selected_index_scores(queries, weights, keys, indices, softmax_scale: float
     rows = gather_rows(keys, indices)  # [B, s, k, D]
     per_head = F.relu(torch.einsum("bshd,bskd->bshk", queries.float() * softmax_scale, rows))
     return torch.einsum("bsh,bshk->bsk", weights.float(), per_head)
+
+
+def _run(checkpointed: bool, function, *args):
+    return checkpoint(function, *args, use_reentrant=False) if checkpointed else function(*args)
 
 
 def kl_to_target(target: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

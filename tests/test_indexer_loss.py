@@ -9,6 +9,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import mla_dsa
+from mla_dsa import indexer_loss as indexer_loss_module
 from mla_dsa.indexer_loss import IndexerLoss, IndexScorer, MainQueries, dense_stage_loss
 from mla_dsa.modeling import modeling_mla_dsa
 from mla_dsa.modeling.modeling_mla_dsa import VisibleKeys
@@ -148,10 +149,11 @@ def test_loss_memory_is_chunked():
     assert recorder.largest < bsz * heads * seq * seq // 4
 
 
-def test_dense_stage_keeps_no_absorbed_query_for_backward(checkpoint):
+def test_dense_stage_keeps_no_absorbed_query_for_backward(checkpoint, monkeypatch):
     """What a layer keeps for the dense stage's backward grows with the sequence: its main queries as projected
     ([H, dn + dr] per token), never absorbed ([H, R + dr]: 3x more at DeepSeek-V3.2's shapes); a chunk absorbs its
     own again when backward recomputes it. The KL and its gradients are those of the absorbed queries."""
+    monkeypatch.setattr(indexer_loss_module, "KEPT_ELEMENTS_PER_STEP", 0)  # the chunks checkpointed, as at length
     model = load(checkpoint, query_chunk_size=4)
     prepare_indexer_training(model, "dense")
     config = model.config
@@ -172,6 +174,36 @@ def test_dense_stage_keeps_no_absorbed_query_for_backward(checkpoint):
     assert not [shape for shape in saved_shapes if shape[-2:] == absorbed_shape]
     grads = [param.grad for param in model.parameters() if param.grad is not None]
     assert grads and all(torch.isfinite(grad).all() for grad in grads) and any(grad.abs().sum() > 0 for grad in grads)
+
+
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+def test_small_steps_keep_their_chunks_scores_instead_of_recomputing_them(checkpoint, monkeypatch, stage):
+    """Within `KEPT_ELEMENTS_PER_STEP`, each query chunk's index scores run once and are kept for backward; beyond it
+    (the default at long context) they run under activation checkpointing, again in backward. Same loss, same
+    gradients."""
+    chunk_function = "_dense_chunk" if stage == "dense" else "_selected_index_scores"
+    original, calls = getattr(indexer_loss_module, chunk_function), []
+    monkeypatch.setattr(indexer_loss_module, chunk_function, lambda *args: calls.append(1) or original(*args))
+    input_ids, attention_mask = batch()
+    results = {}
+    for budget in (indexer_loss_module.KEPT_ELEMENTS_PER_STEP, 0):
+        monkeypatch.setattr(indexer_loss_module, "KEPT_ELEMENTS_PER_STEP", budget)
+        calls.clear()
+        model = load(checkpoint, query_chunk_size=4)
+        prepare_indexer_training(model, stage)
+        with IndexerLoss(model, stage) as indexer_loss:
+            model(input_ids, attention_mask=attention_mask, use_sparse_attention=stage == "sparse")
+            forward_calls = len(calls)
+            indexer_loss.kl.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        results[budget] = (indexer_loss.kl.detach(), grads, forward_calls, len(calls))
+    (kl, grads, forward_calls, calls), (kl_checkpointed, grads_checkpointed, _, calls_checkpointed) = results.values()
+    assert forward_calls > 0 and calls == forward_calls  # kept: nothing recomputed in backward
+    assert calls_checkpointed == 2 * forward_calls
+    torch.testing.assert_close(kl_checkpointed, kl)
+    assert grads.keys() == grads_checkpointed.keys() and any(".indexer." in name for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_checkpointed[name], grad, msg=name)
 
 
 def test_dense_stage_trains_only_the_indexer(checkpoint):
