@@ -147,6 +147,21 @@ def test_eval_prints_json(dsa_checkpoint, capsys):
     assert result["sparse_loss"] != result["dense_loss"]
 
 
+def test_the_training_text_is_each_file_tokenized_on_its_own_then_eos(monkeypatch):
+    """Files are tokenized a group per call: the ids are those of one call per file, each file followed by EOS, and
+    `max_tokens` cuts across a group's boundary."""
+    from mla_dsa import data
+    from mla_dsa.data import byte_tokenizer, text_files_corpus
+
+    tokenizer = byte_tokenizer()
+    monkeypatch.setattr(data, "_FILES_PER_CALL", 2)
+    per_file = [tokenizer(Path(path).read_text(), add_special_tokens=False)["input_ids"] for path in DATA[:5]]
+    expected = torch.tensor([token for ids in per_file for token in [*ids, tokenizer.eos_token_id]])
+    assert torch.equal(text_files_corpus(DATA[:5], tokenizer), expected)
+    across_a_group = len(per_file[0]) + len(per_file[1]) + 7
+    assert torch.equal(text_files_corpus(DATA[:5], tokenizer, max_tokens=across_a_group), expected[:across_a_group])
+
+
 def test_eval_against_the_source_reports_captured_kl(tmp_path, capsys):
     """--source: loss_ratio is over the source's dense loss, computed by transformers' model; kl_uniform is the KL
     of a uniform choice over the causal keys to the dense head-summed attention (computed here from the source's own
