@@ -121,16 +121,9 @@ def dense_layer_passes(source: SourceCheckpoint, config: MlaDsaConfig, windows: 
 
 def calibration_windows(source: SourceCheckpoint, config: MlaDsaConfig, opts: CalibrationOptions) -> torch.Tensor:
     """[N, L] token ids: the first `tokens` tokens of the files, in consecutive windows of L."""
-    from transformers import AutoTokenizer
+    from ..data import load_tokenizer, text_files_corpus
 
-    from ..data import text_files_corpus
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
-    except (OSError, ValueError) as err:
-        reason = str(err).splitlines()[0]
-        raise ConversionError(source.path, f"--indexer-init calibrate tokenizes the data with SRC's tokenizer, "
-                                           f"which cannot be loaded ({reason})") from None  # fmt: skip
+    tokenizer = load_tokenizer(source.path, "--indexer-init calibrate")
     seq_len = min(opts.seq_len, config.max_position_embeddings)
     corpus = text_files_corpus(opts.data, tokenizer, max_tokens=max(opts.tokens, seq_len))
     if len(corpus) < seq_len:

@@ -405,16 +405,16 @@ def _add_eval(commands) -> None:
 
 def _run_eval(args) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from .data import fixed_windows, text_files_corpus
+    from .data import fixed_windows, load_tokenizer, text_files_corpus
     from .modeling.configuration_mla_dsa import MlaDsaConfig
     from .training import check_data_length, check_seq_len, evaluate_indexer, load_trained, trained_base
 
     _check_checkpoint(args.checkpoint, adapter_ok=True)
     _check_files(args.data)
     check_seq_len(args.checkpoint, MlaDsaConfig.from_pretrained(trained_base(args.checkpoint)), args.seq_len)
-    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    tokenizer = load_tokenizer(args.checkpoint, "eval")
     corpus = text_files_corpus(args.data, tokenizer)
     check_data_length(args.data, corpus, args.seq_len)
     model = load_trained(args.checkpoint)

@@ -124,6 +124,25 @@ def chat_code_files(files: list[Path], tokenizer, out_dir: str | Path) -> list[s
     return written
 
 
+def load_tokenizer(path: str | Path, use: str):
+    """The tokenizer saved in checkpoint `path`, or a `ConversionError` in one line naming the directory, what
+    needs it (`use`) and transformers' reason (a directory without tokenizer files raised a traceback about
+    sentencepiece)."""
+    from transformers import AutoTokenizer
+
+    from .conversion.source import ConversionError
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        if Path(path).is_dir() and not any(Path(path).glob("tokenizer*")) and not (Path(path) / "vocab.json").exists():
+            reason = "the directory holds no tokenizer files"
+        raise ConversionError(path, f"{use} reads the text with this checkpoint's tokenizer, which cannot be loaded "
+                                    f"({reason}): save the model's tokenizer files (tokenizer.json, "
+                                    "tokenizer_config.json) into it") from None  # fmt: skip
+
+
 def byte_tokenizer():
     """A `PreTrainedTokenizerFast` whose ids are byte values (0..255): lossless for any text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -168,6 +187,7 @@ __all__ = [
     "chat_code_files",
     "documented_functions",
     "fixed_windows",
+    "load_tokenizer",
     "random_windows",
     "read_corpus",
     "stdlib_files",

@@ -270,9 +270,7 @@ def train_indexer(
     `save_steps` steps, the newest kept, and `resume=True` continues from it; without, none is written.
     `out_dir/mla-dsa-training.json` records the run and its logged losses. Runs data-parallel unchanged under
     `accelerate launch`: `batch_size` is per process."""
-    from transformers import AutoTokenizer
-
-    from .data import text_files_corpus
+    from .data import load_tokenizer, text_files_corpus
     from .loading import load_checkpoint
     from .modeling.configuration_mla_dsa import MlaDsaConfig
     from .modeling.modeling_mla_dsa import MlaDsaForCausalLM
@@ -285,10 +283,20 @@ def train_indexer(
         raise ValueError("dense_control is the sparse stage's control run: pass stage='sparse'")
     out_dir = Path(out_dir)
     _check_output(Path(checkpoint), out_dir, resume, overwrite, data_files)
+    config = MlaDsaConfig.from_pretrained(checkpoint)
+    lr = learning_rate if learning_rate is not None else default_learning_rate(stage, config.hidden_size)
+    processes = max(1, int(os.environ.get("WORLD_SIZE", "1")))  # as launched (torchrun, accelerate launch)
+    source = Path(checkpoint).resolve() if Path(checkpoint).is_dir() else checkpoint  # as the adapter records it
+    settings = {"checkpoint": str(source), "data": [str(Path(f).resolve()) for f in data_files],
+                "max_tokens": max_tokens, "seq_len": seq_len, "batch_size": batch_size,
+                "gradient_accumulation_steps": gradient_accumulation_steps, "processes": processes, "learning_rate": lr,
+                "lr_scheduler": lr_scheduler, "optim": optim, "seed": seed, "lora_rank": lora_rank,
+                "dense_control": dense_control,
+                "index_topk": index_topk if index_topk is not None else config.index_topk}  # fmt: skip
     if resume:
-        _check_resumed_stage(out_dir, stage)
-    check_seq_len(checkpoint, MlaDsaConfig.from_pretrained(checkpoint), seq_len)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        _check_resumed_run(out_dir, stage, settings)
+    check_seq_len(checkpoint, config, seq_len)
+    tokenizer = load_tokenizer(checkpoint, "train-indexer")
     corpus = text_files_corpus(data_files, tokenizer, max_tokens=max_tokens)
     check_data_length(data_files, corpus, seq_len)
     # An absolute path: a LoRA adapter saved alone records it as its base model, which `eval` then finds from any
@@ -308,7 +316,6 @@ def train_indexer(
                                    routed_experts=has_routed_experts(model))  # fmt: skip
         model = get_peft_model(model, lora)
     prepare_indexer_training(model, stage)
-    lr = learning_rate if learning_rate is not None else default_learning_rate(stage, model.config.hidden_size)
     args = _training_arguments(out_dir, stage, steps, batch_size, lr, save_steps, logging_steps, seed, progress, optim,
                                lr_scheduler, bf16, gradient_checkpointing, gradient_accumulation_steps)  # fmt: skip
     _warn_if_bf16_is_slow_here(args)
@@ -322,7 +329,7 @@ def train_indexer(
         out_dir.mkdir(parents=True, exist_ok=True)
         run = {"stage": stage, "checkpoint": str(checkpoint), "processes": world, "sharded": trainer.is_fsdp_enabled,
                "lora_rank": lora_rank, "dense_control": dense_control,
-               "index_topk": _dsa_model(model).config.index_topk}  # fmt: skip
+               "index_topk": _dsa_model(model).config.index_topk, "steps": steps, "settings": settings}  # fmt: skip
         (out_dir / RUN_FILE).write_text(json.dumps(run) + "\n")
     trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
     if trainer.is_world_process_zero():
@@ -460,14 +467,48 @@ def _check_output(checkpoint: Path, out_dir: Path, resume: bool, overwrite: bool
         shutil.rmtree(target)
 
 
-def _check_resumed_stage(out_dir: Path, stage: str) -> None:
-    """--resume continues the run OUT holds: the same stage, or nothing."""
+# train-indexer's flag for each setting a resumed run must share with the run it continues (--steps may differ: a
+# finished run resumed with more steps trains on)
+RESUMED_SETTINGS = {"checkpoint": "CHECKPOINT", "data": "--data", "max_tokens": "max_tokens", "seq_len": "--seq-len",
+                    "batch_size": "--batch-size", "gradient_accumulation_steps": "--gradient-accumulation-steps",
+                    "processes": "processes", "learning_rate": "--lr", "lr_scheduler": "--lr-scheduler",
+                    "optim": "--optim", "seed": "--seed", "lora_rank": "--lora", "dense_control": "--dense-control",
+                    "index_topk": "--index-topk"}  # fmt: skip
+
+
+def _check_resumed_run(out_dir: Path, stage: str, settings: dict) -> None:
+    """--resume continues the run OUT holds: the same stage with the same settings, or nothing. Anything else would
+    continue one run with another's data, batches, learning rate or selection (the Trainer restores the optimizer and
+    schedule of the first and trains on), and the record would describe neither."""
     run_file = out_dir / RUN_FILE
-    if run_file.is_file():
-        recorded = json.loads(run_file.read_text()).get("stage")
-        if recorded != stage:
-            raise ConversionError(out_dir, f"holds a {recorded}-stage run; --resume continues it only with --stage "
-                                           f"{recorded} (or pick another --out for the {stage} stage)")  # fmt: skip
+    if not run_file.is_file():
+        return
+    run = json.loads(run_file.read_text())
+    if run.get("stage") != stage:
+        raise ConversionError(out_dir, f"holds a {run.get('stage')}-stage run; --resume continues it only with --stage "
+                                       f"{run.get('stage')} (or pick another --out for the {stage} stage)")  # fmt: skip
+    recorded = run.get("settings", {})  # runs recorded before this check hold the stage only
+    changed = [key for key in RESUMED_SETTINGS if key in recorded and recorded[key] != settings[key]]
+    if changed:
+        was = ", ".join(_setting_words(key, recorded[key]) for key in changed)
+        now = ", ".join(_setting_words(key, settings[key]) for key in changed)
+        raise ConversionError(out_dir, f"holds a run with {was}; --resume continues it only with the same settings "
+                                       f"(this command: {now}): pass those, or pick another --out")  # fmt: skip
+
+
+def _setting_words(key: str, value) -> str:
+    flag = RESUMED_SETTINGS[key]
+    if key == "dense_control":
+        return flag if value else f"no {flag}"
+    if key == "lora_rank" and value is None:
+        return "full weights (no --lora)"
+    if key == "checkpoint":
+        return f"CHECKPOINT {value}"
+    if key == "data":
+        return f"--data of {len(value)} file(s) from {value[0] if value else '-'}"
+    if key == "processes":
+        return f"{value} process(es)"
+    return f"{flag} {value}"
 
 
 # Tokens per block of the chunked LM loss: its logits [block, vocabulary] in float32 (0.2 GB at SmolLM2's 49,152).

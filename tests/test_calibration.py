@@ -170,7 +170,7 @@ def test_errors_name_the_problem(byte_peers, data_files, tmp_path):
 def test_refused_without_a_tokenizer_or_with_nothing_to_fit(data_files, tmp_path):
     bare = tmp_path / "bare"
     save_peer("deepseek_v3", bare, vocab_size=256)
-    with pytest.raises(ConversionError, match="SRC's tokenizer"):
+    with pytest.raises(ConversionError, match="calibrate reads the text with this checkpoint's tokenizer"):
         mla_dsa.convert_checkpoint(bare, tmp_path / "a", indexer_init="calibrate", calibration_data=data_files,
                                    progress=False, **CALIBRATION)  # fmt: skip
     v32 = tmp_path / "v32"

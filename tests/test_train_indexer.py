@@ -65,7 +65,7 @@ def test_the_k_trained_at_is_the_k_the_output_runs_at(dsa_checkpoint, tmp_path, 
     assert load_trained(out).config.index_topk == 8
 
 
-def test_resume_continues_from_the_last_checkpoint(dsa_checkpoint, tmp_path):
+def test_resume_continues_from_the_last_checkpoint_with_the_same_settings_only(dsa_checkpoint, tmp_path, capsys):
     common = ["--stage", "dense", "--data", *DATA, "--seq-len", "64", "--batch-size", "2", "--no-progress",
               "--save-steps", "3"]  # fmt: skip
     straight = tmp_path / "straight"
@@ -73,6 +73,24 @@ def test_resume_continues_from_the_last_checkpoint(dsa_checkpoint, tmp_path):
     resumed = tmp_path / "resumed"
     cli(["train-indexer", str(dsa_checkpoint), *common, "--out", str(resumed), "--steps", "3"])
     assert (resumed / "checkpoints" / "checkpoint-3").is_dir()
+    record = (resumed / "mla-dsa-training.json").read_text()
+    # Another run's settings are refused, naming them, before anything is written (they were taken: the Trainer
+    # kept the first run's learning rate, a LoRA resume of a full run died in torch's optimizer loading, and the
+    # record then described the second run)
+    for changed, named in (
+        (["--seq-len", "128"], "--seq-len 64"),
+        (["--lr", "0.01"], "--lr 0.001"),
+        (["--lora", "4"], "full weights"),
+        (["--index-topk", "4"], "--index-topk 16"),
+        (["--data", *DATA[:2]], "--data of 6 file(s)"),
+        (["--batch-size", "1"], "--batch-size 2"),
+    ):
+        assert cli(["train-indexer", str(dsa_checkpoint), *common, "--out", str(resumed), "--steps", "6", "--resume",
+                    *changed]) == 1  # fmt: skip
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert named in line and "--resume continues it only with the same settings" in line, line
+    assert (resumed / "mla-dsa-training.json").read_text() == record
+    assert [path.name for path in (resumed / "checkpoints").iterdir()] == ["checkpoint-3"]
     cli(["train-indexer", str(dsa_checkpoint), *common, "--out", str(resumed), "--steps", "6", "--resume"])
     state = json.loads((resumed / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["global_step"] == 6
@@ -211,6 +229,23 @@ def test_bad_data_file_is_one_line(dsa_checkpoint, capsys):
     assert cli(["eval", str(dsa_checkpoint), "--data", "/nonexistent.txt"]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "/nonexistent.txt" in err
+
+
+def test_a_checkpoint_without_its_tokenizer_is_one_line(dsa_checkpoint, tmp_path, capsys):
+    """eval and train-indexer read the text with the checkpoint's tokenizer: without its files, one line naming the
+    directory and what is missing (it was transformers' traceback about sentencepiece)."""
+    import shutil
+
+    bare = tmp_path / "no-tokenizer"
+    shutil.copytree(dsa_checkpoint, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    commands = (["eval", str(bare), "--data", *DATA, "--seq-len", "64", "--windows", "2"],
+                ["train-indexer", str(bare), "--stage", "dense", "--data", *DATA, "--seq-len", "64", "--steps", "1",
+                 "--out", str(tmp_path / "out"), "--no-progress"])  # fmt: skip
+    for command in commands:
+        assert cli(command) == 1
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert str(bare) in line and "tokenizer" in line and "Traceback" not in line, line
+    assert not (tmp_path / "out").exists()
 
 
 def _one_process_and_launched(checkpoint: Path, tmp_path: Path, config_file: str, port: int):
