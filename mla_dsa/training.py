@@ -286,8 +286,10 @@ def train_indexer(
     config = MlaDsaConfig.from_pretrained(checkpoint)
     lr = learning_rate if learning_rate is not None else default_learning_rate(stage, config.hidden_size)
     processes = max(1, int(os.environ.get("WORLD_SIZE", "1")))  # as launched (torchrun, accelerate launch)
-    source = Path(checkpoint).resolve() if Path(checkpoint).is_dir() else checkpoint  # as the adapter records it
-    settings = {"checkpoint": str(source), "data": [str(Path(f).resolve()) for f in data_files],
+    # An absolute path: a LoRA adapter saved alone records it as its base model, which `eval` then finds from any
+    # directory (a relative one sent it to the hub); the run's settings record it so too.
+    local = Path(checkpoint).resolve() if Path(checkpoint).is_dir() else checkpoint
+    settings = {"checkpoint": str(local), "data": [str(Path(f).resolve()) for f in data_files],
                 "max_tokens": max_tokens, "seq_len": seq_len, "batch_size": batch_size,
                 "gradient_accumulation_steps": gradient_accumulation_steps, "processes": processes, "learning_rate": lr,
                 "lr_scheduler": lr_scheduler, "optim": optim, "seed": seed, "lora_rank": lora_rank,
@@ -299,9 +301,6 @@ def train_indexer(
     tokenizer = load_tokenizer(checkpoint, "train-indexer")
     corpus = text_files_corpus(data_files, tokenizer, max_tokens=max_tokens)
     check_data_length(data_files, corpus, seq_len)
-    # An absolute path: a LoRA adapter saved alone records it as its base model, which `eval` then finds from any
-    # directory (a relative one sent it to the hub).
-    local = Path(checkpoint).resolve() if Path(checkpoint).is_dir() else checkpoint
     # --index-topk is the k the model is trained at, so it is the k its output runs at (config.json of a merged or
     # full checkpoint; the run record, which `load_trained` reads, for an adapter)
     overrides = {} if index_topk is None else {"index_topk": index_topk}
