@@ -62,7 +62,7 @@ def run_demo(
     _stage("1/5 converting the embedded dense model to DSA (mla-dsa convert)")
     if not (converted / "config.json").exists():
         # The small model's first layer spreads its attention over the whole window (no top-k covers it): it keeps
-        # dense attention, DSA runs on the others (see README, "Indexer init and dense warm-up").
+        # dense attention, DSA runs on the others (see docs/results.md, "Indexer init and dense warm-up").
         convert_checkpoint(ASSET_DIR, converted, index_topk=ks[0], dense_attention_layers=[0], overwrite=True,
                            progress=progress)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(converted)

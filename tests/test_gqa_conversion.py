@@ -2,7 +2,7 @@
 Qwen2ForCausalLM / MistralForCausalLM / Qwen3ForCausalLM.
 
 Exact where the math is: with one key/value head, or with key heads whose RoPE pairs are linearly dependent, the
-full-width conversion equals the source within float error; otherwise RoPE decoupling loses what the README
+full-width conversion equals the source within float error; otherwise RoPE decoupling loses what docs/results.md
 measures, and less latent rank loses more. What MLA cannot carry is refused naming it. Downstream: remote code,
 generate(), PEFT (never on the prescaled latent), the export to DeepSeek-V3.2's format, resume after a crash.
 """

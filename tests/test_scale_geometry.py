@@ -86,14 +86,14 @@ def test_every_large_tensor_is_sharded_or_replicated_on_purpose(v32):
 
 @pytest.mark.slow  # builds the 671 B model's 45 000 modules (on the meta device)
 def test_bytes_per_rank_at_tp8(v32):
-    """What the README's memory table says: bf16 weights per GPU at TP = 8, from the plan."""
+    """What docs/usage.md's memory table says: bf16 weights per GPU at TP = 8, from the plan."""
     sizes = per_rank(v32)
     local = sum(local for local, _ in sizes.values())
     whole = sum(whole for _, whole in sizes.values())
     replicated = sum(whole for local, whole in sizes.values() if local == whole)
     assert local == pytest.approx((whole - replicated) / RANKS + replicated)
     bf16_gib = 2 * local / 2**30
-    assert 160.5 < bf16_gib < 161.5, bf16_gib  # README: 161 GiB of bf16 weights per GPU, more than an H200 holds
+    assert 160.5 < bf16_gib < 161.5, bf16_gib  # docs/usage.md: 161 GiB of bf16 weights per GPU, more than an H200 holds
 
 
 def test_the_published_config_reads_without_warnings(caplog):

@@ -1,6 +1,6 @@
 """The sparse stage's bar, on real text, in the suite: the embedded dense model (transformers' DeepseekV3ForCausalLM
 trained on the stdlib), converted with a calibrated indexer, learns under top-k attention beyond a dense control
-(README "Results" has the long run). The dense warm-up's bar is measured on the demo as users run it
+(docs/results.md has the long run). The dense warm-up's bar is measured on the demo as users run it
 (tests/test_demo.py)."""
 
 import pytest
@@ -15,7 +15,7 @@ from mla_dsa.training import evaluate_indexer, train_indexer
 def test_sparse_stage_adapts_the_model_beyond_a_dense_control(tmp_path):
     """Issue #18's second bar in small: every layer sparse at k = L/8, a calibrated indexer, then the sparse stage
     (the model learns under top-k attention) against its dense control (the same steps, data and optimiser, dense
-    attention). The sparse model closes part of its gap to the control's dense loss (the README's 300 steps at
+    attention). The sparse model closes part of its gap to the control's dense loss (docs/results.md's 300 steps at
     L = 512 close nearly all), more than the control closes its own: continued training alone does not explain it."""
     seq_len, k, steps = 128, 16, 30
     files = [str(p) for p in stdlib_files("train")]

@@ -212,7 +212,7 @@ def test_inductor_compiled_decode_equals_eager(freezing, cpp_wrapper):
     """The real compiler (inductor, C++ on CPU): one graph for every decode step, logits equal to eager. Plain (the
     Python wrapper calling inductor's kernels), and with `torch._inductor.config.freezing` (the weights folded in as
     constants and the linear layers prepacked for oneDNN, what the CPU speed table uses) and inductor's C++ wrapper
-    (the README's recipe). Freezing with the Python wrapper, the corner between them, is left out for the suite's
+    (docs/usage.md's recipe). Freezing with the Python wrapper, the corner between them, is left out for the suite's
     time: the wrapper only calls the kernels either way."""
     model = _model()
     compiled = torch.compile(model.forward, fullgraph=True, options={"cpp_wrapper": cpp_wrapper})
