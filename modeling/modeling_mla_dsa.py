@@ -552,10 +552,13 @@ def _ranking(scores: torch.Tensor) -> torch.Tensor:
     left-padded in a batch, or on a static cache, then selected different keys. Keys of one query keep their order in
     every layout, so this tie-break is the same in all of them; without ties it selects what `topk` selects (in the
     same order). The float's bits, read as an integer, are monotone in its value once negatives are flipped; the key
-    position fills the low 32 bits."""
-    bits = (scores.float() + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 becomes 0.0, its equal
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return ordered * (1 << 32) + torch.arange(scores.shape[-1], device=scores.device)
+    position fills the low 32 bits. Done in place on one int32 and one int64 tensor: every key of a long prefill is
+    ranked, and fresh tensors per step cost 2-5x the arithmetic on a CPU."""
+    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, its equal (and a tensor of our own)
+    bits ^= (bits >> 31) & 0x7FFFFFFF  # negatives: every bit but the sign flipped
+    ranking = bits.to(torch.int64)
+    ranking <<= 32
+    return ranking.bitwise_or_(torch.arange(scores.shape[-1], device=scores.device))
 
 
 def _rotate_leading_dims(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int,
@@ -574,6 +577,11 @@ ABSORBED_ATTENTION = "mla_dsa_absorbed"
 # (values of their own head size: the math kernel, which builds the scores), so bf16 results are theirs bit for bit;
 # beyond it, values are padded to the keys' size for the flash kernel, which never builds them (training memory linear).
 _PEER_CALL_SCORE_ELEMENTS = 1 << 24
+# A GQA conversion (`linear_latent_norm` in its config) writes its latents scaled into their norms' linear regime
+# (mean square far below eps = 1e-6: values near 3e-6), below float16's normal range (6.1e-5), where float16 keeps
+# 1-2 significant digits. In a float16 model these down-projections and norms stay float32 (`from_pretrained` keeps
+# them so) and run on a float32 copy of their input; the latents leave them in the model's dtype, at an ordinary scale.
+LATENT_MODULES = ("q_a_proj", "q_a_layernorm", "kv_a_proj_with_mqa", "kv_a_layernorm")
 
 
 class MlaDsaAttention(nn.Module):
@@ -626,10 +634,11 @@ class MlaDsaAttention(nn.Module):
         [B, S, R + dr]: [kv_a_layernorm(c_KV) ; rotated k_R], what the cache holds."""
         cos, sin = position_embeddings
         query_latent, q_nope, q_rope = self._project_queries(hidden_states)
-        kv = self.kv_a_proj_with_mqa(hidden_states)
+        kv = self.kv_a_proj_with_mqa(hidden_states.to(self.kv_a_proj_with_mqa.weight.dtype))  # see LATENT_MODULES
         c_kv, k_rope = torch.split(kv, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c_kv, k_rope = self.kv_a_layernorm(c_kv).to(hidden_states.dtype), k_rope.to(hidden_states.dtype)
         q_rope, k_rope = self._rotate(q_rope, cos.unsqueeze(2), sin.unsqueeze(2)), self._rotate(k_rope, cos, sin)
-        return query_latent, q_nope, q_rope, torch.cat([self.kv_a_layernorm(c_kv), k_rope], dim=-1)
+        return query_latent, q_nope, q_rope, torch.cat([c_kv, k_rope], dim=-1)
 
     def forward(
         self,
@@ -715,7 +724,8 @@ class MlaDsaAttention(nn.Module):
             query_latent = hidden_states
             q = self.q_proj(hidden_states)
         else:
-            query_latent = self.q_a_layernorm(self.q_a_proj(hidden_states))  # c_Q, also the indexer's input
+            latent = self.q_a_proj(hidden_states.to(self.q_a_proj.weight.dtype))  # see LATENT_MODULES
+            query_latent = self.q_a_layernorm(latent).to(hidden_states.dtype)  # c_Q, also the indexer's input
             q = self.q_b_proj(query_latent)
         # -1: the heads this process holds (all of them, or its share under tensor parallelism)
         q = q.view(batch_size, seq_len, -1, self.qk_head_dim)
@@ -992,6 +1002,8 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
 
     def __init__(self, config: MlaDsaConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
+        if getattr(config, "linear_latent_norm", False):  # a GQA conversion's: see LATENT_MODULES
+            self._keep_in_fp32_modules = [*type(self)._keep_in_fp32_modules, *LATENT_MODULES]
         config.layer_types = [OWN_LAYER_TYPE] * config.num_hidden_layers  # DynamicCache(config): this file's layers
         register_expert_layout()  # before transformers loads or saves weights: per-expert names <-> fused experts
         register_attention_functions()  # unless the package's, or a kernel, is registered already
@@ -1142,6 +1154,11 @@ class MlaDsaModel(MlaDsaPreTrainedModel):
         refuse_training_arguments(kwargs)
         settings = DsaSettings.resolve(self.config, use_sparse_attention, index_topk, attention_mode)
         _, output_attentions = output_flags(self.config, output_hidden_states, output_attentions)
+        if getattr(self.config, "linear_latent_norm", False) and \
+                self.layers[0].self_attn.kv_a_proj_with_mqa.weight.dtype == torch.float16:  # fmt: skip
+            logger.warning_once("MlaDsaModel: this GQA conversion's latent projections are float16 (`.half()`?), which "
+                                "cannot hold their latents (see LATENT_MODULES): load it with from_pretrained(..., "
+                                "dtype=torch.float16), which keeps them float32, or use bfloat16")  # fmt: skip
         inputs_embeds = self._embed(input_ids, inputs_embeds)
         use_cache = self._wants_cache(use_cache)
         if cache is not None:

@@ -6,7 +6,7 @@ With one indexer head, every key whose ReLU is zero scores exactly 0.0, and such
 import torch
 
 from mla_dsa import MlaDsaConfig, MlaDsaForCausalLM
-from mla_dsa.modeling.modeling_mla_dsa import index_scores, select_topk
+from mla_dsa.modeling.modeling_mla_dsa import _ranking, index_scores, select_topk
 
 from peers import VOCAB
 
@@ -30,6 +30,20 @@ def test_tied_scores_select_the_latest_keys_in_any_layout():
     padded_valid = torch.cat([torch.zeros(1, 3, dtype=torch.bool), valid], dim=-1)
     indices, _ = select_topk(padded[None], padded_valid[None], 3)
     assert (indices - 3).tolist() == [[[1, 5, 3]]]
+
+
+def test_the_ranking_orders_by_score_then_by_position():
+    """`_ranking`'s integers sort as (score, position) pairs do, over every kind of float32: both zeros as equals,
+    infinities, the smallest subnormals, the largest finite values; on a 2-D block each row on its own."""
+    special = [0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), 1e-45, -1e-45, 3.4e38, -3.4e38, 0.5, -0.5]
+    torch.manual_seed(0)
+    scores = torch.tensor(special * 3)[torch.randperm(3 * len(special))].view(3, -1)  # ties of every kind
+    original = scores.clone()
+    ranking = _ranking(scores)
+    for row, ranks in zip(scores.tolist(), ranking.tolist(), strict=True):
+        by_pairs = sorted(range(len(row)), key=lambda key: (row[key], key))
+        assert sorted(range(len(row)), key=lambda key: ranks[key]) == by_pairs
+    assert torch.equal(scores.view(torch.int32), original.view(torch.int32))  # the scores are left as they were
 
 
 def _ties_at_the_boundary(model, input_ids) -> int:
