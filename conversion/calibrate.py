@@ -119,11 +119,13 @@ def dense_layer_passes(source: SourceCheckpoint, config: MlaDsaConfig, windows: 
         yield layer_pass
 
 
-def calibration_windows(source: SourceCheckpoint, config: MlaDsaConfig, opts: CalibrationOptions) -> torch.Tensor:
-    """[N, L] token ids: the first `tokens` tokens of the files, in consecutive windows of L."""
+def calibration_windows(source: SourceCheckpoint, config: MlaDsaConfig, opts: CalibrationOptions,
+                        use: str = "--indexer-init calibrate") -> torch.Tensor:  # fmt: skip
+    """[N, L] token ids: the first `tokens` tokens of the files, in consecutive windows of L; `use` names what reads
+    them in an error."""
     from ..data import load_tokenizer, text_files_corpus
 
-    tokenizer = load_tokenizer(source.path, "--indexer-init calibrate")
+    tokenizer = load_tokenizer(source.path, use)
     seq_len = min(opts.seq_len, config.max_position_embeddings)
     corpus = text_files_corpus(opts.data, tokenizer, max_tokens=max(opts.tokens, seq_len))
     if len(corpus) < seq_len:

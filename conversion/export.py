@@ -111,6 +111,13 @@ def export_warnings(config: MlaDsaConfig, export: str) -> list[str]:
             "those projections without biases (vLLM's loader skips bias tensors it has no place for) and would "
             "compute without them; serve this export through transformers or `mla-dsa serve`"
         )
+    if getattr(config, "linear_latent_norm", False) and str(config.dtype).removeprefix("torch.") == "float16":
+        found.append(
+            "dtype float16 with a GQA conversion's latents (scaled into their norms' linear regime, below float16's "
+            "normal range: the export keeps q_a_proj, kv_a_proj_with_mqa and their norms in float32): run it in "
+            "bfloat16 or float32 (vLLM and SGLang: --dtype bfloat16); a float16 model that casts those tensors loses "
+            "its attention (logits 0.1-0.5 off on a small model)"
+        )
     return found
 
 

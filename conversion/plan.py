@@ -26,6 +26,10 @@ INDEXER_PARAMS = ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "w
 DROPPED_TENSORS = (re.compile(re.escape(SCALE_SUFFIX) + "$"), re.compile(r"rotary_emb\.inv_freq$"))
 # Kept in float32 whatever --dtype says, as DeepSeek's inference code does.
 FLOAT32_TENSORS = (re.compile(r"e_score_correction_bias$"),)
+# A GQA conversion's latent down-projections and norms (`linear_latent_norm`): its latents sit below float16's normal
+# range, so a float16 checkpoint keeps these in float32, as `from_pretrained` keeps them in a float16 model (the
+# payload's LATENT_MODULES).
+LATENT_TENSORS = re.compile(r"\.self_attn\.(q_a_proj|q_a_layernorm|kv_a_proj_with_mqa|kv_a_layernorm)\.")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -183,7 +187,7 @@ def default_indexer_shape(fields: dict) -> tuple[int, int]:
 def model_dtype(source: SourceCheckpoint, opts: ConvertOptions) -> torch.dtype:
     if DTYPES[opts.dtype] is not None:
         return DTYPES[opts.dtype]
-    anchor = source.tensors.get("model.layers.0.self_attn.kv_a_proj_with_mqa.weight")
+    anchor = source.tensors.get("model.layers.0.self_attn.kv_b_proj.weight")  # never kept float32 (LATENT_TENSORS)
     if anchor is None or anchor.is_fp8:
         return torch.bfloat16
     return anchor.dtype
@@ -222,8 +226,9 @@ def plan_output(source: SourceCheckpoint, config: MlaDsaConfig, opts: ConvertOpt
     indexer_source = _layers_with_indexer(kept, config)
     groups: list[list[OutputTensor]] = [[] for _ in source.shards]
     shard_pos = {shard: pos for pos, shard in enumerate(source.shards)}
+    linear_latent = bool(getattr(config, "linear_latent_norm", False))
     for info in kept.values():
-        dtype = output_dtype(info, opts, dtype_of_model)
+        dtype = output_dtype(info, opts, dtype_of_model, linear_latent)
         groups[shard_pos[info.shard]].append(OutputTensor(info.name, dtype, info.shape, source=info.name))
     for layer in range(config.num_hidden_layers):
         if layer in indexer_source or config.is_shared_indexer_layer(layer):  # a shared layer has no indexer
@@ -272,13 +277,19 @@ def _layers_with_indexer(kept: dict[str, TensorInfo], config) -> set[int]:
     return layers
 
 
-def output_dtype(info: TensorInfo, opts: ConvertOptions, model_dtype: torch.dtype) -> torch.dtype:
+def output_dtype(info: TensorInfo, opts: ConvertOptions, model_dtype: torch.dtype, linear_latent: bool = False
+                 ) -> torch.dtype:  # fmt: skip
     if info.is_fp8:
         return model_dtype
     target = DTYPES[opts.dtype]
     if target is None or not info.dtype.is_floating_point or any(rule.search(info.name) for rule in FLOAT32_TENSORS):
         return info.dtype
-    return target
+    return latent_dtype(info.name, target) if linear_latent else target
+
+
+def latent_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a `linear_latent_norm` checkpoint of `dtype` stores tensor `name` in (LATENT_TENSORS)."""
+    return torch.float32 if dtype == torch.float16 and LATENT_TENSORS.search(name) else dtype
 
 
 def _split_into_shards(groups: list[list[OutputTensor]], max_shard_size) -> list[OutputShard]:
@@ -303,6 +314,7 @@ __all__ = [
     "OutputTensor",
     "default_indexer_shape",
     "expected_tensors",
+    "latent_dtype",
     "model_dtype",
     "output_dtype",
     "plan_output",

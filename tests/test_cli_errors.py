@@ -258,3 +258,17 @@ def test_no_progress_silences_every_bar(byte_dsa, tmp_path, capsys):
             assert transformers.utils.logging.is_progress_bar_enabled()  # restored after the command
     finally:
         transformers.utils.logging.disable_progress_bar()
+
+
+def test_the_commands_print_each_warning_as_one_line():
+    """A warning from a command (an export's, transformers') is `Category: message`, without the source line Python's
+    format quotes beneath it (`dst = convert_checkpoint(` under every export warning); the format is restored after."""
+    import warnings
+
+    from mla_dsa.cli import _one_line_warnings
+
+    default = warnings.formatwarning
+    with _one_line_warnings():
+        line = warnings.formatwarning("--export deepseek_v32: rope_type", UserWarning, "cli.py", 238, "dst = convert(")
+    assert line == "UserWarning: --export deepseek_v32: rope_type\n"
+    assert warnings.formatwarning is default

@@ -8,12 +8,15 @@ generate(), PEFT (never on the prescaled latent), the export to DeepSeek-V3.2's 
 """
 
 import json
+import logging
 import math
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
     DeepseekV32ForCausalLM,
@@ -40,6 +43,7 @@ from mla_dsa.conversion.gqa_math import (
 from mla_dsa.conversion.source import ConversionError
 from mla_dsa.data import byte_tokenizer, stdlib_files
 from mla_dsa.indexer_loss import IndexerLoss
+from mla_dsa.modeling.modeling_mla_dsa import LATENT_MODULES
 
 from peers import perturb_
 
@@ -69,8 +73,8 @@ def save_gqa(directory: Path, model_class=LlamaForCausalLM, config_class=LlamaCo
 
 
 def converted(directory: Path, **kwargs) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32,
-                                                **kwargs).eval()  # fmt: skip
+    kwargs.setdefault("dtype", torch.float32)
+    return AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, **kwargs).eval()
 
 
 def max_logit_error(source, model, seed: int = 0, **kwargs) -> float:
@@ -92,6 +96,28 @@ def test_one_kv_head_full_width_equals_source(tmp_path, data_files, capsys):
     with torch.no_grad():
         expected = source.generate(prompt, max_new_tokens=12, do_sample=False)
         assert torch.equal(model.generate(prompt, max_new_tokens=12, do_sample=False), expected)
+
+
+def test_a_config_without_num_key_value_heads_has_one_per_head(tmp_path, data_files):
+    """Llama 1's config.json has no num_key_value_heads, which transformers reads as one key/value head per query
+    head (MHA): converted exactly, where it was refused ("not a multiple of num_key_value_heads 0")."""
+    source = save_gqa(tmp_path / "src", num_key_value_heads=SMALL["num_attention_heads"])
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    del config["num_key_value_heads"]
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    dst = convert_checkpoint(tmp_path / "src", tmp_path / "dst", **calibration(data_files))
+    assert max_logit_error(source, converted(dst, use_sparse_attention=False)) < 1e-4
+
+
+def test_a_gqa_source_without_its_tokenizer_is_refused_naming_the_conversion(tmp_path, data_files):
+    """The GQA -> MLA step reads the calibration text with SRC's tokenizer, whatever --indexer-init says: the error
+    names that step (it named --indexer-init calibrate) and leaves no stage directory beside DST."""
+    save_gqa(tmp_path / "src")
+    for path in (tmp_path / "src").glob("tokenizer*"):
+        path.unlink()
+    with pytest.raises(ConversionError, match="the GQA -> MLA conversion reads the text with this checkpoint's tok"):
+        convert_checkpoint(tmp_path / "src", tmp_path / "dst", **calibration(data_files))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["src"]
 
 
 def test_dependent_rope_keys_full_width_equals_source(tmp_path, data_files):
@@ -119,6 +145,20 @@ def test_less_rank_loses_more(tmp_path, data_files):
     assert 0 < errors[48] < errors[24] < errors[8], errors
     report = json.loads((tmp_path / "r24" / "mla_conversion.json").read_text())
     assert report["kv_lora_rank"] == 24 and report["full_rank"] == 48 and report["source_model_type"] == "llama"
+
+
+def test_verify_reports_a_lossy_conversion_and_holds_it_to_a_tolerance_given(tmp_path, data_files, capsys):
+    """A narrower latent is lossy by design: --verify reports its difference and passes, unless --verify-tolerance
+    sets a bound, which it then holds (it printed a tolerance beside a larger difference and passed)."""
+    save_gqa(tmp_path / "src")
+    options = dict(kv_lora_rank=8, verify=True, **calibration(data_files))
+    convert_checkpoint(tmp_path / "src", tmp_path / "lossy", **options)
+    report = capsys.readouterr().out
+    assert "not exact" in report and "reported: --verify-tolerance sets a bound" in report, report
+    difference = float(report.split("max |logit difference| = ")[1].split()[0])
+    with pytest.raises(ConversionError, match="--verify failed: GQA -> MLA"):
+        convert_checkpoint(tmp_path / "src", tmp_path / "bounded", verify_tolerance=difference / 2, **options)
+    convert_checkpoint(tmp_path / "src", tmp_path / "loose", verify_tolerance=difference * 2, **options)
 
 
 def test_a_rope_key_of_every_key_head_is_exact_at_any_distance():
@@ -172,6 +212,70 @@ def test_a_bfloat16_source_verifies_at_its_precision(tmp_path, data_files, monke
     monkeypatch.setattr(gqa, "mla_attention_weights", off_by_a_tenth)
     with pytest.raises(ConversionError, match="--verify failed: GQA -> MLA"):
         convert_checkpoint(tmp_path / "src", tmp_path / "wrong", verify=True, **calibration(data_files))
+
+
+def test_a_float16_conversion_stays_as_close_as_its_source_in_float16(tmp_path, data_files):
+    """The latents sit in their norms' linear regime, far below float16's normal range: a float16 checkpoint (a
+    float16 source with --dtype auto, or --dtype float16) stores the latent down-projections and norms in float32,
+    and a float16 model keeps and runs them in float32. Before, the converted model in float16 was 0.1-0.5 logits
+    off where its source in float16 is 2e-3 off (top-1 agreement 0.78), without a word."""
+    source = save_gqa(tmp_path / "src", num_key_value_heads=1)  # exact in float32
+    source.to(torch.float16).save_pretrained(tmp_path / "src16")
+    byte_tokenizer().save_pretrained(tmp_path / "src16")
+    source16 = AutoModelForCausalLM.from_pretrained(tmp_path / "src16", dtype=torch.float16).eval()
+    for name, src, options in (("auto", "src16", {}), ("cast", "src", {"dtype": "float16"})):
+        dst = convert_checkpoint(tmp_path / src, tmp_path / name, **options, **calibration(data_files))
+        with safe_open(dst / "model.safetensors", "pt") as weights:
+            dtypes = {key: weights.get_slice(key).get_dtype() for key in weights.keys()}
+        latents = {key for key in dtypes if any(f".{module}." in key for module in LATENT_MODULES)}
+        assert len(latents) == 4 * SMALL["num_hidden_layers"]
+        assert {dtypes[key] for key in latents} == {"F32"} and {dtypes[key] for key in dtypes.keys() - latents} == {
+            "F16"}, dtypes  # fmt: skip
+        assert json.loads((dst / "config.json").read_text())["dtype"] == "float16"
+        model = converted(dst, dtype=torch.float16, use_sparse_attention=False)
+        attention = model.model.layers[0].self_attn
+        assert attention.q_a_proj.weight.dtype == attention.kv_a_layernorm.weight.dtype == torch.float32
+        assert attention.q_b_proj.weight.dtype == torch.float16
+        ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), _LogRecords(type(model).__module__) as records:
+            reference = source(ids).logits
+            source_error = (source16(ids).logits.float() - reference).abs().max().item()
+            error = (model(ids).logits.float() - reference).abs().max().item()
+        assert not records.messages, records.messages
+        assert error < 3 * source_error + 1e-3, (name, error, source_error)
+    halved = converted(tmp_path / "cast").half()  # float16 everywhere: say so, once
+    records = _LogRecords(type(halved).__module__)
+    with records, torch.no_grad():
+        halved(ids)
+        halved(ids)
+    assert [message for message in records.messages if "cannot hold their latents" in message] == [
+        "MlaDsaModel: this GQA conversion's latent projections are float16 (`.half()`?), which cannot hold their "
+        "latents (see LATENT_MODULES): load it with from_pretrained(..., dtype=torch.float16), which keeps them "
+        "float32, or use bfloat16"]  # fmt: skip
+    with pytest.warns(UserWarning, match="dtype float16 with a GQA conversion's latents"):
+        convert_checkpoint(tmp_path / "auto", tmp_path / "export", export="deepseek_v32")
+    with safe_open(tmp_path / "export" / "model.safetensors", "pt") as weights:
+        assert {weights.get_slice(key).get_dtype() for key in weights.keys() if ".q_a_proj." in key} == {"F32"}
+
+
+class _LogRecords(logging.Handler):
+    """The messages a logger (and transformers' loggers, made verbose) emits while installed."""
+
+    def __init__(self, name: str):
+        super().__init__(level=logging.WARNING)
+        self.logger, self.messages = logging.getLogger(name), []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        transformers.logging.set_verbosity_warning()
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+        transformers.logging.set_verbosity_error()
 
 
 def test_full_rope_key_converts_exactly_far_past_the_calibration(tmp_path, data_files, capsys):
