@@ -232,14 +232,17 @@ REMOTE_SCRIPT = textwrap.dedent(
     cache = generated["cache"] if "cache" in generated else generated["past_key_values"]
     cache_class = type(cache.layers[0])
     generated = generated.sequences
-    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-6)
-    torch.testing.assert_close(hidden, expected["hidden"], rtol=0, atol=1e-6)
+    # The same computation in two processes, equal up to float32 rounding: even in one process the same model's logits
+    # moved by 6e-7 across an in-process `mla-dsa eval` (CPU BLAS kernels' rounding follows their buffers' alignment),
+    # and this comparison by 1.2e-6 when test_cli_errors ran first.
+    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(hidden, expected["hidden"], rtol=0, atol=1e-5)
     assert torch.equal(generated, expected["generated"]), (generated, expected["generated"])
 
     model.save_pretrained(resaved)
     again = AutoModelForCausalLM.from_pretrained(resaved, trust_remote_code=True).eval()
     with torch.no_grad():
-        torch.testing.assert_close(again(ids).logits, expected["logits"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(again(ids).logits, expected["logits"], rtol=0, atol=1e-5)
     # Two checkpoints' code side by side, each a module of its own (transformers keeps one cache layer class per layer
     # type): each model still generates on its own module's cache layers.
     assert type(again).__module__ != type(model).__module__
