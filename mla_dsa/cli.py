@@ -92,8 +92,8 @@ def _add_indexer_arguments(group) -> None:
         "--indexer-init",
         default="random",
         choices=INDEXER_INITS,
-        help="random (as the paper), svd (derived from the layer's attention weights) or calibrate (svd, then fitted "
-        "to each layer's attention on --calibration-data)",
+        help="random (the default, as the paper: train it before use), svd (derived from the layer's attention "
+        "weights) or calibrate (recommended: svd, then fitted to each layer's attention on --calibration-data)",
     )
     group.add_argument(
         "--calibration-data",
@@ -259,7 +259,17 @@ def _run_convert(args) -> int:
             f"KL to the attention {sum(b for b, _ in kl) / len(kl):.3f} -> {sum(a for _, a in kl) / len(kl):.3f}"
         )
     print(f"wrote {dst}")
+    if args.indexer_init != "calibrate" and not _has_indexer(args.src):
+        print(f"note: its indexers are new ({args.indexer_init}) and select poorly until trained (mla-dsa "
+              f"train-indexer {dst} --stage dense ...); --indexer-init calibrate --calibration-data FILES makes ones "
+              "that are good from the start")  # fmt: skip
     return 0
+
+
+def _has_indexer(src: str) -> bool:
+    """Whether SRC's config describes an indexer (DeepSeek-V3.2, GLM-5, ours), which a conversion keeps."""
+    config = json.loads((Path(src) / "config.json").read_text())
+    return any(field in config for field in ("index_topk", "index_n_heads"))
 
 
 def _add_train_indexer(commands) -> None:
@@ -275,9 +285,10 @@ def _add_train_indexer(commands) -> None:
     parser.add_argument("--stage", required=True, choices=["dense", "sparse"])
     parser.add_argument("--data", required=True, nargs="+", help="text files to train on")
     parser.add_argument("--out", required=True, help="output directory: the trained checkpoint (+ checkpoints/)")
-    parser.add_argument("--steps", type=_positive_int, default=200)
-    parser.add_argument("--seq-len", type=_positive_int, default=512)
-    parser.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per step and process")
+    parser.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps (default 200)")
+    parser.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per sequence (default 512)")
+    parser.add_argument("--batch-size", type=_positive_int, default=4,
+                        help="sequences per step and process (default 4)")  # fmt: skip
     parser.add_argument(
         "--gradient-accumulation-steps",
         type=_positive_int,
@@ -296,12 +307,12 @@ def _add_train_indexer(commands) -> None:
     parser.add_argument("--save-steps", type=_positive_int, default=None,
                         help="keep a Trainer checkpoint (optimizer and RNG state too: several times the model) in "
                         "OUT/checkpoints every N steps, the newest only, for --resume (default: none)")  # fmt: skip
-    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default 10)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (never the input)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="default 0")
     parser.add_argument("--optim", type=_optimizer, default="adamw_torch",
-                        help="a transformers optimizer name (adamw_torch, sgd, ...)")  # fmt: skip
+                        help="a transformers optimizer name (adamw_torch, the default, sgd, ...)")  # fmt: skip
     parser.add_argument(
         "--lr-scheduler",
         type=_lr_scheduler,
@@ -313,7 +324,8 @@ def _add_train_indexer(commands) -> None:
         type=_positive_int,
         default=None,
         metavar="R",
-        help="train LoRA adapters of rank R (PEFT; attention, MLP and indexer) instead of the weights",
+        help="train LoRA adapters of rank R (PEFT; attention, MLP and indexer) instead of the weights (needs peft: "
+        "pip install -e '.[peft]')",
     )
     parser.add_argument(
         "--lora-save",
@@ -352,6 +364,8 @@ def _run_train_indexer(args) -> int:
         raise ConversionError(args.out, "--dense-control is the sparse stage's control run: pass --stage sparse")
     if args.lora_save != "merged" and args.lora is None:
         raise ConversionError(args.out, "--lora-save applies to LoRA training: pass --lora R")
+    if args.lora is not None:
+        _check_peft("--lora")
     out = train_indexer(
         args.checkpoint, args.stage, args.data, args.out, steps=args.steps, seq_len=args.seq_len,
         batch_size=args.batch_size, learning_rate=args.lr, index_topk=args.index_topk, save_steps=args.save_steps,
@@ -394,14 +408,14 @@ def _add_eval(commands) -> None:
     parser.add_argument("--source", default=None, help="the dense model the checkpoint was made from: loss_ratio is "
                         "against its dense loss (source_dense_loss)")  # fmt: skip
     parser.add_argument("--data", required=True, nargs="+", help="text files to evaluate on")
-    parser.add_argument("--seq-len", type=_positive_int, default=512)
+    parser.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per window (default 512)")
     parser.add_argument(
         "--index-topk", type=_positive_int, default=None, help="k (default: the checkpoint's index_topk)"
     )
     parser.add_argument(
-        "--windows", type=_positive_int, default=16, help="evaluation windows spread evenly over the data"
+        "--windows", type=_positive_int, default=16, help="evaluation windows spread evenly over the data (default 16)"
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=4)
+    parser.add_argument("--batch-size", type=_positive_int, default=4, help="windows per forward (default 4)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -414,6 +428,8 @@ def _run_eval(args) -> int:
     from .training import check_data_length, check_seq_len, evaluate_indexer, load_trained, trained_base
 
     _check_checkpoint(args.checkpoint, adapter_ok=True)
+    if (Path(args.checkpoint) / "adapter_config.json").is_file():
+        _check_peft("an adapter")
     _check_files(args.data)
     check_seq_len(args.checkpoint, MlaDsaConfig.from_pretrained(trained_base(args.checkpoint)), args.seq_len)
     tokenizer = load_tokenizer(args.checkpoint, "eval")
@@ -458,6 +474,16 @@ def _check_source(path: str, config, tokenizer) -> None:
     if not same_tokens:
         raise ConversionError(path, "its tokenizer differs from the checkpoint's: not the model the checkpoint was "
                                     "made from")  # fmt: skip
+
+
+def _check_peft(what: str) -> None:
+    """PEFT is an extra (`mla-dsa[peft]`): without it, one line saying so (it was a ModuleNotFoundError traceback
+    after the model had loaded)."""
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise ConversionError(what, "needs the peft package, which is not installed: pip install peft (or pip install "
+                                    "-e '.[peft]' in a checkout of mla-dsa)")  # fmt: skip
 
 
 def _check_checkpoint(path: str, adapter_ok: bool = False, is_source: bool = False) -> None:
@@ -617,7 +643,7 @@ def _add_serve(commands) -> None:
         "/v1/responses, /v1/models, /health) with CHECKPOINT loaded by mla-dsa: our checkpoints and the "
         "--export deepseek_v32 / glm_moe_dsa outputs run in our model, with its sparse decode over the latent cache. "
         "Requests name the model as CHECKPOINT is written here, or not at all. Needs transformers >= 5.25 and "
-        "pip install 'mla-dsa[serve]'.",
+        "pip install -e '.[serve]'.",
     )
     parser.add_argument("checkpoint", help="checkpoint directory (ours, or a DeepSeek-V3.2 / GLM-5 export)")
     parser.add_argument("--host", default="localhost", help="listen address (default localhost)")

@@ -43,7 +43,9 @@ def check_serving_stack() -> None:
     if ModelLoader is None:
         raise ImportError(f"mla-dsa serve needs transformers >= 5.25 (its serving stack): {SERVING_IMPORT_ERROR}")
     if not is_serve_available():
-        raise ImportError("mla-dsa serve needs transformers' serving extras: pip install 'mla-dsa[serve]'")
+        raise ImportError(
+            "mla-dsa serve needs transformers' serving extras: pip install -e '.[serve]' in a checkout of mla-dsa"
+        )
 
 
 class MlaDsaModelLoader(ModelLoader or object):

@@ -272,3 +272,33 @@ def test_the_commands_print_each_warning_as_one_line():
         line = warnings.formatwarning("--export deepseek_v32: rope_type", UserWarning, "cli.py", 238, "dst = convert(")
     assert line == "UserWarning: --export deepseek_v32: rope_type\n"
     assert warnings.formatwarning is default
+
+
+def test_lora_and_adapters_without_peft_are_one_line(byte_dsa, tmp_path, capsys, monkeypatch):
+    """PEFT is an extra: `train-indexer --lora` and `eval` of an adapter say so in one line before loading anything
+    (--lora died in a ModuleNotFoundError traceback after the model had loaded)."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *args: None if name == "peft" else find_spec(name, *args)
+    )
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(byte_dsa)}))
+    for argv in ([*_train_argv(byte_dsa, tmp_path / "out"), "--lora", "4"],
+                 ["eval", str(adapter), "--data", *DATA_FILES, "--seq-len", "16"]):  # fmt: skip
+        assert cli(argv) == 1
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert "needs the peft package" in line and "pip install peft" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_says_when_its_indexers_are_new_and_untrained(byte_dsa, tmp_path, capsys):
+    """A dense source gets new indexers, which select poorly until trained: the command says so and how to do better;
+    a source with indexers keeps them, without the note."""
+    dense = byte_dsa.parent / "dense"
+    assert cli(["convert", str(dense), str(tmp_path / "new"), "--no-progress"]) == 0
+    assert "note: its indexers are new (random) and select poorly until trained" in capsys.readouterr().out
+    assert cli(["convert", str(byte_dsa), str(tmp_path / "kept"), "--no-progress"]) == 0
+    assert "note:" not in capsys.readouterr().out
