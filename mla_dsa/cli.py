@@ -90,10 +90,11 @@ def _add_indexer_arguments(group) -> None:
     )
     group.add_argument(
         "--indexer-init",
-        default="random",
+        default=None,
         choices=INDEXER_INITS,
-        help="random (the default, as the paper: train it before use), svd (derived from the layer's attention "
-        "weights) or calibrate (recommended: svd, then fitted to each layer's attention on --calibration-data)",
+        help="random (as the paper: train it before use), svd (derived from the layer's attention weights) or "
+        "calibrate (recommended: svd, then fitted to each layer's attention on --calibration-data). Default: "
+        "calibrate where --calibration-data is given and SRC has no indexer, else random",
     )
     group.add_argument(
         "--calibration-data",
@@ -234,6 +235,8 @@ def _run_convert(args) -> int:
     from .conversion.convert import convert_checkpoint
     from .conversion.write import CALIBRATION_REPORT
 
+    if args.indexer_init is None:  # text given for a model without indexers: fit them on it
+        args.indexer_init = "calibrate" if args.calibration_data and not _has_indexer(args.src) else "random"
     gguf_options = {"llama_cpp": args.llama_cpp, "gguf_type": args.gguf_type} if args.export == "gguf" else {}
     if not gguf_options and (args.llama_cpp or args.gguf_type):
         raise ConversionError(args.dst, "--llama-cpp and --gguf-type apply to --export gguf")
@@ -267,9 +270,13 @@ def _run_convert(args) -> int:
 
 
 def _has_indexer(src: str) -> bool:
-    """Whether SRC's config describes an indexer (DeepSeek-V3.2, GLM-5, ours), which a conversion keeps."""
-    config = json.loads((Path(src) / "config.json").read_text())
-    return any(field in config for field in ("index_topk", "index_n_heads"))
+    """Whether SRC's config describes an indexer (DeepSeek-V3.2, GLM-5, ours), which a conversion keeps (an unreadable
+    config: the conversion's own checks say what is wrong)."""
+    try:
+        config = json.loads((Path(src) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and any(field in config for field in ("index_topk", "index_n_heads"))
 
 
 def _add_train_indexer(commands) -> None:

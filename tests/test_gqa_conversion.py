@@ -550,16 +550,19 @@ def test_downstream_export_peft_and_training(tmp_path, data_files):
 
 
 def test_cli_converts_a_gqa_checkpoint_and_eval_reads_it(tmp_path, data_files, capsys):
-    """`mla-dsa convert SRC DST --from-gqa --kv-lora-rank R --calibration-data ...` then `mla-dsa eval`."""
+    """`mla-dsa convert SRC DST --from-gqa --kv-lora-rank R --calibration-data ...` then `mla-dsa eval`. The text
+    given fits the indexers too, without --indexer-init calibrate (the default where text is given: they were left
+    random)."""
     from mla_dsa.cli import main
 
     save_gqa(tmp_path / "src")
     argv = ["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--from-gqa", "--kv-lora-rank", "24",
             "--calibration-data", *data_files, "--calibration-tokens", "256", "--calibration-seq-len", "64",
-            "--index-topk", "16", "--verify", "--no-progress"]  # fmt: skip
+            "--calibration-steps", "5", "--index-topk", "16", "--verify", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     assert json.loads((tmp_path / "dst" / "config.json").read_text())["kv_lora_rank"] == 24
-    capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert "calibrated 2 indexers on 256 tokens" in printed and "note:" not in printed, printed
     assert main(["eval", str(tmp_path / "dst"), "--data", *data_files, "--seq-len", "64", "--windows", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert math.isfinite(result["sparse_loss"]) and result["index_topk"] == 16
