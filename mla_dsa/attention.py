@@ -12,6 +12,10 @@ lives here, where a release can change it, not in the code frozen into checkpoin
   the same numbers as the [H, C] @ [C, k] form, which MKL runs there at 0.6x the speed (an output of only H rows; a
   16K-context step 29.8 -> 28.1 ms with the output matmul [R, k] @ [k, H] too). AVX-512 CPUs run the output heads-major
   (`_HEADS_MAJOR_OUTPUT`), and the scores too for a head count that is not a multiple of 16 (`_HEADS_MAJOR_SCORES`);
+  a step torch.compile traces runs the output heads-major on every CPU: inductor makes the W_UV product after it a
+  loop of its own, which read the keys-major output with a stride, unvectorized (bench model, 4K, float32, AVX2, 1
+  thread: W_UV 0.94 -> 0.23 ms a layer, a compiled step 13.1 -> 11.6 ms; 2 threads 11.1 -> 10.5; 16K 21.0 -> 19.7 and
+  15.7 -> 15.6);
 - index scores are made a tile of keys at a time (below), a decode step's in the same form as its attention scores,
   except over float32 cached keys, which come from memory: keys-major on every CPU (`_score_tile`).
 
@@ -86,7 +90,7 @@ def _decode_step(query, rows, valid, scaling: float, kv_lora_rank: int) -> torch
         scores = torch.bmm(rows, query.flatten(0, 1).transpose(1, 2)).transpose(1, 2)  # [B, H, k], keys-major
     probs = masked_softmax(scores * scaling, valid)  # valid [B, 1, k]
     values = rows[..., :kv_lora_rank]  # [B, k, R]
-    if _HEADS_MAJOR_OUTPUT:
+    if _HEADS_MAJOR_OUTPUT or torch.compiler.is_compiling():  # compiled: see the module's docstring
         return torch.bmm(probs, values).unsqueeze(1)  # [B, 1, H, R], contiguous for W_UV after it
     latent_out = torch.bmm(values.transpose(1, 2), probs.transpose(1, 2))  # [B, R, H], rows on the long side
     return latent_out.transpose(1, 2).unsqueeze(1)  # [B, 1, H, R]
