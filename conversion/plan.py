@@ -15,7 +15,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 
 from ..deepseek_format import config_from_deepseek, deepseek_family, glm_indexer_types
 from ..modeling.configuration_mla_dsa import POSITIVE_FIELDS, REQUIRED_SHAPE_FIELDS, MlaDsaConfig
-from ..modeling.modeling_mla_dsa import FUSED_EXPERTS
+from ..modeling.modeling_mla_dsa import FUSED_EXPERTS, LATENT_MODULES
 from .source import SCALE_SUFFIX, ConversionError, SourceCheckpoint, TensorInfo
 
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -27,9 +27,8 @@ DROPPED_TENSORS = (re.compile(re.escape(SCALE_SUFFIX) + "$"), re.compile(r"rotar
 # Kept in float32 whatever --dtype says, as DeepSeek's inference code does.
 FLOAT32_TENSORS = (re.compile(r"e_score_correction_bias$"),)
 # A GQA conversion's latent down-projections and norms (`linear_latent_norm`): its latents sit below float16's normal
-# range, so a float16 checkpoint keeps these in float32, as `from_pretrained` keeps them in a float16 model (the
-# payload's LATENT_MODULES).
-LATENT_TENSORS = re.compile(r"\.self_attn\.(q_a_proj|q_a_layernorm|kv_a_proj_with_mqa|kv_a_layernorm)\.")
+# range, so a float16 checkpoint keeps these in float32, as `from_pretrained` keeps them in a float16 model.
+LATENT_TENSORS = re.compile(r"\.self_attn\.(" + "|".join(LATENT_MODULES) + r")\.")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
