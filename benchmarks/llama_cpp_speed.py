@@ -3,6 +3,7 @@
     python benchmarks/llama_cpp_speed.py --llama-cpp ~/llama.cpp --llama-bench ~/llama.cpp/build/bin/llama-bench \
         [--contexts 4096 16384 65536] [--prefill 4096] [--threads 1 2] [--dtypes float32 bfloat16] [--json out.json]
         [--checkpoint DIR --checkpoint-contexts 4096] [--repeats 1] [--onednn-linear [--onednn-min-weights N]]
+        [--cpp-wrapper]
 
 The `mla-dsa bench` small model (2 layers, hidden 1024, 16 heads, kv_lora_rank 512, 16 indexer heads x 128; top-k
 256 at contexts <= 8K, 2048 beyond) is built by transformers' DeepseekV32ForCausalLM, given a byte-level tokenizer,
@@ -13,7 +14,7 @@ top-k, which llama.cpp reads from the file) and timed, each figure in the same p
   `-p 4096 -n 0` for prefill; `-t` threads;
 - ours: eager decode on our cache filled with random latents (as `mla-dsa bench`), `torch.compile(model.forward,
   fullgraph=True)` with `torch._inductor.config.freezing` on a static cache, and a 4K prefill forward;
-  `torch.set_num_threads`; with `--onednn-linear`, large float32 linear layers through oneDNN (`mla_dsa.cpu_linear`:
+  `torch.set_num_threads`; with `--onednn-linear`, float32 linear layers through oneDNN (`mla_dsa.cpu_linear`:
   on this AMD CPU, PyTorch's default MKL matrix-vector product barely uses a second core);
 - transformers' DeepseekV32 up to `--theirs-max-context` (its decode re-expands the latent cache every step).
 With `--checkpoint`, a DSA checkpoint of ours (e.g. SmolLM2-135M's conversion: 30 small layers, where a decode
@@ -36,7 +37,6 @@ import torch
 
 import mla_dsa
 from mla_dsa import bench
-from mla_dsa.cpu_linear import MIN_WEIGHT_ELEMENTS
 from mla_dsa.data import byte_tokenizer
 
 DTYPES = {"float32": ("f32", torch.float32), "bfloat16": ("bf16", torch.bfloat16)}
@@ -75,7 +75,7 @@ def llama_bench(binary: str, gguf: Path, threads: int, dtype: str, *, depth: int
     return rows[0]["avg_ns"] / 1e9
 
 
-def ours_decode(model, context: int, k: int, steps: int, compiled: bool) -> float:
+def ours_decode(model, context: int, k: int, steps: int, compiled: bool, cpp_wrapper: bool = False) -> float:
     dtype = next(model.parameters()).dtype
     contents = bench.random_cache_contents(context, model.config.to_dict(), dtype=dtype)
     if not compiled:
@@ -83,7 +83,8 @@ def ours_decode(model, context: int, k: int, steps: int, compiled: bool) -> floa
             return bench.time_decode(model, bench.our_cache(model, contents), context, steps, index_topk=k)[0]
     cache = bench.our_cache(model, contents, max_cache_len=context + steps + 4)
     torch._dynamo.reset()  # a graph of its own for this context: no recompilation limit, no dynamic-shape fallback
-    forward = torch.compile(model.forward, fullgraph=True)
+    # cpp_wrapper: inductor calls the kernels from C++ instead of generated Python (docs/usage.md recommends it)
+    forward = torch.compile(model.forward, fullgraph=True, options={"cpp_wrapper": True} if cpp_wrapper else None)
     # freezing: the weights become constants and inductor prepacks the linear layers for oneDNN (bf16 GEMVs 1.6x faster)
     with torch.no_grad(), torch._inductor.config.patch(freezing=True):
         return bench.time_decode(model, cache, context, steps, forward=forward, warmup=2, index_topk=k)[0]
@@ -112,8 +113,7 @@ def decode_row(models: dict, model: str, dtype: str, threads: int, context: int,
     k = bench.topk_for(context)
     ours_dir, gguf = models[k, dtype]
     ours = mla_dsa.load_checkpoint(ours_dir, dtype=DTYPES[dtype][1]).eval()
-    if args.onednn_linear:
-        mla_dsa.use_onednn_linear(ours, args.onednn_min_weights)
+    layers = mla_dsa.use_onednn_linear(ours, args.onednn_min_weights) if args.onednn_linear else 0
     runs = {}
     for _ in range(args.repeats):
         if context <= args.llama_max_context:
@@ -122,12 +122,13 @@ def decode_row(models: dict, model: str, dtype: str, threads: int, context: int,
             runs.setdefault("llama_cpp_ms", []).append(1000 * seconds / args.llama_tokens)
         runs.setdefault("ours_eager_ms", []).append(ours_decode(ours, context, k, args.steps, compiled=False))
         if not args.no_compile:
-            runs.setdefault("ours_compiled_ms", []).append(ours_decode(ours, context, k, args.steps, compiled=True))
+            ms = ours_decode(ours, context, k, args.steps, compiled=True, cpp_wrapper=args.cpp_wrapper)
+            runs.setdefault("ours_compiled_ms", []).append(ms)
         if theirs is not None and context <= args.theirs_max_context:
             bench.set_their_topk(theirs, k)
             runs.setdefault("transformers_ms", []).append(theirs_decode(theirs, context, steps=3))
     row = {"what": "decode", "model": model, "dtype": dtype, "threads": threads, "context": context, "index_topk": k}
-    row |= linear_fields(args, dtype)
+    row |= linear_fields(args, dtype, layers) | ({"cpp_wrapper": True} if args.cpp_wrapper else {})
     row |= {engine: statistics.median(figures) for engine, figures in runs.items()}
     if args.repeats > 1:
         row |= {f"{engine}_runs": figures for engine, figures in runs.items()}
@@ -138,9 +139,12 @@ def decode_row(models: dict, model: str, dtype: str, threads: int, context: int,
     return row
 
 
-def linear_fields(args: argparse.Namespace, dtype: str) -> dict:
-    """What a row records of `--onednn-linear` (float32 rows only: bfloat16 layers are on oneDNN already)."""
-    return {"onednn_min_weights": args.onednn_min_weights} if args.onednn_linear and dtype == "float32" else {}
+def linear_fields(args: argparse.Namespace, dtype: str, layers: int) -> dict:
+    """What a row records of `--onednn-linear` (float32 rows only: bfloat16 layers are on oneDNN already): the size
+    rule asked for (None: `use_onednn_linear`'s by the thread count) and how many of our layers it moved."""
+    if not (args.onednn_linear and dtype == "float32"):
+        return {}
+    return {"onednn_min_weights": args.onednn_min_weights, "onednn_layers": layers}
 
 
 def main() -> None:
@@ -165,11 +169,14 @@ def main() -> None:
                         "decode only, without transformers")  # fmt: skip
     parser.add_argument("--checkpoint-contexts", type=int, nargs="+", default=[4096])
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--cpp-wrapper", action="store_true",
+                        help="our compiled decode with inductor's C++ wrapper (options={'cpp_wrapper': True})")  # fmt: skip
     parser.add_argument("--onednn-linear", action="store_true",
                         help="float32 linear layers through oneDNN (mla_dsa.use_onednn_linear), ours and "
                         "transformers'")  # fmt: skip
-    parser.add_argument("--onednn-min-weights", type=int, default=MIN_WEIGHT_ELEMENTS,
-                        help="with --onednn-linear: layers of at least this many weights (0: all)")  # fmt: skip
+    parser.add_argument("--onednn-min-weights", type=int, default=None,
+                        help="with --onednn-linear: layers of at least this many weights (0: all; default: "
+                        "use_onednn_linear's rule, every layer from 2 threads on, none on 1)")  # fmt: skip
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     topks = sorted({bench.topk_for(context) for context in [*args.contexts, *args.prefill]})
@@ -191,19 +198,18 @@ def main() -> None:
                                       source=Path(args.checkpoint), name=checkpoint_name)  # fmt: skip
         for dtype in args.dtypes:
             torch_dtype = DTYPES[dtype][1]
-            theirs = DeepseekV32ForCausalLM.from_pretrained(Path(tmp) / "v32", dtype=torch_dtype).eval()
-            if args.onednn_linear:
-                mla_dsa.use_onednn_linear(theirs, args.onednn_min_weights)
             for threads in args.threads:
-                torch.set_num_threads(threads)
+                torch.set_num_threads(threads)  # before use_onednn_linear, whose default rule reads it
+                theirs = DeepseekV32ForCausalLM.from_pretrained(Path(tmp) / "v32", dtype=torch_dtype).eval()
+                if args.onednn_linear:
+                    mla_dsa.use_onednn_linear(theirs, args.onednn_min_weights)
                 for context in args.contexts:
                     record(decode_row(models, "bench", dtype, threads, context, args, theirs))
                 for length in args.prefill:
                     k = bench.topk_for(length)
                     ours_dir, gguf = models[k, dtype]
                     ours = mla_dsa.load_checkpoint(ours_dir, dtype=torch_dtype).eval()
-                    if args.onednn_linear:
-                        mla_dsa.use_onednn_linear(ours, args.onednn_min_weights)
+                    layers = mla_dsa.use_onednn_linear(ours, args.onednn_min_weights) if args.onednn_linear else 0
                     bench.set_their_topk(theirs, k)
                     row = {
                         "what": "prefill",
@@ -217,7 +223,7 @@ def main() -> None:
                         "transformers_s": prefill_seconds(theirs, length),
                     }
                     row["ours_vs_llama_cpp"] = row["ours_s"] / row["llama_cpp_s"]
-                    row |= linear_fields(args, dtype)
+                    row |= linear_fields(args, dtype, layers)
                     record(row)
                 if args.checkpoint:
                     for context in args.checkpoint_contexts:

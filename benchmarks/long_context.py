@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 
-from mla_dsa.cpu_linear import MIN_WEIGHT_ELEMENTS
 from mla_dsa.data import stdlib_files, text_files_corpus
 from mla_dsa.demo_smollm2 import calibration_files
 from mla_dsa.loading import loading_kwargs
@@ -400,9 +399,10 @@ def run(args) -> dict:
 
     source = AutoModelForCausalLM.from_pretrained(source_dir, **loading_kwargs({"dtype": torch.float32})).eval()
     ours = {name: MlaDsaForCausalLM.from_pretrained(dst, dtype=torch.float32).eval() for name, dst in converted.items()}
-    if args.onednn_linear:  # every model's large float32 layers on oneDNN (mla_dsa.cpu_linear): the source's too
+    onednn_layers = 0
+    if args.onednn_linear:  # every model's float32 layers on oneDNN (mla_dsa.cpu_linear's rule): the source's too
         for model in [source, *ours.values()]:
-            use_onednn_linear(model)
+            onednn_layers += use_onednn_linear(model)
     if args.lookup:  # the lookup task's rows, instead of perplexity and the copy
         for length in args.lengths:
             windows = [lookup_window(tokenizer, length, index) for index in range(args.lookup_windows)]
@@ -440,7 +440,7 @@ def run(args) -> dict:
     if not args.no_decode:
         results["decode"] = []  # one run's rows: compared with one another only
         window = windows_of(tokenizer, max(args.lengths), 1)[0]
-        linear = {"onednn_min_weights": MIN_WEIGHT_ELEMENTS} if args.onednn_linear else {}
+        linear = {"onednn_min_weights": None, "onednn_layers": onednn_layers} if args.onednn_linear else {}
         if args.rounds:
             for name, model in ours.items():
                 settings = {"index_topk": max(args.lengths) // 8}
@@ -515,7 +515,7 @@ def table(results: dict) -> str:
                 attention += (", " if attention else "") + "compiled, static cache"
             if row.get("alternating"):
                 attention += (", " if attention else "") + f"median of {len(row['round_ms'])} alternating rounds"
-            if "onednn_min_weights" in row:
+            if row.get("onednn_layers", 1) and "onednn_min_weights" in row:
                 attention += (", " if attention else "") + "oneDNN linear"
             lines.append(f"| {row['model']} | {attention} | {row['context']:,} | {row['prefill_s']:.1f} "
                          f"| {row['decode_ms']:.0f} |")  # fmt: skip

@@ -1,13 +1,13 @@
 """Float32 linear layers through oneDNN on CPUs: `use_onednn_linear(model)`.
 
 PyTorch runs a float32 `nn.Linear` on an x86 CPU through MKL (eager `F.linear`, and `torch.compile` with freezing,
-which packs the weights for MKL). Measured on a 2-core AMD EPYC (AVX-512), torch 2.14: MKL's matrix-vector product - a
-batch-1 decode step's every projection - barely uses a second core (8192 x 1024: 1.7-1.9 ms on 1 thread, 1.4-1.9
-on 2; about 18 GB/s), where oneDNN's (the library PyTorch already uses for bfloat16 layers) takes 1.1 ms on one thread
-and 0.65 ms on two; at 256 or 4,096 rows oneDNN was 1.06-1.34x MKL's speed too. Small layers are the exception
-(`MIN_WEIGHT_ELEMENTS`). `benchmarks/onednn_linear.py` measures both, per layer size and per decode step.
+which packs the weights for MKL). Measured on 2-core AMD EPYCs, torch 2.14: MKL's matrix-vector product - a batch-1
+decode step's every projection - barely uses a second core (8192 x 1024: 1.7-1.9 ms on 1 thread, 1.4-1.9 on 2; about
+18 GB/s), where oneDNN's (the library PyTorch already uses for bfloat16 layers) takes 0.6 ms on two. On one thread
+MKL's is the faster step (`ONEDNN_FROM_THREADS`). `benchmarks/onednn_linear.py` measures both, per layer size and per
+decode step.
 
-The same layers, the same weights and state dict: only the forward of each large float32 `nn.Linear` is replaced, on
+The same layers, the same weights and state dict: only the forward of each float32 `nn.Linear` is replaced, on
 the instance, by one that calls oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, what inductor calls for bfloat16
 layers) for float32 CPU tensors outside autograd, and `F.linear` otherwise (training, other dtypes and devices, a
 tensor-parallel shard). Results equal `F.linear`'s up to float32 rounding (another summation order). Applies to any
@@ -21,11 +21,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Smaller layers stay on MKL: oneDNN's fixed cost per call outweighs its faster reads there. With all its 331 layers
-# (0.3-1.3 M weights but the LM head) on oneDNN, SmolLM2's compiled 4K decode step took 92.7 ms on one thread against
-# 81.7 on MKL; with its LM head alone, 84.3 (benchmarks/results_onednn_linear.json, one run). On two threads the bench
-# model's compiled step gained as much from its layers of 2 M weights and more (9.98 -> 8.40 ms) as from all (8.53).
-MIN_WEIGHT_ELEMENTS = 1 << 21
+# With fewer threads than this the default routes no layer: one thread's decode step ran slower with oneDNN's layers.
+# Measured (`benchmarks/onednn_linear.py`: the bench model, then a SmolLM2 conversion, at 4K, float32, the compiled
+# decode step under freezing, ms with MKL's layers / layers of 2 M weights and more on oneDNN / every layer on oneDNN):
+# an AVX2 EPYC (SmolLM2's half-cache conversion; benchmarks/results_onednn_linear_avx2.json), 1 thread 11.8 / 12.9 /
+# 13.4 and 79.2 / 87.4 / 95.3, 2 threads 10.9 / 9.1 / 8.6 and 75.3 / 74.0 / 69.5 (eager 134.5 / 135.1 / 129.2); an
+# AVX-512 EPYC (its full-width conversion; results_onednn_linear.json), 1 thread 10.6 / 11.2 / 10.9 and 81.7 / 84.3 /
+# 92.7, 2 threads 10.0 / 8.4 / 8.5 and 72.9 / 73.8 / 75.5 (eager 116.4 / 106.4 / 99.3). So: none on one thread (the
+# fastest on both CPUs); every layer from two on (the fastest on the AVX2 one; within 4 % of the fastest on the other).
+ONEDNN_FROM_THREADS = 2
 
 
 def onednn_available() -> bool:
@@ -57,12 +61,18 @@ def _onednn_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return rows.view(*x.shape[:-1], rows.shape[-1])
 
 
-def use_onednn_linear(model: nn.Module, min_weight_elements: int = MIN_WEIGHT_ELEMENTS) -> int:
+def use_onednn_linear(model: nn.Module, min_weight_elements: int | None = None) -> int:
     """Routes every float32 CPU `nn.Linear` of `model` with at least `min_weight_elements` weights (exactly that
     class: a LoRA or quantized wrapper's own forward is left alone, its base layer is not) through oneDNN; returns
-    how many layers. Does nothing (0) where this PyTorch has no oneDNN. Applying it twice changes nothing more."""
+    how many layers. `None`: by this process's thread count now (`torch.get_num_threads()`, so call it after setting
+    that): every layer from `ONEDNN_FROM_THREADS` threads on, none below, where MKL's was faster. Does nothing (0)
+    where this PyTorch has no oneDNN. Applying it twice changes nothing more."""
     if not onednn_available():
         return 0
+    if min_weight_elements is None:
+        if torch.get_num_threads() < ONEDNN_FROM_THREADS:
+            return 0
+        min_weight_elements = 0
     count = 0
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu" \

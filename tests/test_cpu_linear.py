@@ -113,17 +113,24 @@ def test_onednn_linear_on_a_tensor_subclass_weight_is_f_linear():
                                    .as_subclass(torch.Tensor))  # fmt: skip
 
 
-def test_onednn_linear_leaves_layers_below_the_size_on_mkl():
-    """By default only layers of at least `MIN_WEIGHT_ELEMENTS` weights move (smaller ones ran slower on oneDNN)."""
-    from mla_dsa.cpu_linear import MIN_WEIGHT_ELEMENTS
-
-    small, large = nn.Linear(64, 64), nn.Linear(64, MIN_WEIGHT_ELEMENTS // 64, bias=False)
+def test_onednn_linear_by_default_moves_every_layer_from_two_threads_and_none_on_one():
+    """The default rule reads the thread count: on one thread MKL's decode step was the faster, from two oneDNN's
+    with every layer moved (`mla_dsa.cpu_linear.ONEDNN_FROM_THREADS`)."""
+    threads = torch.get_num_threads()
+    small, large = nn.Linear(64, 64), nn.Linear(64, 4096, bias=False)
     model = nn.ModuleDict({"small": small, "large": large})
-    assert use_onednn_linear(model) == 1
-    with torch.no_grad():
-        x = torch.randn(1, 64)
-        assert ONEDNN_OP not in _ops_run(lambda: small(x))
-        assert ONEDNN_OP in _ops_run(lambda: large(x))
+    x = torch.randn(1, 64)
+    try:
+        torch.set_num_threads(1)
+        assert use_onednn_linear(model) == 0
+        with torch.no_grad():
+            assert ONEDNN_OP not in _ops_run(lambda: large(x))
+        torch.set_num_threads(2)
+        assert use_onednn_linear(model) == 2
+        with torch.no_grad():
+            assert ONEDNN_OP in _ops_run(lambda: small(x)) and ONEDNN_OP in _ops_run(lambda: large(x))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_onednn_linear_reports_a_wrong_input_width_as_f_linear_does():
