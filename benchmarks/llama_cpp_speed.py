@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--checkpoint-contexts", type=int, nargs="+", default=[4096])
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--cpp-wrapper", action="store_true",
-                        help="our compiled decode with inductor's C++ wrapper (options={'cpp_wrapper': True})")  # fmt: skip
+                        help="our compiled decode with inductor's C++ wrapper (cpp_wrapper=True)")  # fmt: skip
     parser.add_argument("--onednn-linear", action="store_true",
                         help="float32 linear layers through oneDNN (mla_dsa.use_onednn_linear), ours and "
                         "transformers'")  # fmt: skip

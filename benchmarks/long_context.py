@@ -440,7 +440,7 @@ def run(args) -> dict:
     if not args.no_decode:
         results["decode"] = []  # one run's rows: compared with one another only
         window = windows_of(tokenizer, max(args.lengths), 1)[0]
-        linear = {"onednn_min_weights": None, "onednn_layers": onednn_layers} if args.onednn_linear else {}
+        linear = {"onednn_layers": onednn_layers} if args.onednn_linear else {}
         if args.rounds:
             for name, model in ours.items():
                 settings = {"index_topk": max(args.lengths) // 8}
@@ -515,7 +515,7 @@ def table(results: dict) -> str:
                 attention += (", " if attention else "") + "compiled, static cache"
             if row.get("alternating"):
                 attention += (", " if attention else "") + f"median of {len(row['round_ms'])} alternating rounds"
-            if row.get("onednn_layers", 1) and "onednn_min_weights" in row:
+            if row.get("onednn_layers") or "onednn_min_weights" in row:  # older rows: the size rule they ran
                 attention += (", " if attention else "") + "oneDNN linear"
             lines.append(f"| {row['model']} | {attention} | {row['context']:,} | {row['prefill_s']:.1f} "
                          f"| {row['decode_ms']:.0f} |")  # fmt: skip
