@@ -96,13 +96,19 @@ def export_warnings(config: MlaDsaConfig, export: str) -> list[str]:
     """What the format holds but the serving engines are known to misread (transformers reads it right)."""
     found = []
     rope_type = config.rope_parameters.get("rope_type", "default")
-    if rope_type not in ("default", "yarn"):
+    if rope_type == "longrope":
         found.append(
             f"rope_type {rope_type!r} (an exact GQA conversion's RoPE key carries each source frequency once per key "
             f"head, written as one longrope factor per pair): transformers' {FORMAT_NAMES[export]} class reads it, "
             "but vLLM's and SGLang's DeepSeek attention read any rope_scaling as YaRN and would rotate these keys "
             "at other frequencies; serve this export through transformers, or convert the GQA source with "
             "--qk-rope-head-dim set to its head_dim (one RoPE head, lossy past the calibration length) for them"
+        )
+    elif rope_type not in ("default", "yarn"):
+        found.append(
+            f"rope_type {rope_type!r} (the GQA source's own RoPE scaling): transformers' {FORMAT_NAMES[export]} class "
+            "reads it, but vLLM's and SGLang's DeepSeek attention read any rope_scaling as YaRN and would rotate the "
+            "keys at other frequencies; serve this export through transformers"
         )
     if config.attention_bias:
         found.append(

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from transformers import AutoConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .calibrate import CalibrationOptions, calibration_windows
 from .gqa_math import (
@@ -40,6 +42,10 @@ from .write import save_state, start_state
 # Model types read as GQA sources: transformers' Llama-style decoders (q/k/v/o projections, RoPE on the whole head,
 # RMSNorm, a gated MLP); each is checked by `gqa_refusals` for what MLA cannot carry.
 GQA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# SRC's RoPE types the conversion carries: fixed frequencies (the same at every length) and no attention scaling, so
+# the MLA key is rotated exactly as SRC's keys were. "linear" and "llama3" (Llama 3.x's) only rescale the frequencies;
+# "dynamic" and "longrope" change them with the length, "yarn" also scales the scores.
+CARRIED_ROPE_TYPES = ("default", "linear", "llama3")
 STAGE_STATE = ".mla-dsa-gqa-state.json"
 REPORT_NAME = "mla_conversion.json"  # kept in DST: how its attention was made
 _LAYER_TENSORS = ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
@@ -69,8 +75,9 @@ def gqa_refusals(source: SourceCheckpoint) -> list[str]:
         reasons.append(f"sliding-window attention (sliding_window={window}): DSA attends over the whole context")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        reasons.append(f"rope_type {rope_type!r}: the GQA conversion carries plain RoPE (rope_type 'default')")
+    if rope_type not in CARRIED_ROPE_TYPES:
+        reasons.append(f"rope_type {rope_type!r}: the GQA conversion carries RoPE whose frequencies are the same at "
+                       f"every length and which scales no attention ({', '.join(CARRIED_ROPE_TYPES)})")  # fmt: skip
     if (rope.get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0) != 1.0:
         reasons.append("partial_rotary_factor != 1: only RoPE on the whole head is carried")
     if any(".mlp." in name and name.endswith(".bias") for name in names):
@@ -100,9 +107,9 @@ def mla_rope_parameters(config: dict, geometry: GqaGeometry) -> dict:
     """SRC's RoPE for a shared key of `geometry.rope_dim` dims. One head's worth is SRC's own RoPE. A wider key
     carries each of SRC's frequencies `rope_heads` times over (gqa_math.rope_frequencies), which no frequency
     ladder theta^(-2i/dim) holds: it is written as transformers' "longrope" with one factor per pair (the same
-    short and long factors, `factor` 1: no attention scaling), which DeepseekV3 and our model both read."""
-    rope = dict(config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0)})
-    rope.setdefault("rope_type", "default")
+    short and long factors, `factor` 1: no attention scaling), which DeepseekV3 and our model both read; so are a
+    "linear" or "llama3" SRC's rescaled frequencies."""
+    rope = _source_rope(config)
     if geometry.rope_heads == 1:
         return rope
     dim, theta = geometry.rope_dim, rope["rope_theta"]
@@ -166,8 +173,13 @@ def default_rope_dim(config: dict, kv_lora_rank: int | None) -> int:
 
 
 def checked_shape(source: SourceCheckpoint, opts: ConvertOptions) -> tuple[GqaGeometry, int]:
-    """SRC's geometry with the asked RoPE key, and the latent rank; a ConversionError naming the flag if either
-    cannot be built."""
+    """SRC's geometry with the asked RoPE key, and the latent rank; a ConversionError naming what MLA cannot carry
+    of SRC (`gqa_refusals`), or the flag if either cannot be built."""
+    reasons = gqa_refusals(source)
+    if reasons:
+        raise ConversionError(
+            source.path / "config.json", "cannot convert this GQA model to MLA: " + "; ".join(reasons)
+        )
     geometry = geometry_of(source.config, opts.qk_rope_head_dim or default_rope_dim(source.config, opts.kv_lora_rank))
     if opts.qk_rope_head_dim is not None and not (
         opts.qk_rope_head_dim % geometry.head_dim == 0 and 1 <= geometry.rope_heads <= geometry.kv_heads
@@ -185,15 +197,10 @@ def checked_shape(source: SourceCheckpoint, opts: ConvertOptions) -> tuple[GqaGe
 
 def write_mla_stage(source: SourceCheckpoint, stage: Path, opts: ConvertOptions) -> Path:
     """Stage 1: the dense MLA checkpoint of GQA `source` in `stage` (resumable); returns `stage`."""
-    reasons = gqa_refusals(source)
-    if reasons:
-        raise ConversionError(
-            source.path / "config.json", "cannot convert this GQA model to MLA: " + "; ".join(reasons)
-        )
+    geometry, rank = checked_shape(source, opts)  # refuses what MLA cannot carry first
     if not opts.calibration_data:
         raise ConversionError(source.path, "converting a GQA model to MLA fits the latent to the model's attention on "
                                            "text: pass --calibration-data FILES (a few thousand tokens)")  # fmt: skip
-    geometry, rank = checked_shape(source, opts)
     from transformers import DeepseekV3Config
 
     biased = has_attention_biases(source)
@@ -350,11 +357,31 @@ def _keep_probabilities(captured: dict, module, args, output) -> None:
     captured["p"] = output[1]  # eager attention's probabilities [B, H, L, L]
 
 
+def _source_rope(config: dict) -> dict:
+    """SRC's RoPE as transformers reads its config.json (`rope_parameters`, or the older `rope_theta` and
+    `rope_scaling`), with its `rope_type`."""
+    if config.get("rope_parameters"):
+        rope = dict(config["rope_parameters"])
+    elif config.get("rope_scaling"):  # transformers turns the older fields into rope_parameters
+        rope = dict(AutoConfig.for_model(**config).rope_parameters)
+    else:
+        rope = {}
+    rope.setdefault("rope_type", rope.pop("type", "default"))
+    rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    return rope
+
+
 def _inv_freq(config: dict) -> torch.Tensor:
-    geometry = geometry_of(config)
-    rope = config.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-    return 1.0 / theta ** (torch.arange(0, geometry.head_dim, 2, dtype=torch.float64) / geometry.head_dim)
+    """SRC's RoPE frequencies [head_dim / 2]: plain RoPE's in float64; a "linear" or "llama3" SRC's as its own rotary
+    embedding computes them (transformers' `ROPE_INIT_FUNCTIONS`)."""
+    geometry, rope = geometry_of(config), _source_rope(config)
+    if rope["rope_type"] == "default":
+        theta = rope.get("rope_theta", 10000.0)
+        return 1.0 / theta ** (torch.arange(0, geometry.head_dim, 2, dtype=torch.float64) / geometry.head_dim)
+    source_config = AutoConfig.for_model(**{**config, "rope_parameters": rope})
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope["rope_type"]](source_config, torch.device("cpu"))
+    assert attention_factor == 1.0, rope  # CARRIED_ROPE_TYPES scale no scores
+    return inv_freq.double()
 
 
 def _stage_dtype(source: SourceCheckpoint, opts: ConvertOptions) -> torch.dtype:

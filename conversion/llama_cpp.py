@@ -45,8 +45,9 @@ def llama_cpp_refusals(config: dict) -> list[str]:
                        "q_a_proj, kv_a_proj_with_mqa and o_proj weights without biases")  # fmt: skip
     rope_type = (config.get("rope_scaling") or {}).get("rope_type", (config.get("rope_scaling") or {}).get("type"))
     if rope_type not in (None, "default", "yarn"):
+        hint = " (convert a GQA source with --qk-rope-head-dim set to its head_dim)" if rope_type == "longrope" else ""
         reasons.append(f"rope_scaling type {rope_type!r}: llama.cpp's deepseek32 graph applies no per-frequency "
-                       "factors (convert a GQA source with --qk-rope-head-dim set to its head_dim)")  # fmt: skip
+                       f"factors{hint}")  # fmt: skip
     return reasons
 
 

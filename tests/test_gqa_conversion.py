@@ -424,6 +424,59 @@ def test_attention_biases_convert_exactly(tmp_path, data_files, capsys, model_cl
     assert not converted(zero).config.attention_bias
 
 
+# Llama 3.x's RoPE (frequencies past `original_max_position_embeddings / low_freq_factor` in wavelength divided by
+# `factor`, smoothed down to the high-frequency band) at sizes where all three bands exist for a 16-dim head, and
+# linear position interpolation.
+SCALED_ROPES = {
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+    "linear": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("rope_type", SCALED_ROPES)
+def test_frequency_scaled_rope_converts_exactly(tmp_path, data_files, rope_type):
+    """A source whose RoPE rescales its frequencies (Llama 3.x's "llama3", "linear"): the default conversion keeps
+    every key head's rotation at those frequencies (transformers' "longrope", one factor per pair) and equals the
+    source at positions far past the calibration windows and past `original_max_position_embeddings`; one key/value
+    head keeps the source's own RoPE type, and transformers' DeepseekV32 reads it from the export alike."""
+    rope = SCALED_ROPES[rope_type]
+    ids = torch.randint(0, 256, (2, 250), generator=torch.Generator().manual_seed(0))
+    for kv_heads, written in ((2, "longrope"), (1, rope_type)):
+        source = save_gqa(tmp_path / f"src{kv_heads}", num_key_value_heads=kv_heads, rope_parameters=rope)
+        dst = convert_checkpoint(tmp_path / f"src{kv_heads}", tmp_path / f"dst{kv_heads}", index_topk=256,
+                                 **calibration(data_files))  # fmt: skip
+        model = converted(dst)
+        assert model.config.rope_parameters["rope_type"] == written
+        with torch.no_grad():
+            expected = source(ids).logits
+            assert (model(ids).logits - expected).abs().max() < 1e-4, kv_heads
+    with pytest.warns(UserWarning, match=f"rope_type '{rope_type}' \\(the GQA source's own RoPE scaling\\)"):
+        exported = convert_checkpoint(tmp_path / "src1", tmp_path / "v32", index_topk=256, export="deepseek_v32",
+                                      **calibration(data_files))  # fmt: skip
+    with torch.no_grad():
+        native = DeepseekV32ForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+        assert (native(ids).logits - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("rope_type", SCALED_ROPES)
+def test_source_rope_frequencies_are_those_of_its_rotary_embedding(rope_type):
+    """What the RoPE fold and the written RoPE key use: SRC's frequencies as transformers' LlamaRotaryEmbedding
+    computes them, from `rope_parameters` and from the older `rope_theta` + `rope_scaling` of a config.json."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from mla_dsa.conversion.gqa import _inv_freq
+
+    rope = SCALED_ROPES[rope_type]
+    config = LlamaConfig(**SMALL, num_key_value_heads=2, rope_parameters=rope)
+    expected = LlamaRotaryEmbedding(config).inv_freq.double()
+    assert not torch.allclose(expected, _inv_freq(LlamaConfig(**SMALL, num_key_value_heads=2).to_dict()))  # plain
+    older = {key: value for key, value in rope.items() if key != "rope_theta"}
+    for form in ({"rope_parameters": rope}, {"rope_theta": rope["rope_theta"], "rope_scaling": older}):
+        config_json = {**config.to_dict(), "rope_parameters": None, **form}
+        assert torch.allclose(_inv_freq(config_json), expected, rtol=1e-6, atol=0), form
+
+
 def _attention_biases(model) -> list[torch.Tensor]:
     names = ("q_proj", "k_proj", "v_proj", "o_proj")
     projections = [getattr(layer.self_attn, name) for layer in model.model.layers for name in names]
@@ -447,8 +500,10 @@ def _zero_attention_biases(model):
     [
         (Qwen3ForCausalLM, Qwen3Config, {}, "QK-norm"),
         (MistralForCausalLM, MistralConfig, {"sliding_window": 32}, "sliding-window attention"),
-        (LlamaForCausalLM, LlamaConfig, {"rope_parameters": {"rope_type": "linear", "factor": 2.0,
-                                                             "rope_theta": 10000.0}}, "rope_type 'linear'"),
+        (LlamaForCausalLM, LlamaConfig, {"rope_parameters": {"rope_type": "yarn", "factor": 2.0,
+                                                             "rope_theta": 10000.0}}, "rope_type 'yarn'"),
+        (LlamaForCausalLM, LlamaConfig, {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0,
+                                                             "rope_theta": 10000.0}}, "rope_type 'dynamic'"),
     ],
 )  # fmt: skip
 def test_what_mla_cannot_carry_is_refused(tmp_path, data_files, model_class, config_class, overrides, reason):

@@ -42,7 +42,10 @@ def test_llama_cpp_refusals_name_what_its_deepseek32_graph_cannot_run():
     assert llama_cpp_refusals({**runnable, "attention_bias": False}) == []
     assert "attention_bias" in " ".join(llama_cpp_refusals({**runnable, "attention_bias": True}))
     longrope = {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}
-    assert "longrope" in " ".join(llama_cpp_refusals({**runnable, "rope_scaling": longrope}))
+    assert "--qk-rope-head-dim" in " ".join(llama_cpp_refusals({**runnable, "rope_scaling": longrope}))
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    reasons = " ".join(llama_cpp_refusals({**runnable, "rope_scaling": llama3}))  # a Llama 3.x source's own
+    assert "llama3" in reasons and "--qk-rope-head-dim" not in reasons  # one RoPE head would not help
 
 
 def test_gguf_export_refuses_a_model_llama_cpp_would_abort_on_and_leaves_nothing(fake_llama_cpp, tmp_path, capsys):
