@@ -101,8 +101,8 @@ def export_warnings(config: MlaDsaConfig, export: str) -> list[str]:
             f"rope_type {rope_type!r} (an exact GQA conversion's RoPE key carries each source frequency once per key "
             f"head, written as one longrope factor per pair): transformers' {FORMAT_NAMES[export]} class reads it, "
             "but vLLM's and SGLang's DeepSeek attention read any rope_scaling as YaRN and would rotate these keys "
-            "at other frequencies; serve this export through transformers, or convert the GQA source with "
-            "--qk-rope-head-dim set to its head_dim (one RoPE head, lossy past the calibration length) for them"
+            "at other frequencies; serve this export through transformers, or (a GQA source with plain RoPE) convert "
+            "it with --qk-rope-head-dim set to its head_dim (one RoPE head, lossy past the calibration length) for them"
         )
     elif rope_type not in ("default", "yarn"):
         found.append(

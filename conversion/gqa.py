@@ -15,6 +15,7 @@ Streaming: one SRC decoder layer is in memory at a time, in float32, beside the 
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict
@@ -112,13 +113,29 @@ def mla_rope_parameters(config: dict, geometry: GqaGeometry) -> dict:
     rope = _source_rope(config)
     if geometry.rope_heads == 1:
         return rope
-    dim, theta = geometry.rope_dim, rope["rope_theta"]
-    wanted = rope_frequencies(_inv_freq(config), geometry.rope_heads)
-    ladder = theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # longrope: inv_freq = 1/(factor*ladder)
-    factors = (1.0 / (wanted * ladder)).tolist()
+    theta = rope["rope_theta"]
+    factors = longrope_factors(rope_frequencies(_inv_freq(config), geometry.rope_heads).float(), theta)
     max_positions = config.get("max_position_embeddings", 4096)
     return {"rope_type": "longrope", "rope_theta": theta, "short_factor": factors, "long_factor": factors,
             "factor": 1.0, "original_max_position_embeddings": max_positions}  # fmt: skip
+
+
+def longrope_factors(wanted: torch.Tensor, theta: float) -> list[float]:
+    """Per-pair factors f with which transformers' "longrope" computes exactly the float32 frequencies `wanted` [F]:
+    it computes 1 / (f * theta ** (2i / 2F)) in float32. The float64 quotient can land one float32 step off, and a
+    frequency one step off turns the key by an angle that grows with distance (measured on a converted Llama: logits
+    5e-4 off at 2K, 2e-3 at 16K): each factor is nudged a step at a time until the frequency is SRC's (or, where no
+    float32 factor gives it, one step from it)."""
+    ladder = theta ** (torch.arange(0, 2 * len(wanted), 2, dtype=torch.int64).float() / (2 * len(wanted)))
+    factors = (1.0 / (wanted.double() * ladder.double())).float()
+    for _ in range(4):
+        computed = 1.0 / (factors * ladder)  # as transformers' longrope computes it
+        if torch.equal(computed, wanted):
+            break
+        larger, smaller = torch.full_like(factors, math.inf), torch.full_like(factors, -math.inf)
+        factors = torch.where(computed > wanted, torch.nextafter(factors, larger),  # a larger factor: lower frequency
+                              torch.where(computed < wanted, torch.nextafter(factors, smaller), factors))  # fmt: skip
+    return factors.tolist()
 
 
 def mla_config_fields(config: dict, rank: int, rope_dim: int | None = None, biased: bool = False) -> dict:
@@ -372,12 +389,12 @@ def _source_rope(config: dict) -> dict:
 
 
 def _inv_freq(config: dict) -> torch.Tensor:
-    """SRC's RoPE frequencies [head_dim / 2]: plain RoPE's in float64; a "linear" or "llama3" SRC's as its own rotary
-    embedding computes them (transformers' `ROPE_INIT_FUNCTIONS`)."""
+    """SRC's RoPE frequencies [head_dim / 2] (float64) as its own rotary embedding computes them, in float32: plain
+    RoPE's as transformers' default, a "linear" or "llama3" SRC's by transformers' `ROPE_INIT_FUNCTIONS`."""
     geometry, rope = geometry_of(config), _source_rope(config)
     if rope["rope_type"] == "default":
-        theta = rope.get("rope_theta", 10000.0)
-        return 1.0 / theta ** (torch.arange(0, geometry.head_dim, 2, dtype=torch.float64) / geometry.head_dim)
+        exponents = torch.arange(0, geometry.head_dim, 2, dtype=torch.int64).float() / geometry.head_dim
+        return (1.0 / rope["rope_theta"] ** exponents).double()
     source_config = AutoConfig.for_model(**{**config, "rope_parameters": rope})
     inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope["rope_type"]](source_config, torch.device("cpu"))
     assert attention_factor == 1.0, rope  # CARRIED_ROPE_TYPES scale no scores

@@ -477,6 +477,35 @@ def test_source_rope_frequencies_are_those_of_its_rotary_embedding(rope_type):
         assert torch.allclose(_inv_freq(config_json), expected, rtol=1e-6, atol=0), form
 
 
+@pytest.mark.parametrize(
+    "head_dim, kv_heads, rope, most_off",
+    [(64, 3, {"rope_type": "default", "rope_theta": 100000.0}, 0),  # SmolLM2-135M's attention
+     (64, 8, {**SCALED_ROPES["llama3"], "rope_theta": 500000.0, "factor": 32.0,
+              "original_max_position_embeddings": 8192}, 12)],  # Llama-3.2-1B's
+    ids=["smollm2", "llama-3.2-1b"],
+)  # fmt: skip
+def test_the_wide_rope_key_has_the_source_frequencies_in_float32(head_dim, kv_heads, rope, most_off):
+    """The longrope factors of the wide RoPE key make transformers' float32 longrope frequencies (DeepseekV3's, ours)
+    SRC's own, bit for bit: a frequency one float32 step off turns a key by an angle that grows with the distance
+    (SmolLM2's geometry: 10 of 96 pairs were, before the factors were fitted in float32). Where no float32 factor
+    gives SRC's frequency (12 of Llama-3.2-1B's 256 pairs; 9 of Llama-3.1-8B's 512) it is one step away."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from mla_dsa.conversion.gqa import mla_config_fields
+
+    source = LlamaConfig(vocab_size=256, hidden_size=9 * head_dim, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=9, num_key_value_heads=kv_heads, head_dim=head_dim,
+                         max_position_embeddings=8192, rope_parameters=rope)  # fmt: skip
+    wanted = LlamaRotaryEmbedding(source).inv_freq.repeat_interleave(kv_heads)
+    fields = mla_config_fields(source.to_dict(), kv_heads * head_dim, rope_dim=kv_heads * head_dim)
+    written = DeepseekV3RotaryEmbedding(DeepseekV3Config(**fields)).inv_freq
+    off = written != wanted
+    assert off.sum() <= most_off
+    assert torch.equal(torch.nextafter(written[off], wanted[off]), wanted[off])  # one step where not equal
+
+
 def _attention_biases(model) -> list[torch.Tensor]:
     names = ("q_proj", "k_proj", "v_proj", "o_proj")
     projections = [getattr(layer.self_attn, name) for layer in model.model.layers for name in names]
