@@ -43,10 +43,11 @@ from .write import save_state, start_state
 # Model types read as GQA sources: transformers' Llama-style decoders (q/k/v/o projections, RoPE on the whole head,
 # RMSNorm, a gated MLP); each is checked by `gqa_refusals` for what MLA cannot carry.
 GQA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-# SRC's RoPE types the conversion carries: fixed frequencies (the same at every length) and no attention scaling, so
-# the MLA key is rotated exactly as SRC's keys were. "linear" and "llama3" (Llama 3.x's) only rescale the frequencies;
-# "dynamic" and "longrope" change them with the length, "yarn" also scales the scores.
-CARRIED_ROPE_TYPES = ("default", "linear", "llama3")
+# SRC's RoPE types the conversion carries: frequencies that are the same at every length, so the MLA key is rotated
+# exactly as SRC's keys were. "linear" and "llama3" (Llama 3.x's) rescale the frequencies; "yarn" also multiplies
+# cos and sin by an attention factor, every score by its square, which the queries take on. "dynamic" and "longrope"
+# change the frequencies with the length.
+CARRIED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 STAGE_STATE = ".mla-dsa-gqa-state.json"
 REPORT_NAME = "mla_conversion.json"  # kept in DST: how its attention was made
 _LAYER_TENSORS = ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
@@ -78,7 +79,7 @@ def gqa_refusals(source: SourceCheckpoint) -> list[str]:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in CARRIED_ROPE_TYPES:
         reasons.append(f"rope_type {rope_type!r}: the GQA conversion carries RoPE whose frequencies are the same at "
-                       f"every length and which scales no attention ({', '.join(CARRIED_ROPE_TYPES)})")  # fmt: skip
+                       f"every length ({', '.join(CARRIED_ROPE_TYPES)})")  # fmt: skip
     if (rope.get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0) != 1.0:
         reasons.append("partial_rotary_factor != 1: only RoPE on the whole head is carried")
     if any(".mlp." in name and name.endswith(".bias") for name in names):
@@ -109,9 +110,10 @@ def mla_rope_parameters(config: dict, geometry: GqaGeometry) -> dict:
     carries each of SRC's frequencies `rope_heads` times over (gqa_math.rope_frequencies), which no frequency
     ladder theta^(-2i/dim) holds: it is written as transformers' "longrope" with one factor per pair (the same
     short and long factors, `factor` 1: no attention scaling), which DeepseekV3 and our model both read; so are a
-    "linear" or "llama3" SRC's rescaled frequencies."""
+    "linear" or "llama3" SRC's rescaled frequencies, and a "yarn" SRC's for any key (its attention factor is in the
+    queries: `score_scale`)."""
     rope = _source_rope(config)
-    if geometry.rope_heads == 1:
+    if geometry.rope_heads == 1 and rope["rope_type"] != "yarn":
         return rope
     theta = rope["rope_theta"]
     factors = longrope_factors(rope_frequencies(_inv_freq(config), geometry.rope_heads).float(), theta)
@@ -233,6 +235,8 @@ def write_mla_stage(source: SourceCheckpoint, stage: Path, opts: ConvertOptions)
     report = {"source_model_type": source.model_type, "kv_lora_rank": rank, "qk_rope_head_dim": geometry.rope_dim,
               "full_rank": geometry.full_rank, "calibration_tokens": int(windows.numel())}  # fmt: skip
     bar = tqdm(total=source.config["num_hidden_layers"], desc="GQA -> MLA", unit="layer", disable=not opts.progress)
+    inv_freq, attention_factor = _source_rotary(source.config)
+    score_scale = attention_factor**2  # YaRN's cos and sin both carry it: every score, into the queries
     for layer_idx, stats in gqa_layer_stats(source, windows):
         prefix = f"model.layers.{layer_idx}."
         if not writer.done(prefix):
@@ -240,10 +244,10 @@ def write_mla_stage(source: SourceCheckpoint, stage: Path, opts: ConvertOptions)
             if biased:
                 biases = {p: source.read(f"{prefix}self_attn.{p}.bias", torch.float32).float() for p in _ATTENTION
                           if f"{prefix}self_attn.{p}.bias" in source.tensors}  # fmt: skip
-                tensors = mla_attention_weights_with_biases(*attention, biases, stats, geometry,
-                                                            _inv_freq(source.config), rank)  # fmt: skip
+                tensors = mla_attention_weights_with_biases(*attention, biases, stats, geometry, inv_freq, rank,
+                                                            score_scale=score_scale)  # fmt: skip
             else:
-                tensors = mla_attention_weights(*attention, stats, geometry, _inv_freq(source.config), rank)
+                tensors = mla_attention_weights(*attention, stats, geometry, inv_freq, rank, score_scale=score_scale)
             out = {prefix + "self_attn." + name: tensor for name, tensor in tensors.items()}
             out.update({prefix + name: source.read(prefix + name, torch.float32).float() for name in _LAYER_TENSORS})
             out = {name: tensor.to(latent_dtype(name, dtype)).contiguous() for name, tensor in out.items()}
@@ -388,17 +392,21 @@ def _source_rope(config: dict) -> dict:
     return rope
 
 
-def _inv_freq(config: dict) -> torch.Tensor:
-    """SRC's RoPE frequencies [head_dim / 2] (float64) as its own rotary embedding computes them, in float32: plain
-    RoPE's as transformers' default, a "linear" or "llama3" SRC's by transformers' `ROPE_INIT_FUNCTIONS`."""
+def _source_rotary(config: dict) -> tuple[torch.Tensor, float]:
+    """SRC's RoPE frequencies [head_dim / 2] (float64) as its own rotary embedding computes them, in float32, and the
+    factor it multiplies cos and sin by: plain RoPE's as transformers' default, the others by transformers'
+    `ROPE_INIT_FUNCTIONS`."""
     geometry, rope = geometry_of(config), _source_rope(config)
     if rope["rope_type"] == "default":
         exponents = torch.arange(0, geometry.head_dim, 2, dtype=torch.int64).float() / geometry.head_dim
-        return (1.0 / rope["rope_theta"] ** exponents).double()
+        return (1.0 / rope["rope_theta"] ** exponents).double(), 1.0
     source_config = AutoConfig.for_model(**{**config, "rope_parameters": rope})
     inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope["rope_type"]](source_config, torch.device("cpu"))
-    assert attention_factor == 1.0, rope  # CARRIED_ROPE_TYPES scale no scores
-    return inv_freq.double()
+    return inv_freq.double(), float(attention_factor)
+
+
+def _inv_freq(config: dict) -> torch.Tensor:
+    return _source_rotary(config)[0]
 
 
 def _stage_dtype(source: SourceCheckpoint, opts: ConvertOptions) -> torch.dtype:

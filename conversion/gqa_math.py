@@ -206,19 +206,20 @@ def interleave_order(rope_dim: int) -> torch.Tensor:
 
 
 def mla_attention_weights(w_q, w_k, w_v, w_o, stats: LayerStats, geometry: GqaGeometry, inv_freq: torch.Tensor,
-                          rank: int, key_weight: float = 1.0, rope_fold: bool = True,
-                          latent_fit: str = "attention") -> dict[str, torch.Tensor]:  # fmt: skip
+                          rank: int, key_weight: float = 1.0, rope_fold: bool = True, latent_fit: str = "attention",
+                          score_scale: float = 1.0) -> dict[str, torch.Tensor]:  # fmt: skip
     """One layer's MLA attention tensors (our names under `self_attn.`, float32) computing what the GQA projections
     compute: q_a_proj [d, d], q_a_layernorm.weight [d], q_b_proj [H*(dn+dr), d], kv_a_proj_with_mqa [rank+dr, d],
     kv_a_layernorm.weight [rank], kv_b_proj [H*(dn+dv), rank], o_proj (unchanged). dn = (G-r)*D, dr = r*D, dv = D
     (r = `geometry.rope_heads`); RoPE interleaved, pair p at `rope_frequencies(inv_freq, r)[p]`. `rope_fold` and
-    `latent_fit`: decouple_rope's `fold` and factor_latent's `fit`."""
+    `latent_fit`: decouple_rope's `fold` and factor_latent's `fit`; `score_scale`: what SRC's RoPE multiplies every
+    score by (YaRN's attention factor, squared), taken on by the queries (RoPE and position-free alike)."""
     if latent_fit not in ("attention", "activation"):
         raise ValueError(f"latent_fit must be 'attention' or 'activation', got {latent_fit!r}")
     heads, head_dim = geometry.heads, geometry.head_dim
     q_rope, k_rope, q_nope, k_nope = decouple_rope(w_q, w_k, stats, geometry, inv_freq, fold=rope_fold)
-    # Ours scales scores by 1/sqrt(dn + dr), the source by 1/sqrt(D): the queries make up the difference.
-    q_scale = math.sqrt((geometry.nope_dim + geometry.rope_dim) / head_dim)
+    # Ours scales scores by 1/sqrt(dn + dr), the source by 1/sqrt(D) (and `score_scale`): the queries make up both.
+    q_scale = math.sqrt((geometry.nope_dim + geometry.rope_dim) / head_dim) * score_scale
     q_rope, q_nope = q_rope * q_scale, q_nope * q_scale
     a, b_k, b_v = factor_latent(k_nope, q_nope, w_v, w_o, stats, geometry, rank, key_weight, latent_fit)
     scale = latent_scale(a, stats)

@@ -37,6 +37,7 @@ from mla_dsa.conversion.gqa_math import (
     LayerStats,
     decouple_rope,
     factor_latent,
+    mla_attention_weights,
     pairs,
     rope_frequencies,
 )
@@ -370,6 +371,12 @@ def test_the_published_alternatives_compared_against_are_what_they_say():
     torch.testing.assert_close(unfolded, expected)
     _, _, q_nope, k_nope = decouple_rope(w_q, w_k, stats, geometry, inv_freq)
     assert not torch.allclose(q_nope, unfolded)
+    # YaRN's factor on every score (score_scale) goes into the queries, RoPE and position-free alike, and nowhere else
+    one_rope_head = GqaGeometry(heads=4, kv_heads=2, head_dim=8, rope_heads=1)
+    plain = mla_attention_weights(w_q, w_k, w_v, w_o, stats, one_rope_head, inv_freq, rank=6)
+    yarn = mla_attention_weights(w_q, w_k, w_v, w_o, stats, one_rope_head, inv_freq, rank=6, score_scale=1.3)
+    for name, tensor in plain.items():
+        torch.testing.assert_close(yarn[name], tensor * 1.3 if name == "q_b_proj.weight" else tensor, msg=name)
     other_q, other_o = torch.randn_like(q_nope), torch.randn_like(w_o)
     for fit, blind in (("activation", True), ("attention", False)):
         a_1, b_k1, b_v1 = factor_latent(k_nope, q_nope, w_v, w_o, stats, geometry, 6, 1.0, fit)
@@ -425,24 +432,27 @@ def test_attention_biases_convert_exactly(tmp_path, data_files, capsys, model_cl
 
 
 # Llama 3.x's RoPE (frequencies past `original_max_position_embeddings / low_freq_factor` in wavelength divided by
-# `factor`, smoothed down to the high-frequency band) at sizes where all three bands exist for a 16-dim head, and
-# linear position interpolation.
+# `factor`, smoothed down to the high-frequency band) at sizes where all three bands exist for a 16-dim head, linear
+# position interpolation, and YaRN (its own frequency ramp, and cos and sin multiplied by 0.1 ln(factor) + 1).
 SCALED_ROPES = {
     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64, "rope_theta": 10000.0},
     "linear": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0},
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("rope_type", SCALED_ROPES)
 def test_frequency_scaled_rope_converts_exactly(tmp_path, data_files, rope_type):
-    """A source whose RoPE rescales its frequencies (Llama 3.x's "llama3", "linear"): the default conversion keeps
-    every key head's rotation at those frequencies (transformers' "longrope", one factor per pair) and equals the
-    source at positions far past the calibration windows and past `original_max_position_embeddings`; one key/value
-    head keeps the source's own RoPE type, and transformers' DeepseekV32 reads it from the export alike."""
+    """A source whose RoPE rescales its frequencies (Llama 3.x's "llama3", "linear", "yarn"): the default conversion
+    keeps every key head's rotation at those frequencies (transformers' "longrope", one factor per pair) and equals
+    the source at positions far past the calibration windows and past `original_max_position_embeddings`; one
+    key/value head keeps the source's own RoPE type (YaRN's as longrope too: its attention factor is in the queries),
+    and transformers' DeepseekV32 reads it from the export alike."""
     rope = SCALED_ROPES[rope_type]
     ids = torch.randint(0, 256, (2, 250), generator=torch.Generator().manual_seed(0))
-    for kv_heads, written in ((2, "longrope"), (1, rope_type)):
+    one_head = "longrope" if rope_type == "yarn" else rope_type
+    for kv_heads, written in ((2, "longrope"), (1, one_head)):
         source = save_gqa(tmp_path / f"src{kv_heads}", num_key_value_heads=kv_heads, rope_parameters=rope)
         dst = convert_checkpoint(tmp_path / f"src{kv_heads}", tmp_path / f"dst{kv_heads}", index_topk=256,
                                  **calibration(data_files))  # fmt: skip
@@ -451,7 +461,7 @@ def test_frequency_scaled_rope_converts_exactly(tmp_path, data_files, rope_type)
         with torch.no_grad():
             expected = source(ids).logits
             assert (model(ids).logits - expected).abs().max() < 1e-4, kv_heads
-    with pytest.warns(UserWarning, match=f"rope_type '{rope_type}' \\(the GQA source's own RoPE scaling\\)"):
+    with pytest.warns(UserWarning, match=f"rope_type '{one_head}' .*read any rope_scaling as YaRN"):
         exported = convert_checkpoint(tmp_path / "src1", tmp_path / "v32", index_topk=256, export="deepseek_v32",
                                       **calibration(data_files))  # fmt: skip
     with torch.no_grad():
@@ -461,11 +471,12 @@ def test_frequency_scaled_rope_converts_exactly(tmp_path, data_files, rope_type)
 
 @pytest.mark.parametrize("rope_type", SCALED_ROPES)
 def test_source_rope_frequencies_are_those_of_its_rotary_embedding(rope_type):
-    """What the RoPE fold and the written RoPE key use: SRC's frequencies as transformers' LlamaRotaryEmbedding
-    computes them, from `rope_parameters` and from the older `rope_theta` + `rope_scaling` of a config.json."""
+    """What the RoPE fold and the written RoPE key use: SRC's frequencies and the factor on cos and sin as
+    transformers' LlamaRotaryEmbedding computes them, from `rope_parameters` and from the older `rope_theta` +
+    `rope_scaling` of a config.json."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from mla_dsa.conversion.gqa import _inv_freq
+    from mla_dsa.conversion.gqa import _inv_freq, _source_rotary
 
     rope = SCALED_ROPES[rope_type]
     config = LlamaConfig(**SMALL, num_key_value_heads=2, rope_parameters=rope)
@@ -475,6 +486,7 @@ def test_source_rope_frequencies_are_those_of_its_rotary_embedding(rope_type):
     for form in ({"rope_parameters": rope}, {"rope_theta": rope["rope_theta"], "rope_scaling": older}):
         config_json = {**config.to_dict(), "rope_parameters": None, **form}
         assert torch.allclose(_inv_freq(config_json), expected, rtol=1e-6, atol=0), form
+        assert _source_rotary(config_json)[1] == pytest.approx(LlamaRotaryEmbedding(config).attention_scaling)
 
 
 @pytest.mark.parametrize(
@@ -529,8 +541,10 @@ def _zero_attention_biases(model):
     [
         (Qwen3ForCausalLM, Qwen3Config, {}, "QK-norm"),
         (MistralForCausalLM, MistralConfig, {"sliding_window": 32}, "sliding-window attention"),
-        (LlamaForCausalLM, LlamaConfig, {"rope_parameters": {"rope_type": "yarn", "factor": 2.0,
-                                                             "rope_theta": 10000.0}}, "rope_type 'yarn'"),
+        (LlamaForCausalLM, LlamaConfig, {"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 8,
+                                                             "long_factor": [2.0] * 8, "rope_theta": 10000.0,
+                                                             "original_max_position_embeddings": 64}},
+         "rope_type 'longrope'"),
         (LlamaForCausalLM, LlamaConfig, {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0,
                                                              "rope_theta": 10000.0}}, "rope_type 'dynamic'"),
     ],
