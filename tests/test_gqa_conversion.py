@@ -499,7 +499,7 @@ def test_source_rope_frequencies_are_those_of_its_rotary_embedding(rope_type):
 def test_the_wide_rope_key_has_the_source_frequencies_in_float32(head_dim, kv_heads, rope, most_off):
     """The longrope factors of the wide RoPE key make transformers' float32 longrope frequencies (DeepseekV3's, ours)
     SRC's own, bit for bit: a frequency one float32 step off turns a key by an angle that grows with the distance
-    (SmolLM2's geometry: 10 of 96 pairs were, before the factors were fitted in float32). Where no float32 factor
+    (SmolLM2's geometry: 55 of 96 pairs were, before the factors were fitted in float32). Where no float32 factor
     gives SRC's frequency (12 of Llama-3.2-1B's 256 pairs; 9 of Llama-3.1-8B's 512) it is one step away."""
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
