@@ -7,6 +7,7 @@ real `PreTrainedTokenizerFast`, saved with the checkpoints that use it.
 
 import ast
 import hashlib
+import os
 import sysconfig
 import textwrap
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 PAD_ID, BOS_ID, EOS_ID = 0, 2, 3  # NUL, STX, ETX: bytes that do not occur in Python source
 HELD_OUT_PERCENT = 10
 _FILES_PER_CALL = 64
+_NOT_STDLIB = {"site-packages", "test", "idlelib/idle_test", "lib2to3/tests"}  # directories, relative
 
 
 def stdlib_files(split: str = "train", root: Path | None = None) -> list[Path]:
@@ -24,14 +26,15 @@ def stdlib_files(split: str = "train", root: Path | None = None) -> list[Path]:
         raise ValueError(f"split must be 'train' or 'held_out', got {split!r}")
     root = Path(root or sysconfig.get_paths()["stdlib"])
     files = []
-    for path in sorted(root.rglob("*.py")):
-        relative = path.relative_to(root).as_posix()
-        if relative.startswith(("site-packages/", "test/", "idlelib/idle_test/", "lib2to3/tests/")):
-            continue
-        bucket = int(hashlib.sha256(relative.encode()).hexdigest(), 16) % 100
-        if (bucket < HELD_OUT_PERCENT) == (split == "held_out"):
-            files.append(path)
-    return files
+    for directory, subdirectories, names in os.walk(root):
+        # pruned, not filtered: site-packages (torch, transformers, ...) holds far more files than the library
+        subdirectories[:] = [name for name in subdirectories if (Path(directory) / name).relative_to(root).as_posix()
+                             not in _NOT_STDLIB]  # fmt: skip
+        for path in (Path(directory) / name for name in names if name.endswith(".py")):
+            bucket = int(hashlib.sha256(path.relative_to(root).as_posix().encode()).hexdigest(), 16) % 100
+            if (bucket < HELD_OUT_PERCENT) == (split == "held_out"):
+                files.append(path)
+    return sorted(files)
 
 
 def read_corpus(files: list[Path], max_bytes: int | None = None) -> torch.Tensor:
@@ -50,11 +53,13 @@ def read_corpus(files: list[Path], max_bytes: int | None = None) -> torch.Tensor
 def text_files_corpus(paths: list[str | Path], tokenizer, max_tokens: int | None = None) -> torch.Tensor:
     """Token ids [N] of user text files, each followed by the tokenizer's EOS when it has one (the first
     `max_tokens`). Files are tokenized a group at a time, one call per group (a fast tokenizer's batch: 0.6x the time
-    of a call per file on the standard library), each file on its own."""
+    of a call per file on the standard library), each file on its own; groups grow from one file to
+    `_FILES_PER_CALL`, so a few thousand tokens never tokenize dozens of files."""
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    pieces, total = [], 0
-    for first in range(0, len(paths), _FILES_PER_CALL):
-        texts = [Path(path).read_text(errors="replace") for path in paths[first : first + _FILES_PER_CALL]]
+    pieces, total, first, group = [], 0, 0, 1
+    while first < len(paths):
+        texts = [Path(path).read_text(errors="replace") for path in paths[first : first + group]]
+        first, group = first + group, min(2 * group, _FILES_PER_CALL)
         for ids in tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]:
             pieces.append(torch.tensor(ids + eos, dtype=torch.long))
             total += len(pieces[-1])
