@@ -24,8 +24,10 @@ INDEXER_PARAMS = ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "w
 # Source tensors the output does not carry: FP8 block scales (the output is dequantized) and RoPE buffers some
 # exporters save (recomputed from the config).
 DROPPED_TENSORS = (re.compile(re.escape(SCALE_SUFFIX) + "$"), re.compile(r"rotary_emb\.inv_freq$"))
-# Kept in float32 whatever --dtype says, as DeepSeek's inference code does.
-FLOAT32_TENSORS = (re.compile(r"e_score_correction_bias$"),)
+# The router's weight and bias, written float32 whatever --dtype says (with --dtype auto, as the source has them):
+# transformers keeps both float32 in a model of any dtype (`_keep_in_fp32_modules_strict`), and a bf16-rounded router
+# weight sends tokens to other experts.
+FLOAT32_TENSORS = (re.compile(r"e_score_correction_bias$"), re.compile(r"\.mlp\.gate\.weight$"))
 # A GQA conversion's latent down-projections and norms (`linear_latent_norm`): its latents sit below float16's normal
 # range, so a float16 checkpoint keeps these in float32, as `from_pretrained` keeps them in a float16 model.
 LATENT_TENSORS = re.compile(r"\.self_attn\.(" + "|".join(LATENT_MODULES) + r")\.")
@@ -281,8 +283,10 @@ def output_dtype(info: TensorInfo, opts: ConvertOptions, model_dtype: torch.dtyp
     if info.is_fp8:
         return model_dtype
     target = DTYPES[opts.dtype]
-    if target is None or not info.dtype.is_floating_point or any(rule.search(info.name) for rule in FLOAT32_TENSORS):
+    if target is None or not info.dtype.is_floating_point:
         return info.dtype
+    if any(rule.search(info.name) for rule in FLOAT32_TENSORS):
+        return torch.float32
     return latent_dtype(info.name, target) if linear_latent else target
 
 

@@ -16,6 +16,20 @@ from safetensors import SafetensorError, safe_open
 from . import ConversionError
 from .fp8 import dequantize_block_fp8
 
+
+def tokenizer_code_files(directory: Path) -> set[str]:
+    """The files of code its `tokenizer_config.json` names (`auto_map`): Kimi-K2's and Moonlight's tokenizers are
+    classes of their own, which DST's tokenizer cannot load without. The model's code is never carried (ours replaces
+    it)."""
+    try:
+        auto_map = json.loads((directory / "tokenizer_config.json").read_text()).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return set()
+    references = [ref for refs in auto_map.values() for ref in (refs if isinstance(refs, list) else [refs])]
+    # "module.Class", or "repo--module.Class" for code in another repository (not here, so not carried)
+    return {ref.rsplit(".", 1)[0] + ".py" for ref in references if isinstance(ref, str) and "--" not in ref}
+
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"
@@ -105,13 +119,14 @@ class SourceCheckpoint:
                                         "e.g. for a Hugging Face cache snapshot)")  # fmt: skip
 
     def extra_files(self) -> list[Path]:
-        """Tokenizer, generation config, license, README...: the files DST carries over unchanged."""
+        """Tokenizer (its own code too), generation config, license, README...: the files DST carries over unchanged."""
+        tokenizer_code = tokenizer_code_files(self.path)
         return [
             path
             for path in sorted(self.path.iterdir())
             if path.is_file()
             and not path.name.startswith(".")
-            and not path.name.endswith(NOT_CARRIED_SUFFIXES)
+            and (not path.name.endswith(NOT_CARRIED_SUFFIXES) or path.name in tokenizer_code)
             and path.name not in NOT_CARRIED_NAMES
         ]
 

@@ -133,13 +133,16 @@ def load_tokenizer(path: str | Path, use: str):
     """The tokenizer saved in checkpoint `path`, or a `ConversionError` in one line naming the directory, what
     needs it (`use`) and transformers' reason (a directory without tokenizer files raised a traceback about
     sentencepiece)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedConfig
 
     from .conversion.source import ConversionError
 
     try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except AttributeError:  # transformers reading a config.json it has no class for (Kimi-K2's kimi_k2 with YaRN)
+            return AutoTokenizer.from_pretrained(path, config=PreTrainedConfig())  # tokenizer_config.json decides
+    except Exception as err:  # transformers' reasons vary: one line, whichever it is
         reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
         if Path(path).is_dir() and not any(Path(path).glob("tokenizer*")) and not (Path(path) / "vocab.json").exists():
             reason = "the directory holds no tokenizer files"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, DeepseekV3ForCausalLM, DeepseekV32ForCausalLM
+from transformers import AutoConfig, AutoTokenizer, DeepseekV3ForCausalLM, DeepseekV32ForCausalLM
 
 import mla_dsa
 from mla_dsa import ConversionError, MlaDsaConfig, MlaDsaForCausalLM, convert_checkpoint
@@ -211,6 +211,37 @@ def test_payload_tokenizer_and_generation_files_are_copied(family):
     assert not list(dst.glob(".*")), "no hidden state files may be left in DST"
 
 
+TOKENIZER_CODE = """from transformers import PreTrainedTokenizerFast
+
+
+class TikTokenTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+@pytest.mark.parametrize("export", [None, "deepseek_v32"])
+def test_a_tokenizer_of_its_own_code_is_carried_and_loads(tmp_path, export):
+    """Kimi-K2's and Moonlight's tokenizers are code of their own, named by tokenizer_config.json's auto_map: DST (and
+    an export of it) carries that file, so its tokenizer loads; the model's own code is not carried."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    save_peer("deepseek_v3", src)
+    add_tokenizer_files(src)
+    tokenizer_config = json.loads((src / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]}
+    (src / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    tokenizer_json = json.loads((src / "tokenizer.json").read_text())
+    (src / "tokenizer.json").write_text(json.dumps({**tokenizer_json, "added_tokens": []}))  # what the class reads
+    (src / "tokenization_kimi.py").write_text(TOKENIZER_CODE)
+    (src / "modeling_deepseek.py").write_text("raise ImportError('the source model's code, never carried')\n")
+    convert(src, dst, index_topk=4)
+    if export:
+        dst = convert(dst, tmp_path / "export", export=export)
+    assert (dst / "tokenization_kimi.py").read_bytes() == (src / "tokenization_kimi.py").read_bytes()
+    assert not (dst / "modeling_deepseek.py").exists()
+    tokenizer = AutoTokenizer.from_pretrained(dst, trust_remote_code=True)
+    assert type(tokenizer).__name__ == "TikTokenTokenizer" and tokenizer("<t5>")["input_ids"] == [5]
+
+
 def test_dense_logits_equal_the_peer(family):
     peer = family["peer"]
     if family["model_type"] == "deepseek_v32":  # the same weights with every token selected
@@ -321,7 +352,7 @@ def test_fp8_source_is_dequantized_exactly(fp8, tmp_path, dtype):
     for name in kept:
         if name in fp8["quantized"]:
             expected = dequantize_reference(source[name], source[name + SCALE_SUFFIX], target)
-        elif dtype == "auto" or name.endswith("e_score_correction_bias"):
+        elif dtype == "auto":
             expected = source[name]
         else:
             expected = source[name].to(target)
@@ -352,12 +383,14 @@ def test_dtype_option_casts_every_float_tensor(tmp_path, dtype):
     assert cli(src, dst, "--dtype", name) == 0
     source, output = read_checkpoint(src), read_checkpoint(dst)
     assert set(output) == set(source) | indexer_names(3)
+    router = ("e_score_correction_bias", ".mlp.gate.weight")  # float32, as transformers keeps them in any dtype
+    assert sum(name.endswith(router) for name in output) == 4  # two MoE layers
     for tensor_name, tensor in output.items():
-        if tensor_name.endswith("e_score_correction_bias"):  # routing bias kept exact, as DeepSeek ships it
-            assert torch.equal(tensor, source[tensor_name]), tensor_name
+        if tensor_name.endswith(router):  # kept exact: a rounded router weight routes tokens elsewhere
+            assert tensor.dtype == torch.float32 and torch.equal(tensor, source[tensor_name]), tensor_name
         else:
             assert tensor.dtype == dtype, tensor_name
-        if tensor_name in source and not tensor_name.endswith("e_score_correction_bias"):
+        if tensor_name in source and not tensor_name.endswith(router):
             assert torch.equal(tensor, source[tensor_name].to(dtype)), tensor_name
     assert config_of(dst)["dtype"] == name
     load_converted(dst)

@@ -55,6 +55,30 @@ def test_a_kimi_k2_checkpoint_converts_and_equals_deepseek_v3(tmp_path, capsys):
         torch.testing.assert_close(ours(input_ids).logits, peer(input_ids).logits, atol=1e-4, rtol=0)
 
 
+def test_a_kimi_k2_checkpoint_with_yarn_calibrates_with_its_tokenizer(tmp_path):
+    """Kimi-K2's config.json (kimi_k2, DeepSeek's YaRN in the older rope_scaling form): transformers' AutoTokenizer
+    fails reading it (an AttributeError on a config class it does not have), where the tokenizer files themselves
+    load: the calibration reads the text with them."""
+    from checkpoints import add_tokenizer_files
+
+    save_peer("deepseek_v3", tmp_path / "kimi")
+    add_tokenizer_files(tmp_path / "kimi")
+    tokenizer = json.loads((tmp_path / "kimi" / "tokenizer.json").read_text())
+    words = {**tokenizer, "added_tokens": [], "pre_tokenizer": {"type": "WhitespaceSplit"}}
+    (tmp_path / "kimi" / "tokenizer.json").write_text(json.dumps(words))
+    yarn = {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 64, "beta_fast": 1, "beta_slow": 1,
+            "mscale": 1.0, "mscale_all_dim": 1.0}  # fmt: skip
+    _edit_config(tmp_path / "kimi", model_type="kimi_k2", architectures=["DeepseekV3ForCausalLM"], rope_theta=50000.0,
+                 rope_scaling=yarn, rope_parameters=None)  # fmt: skip
+    text = " ".join(f"<t{token}>" for token in torch.randint(3, 97, (512,), generator=torch.Generator().manual_seed(0)))
+    (tmp_path / "text.txt").write_text(text)
+    args = ["convert", str(tmp_path / "kimi"), str(tmp_path / "dsa"), "--index-topk", "4", "--calibration-data",
+            str(tmp_path / "text.txt"), "--calibration-seq-len", "64", "--calibration-tokens", "256",
+            "--calibration-steps", "2", "--no-progress"]  # fmt: skip
+    assert cli(args) == 0
+    assert mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "dsa").config.rope_parameters["rope_type"] == "yarn"
+
+
 @pytest.mark.parametrize(
     "fields, family",
     [
