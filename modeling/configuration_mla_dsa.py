@@ -23,7 +23,7 @@ CACHE_NAMES = ["cache", "past_key_values"]
 
 # The release of this payload; config.json records it (`PAYLOAD_VERSION_KEY`) so a checkpoint says which code wrote
 # it. A checkpoint without it was written by 0.1.0. `mla-dsa upgrade-code DIR` refreshes an older checkpoint's code.
-PAYLOAD_VERSION = "0.7.7"
+PAYLOAD_VERSION = "0.7.8"
 FIRST_PAYLOAD_VERSION = "0.1.0"
 
 ATTENTION_MODES = ("auto", "mha", "absorbed")
@@ -88,9 +88,10 @@ class MlaDsaConfig(PreTrainedConfig):
         Layers that attend to every token even with DSA on (DeepSeek-V3.2 has none). Small models' first layer often
         spreads its attention over the whole context, which no top-k can cover.
     mha_max_length (`int`, defaults to 1024):
-        In `"auto"` mode, the context length up to which a sparse multi-token forward uses masked MHA. Measured
-        crossover on 2 CPU cores at k = 256 (benchmarks/prefill_crossover.py): MHA is faster at 1024 keys, absorbed
-        at 2048 and beyond; past a few thousand keys MHA's [heads, L, L] scores also stop fitting in memory.
+        In `"auto"` mode, the context length up to which a sparse multi-token forward uses masked MHA (O(L^2) work on
+        dense kernels, where absorbed mode does O(L k) on gathered rows). Measured on 2 CPU cores at k = 256 with
+        DeepSeek's head shapes (benchmarks/prefill_crossover.py): within 5 % of each other at 1K-2K keys, absorbed
+        1.2x faster at 4K and 1.6x at 8K.
     query_chunk_size (`int`, defaults to 256):
         Queries processed together by the indexer and the sparse attention; bounds their memory to
         O(chunk * context) and O(chunk * index_topk).

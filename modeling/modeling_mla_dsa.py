@@ -767,25 +767,45 @@ class MlaDsaAttention(nn.Module):
                 dropout_p=self.config.attention_dropout if self.training else 0.0, is_causal=True, scale=self.scaling,
             )  # fmt: skip
             return out.transpose(1, 2)[..., :value_dim]  # [B, S, H, dv]
-        mask = visible.mask(0, seq_len)  # [B or 1, S, T]
-        if selection is not None:
-            mask = mask & selected_keys_mask(selection.indices, visible.num_keys)
-        has_key = mask.any(dim=-1, keepdim=True)  # padded queries have none: let them attend anywhere, zero them after
-        mask = mask | ~has_key
         if return_weights:
+            mask, has_key = self._mha_mask(visible, selection, 0, seq_len, visible.num_keys)
             scores = torch.einsum("bshd,bthd->bhst", query, key) * self.scaling
             probs = masked_softmax(scores, mask.unsqueeze(1)) * has_key.unsqueeze(1)  # [B, H, S, T]
             dropped = F.dropout(probs, self.config.attention_dropout, self.training)
             return torch.einsum("bhst,bthv->bshv", dropped, value), probs
-        out = F.scaled_dot_product_attention(
-            query.transpose(1, 2),
-            key.transpose(1, 2),
-            value.transpose(1, 2),
-            attn_mask=mask.unsqueeze(1),
-            dropout_p=self.config.attention_dropout if self.training else 0.0,
-            scale=self.scaling,
-        )  # [B, H, S, dv]
-        return out.transpose(1, 2) * has_key.unsqueeze(-1)  # [B, S, H, dv]
+        # Large inputs run a block of queries at a time against the keys any of them may see (half the work of one call
+        # for a causal prefill) with values padded for the flash kernel, which takes the mask and never builds the
+        # [H, s, T] scores. Small ones are one call as the peers make it (see _PEER_CALL_SCORE_ELEMENTS).
+        blocks = batch_size * num_heads * seq_len * visible.num_keys > _PEER_CALL_SCORE_ELEMENTS
+        chunk = self.config.query_chunk_size if blocks else seq_len
+        value = F.pad(value, (0, key_dim - value_dim)) if blocks and value_dim < key_dim else value
+        outputs = []
+        for start in range(0, seq_len, chunk):
+            end = min(seq_len, start + chunk)
+            num_keys = visible.causal_prefix(end, 1) if blocks else visible.num_keys
+            mask, has_key = self._mha_mask(visible, selection, start, end, num_keys)
+            out = F.scaled_dot_product_attention(
+                query[:, start:end].transpose(1, 2),
+                key[:, :num_keys].transpose(1, 2),
+                value[:, :num_keys].transpose(1, 2),
+                attn_mask=mask.unsqueeze(1),
+                dropout_p=self.config.attention_dropout if self.training else 0.0,
+                scale=self.scaling,
+            )  # [B, H, s, dv]
+            outputs.append(out.transpose(1, 2)[..., :value_dim] * has_key.unsqueeze(-1))  # [B, s, H, dv]
+        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+    @staticmethod
+    def _mha_mask(visible: VisibleKeys, selection: TopkSelection | None, start: int, end: int, num_keys: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Which of the first `num_keys` keys queries start..end-1 attend to [B or 1, s, num_keys] (causal, padding,
+        packing and the top-k selection), and whether a query has any [B or 1, s, 1]: a padded query has none, so it
+        attends anywhere and its output is zeroed after."""
+        mask = visible.mask(start, end)[..., :num_keys]
+        if selection is not None:
+            mask = mask & selected_keys_mask(selection.indices[:, start:end], visible.num_keys)[..., :num_keys]
+        has_key = mask.any(dim=-1, keepdim=True)
+        return mask | ~has_key, has_key
 
     # ------------------------------------------------------------------------------------------ absorbed mode
     def absorbed_weights(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

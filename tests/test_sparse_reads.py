@@ -128,6 +128,70 @@ def test_mha_and_absorbed_sparse_agree(models):
     assert (dense - absorbed).abs().max() > 1e-3  # top-4 of 24+ keys is not dense attention
 
 
+def _mha_logits(model, prompt, attention_mask, new_tokens, grad: bool = False):
+    """Logits of the prompt, or with `new_tokens` of a multi-token step after the prompt's cache; with `grad`, also
+    q_b_proj's gradient of their sum."""
+    model.zero_grad()
+    with torch.set_grad_enabled(grad):
+        if new_tokens is None:
+            logits = model(prompt, attention_mask=attention_mask).logits
+        else:
+            mask = torch.cat([attention_mask, torch.ones_like(new_tokens)], dim=1)
+            cache = MlaDsaCache(model.config)
+            model(prompt, attention_mask=attention_mask, cache=cache, use_cache=True)
+            logits = model(new_tokens, attention_mask=mask, cache=cache, use_cache=True).logits
+    if not grad:
+        return logits, None
+    logits.sum().backward()
+    return logits.detach(), model.model.layers[0].self_attn.q_b_proj.weight.grad.clone()
+
+
+@pytest.mark.parametrize("case", ["prefill", "left-padded", "after-a-cache", "training"])
+def test_mha_sparse_attention_in_query_blocks_equals_one_call(models, monkeypatch, case):
+    """Large MHA-mode inputs attend a block of queries at a time, each to the keys it may see (the causal prefix:
+    half the work of a prefill), values padded for SDPA's flash kernel, which takes the mask and never builds the
+    scores: the same logits (and gradients) as one call over every key, the path of small inputs, and as absorbed
+    mode. Made to take that path here by lowering the size above which it is taken."""
+    mha, absorbed = models["mha"], models["absorbed"]
+    prompt, new_tokens = _tokens(2, CONTEXT, seed=3), _tokens(2, 7, seed=4) if case == "after-a-cache" else None
+    attention_mask = torch.ones_like(prompt)
+    if case == "left-padded":
+        attention_mask[1, :5] = 0
+    grad = case == "training"
+    one_call, one_call_grad = _mha_logits(mha, prompt, attention_mask, new_tokens, grad)
+
+    key_lengths = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recorded(query, key, value, **kwargs):
+        key_lengths.append((query.shape[-2], key.shape[-2], kwargs["attn_mask"].shape[-1], value.shape[-1]))
+        return sdpa(query, key, value, **kwargs)
+
+    monkeypatch.setattr(modeling_mla_dsa, "_PEER_CALL_SCORE_ELEMENTS", 0)
+    monkeypatch.setattr(mha.config, "query_chunk_size", 5)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
+    blocks, blocks_grad = _mha_logits(mha, prompt, attention_mask, new_tokens, grad)
+    monkeypatch.undo()
+
+    torch.testing.assert_close(blocks, one_call, atol=1e-5, rtol=0)
+    if grad:
+        torch.testing.assert_close(blocks_grad, one_call_grad, atol=1e-5, rtol=1e-4)
+    else:
+        torch.testing.assert_close(blocks, _mha_logits(absorbed, prompt, attention_mask, new_tokens)[0], atol=1e-5,
+                                   rtol=0)  # fmt: skip
+
+    def blocks_of(past: int, queries: int) -> list[tuple[int, int, int]]:  # (queries, keys, mask width) per call
+        ends = [min(start + 5, queries) for start in range(0, queries, 5)]
+        return [(end - start, past + end, past + end) for start, end in zip(range(0, queries, 5), ends, strict=True)]
+
+    calls = blocks_of(0, CONTEXT) * mha.config.num_hidden_layers  # the prompt, every layer
+    if new_tokens is not None:  # then the step after its cache
+        calls += blocks_of(CONTEXT, new_tokens.shape[1]) * mha.config.num_hidden_layers
+    assert [lengths[:3] for lengths in key_lengths] == calls  # every block sees its causal prefix of the keys, no more
+    head_dim = mha.config.qk_nope_head_dim + mha.config.qk_rope_head_dim
+    assert {lengths[3] for lengths in key_lengths} == {head_dim}  # values padded to the keys' size: the flash kernel
+
+
 # ------------------------------------------------------------------------------------------------------ shapes
 def _attention_shapes(monkeypatch, model, prompt: torch.Tensor, new_tokens: torch.Tensor) -> list[tuple]:
     """(op, equation, output shape) of every einsum, latent-row gather and attention softmax (its scores' shape) of one
