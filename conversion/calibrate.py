@@ -45,12 +45,13 @@ class CalibrationOptions:
     seq_len: int = 512  # capped at SRC's max_position_embeddings
     steps: int = 100  # Adam steps per layer, full batch, cosine-decayed from `lr`
     lr: float = 1e-2
+    trust_remote_code: bool = False  # the tokenizer may run the code it ships
 
     @classmethod
     def of(cls, opts) -> "CalibrationOptions":
         """The calibration settings of a conversion's `ConvertOptions`."""
         return cls(opts.calibration_data, opts.calibration_tokens, opts.calibration_seq_len, opts.calibration_steps,
-                   opts.calibration_lr)  # fmt: skip
+                   opts.calibration_lr, opts.trust_remote_code)  # fmt: skip
 
 
 def calibrate_indexers(
@@ -125,7 +126,7 @@ def calibration_windows(source: SourceCheckpoint, config: MlaDsaConfig, opts: Ca
     them in an error."""
     from ..data import load_tokenizer, text_files_corpus
 
-    tokenizer = load_tokenizer(source.path, use)
+    tokenizer = load_tokenizer(source.path, use, trust_remote_code=opts.trust_remote_code)
     seq_len = min(opts.seq_len, config.max_position_embeddings)
     corpus = text_files_corpus(opts.data, tokenizer, max_tokens=max(opts.tokens, seq_len))
     if len(corpus) < seq_len:

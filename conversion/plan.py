@@ -60,6 +60,7 @@ class ConvertOptions:
     verify: bool = False
     verify_tolerance: float | None = None
     follow_symlinks: bool = False
+    trust_remote_code: bool = False  # SRC's tokenizer may run the code it ships (Kimi-K2's, Moonlight's)
     progress: bool = True
 
 

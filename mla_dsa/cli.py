@@ -217,6 +217,11 @@ def _add_convert(commands) -> None:
         help="read files that are symbolic links (as everything in a Hugging Face cache snapshot is)",
     )
     parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="--calibration-data: let SRC's tokenizer run the code it ships (Kimi-K2's, Moonlight's)",
+    )
+    parser.add_argument(
         "--verify-tolerance",
         type=_positive_float,
         default=None,
@@ -251,7 +256,7 @@ def _run_convert(args) -> int:
         qk_rope_head_dim=args.qk_rope_head_dim,
         max_shard_size=args.max_shard_size, resume=args.resume, overwrite=args.overwrite, verify=args.verify,
         verify_tolerance=args.verify_tolerance, follow_symlinks=args.follow_symlinks, progress=not args.no_progress,
-        **gguf_options,
+        trust_remote_code=args.trust_remote_code, **gguf_options,
     )  # fmt: skip
     report = dst / CALIBRATION_REPORT
     if args.indexer_init == "calibrate" and dst.is_dir() and report.is_file():

@@ -129,23 +129,28 @@ def chat_code_files(files: list[Path], tokenizer, out_dir: str | Path) -> list[s
     return written
 
 
-def load_tokenizer(path: str | Path, use: str):
+def load_tokenizer(path: str | Path, use: str, trust_remote_code: bool = False):
     """The tokenizer saved in checkpoint `path`, or a `ConversionError` in one line naming the directory, what
     needs it (`use`) and transformers' reason (a directory without tokenizer files raised a traceback about
-    sentencepiece)."""
+    sentencepiece). A tokenizer of its own code (Kimi-K2's, Moonlight's) loads only with `trust_remote_code`: asked
+    explicitly, transformers refuses without prompting mid-command."""
     from transformers import AutoTokenizer, PreTrainedConfig
 
-    from .conversion.source import ConversionError
+    from .conversion.source import ConversionError, tokenizer_code_files
 
     try:
         try:
-            return AutoTokenizer.from_pretrained(path)
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         except AttributeError:  # transformers reading a config.json it has no class for (Kimi-K2's kimi_k2 with YaRN)
-            return AutoTokenizer.from_pretrained(path, config=PreTrainedConfig())  # tokenizer_config.json decides
+            config = PreTrainedConfig()  # tokenizer_config.json decides
+            return AutoTokenizer.from_pretrained(path, config=config, trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers' reasons vary: one line, whichever it is
         reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
         if Path(path).is_dir() and not any(Path(path).glob("tokenizer*")) and not (Path(path) / "vocab.json").exists():
             reason = "the directory holds no tokenizer files"
+        if not trust_remote_code and Path(path).is_dir() and tokenizer_code_files(Path(path)):
+            raise ConversionError(path, f"{use} reads the text with this checkpoint's tokenizer, which is code of its "
+                                        f"own ({reason}): pass --trust-remote-code to run it") from None  # fmt: skip
         raise ConversionError(path, f"{use} reads the text with this checkpoint's tokenizer, which cannot be loaded "
                                     f"({reason}): save the model's tokenizer files (tokenizer.json, "
                                     "tokenizer_config.json) into it") from None  # fmt: skip

@@ -55,28 +55,70 @@ def test_a_kimi_k2_checkpoint_converts_and_equals_deepseek_v3(tmp_path, capsys):
         torch.testing.assert_close(ours(input_ids).logits, peer(input_ids).logits, atol=1e-4, rtol=0)
 
 
-def test_a_kimi_k2_checkpoint_with_yarn_calibrates_with_its_tokenizer(tmp_path):
-    """Kimi-K2's config.json (kimi_k2, DeepSeek's YaRN in the older rope_scaling form): transformers' AutoTokenizer
-    fails reading it (an AttributeError on a config class it does not have), where the tokenizer files themselves
-    load: the calibration reads the text with them."""
+TOKENIZER_CODE = """import json
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+
+class TikTokenTokenizer(PreTrainedTokenizerFast):
+    vocab_files_names = {"vocab_file": "kimi_vocab.json"}
+
+    def __init__(self, vocab_file=None, **kwargs):
+        backend = Tokenizer(models.WordLevel(json.load(open(vocab_file)), unk_token="<t0>"))
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        super().__init__(tokenizer_object=backend, vocab_file=vocab_file, **kwargs)
+"""
+
+
+def _kimi_k2_source(tmp_path, tokenizer_code: bool = False) -> list[str]:
+    """A Kimi-K2-like SRC at tmp_path / "kimi" (kimi_k2, DeepSeek's YaRN in the older rope_scaling form, a word-level
+    tokenizer; with `tokenizer_code`, a tokenizer class of its own, as Kimi-K2's): the `mla-dsa convert` arguments that
+    calibrate its conversion into tmp_path / "dsa"."""
     from checkpoints import add_tokenizer_files
 
-    save_peer("deepseek_v3", tmp_path / "kimi")
-    add_tokenizer_files(tmp_path / "kimi")
-    tokenizer = json.loads((tmp_path / "kimi" / "tokenizer.json").read_text())
+    src = tmp_path / "kimi"
+    save_peer("deepseek_v3", src)
+    add_tokenizer_files(src)
+    tokenizer = json.loads((src / "tokenizer.json").read_text())
     words = {**tokenizer, "added_tokens": [], "pre_tokenizer": {"type": "WhitespaceSplit"}}
-    (tmp_path / "kimi" / "tokenizer.json").write_text(json.dumps(words))
+    (src / "tokenizer.json").write_text(json.dumps(words))
+    if tokenizer_code:  # its vocabulary in a file only its class reads (Kimi-K2's tiktoken.model), no tokenizer.json
+        (src / "kimi_vocab.json").write_text(json.dumps(words["model"]["vocab"]))
+        (src / "tokenizer.json").unlink()
+        tokenizer_config = json.loads((src / "tokenizer_config.json").read_text())
+        tokenizer_config["auto_map"] = {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]}
+        (src / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+        (src / "tokenization_kimi.py").write_text(TOKENIZER_CODE)
     yarn = {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 64, "beta_fast": 1, "beta_slow": 1,
             "mscale": 1.0, "mscale_all_dim": 1.0}  # fmt: skip
-    _edit_config(tmp_path / "kimi", model_type="kimi_k2", architectures=["DeepseekV3ForCausalLM"], rope_theta=50000.0,
+    _edit_config(src, model_type="kimi_k2", architectures=["DeepseekV3ForCausalLM"], rope_theta=50000.0,
                  rope_scaling=yarn, rope_parameters=None)  # fmt: skip
     text = " ".join(f"<t{token}>" for token in torch.randint(3, 97, (512,), generator=torch.Generator().manual_seed(0)))
     (tmp_path / "text.txt").write_text(text)
-    args = ["convert", str(tmp_path / "kimi"), str(tmp_path / "dsa"), "--index-topk", "4", "--calibration-data",
+    return ["convert", str(src), str(tmp_path / "dsa"), "--index-topk", "4", "--calibration-data",
             str(tmp_path / "text.txt"), "--calibration-seq-len", "64", "--calibration-tokens", "256",
             "--calibration-steps", "2", "--no-progress"]  # fmt: skip
-    assert cli(args) == 0
+
+
+def test_a_kimi_k2_checkpoint_with_yarn_calibrates_with_its_tokenizer(tmp_path):
+    """Kimi-K2's config.json (kimi_k2 with YaRN): transformers' AutoTokenizer fails reading it (an AttributeError on a
+    config class it does not have), where the tokenizer files themselves load: the calibration reads the text with
+    them."""
+    assert cli(_kimi_k2_source(tmp_path)) == 0
     assert mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "dsa").config.rope_parameters["rope_type"] == "yarn"
+
+
+def test_a_tokenizer_of_its_own_code_calibrates_with_trust_remote_code_only(tmp_path, capsys):
+    """Kimi-K2's and Moonlight's tokenizers are code of their own: without --trust-remote-code the conversion stops in
+    one line saying so (it had asked [y/N] mid-conversion, or told the user to save tokenizer files), with it the
+    calibration reads the text through that class, and DST carries its code."""
+    args = _kimi_k2_source(tmp_path, tokenizer_code=True)
+    assert cli(args) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "pass --trust-remote-code" in error
+    assert cli([*args, "--trust-remote-code", "--overwrite"]) == 0
+    assert (tmp_path / "dsa" / "tokenization_kimi.py").is_file()
 
 
 @pytest.mark.parametrize(
