@@ -364,7 +364,14 @@ def _add_train_indexer(commands) -> None:
         help="recompute each decoder layer's activations in backward (the Trainer's activation checkpointing): a "
         "step's memory then grows much more slowly with --seq-len, at the cost of recomputing them",
     )
+    _add_trust_remote_code(parser)
     parser.add_argument("--no-progress", action="store_true")  # fmt: skip
+
+
+def _add_trust_remote_code(parser) -> None:
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="read the text with a tokenizer that is code of its own (Kimi-K2's, Moonlight's), running "
+                        "the code the checkpoint ships")  # fmt: skip
 
 
 def _run_train_indexer(args) -> int:
@@ -385,7 +392,7 @@ def _run_train_indexer(args) -> int:
         optim=args.optim, lr_scheduler=args.lr_scheduler, lora_rank=args.lora, lora_save=args.lora_save,
         dense_control=args.dense_control, bf16=args.bf16, overwrite=args.overwrite,
         gradient_checkpointing=args.gradient_checkpointing,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
     _leave_process_group()
     print(f"wrote {out}")
@@ -428,6 +435,7 @@ def _add_eval(commands) -> None:
         "--windows", type=_positive_int, default=16, help="evaluation windows spread evenly over the data (default 16)"
     )
     parser.add_argument("--batch-size", type=_positive_int, default=4, help="windows per forward (default 4)")
+    _add_trust_remote_code(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -444,7 +452,7 @@ def _run_eval(args) -> int:
         _check_peft("an adapter")
     _check_files(args.data)
     check_seq_len(args.checkpoint, MlaDsaConfig.from_pretrained(trained_base(args.checkpoint)), args.seq_len)
-    tokenizer = load_tokenizer(args.checkpoint, "eval")
+    tokenizer = load_tokenizer(args.checkpoint, "eval", trust_remote_code=args.trust_remote_code)
     corpus = text_files_corpus(args.data, tokenizer)
     check_data_length(args.data, corpus, args.seq_len)
     model = load_trained(args.checkpoint)

@@ -250,6 +250,7 @@ def train_indexer(
     overwrite: bool = False,
     gradient_checkpointing: bool = False,
     gradient_accumulation_steps: int = 1,
+    trust_remote_code: bool = False,
 ) -> Path:
     """One stage of indexer training with transformers' Trainer; saves a loadable DSA checkpoint to `out_dir`.
 
@@ -265,7 +266,8 @@ def train_indexer(
     `gradient_checkpointing`: the Trainer's activation checkpointing (each decoder layer recomputed in backward), for
     long sequences. `gradient_accumulation_steps`: the Trainer's; each step takes that many batches of `batch_size`
     one after another, so a step's batch is `batch_size * gradient_accumulation_steps` sequences (per process) held
-    in the memory of `batch_size`.
+    in the memory of `batch_size`. `trust_remote_code`: read the text with a tokenizer that is code of its own
+    (Kimi-K2's), running the code the checkpoint ships.
     With `save_steps`, a Trainer checkpoint (weights, optimizer and RNG state) goes to `out_dir/checkpoints` every
     `save_steps` steps, the newest kept, and `resume=True` continues from it; without, none is written.
     `out_dir/mla-dsa-training.json` records the run and its logged losses. Runs data-parallel unchanged under
@@ -298,7 +300,7 @@ def train_indexer(
     if resume:
         _check_resumed_run(out_dir, stage, settings)
     check_seq_len(checkpoint, config, seq_len)
-    tokenizer = load_tokenizer(checkpoint, "train-indexer")
+    tokenizer = load_tokenizer(checkpoint, "train-indexer", trust_remote_code=trust_remote_code)
     corpus = text_files_corpus(data_files, tokenizer, max_tokens=max_tokens)
     check_data_length(data_files, corpus, seq_len)
     # --index-topk is the k the model is trained at, so it is the k its output runs at (config.json of a merged or
@@ -339,8 +341,28 @@ def train_indexer(
         if lora_rank is not None and lora_save == "merged":
             model = model.merge_and_unload()
         model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
+        _save_tokenizer(tokenizer, Path(checkpoint), out_dir)
     return out_dir
+
+
+# What a tokenizer reads besides the files its class names (vocab_files_names)
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "added_tokens.json",
+                   "chat_template.jinja")  # fmt: skip
+
+
+def _save_tokenizer(tokenizer, checkpoint: Path, out_dir: Path) -> None:
+    """The trained checkpoint's tokenizer. One that is code of its own (Kimi-K2's) is copied as the checkpoint holds
+    it, code and files: its class's `save_pretrained` need not write what it reads (transformers 5 saves a fast
+    tokenizer's vocabulary into tokenizer.json, not into the file such a class opens)."""
+    from .conversion.source import tokenizer_code_files
+
+    code = tokenizer_code_files(checkpoint) if checkpoint.is_dir() else set()
+    if not code:
+        tokenizer.save_pretrained(out_dir)
+        return
+    for name in sorted({*code, *TOKENIZER_FILES, *getattr(tokenizer, "vocab_files_names", {}).values()}):
+        if (checkpoint / name).is_file():
+            shutil.copyfile(checkpoint / name, out_dir / name)
 
 
 def load_trained(path: str | Path, **kwargs) -> torch.nn.Module:

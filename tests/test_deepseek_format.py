@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 import mla_dsa
 from mla_dsa.cli import main as cli
@@ -56,6 +57,8 @@ def test_a_kimi_k2_checkpoint_converts_and_equals_deepseek_v3(tmp_path, capsys):
 
 
 TOKENIZER_CODE = """import json
+import os
+import shutil
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -68,6 +71,13 @@ class TikTokenTokenizer(PreTrainedTokenizerFast):
         backend = Tokenizer(models.WordLevel(json.load(open(vocab_file)), unk_token="<t0>"))
         backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         super().__init__(tokenizer_object=backend, vocab_file=vocab_file, **kwargs)
+        self.vocab_file = vocab_file
+
+    def save_vocabulary(self, save_directory, filename_prefix=None):  # as Kimi-K2's copies its tiktoken.model
+        target = os.path.join(save_directory, "kimi_vocab.json")
+        if os.path.abspath(self.vocab_file) != os.path.abspath(target):
+            shutil.copyfile(self.vocab_file, target)
+        return (target,)
 """
 
 
@@ -119,6 +129,32 @@ def test_a_tokenizer_of_its_own_code_calibrates_with_trust_remote_code_only(tmp_
     assert len(error.splitlines()) == 1 and "pass --trust-remote-code" in error
     assert cli([*args, "--trust-remote-code", "--overwrite"]) == 0
     assert (tmp_path / "dsa" / "tokenization_kimi.py").is_file()
+
+
+def test_train_indexer_and_eval_read_a_tokenizer_of_its_own_code_with_trust_remote_code_only(tmp_path, capsys):
+    """A DST whose tokenizer is code of its own (a Kimi-K2 conversion) trains and evaluates through the CLI with
+    --trust-remote-code; without it each command stops in one line saying to pass it. The trained checkpoint carries
+    the tokenizer's code, so `eval` reads it back."""
+    assert cli([*_kimi_k2_source(tmp_path, tokenizer_code=True), "--trust-remote-code"]) == 0
+    capsys.readouterr()
+    text, dst, out = str(tmp_path / "text.txt"), str(tmp_path / "dsa"), str(tmp_path / "trained")
+    train = ["train-indexer", dst, "--stage", "dense", "--data", text, "--out", out, "--steps", "1", "--seq-len", "32",
+             "--batch-size", "1", "--no-progress"]  # fmt: skip
+    evaluate = ["eval", out, "--data", text, "--seq-len", "32", "--windows", "2", "--no-progress"]
+    assert cli(train) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "pass --trust-remote-code" in error, error
+    assert cli([*train, "--trust-remote-code"]) == 0
+    tokenizers = [AutoTokenizer.from_pretrained(path, trust_remote_code=True) for path in (dst, out)]
+    assert [type(tokenizer).__name__ for tokenizer in tokenizers] == ["TikTokenTokenizer"] * 2
+    sample = (tmp_path / "text.txt").read_text()[:400]
+    assert tokenizers[0](sample).input_ids == tokenizers[1](sample).input_ids
+    capsys.readouterr()
+    assert cli(evaluate) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "pass --trust-remote-code" in error, error
+    assert cli([*evaluate, "--trust-remote-code"]) == 0
+    assert json.loads(capsys.readouterr().out)["dense_loss"] > 0
 
 
 @pytest.mark.parametrize(
