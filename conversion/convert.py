@@ -33,7 +33,7 @@ from .gqa import (
 from .indexer_init import INDEXER_INITS
 from .plan import DTYPES, ConvertOptions, check_options, default_indexer_shape, plan_output, target_config
 from .source import ConversionError, SourceCheckpoint, read_json
-from .verify import verify_logits
+from .verify import verify_logits, verify_sparse
 from .write import check_output, move_into_place, write_metadata, write_shards
 
 
@@ -118,6 +118,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **options
     check_output(partial, plan)
     if opts.verify:
         verify_logits(source, partial, config, opts)
+        verify_sparse(partial, config, opts)
     move_into_place(partial, dst)
     return dst
 

@@ -4,6 +4,7 @@ needed to serve it there). The export loads with no custom code and no loading c
 (logits, greedy generation) and converts back to ours bit for bit; what the format cannot say is refused."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,50 @@ def test_dense_checkpoint_exports_in_one_step_with_verify(exported, tmp_path, ca
     )
     direct, via_ours = read_checkpoint(tmp_path / "direct"), read_checkpoint(export)
     assert direct.keys() == via_ours.keys() and all(torch.equal(direct[k], via_ours[k]) for k in direct)
+
+
+def test_verify_checks_the_sparse_path_against_transformers_own_indexer(exported, tmp_path, capsys, monkeypatch):
+    """--verify's dense check never runs the indexer (16 tokens, every key selected); its sparse check runs ours
+    against transformers' DeepseekV32 (top-16 of 64 keys) in both attention modes. The SVD init's exact ties at the
+    k-th place, which transformers' topk breaks otherwise than ours, pass it; an indexer rotating its RoPE pairs in
+    GLM-5's layout (mlx-lm's DSA bug) and a sparse attention that ignores the selection fail it, where the dense
+    check passes."""
+    from mla_dsa.modeling import modeling_mla_dsa
+
+    args = ["convert", str(exported[0].parent / "ours-v3"), "", "--index-topk", str(TOPK), "--indexer-init", "svd",
+            "--verify", "--no-progress"]  # fmt: skip
+
+    def convert(name: str) -> tuple[int, str]:
+        status = main([*args[:2], str(tmp_path / name), *args[3:]])
+        captured = capsys.readouterr()
+        return status, captured.out + captured.err
+
+    status, output = convert("ties")
+    assert status == 0, output
+    sparse = next(line for line in output.splitlines() if line.startswith("verify sparse:"))
+    assert int(re.search(r"ties in (\d+) of", sparse).group(1)) > 0, sparse  # ties were broken otherwise
+
+    rotate = modeling_mla_dsa._rotate_leading_dims
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling_mla_dsa, "_rotate_leading_dims", lambda x, cos, sin, dim, interleave: rotate(
+            x, cos, sin, dim, not interleave))  # fmt: skip
+        status, output = convert("other-rope-layout")
+    assert status == 1 and "verify: max |logit difference|" in output, output  # the dense check passed
+    assert "the indexers differ" in output, output
+
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling_mla_dsa.MlaDsaAttention, "_mha_mask", staticmethod(
+            lambda visible, selection, start, end, num_keys: (visible.mask(start, end)[..., :num_keys],
+                                                              visible.mask(start, end)[..., :1])))  # fmt: skip
+        status, output = convert("selection-ignored")
+    assert status == 1 and "verify: max |logit difference|" in output, output
+    assert "sparse max logit difference" in output, output
+    assert not any((tmp_path / name).exists() for name in ("other-rope-layout", "selection-ignored"))
+
+    save_peer("deepseek_v2", tmp_path / "v2")  # softmax routing, no query latent: V3.2's class cannot run it
+    status = main(["convert", str(tmp_path / "v2"), str(tmp_path / "v2-dsa"), "--verify", "--no-progress"])
+    output = capsys.readouterr().out
+    assert status == 0 and "verify sparse: not checked, transformers' deepseek_v32 class cannot express" in output
 
 
 @pytest.mark.slow
