@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -184,7 +185,11 @@ def _reference_model(source: SourceCheckpoint, config: MlaDsaConfig, opts: Conve
         model_class = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(peer_config)]
     dtype_of_model = model_dtype(source, opts)
     state = {}
+    layers = source.config.get("num_hidden_layers")
     for name, info in source.tensors.items():
+        mtp = re.match(r"model\.layers\.(\d+)\.", name)  # multi-token-prediction layers: dropped by the conversion
+        if mtp and layers is not None and int(mtp.group(1)) >= layers:
+            continue
         if not name.endswith(SCALE_SUFFIX):
             dtype = output_dtype(info, opts, dtype_of_model)
             state[name] = source.read(name, fp8_dtype=dtype).to(dtype).float()

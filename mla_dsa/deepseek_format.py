@@ -115,9 +115,24 @@ def _drop_mlp_layer_types(config: dict[str, Any]) -> None:
         )
 
 
+def read_as_ours(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """`config_from_deepseek` for loading a model, which refuses quantized weights: DeepSeek publishes V3/V3.1/V3.2 as
+    block-FP8 (`quantization_config`, a `weight_scale_inv` per weight), and MlaDsaForCausalLM loaded the FP8 codes
+    as if they were the weights (logits 5 off on a small model, and train-indexer saved them so). The converter reads
+    such a checkpoint with `config_from_deepseek` and dequantizes it."""
+    quantization = config_dict.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
+        how = ("`mla-dsa convert SRC DST` writes them dequantized (bfloat16; it converts FP8 block weights), then "
+               "load DST") if method == "fp8" else "dequantize it first"  # fmt: skip
+        raise ValueError(f"a {config_dict.get('model_type')} checkpoint with quantized weights (quantization_config: "
+                         f"{method}): MlaDsaForCausalLM loads unquantized weights only; {how}")  # fmt: skip
+    return config_from_deepseek(config_dict)
+
+
 def install() -> None:
     """Makes MlaDsaConfig (the installed package's) read DeepSeek-format config.json files as its own."""
-    MlaDsaConfig.foreign_config_reader = staticmethod(config_from_deepseek)
+    MlaDsaConfig.foreign_config_reader = staticmethod(read_as_ours)
 
 
 __all__ = [
@@ -127,4 +142,5 @@ __all__ = [
     "deepseek_family",
     "glm_indexer_types",
     "install",
+    "read_as_ours",
 ]

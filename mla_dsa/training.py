@@ -307,6 +307,7 @@ def train_indexer(
     # full checkpoint; the run record, which `load_trained` reads, for an adapter)
     overrides = {} if index_topk is None else {"index_topk": index_topk}
     model = load_checkpoint(local, MlaDsaForCausalLM, dtype=torch.float32, **overrides)
+    use_cache = model.config.use_cache  # the Trainer sets it to its TrainingArguments' (False): restored for saving
     if lora_rank is not None:
         from peft import get_peft_model
         from transformers import set_seed
@@ -340,6 +341,7 @@ def train_indexer(
             checkpoints.rmdir()
         if lora_rank is not None and lora_save == "merged":
             model = model.merge_and_unload()
+        _dsa_model(model).config.use_cache = use_cache
         model.save_pretrained(out_dir)
         _save_tokenizer(tokenizer, Path(checkpoint), out_dir)
     return out_dir

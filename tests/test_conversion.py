@@ -365,14 +365,49 @@ def test_fp8_source_is_dequantized_exactly(fp8, tmp_path, dtype):
 
 
 def test_fp8_conversion_logits_equal_transformers_on_the_dequantized_weights(fp8, tmp_path, capsys):
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
     dst = tmp_path / "dst"
-    rc = cli(fp8["src"], dst, "--verify")
+    reports = []  # what transformers logs as users run it (the suite silences it)
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: reports.append(record.getMessage())
+    library, verbosity = transformers_logging.get_logger("transformers"), transformers_logging.get_verbosity()
+    library.addHandler(handler)
+    transformers_logging.set_verbosity_warning()
+    try:
+        rc = cli(fp8["src"], dst, "--verify")
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        library.removeHandler(handler)
     assert rc == 0
     assert verify_difference(capsys.readouterr().out) <= ATOL
+    assert not [report for report in reports if "UNEXPECTED" in report]  # the MTP layer dropped is not loaded
     peer_class = DeepseekV32ForCausalLM if fp8["model_type"] == "deepseek_v32" else DeepseekV3ForCausalLM
     reference = peer_class.from_pretrained(fp8["root"] / "dequantized", dtype=torch.float32).eval()
     # V3.2: its dequantized indexer selects 5 of 12 tokens, in both models
     assert_logits_match(load_converted(dst, use_sparse_attention=fp8["model_type"] == "deepseek_v32"), reference)
+
+
+def test_an_fp8_checkpoint_is_refused_by_the_model_and_converted_by_the_converter(fp8, tmp_path, capsys):
+    """DeepSeek publishes V3/V3.1/V3.2 as block-FP8: loading one directly took the FP8 codes for the weights (logits
+    5 off, and train-indexer saved them so). The model, train-indexer and eval refuse it in one line naming the
+    converter, which dequantizes it."""
+    with pytest.raises(ValueError, match="quantized weights .*fp8.*mla-dsa convert SRC DST"):
+        mla_dsa.MlaDsaForCausalLM.from_pretrained(fp8["src"])
+    with pytest.raises(ValueError, match="quantized weights"):
+        mla_dsa.load_checkpoint(fp8["src"])
+    text = tmp_path / "text.txt"
+    text.write_text("a b c " * 200)
+    train = ["train-indexer", str(fp8["src"]), "--stage", "dense", "--data", str(text), "--out", str(tmp_path / "out")]
+    for command in (train, ["eval", str(fp8["src"]), "--data", str(text)]):
+        assert main(command) == 1
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and "mla-dsa convert SRC DST" in error, error
+    assert not (tmp_path / "out").exists()
+    convert(fp8["src"], tmp_path / "dst")
+    assert mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "dst").config.model_type == "mla_dsa"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

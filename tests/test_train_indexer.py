@@ -42,6 +42,7 @@ def test_dense_warmup_trains_only_the_indexer_and_saves_a_dsa_checkpoint(dsa_che
     assert any("wq_b" in name for name in changed)
     config = json.loads((out / "config.json").read_text())
     assert config["use_sparse_attention"] is True and config.get("indexer_loss") is None
+    assert config["use_cache"] is True  # the Trainer's use_cache=False is not what inference gets
     assert (out / "modeling_mla_dsa.py").exists() and (out / "tokenizer.json").exists()
     assert not (out / "checkpoints").exists()  # no --save-steps: no optimizer state left behind
     # the run's record stays in OUT, never in what is made from it
@@ -62,6 +63,7 @@ def test_the_k_trained_at_is_the_k_the_output_runs_at(dsa_checkpoint, tmp_path, 
     assert json.loads((out / "mla-dsa-training.json").read_text())["index_topk"] == 8
     if lora_save != "adapter":
         assert json.loads((out / "config.json").read_text())["index_topk"] == 8
+        assert json.loads((out / "config.json").read_text())["use_cache"] is True
     assert load_trained(out).config.index_topk == 8
 
 
