@@ -527,6 +527,7 @@ def _check_checkpoint(path: str, adapter_ok: bool = False, is_source: bool = Fal
 def _check_model_files(directory) -> None:
     """The checkpoint is an MLA one and its weight files are whole, before minutes of loading and tokenizing: the
     load would raise the same errors, as a traceback."""
+    from .deepseek_format import refuse_quantized_weights
     from .loading import check_weight_file, weight_files
     from .modeling.configuration_mla_dsa import MlaDsaConfig
 
@@ -534,6 +535,10 @@ def _check_model_files(directory) -> None:
         MlaDsaConfig.from_dict(json.loads((directory / "config.json").read_text()))
     except ValueError as err:
         raise ConversionError(directory / "config.json", str(err)) from None
+    try:
+        refuse_quantized_weights(directory)
+    except ValueError as err:
+        raise ConversionError(directory, str(err).removeprefix(f"{directory}: ")) from None
     try:
         for filename in sorted(set(weight_files(directory).values())):
             check_weight_file(directory / filename)
@@ -686,10 +691,15 @@ def _add_serve(commands) -> None:
 
 
 def _run_serve(args) -> int:
+    from .deepseek_format import refuse_quantized_weights
     from .serve import serve
 
     if not Path(args.checkpoint, "config.json").is_file():
         raise ConversionError(args.checkpoint, "no config.json: not a checkpoint directory")
+    try:
+        refuse_quantized_weights(args.checkpoint)  # before the server's worker process loads it
+    except ValueError as err:
+        raise ConversionError(args.checkpoint, str(err).removeprefix(f"{args.checkpoint}: ")) from None
     overrides = {"index_topk": args.index_topk, "use_sparse_attention": False if args.dense else None,
                  "attention_mode": args.attention_mode, "latent_cache_dtype": args.latent_cache_dtype,
                  "indexer_cache_dtype": args.indexer_cache_dtype}  # fmt: skip

@@ -4,6 +4,9 @@ what lets `mla_dsa.MlaDsaForCausalLM.from_pretrained` read such a checkpoint dir
 is imported, sets it as `MlaDsaConfig.foreign_config_reader`). The checkpoints' own code never needs it.
 """
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from .modeling.configuration_mla_dsa import MODEL_TYPE, PAYLOAD_VERSION_KEY, MlaDsaConfig
@@ -115,24 +118,46 @@ def _drop_mlp_layer_types(config: dict[str, Any]) -> None:
         )
 
 
-def read_as_ours(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """`config_from_deepseek` for loading a model, which refuses quantized weights: DeepSeek publishes V3/V3.1/V3.2 as
-    block-FP8 (`quantization_config`, a `weight_scale_inv` per weight), and MlaDsaForCausalLM loaded the FP8 codes
-    as if they were the weights (logits 5 off on a small model, and train-indexer saved them so). The converter reads
-    such a checkpoint with `config_from_deepseek` and dequantizes it."""
-    quantization = config_dict.get("quantization_config")
-    if quantization:
-        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
-        how = ("`mla-dsa convert SRC DST` writes them dequantized (bfloat16; it converts FP8 block weights), then "
-               "load DST") if method == "fp8" else "dequantize it first"  # fmt: skip
-        raise ValueError(f"a {config_dict.get('model_type')} checkpoint with quantized weights (quantization_config: "
-                         f"{method}): MlaDsaForCausalLM loads unquantized weights only; {how}")  # fmt: skip
-    return config_from_deepseek(config_dict)
+def refuse_quantized_weights(path: Any) -> None:
+    """A ValueError in one line for a local DeepSeek-format checkpoint whose weights are quantized (DeepSeek publishes
+    V3/V3.1/V3.2 as block-FP8, a `weight_scale_inv` per weight): MlaDsaForCausalLM took the FP8 codes for the weights
+    (logits 5 off on a small model, and train-indexer saved them so), and transformers' own dequantization on load is
+    wrong where a dimension is not a multiple of the block (transformers 5.25: `kv_a_proj_with_mqa`, 576 rows in
+    128-row blocks). `mla-dsa convert` dequantizes them exactly."""
+    config_file = Path(path) / "config.json" if isinstance(path, (str, os.PathLike)) else None
+    if config_file is None or not config_file.is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError:
+        return  # transformers says what is wrong with it
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    if not quantization or config.get("model_type", MODEL_TYPE) == MODEL_TYPE:
+        return
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    how = ("`mla-dsa convert SRC DST` writes them dequantized (bfloat16), then load DST" if method == "fp8"
+           else "dequantize it first")  # fmt: skip
+    raise ValueError(f"{path}: a {config.get('model_type')} checkpoint with {method} weights (quantization_config): "
+                     f"MlaDsaForCausalLM loads unquantized weights only; {how}")  # fmt: skip
 
 
 def install() -> None:
-    """Makes MlaDsaConfig (the installed package's) read DeepSeek-format config.json files as its own."""
-    MlaDsaConfig.foreign_config_reader = staticmethod(read_as_ours)
+    """Makes MlaDsaConfig (the installed package's) read DeepSeek-format config.json files as its own, and its models
+    refuse such a checkpoint's quantized weights (`refuse_quantized_weights`) before transformers loads them."""
+    from transformers import PreTrainedModel
+
+    from .modeling.modeling_mla_dsa import MlaDsaPreTrainedModel
+
+    MlaDsaConfig.foreign_config_reader = staticmethod(config_from_deepseek)
+    if "from_pretrained" in vars(MlaDsaPreTrainedModel):
+        return  # installed already
+
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        refuse_quantized_weights(pretrained_model_name_or_path)
+        return PreTrainedModel.from_pretrained.__func__(cls, pretrained_model_name_or_path, *args, **kwargs)
+
+    from_pretrained.__doc__ = PreTrainedModel.from_pretrained.__doc__
+    MlaDsaPreTrainedModel.from_pretrained = classmethod(from_pretrained)
 
 
 __all__ = [
@@ -142,5 +167,5 @@ __all__ = [
     "deepseek_family",
     "glm_indexer_types",
     "install",
-    "read_as_ours",
+    "refuse_quantized_weights",
 ]

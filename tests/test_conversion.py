@@ -392,20 +392,22 @@ def test_fp8_conversion_logits_equal_transformers_on_the_dequantized_weights(fp8
 
 def test_an_fp8_checkpoint_is_refused_by_the_model_and_converted_by_the_converter(fp8, tmp_path, capsys):
     """DeepSeek publishes V3/V3.1/V3.2 as block-FP8: loading one directly took the FP8 codes for the weights (logits
-    5 off, and train-indexer saved them so). The model, train-indexer and eval refuse it in one line naming the
-    converter, which dequantizes it."""
-    with pytest.raises(ValueError, match="quantized weights .*fp8.*mla-dsa convert SRC DST"):
+    5 off, and train-indexer saved them so); transformers' own dequantization on load is wrong where a dimension is
+    not a multiple of the block (kv_a_proj_with_mqa here and in V3.x). The model, train-indexer, eval and serve refuse
+    it in one line naming the converter, which dequantizes it exactly (test above); its config still reads."""
+    with pytest.raises(ValueError, match="with fp8 weights .*mla-dsa convert SRC DST"):
         mla_dsa.MlaDsaForCausalLM.from_pretrained(fp8["src"])
-    with pytest.raises(ValueError, match="quantized weights"):
+    with pytest.raises(ValueError, match="with fp8 weights"):
         mla_dsa.load_checkpoint(fp8["src"])
     text = tmp_path / "text.txt"
     text.write_text("a b c " * 200)
     train = ["train-indexer", str(fp8["src"]), "--stage", "dense", "--data", str(text), "--out", str(tmp_path / "out")]
-    for command in (train, ["eval", str(fp8["src"]), "--data", str(text)]):
+    for command in (train, ["eval", str(fp8["src"]), "--data", str(text)], ["serve", str(fp8["src"])]):
         assert main(command) == 1
         error = capsys.readouterr().err.strip()
         assert len(error.splitlines()) == 1 and "mla-dsa convert SRC DST" in error, error
     assert not (tmp_path / "out").exists()
+    assert MlaDsaConfig.from_pretrained(fp8["src"]).num_hidden_layers == 3
     convert(fp8["src"], tmp_path / "dst")
     assert mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "dst").config.model_type == "mla_dsa"
 
@@ -461,6 +463,16 @@ def test_indexer_shape_and_topk_options(tmp_path):
         assert output[prefix + "weights_proj.weight"].shape == (4, 64)
     model = load_converted(dst)
     assert model.config.index_topk == 7
+
+
+def test_verify_says_why_a_v2_config_normalising_its_routing_differs_from_transformers(tmp_path, capsys):
+    """norm_topk_prob=True: DeepSeek-V2's code (and ours) normalise the top-k expert weights, transformers' DeepseekV2
+    scales them by routed_scaling_factor. --verify fails (it had, with a bare number) saying why and what accepts it."""
+    save_peer("deepseek_v2", tmp_path / "src", norm_topk_prob=True, routed_scaling_factor=2.0)
+    assert cli(tmp_path / "src", tmp_path / "dst", "--verify") == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "ignores norm_topk_prob=True" in error and "--verify-tolerance" in error
+    assert cli(tmp_path / "src", tmp_path / "dst", "--verify", "--verify-tolerance", "100") == 0
 
 
 def test_v32_source_keeps_its_indexer_shape_but_takes_a_new_topk(tmp_path):
