@@ -75,8 +75,8 @@ def verify_sparse(converted: Path, config: MlaDsaConfig, opts: ConvertOptions) -
     seq_len = min(SPARSE_CHECK_TOKENS, config.max_position_embeddings)
     top_k = max(1, seq_len // 4)
     run_as = {"index_topk": top_k, "indexer_cache_dtype": "auto", "latent_cache_dtype": "auto"}  # no cache rounding
-    ours = load_checkpoint(converted, MlaDsaForCausalLM, dtype=torch.float32, **run_as).eval()
     peer = _peer_model(converted, config, export, seq_len)  # its indexers rank every key; it attends to our top-k
+    ours = load_checkpoint(converted, MlaDsaForCausalLM, dtype=torch.float32, **run_as).eval()  # (after: peak memory)
     ours_chose, peer_ranked = {}, {}
 
     def record_ours(module, args, kwargs, selection):
