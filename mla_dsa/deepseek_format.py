@@ -121,9 +121,10 @@ def _drop_mlp_layer_types(config: dict[str, Any]) -> None:
 def refuse_quantized_weights(path: Any) -> None:
     """A ValueError in one line for a local DeepSeek-format checkpoint whose weights are quantized (DeepSeek publishes
     V3/V3.1/V3.2 as block-FP8, a `weight_scale_inv` per weight): MlaDsaForCausalLM took the FP8 codes for the weights
-    (logits 5 off on a small model, and train-indexer saved them so), and transformers' own dequantization on load is
-    wrong where a dimension is not a multiple of the block (transformers 5.25: `kv_a_proj_with_mqa`, 576 rows in
-    128-row blocks). `mla-dsa convert` dequantizes them exactly."""
+    (logits 5 off on a small model, and train-indexer saved them so), and transformers' own dequantization on load
+    cannot stand in: it takes the block size from the scale grid (rows // scale rows), so a weight with a partial block
+    is dequantized with the wrong blocks where that divides (136 rows: blocks of 68, not 128) and refused where it does
+    not (V3.x's `kv_a_proj_with_mqa`, 576 rows). `mla-dsa convert` dequantizes them exactly."""
     config_file = Path(path) / "config.json" if isinstance(path, (str, os.PathLike)) else None
     if config_file is None or not config_file.is_file():
         return
