@@ -393,8 +393,9 @@ def test_fp8_conversion_logits_equal_transformers_on_the_dequantized_weights(fp8
 def test_an_fp8_checkpoint_is_refused_by_the_model_and_converted_by_the_converter(fp8, tmp_path, capsys):
     """DeepSeek publishes V3/V3.1/V3.2 as block-FP8: loading one directly took the FP8 codes for the weights (logits
     5 off, and train-indexer saved them so); transformers' own dequantization on load takes its blocks from the scale
-    grid and reads this one's partial block (kv_a_proj_with_mqa's 136 rows) as two of 68. The model, train-indexer, eval and serve refuse
-    it in one line naming the converter, which dequantizes it exactly (test above); its config still reads."""
+    grid and reads this one's partial block (kv_a_proj_with_mqa's 136 rows) as two of 68. The model, train-indexer,
+    eval and serve refuse it in one line naming the converter, which dequantizes it exactly (test above); its config
+    still reads."""
     with pytest.raises(ValueError, match="with fp8 weights .*mla-dsa convert SRC DST"):
         mla_dsa.MlaDsaForCausalLM.from_pretrained(fp8["src"])
     with pytest.raises(ValueError, match="with fp8 weights"):
