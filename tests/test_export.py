@@ -150,6 +150,7 @@ def test_dense_checkpoint_exports_in_one_step_with_verify(exported, tmp_path, ca
     assert direct.keys() == via_ours.keys() and all(torch.equal(direct[k], via_ours[k]) for k in direct)
 
 
+@pytest.mark.compat  # it reads transformers' DeepseekV32 indexer's output, on the oldest release too
 def test_verify_checks_the_sparse_path_against_transformers_own_indexer(exported, tmp_path, capsys, monkeypatch):
     """--verify's dense check never runs the indexer (16 tokens, every key selected); its sparse check runs ours
     against transformers' DeepseekV32 (top-16 of 64 keys) in both attention modes. The SVD init's exact ties at the
