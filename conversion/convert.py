@@ -183,7 +183,9 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
         raise ConversionError(src, "SRC is not a directory")
     if (src / "adapter_config.json").is_file() and not (src / "config.json").is_file():
         raise ConversionError(src, "is a LoRA adapter, not a checkpoint: convert the checkpoint it adapts, or merge "
-                                   "it first (mla_dsa.training.load_trained(SRC).save_pretrained(DIR))")  # fmt: skip
+                                   "it first (train-indexer --lora-save merged; or mla_dsa.training.load_trained(SRC)"
+                                   ".save_pretrained(DIR), and AutoTokenizer.from_pretrained(SRC).save_pretrained(DIR) "
+                                   "for its tokenizer)")  # fmt: skip
     if dst == src or src in dst.parents:
         raise ConversionError(dst, "DST is inside SRC; the source is never written to")
     if dst in src.parents:

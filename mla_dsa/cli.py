@@ -527,14 +527,20 @@ def _check_checkpoint(path: str, adapter_ok: bool = False, is_source: bool = Fal
 def _check_model_files(directory) -> None:
     """The checkpoint is an MLA one and its weight files are whole, before minutes of loading and tokenizing: the
     load would raise the same errors, as a traceback."""
+    from .conversion.gqa import GQA_MODEL_TYPES
     from .deepseek_format import refuse_quantized_weights
     from .loading import check_weight_file, weight_files
     from .modeling.configuration_mla_dsa import MlaDsaConfig
 
+    config = None
     try:
-        MlaDsaConfig.from_dict(json.loads((directory / "config.json").read_text()))
+        config = json.loads((directory / "config.json").read_text())
+        MlaDsaConfig.from_dict(config)
     except ValueError as err:
-        raise ConversionError(directory / "config.json", str(err)) from None
+        hint = ""
+        if isinstance(config, dict) and config.get("model_type") in GQA_MODEL_TYPES:
+            hint = f": convert it first (mla-dsa convert {directory} DST makes a {config['model_type']} model MLA+DSA)"
+        raise ConversionError(directory / "config.json", f"{err}{hint}") from None
     try:
         refuse_quantized_weights(directory)
     except ValueError as err:

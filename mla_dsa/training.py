@@ -66,6 +66,10 @@ def has_prescaled_latent(model_or_config) -> bool:
     return bool(getattr(config, "linear_latent_norm", False))
 
 
+def _is_dsa_model(model: torch.nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) == "mla_dsa"
+
+
 def _dsa_model(model: torch.nn.Module) -> torch.nn.Module:
     """The MlaDsaPreTrainedModel inside `model` (a PeftModel, DDP wrapper, ... or the model itself)."""
     for module in model.modules():
@@ -168,7 +172,8 @@ def evaluate_indexer(
         totals["kl_uniform"] += indexer_loss.kl_uniform.item()
         totals["recall"] += indexer_loss.recall.item()
         if source is not None:
-            totals["source_dense_loss"] += source(batch, labels=batch, use_cache=False).loss.item()
+            dense = {"use_sparse_attention": False} if _is_dsa_model(source) else {}  # a DSA source: its dense loss
+            totals["source_dense_loss"] += source(batch, labels=batch, use_cache=False, **dense).loss.item()
         batches += 1
     for m, training in zip(models, was_training, strict=True):
         m.train(training)
@@ -259,7 +264,8 @@ def train_indexer(
     PEFT adapter alone (`load_trained(out_dir)` or PEFT's `PeftModel.from_pretrained(base, out_dir)` loads it).
     `dense_control` (sparse stage): the same training with dense attention and no indexer loss. `callbacks`: more
     transformers `TrainerCallback`s (an evaluation every N steps, early stopping, ...). `lr_scheduler`: a transformers
-    `lr_scheduler_type` ("constant_with_warmup", as the paper; "cosine", "linear", ...), after a 5 % warm-up.
+    `lr_scheduler_type` ("constant_with_warmup", as the paper; "cosine", "linear", ...), after a 5 % warm-up
+    (none for runs under 20 steps).
     `bf16`: the Trainer's bf16 mixed precision (weights and optimizer in float32, matrix products in bfloat16 under
     autocast; on a CPU with bf16 dot products, AVX512-BF16 or AMX, several times faster than float32; on one without
     AVX-512, several times slower: it warns).
@@ -299,6 +305,11 @@ def train_indexer(
                 "index_topk": index_topk if index_topk is not None else config.index_topk}  # fmt: skip
     if resume:
         _check_resumed_run(out_dir, stage, settings)
+        if out_dir.is_dir() and any(out_dir.iterdir()) and not any((out_dir / "checkpoints").glob("checkpoint-*")):
+            # (an empty or new OUT starts the run: a job script may always pass --resume)
+            raise ConversionError(out_dir, "--resume: OUT holds no Trainer checkpoint to continue from (a run keeps "
+                                           "one only with --save-steps N), so it would train again from step 0: pass "
+                                           "--overwrite for that, or pick another --out")  # fmt: skip
     check_seq_len(checkpoint, config, seq_len)
     tokenizer = load_tokenizer(checkpoint, "train-indexer", trust_remote_code=trust_remote_code)
     corpus = text_files_corpus(data_files, tokenizer, max_tokens=max_tokens)
@@ -344,6 +355,12 @@ def train_indexer(
         _dsa_model(model).config.use_cache = use_cache
         model.save_pretrained(out_dir)
         _save_tokenizer(tokenizer, Path(checkpoint), out_dir)
+        if lora_rank is not None and lora_save == "adapter" and index_topk not in (None, config.index_topk):
+            warnings.warn(f"the adapter in {out_dir} was trained at index_topk={index_topk}, its base checkpoint says "
+                          f"{config.index_topk}: mla_dsa.training.load_trained({str(out_dir)!r}) (and eval) run it at "
+                          f"{index_topk}; loaded by PEFT or AutoModelForCausalLM it runs at {config.index_topk} unless "
+                          f"index_topk={index_topk} is passed to the base model's from_pretrained", UserWarning,
+                          stacklevel=2)  # fmt: skip
     return out_dir
 
 
@@ -414,7 +431,7 @@ def _training_arguments(out_dir: Path, stage: str, steps: int, batch_size: int, 
         gradient_accumulation_steps=gradient_accumulation_steps,
         learning_rate=lr,
         lr_scheduler_type=lr_scheduler,
-        warmup_steps=max(1, steps // 20),
+        warmup_steps=steps // 20,  # none under 20 steps: the warm-up's first step has a learning rate of 0
         weight_decay=0.0,
         max_grad_norm=1.0,
         logging_steps=logging_steps,

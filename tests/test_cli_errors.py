@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import transformers
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from mla_dsa.cli import main as cli
 from mla_dsa.data import byte_tokenizer, stdlib_files
@@ -24,6 +24,10 @@ def broken(tmp_path_factory):
         root / "gpt2"
     )
     byte_tokenizer().save_pretrained(root / "gpt2")
+    llama = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    LlamaForCausalLM(llama).save_pretrained(root / "llama")
+    byte_tokenizer().save_pretrained(root / "llama")
     shutil.copytree(ASSET_DIR, root / "truncated")
     weights = root / "truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100_000])
@@ -37,6 +41,8 @@ def _one_line(capsys) -> str:
 
 
 CANNOT_LOAD = [("gpt2", "config.json: model_type 'gpt2' is not a Multi-head"),
+               ("llama", "is not a Multi-head Latent Attention model: an MLA config has kv_lora_rank"),
+               ("llama", ": convert it first (mla-dsa convert "),  # a GQA model: the command that makes it MLA+DSA
                ("truncated", "model.safetensors: truncated or corrupt")]  # fmt: skip
 
 
