@@ -231,7 +231,8 @@ def _add_convert(commands) -> None:
     parser.add_argument(
         "--verify",
         action="store_true",
-        help="run SRC and DST (every token selected) on a short input and fail if logits differ",
+        help="run SRC and DST (every token selected) on a short input and fail if logits differ; then DST with DSA "
+        "on against transformers' DeepseekV32/GlmMoeDsa on the same weights (its indexer's ranking and the logits)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")  # fmt: skip
 
