@@ -1,7 +1,6 @@
 """`--verify`: SRC through transformers' own class and the converted checkpoint through ours, on the same input."""
 
 import inspect
-import json
 import re
 from pathlib import Path
 
@@ -75,7 +74,8 @@ def verify_sparse(converted: Path, config: MlaDsaConfig, opts: ConvertOptions) -
     seq_len = min(SPARSE_CHECK_TOKENS, config.max_position_embeddings)
     top_k = max(1, seq_len // 4)
     run_as = {"index_topk": top_k, "indexer_cache_dtype": "auto", "latent_cache_dtype": "auto"}  # no cache rounding
-    peer = _peer_model(converted, config, export, seq_len)  # its indexers rank every key; it attends to our top-k
+    # its indexers rank every key (index_topk = seq_len); it attends to our top-k
+    peer = _peer_model(converted, config, export, seq_len, exported=opts.export is not None)
     ours = load_checkpoint(converted, MlaDsaForCausalLM, dtype=torch.float32, **run_as).eval()  # (after: peak memory)
     ours_chose, peer_ranked = {}, {}
 
@@ -133,47 +133,47 @@ def verify_sparse(converted: Path, config: MlaDsaConfig, opts: ConvertOptions) -
     return diff
 
 
-def _peer_model(converted: Path, config: MlaDsaConfig, export: str, index_topk: int) -> torch.nn.Module:
-    """transformers' class for `export` with the output's weights (an export is that format already; ours is read as
-    the export would write it), float32."""
+def _peer_model(converted: Path, config: MlaDsaConfig, export: str, index_topk: int, exported: bool
+                ) -> torch.nn.Module:  # fmt: skip
+    """transformers' class for `export` with the output's weights, float32: an export is that format already; ours is
+    read as the export would write it."""
+    if exported:
+        return _exported_model(converted, export, index_topk)
     import transformers
     from safetensors.torch import load_file
 
     from ..loading import weight_files
 
     model_class = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[transformers.CONFIG_MAPPING[export]]
-    if (converted / "config.json").is_file() and json.loads((converted / "config.json").read_text()).get(
-        "model_type"
-    ) == export:
-        model, info = model_class.from_pretrained(converted, dtype=torch.float32, index_topk=index_topk,
-                                                  output_loading_info=True)  # fmt: skip
-    else:
-        peer_config = transformers.CONFIG_MAPPING[export].from_dict({**export_config(config, export),
-                                                                      "index_topk": index_topk})  # fmt: skip
-        permute = permutes_indexer_rope(config, export)
-        state = {}
-        for shard in sorted(set(weight_files(converted).values())):  # not the conversion's own files beside them
-            for name, tensor in load_file(converted / shard).items():
-                tensor = permute_indexer_rope(name, tensor, config, export == "glm_moe_dsa") if permute else tensor
-                state[name] = tensor.float()
-        model, info = model_class.from_pretrained(None, config=peer_config, state_dict=state, dtype=torch.float32,
-                                                  output_loading_info=True)  # fmt: skip
-    problems = {kind: sorted(names)[:3] for kind, names in info.items() if names}
-    if problems:
-        raise ConversionError(converted, f"transformers' {model_class.__name__} does not load the output: {problems}")
+    peer_config = transformers.CONFIG_MAPPING[export].from_dict({**export_config(config, export),
+                                                                  "index_topk": index_topk})  # fmt: skip
+    permute = permutes_indexer_rope(config, export)
+    state = {}
+    for shard in sorted(set(weight_files(converted).values())):  # not the conversion's own files beside them
+        for name, tensor in load_file(converted / shard).items():
+            tensor = permute_indexer_rope(name, tensor, config, export == "glm_moe_dsa") if permute else tensor
+            state[name] = tensor.float()
+    model, info = model_class.from_pretrained(None, config=peer_config, state_dict=state, dtype=torch.float32,
+                                              output_loading_info=True)  # fmt: skip
+    _check_loaded(converted, model_class, info)
     return model.eval()
 
 
-def _exported_model(converted: Path, export: str) -> torch.nn.Module:
+def _exported_model(converted: Path, export: str, index_topk: int = 1 << 30) -> torch.nn.Module:
+    """The export through transformers' own class (by default every key selected)."""
     import transformers
 
     model_class = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[transformers.CONFIG_MAPPING[export]]
-    model, info = model_class.from_pretrained(converted, dtype=torch.float32, index_topk=1 << 30,
+    model, info = model_class.from_pretrained(converted, dtype=torch.float32, index_topk=index_topk,
                                               output_loading_info=True)  # fmt: skip
+    _check_loaded(converted, model_class, info)
+    return model.eval()
+
+
+def _check_loaded(converted: Path, model_class: type, info: dict) -> None:
     problems = {kind: sorted(names)[:3] for kind, names in info.items() if names}
     if problems:
-        raise ConversionError(converted, f"transformers' {model_class.__name__} does not load the export: {problems}")
-    return model
+        raise ConversionError(converted, f"transformers' {model_class.__name__} does not load the output: {problems}")
 
 
 def _reference_model(source: SourceCheckpoint, config: MlaDsaConfig, opts: ConvertOptions) -> torch.nn.Module:

@@ -525,11 +525,20 @@ def _check_checkpoint(path: str, adapter_ok: bool = False, is_source: bool = Fal
         _check_model_files(Path(path))
 
 
+def _refuse_quantized_weights(path) -> None:
+    """`deepseek_format.refuse_quantized_weights` as a command's one-line error."""
+    from .deepseek_format import refuse_quantized_weights
+
+    try:
+        refuse_quantized_weights(path)
+    except ValueError as err:
+        raise ConversionError(path, str(err).removeprefix(f"{path}: ")) from None
+
+
 def _check_model_files(directory) -> None:
     """The checkpoint is an MLA one and its weight files are whole, before minutes of loading and tokenizing: the
     load would raise the same errors, as a traceback."""
     from .conversion.gqa import GQA_MODEL_TYPES
-    from .deepseek_format import refuse_quantized_weights
     from .loading import check_weight_file, weight_files
     from .modeling.configuration_mla_dsa import MlaDsaConfig
 
@@ -542,10 +551,7 @@ def _check_model_files(directory) -> None:
         if isinstance(config, dict) and config.get("model_type") in GQA_MODEL_TYPES:
             hint = f": convert it first (mla-dsa convert {directory} DST makes a {config['model_type']} model MLA+DSA)"
         raise ConversionError(directory / "config.json", f"{err}{hint}") from None
-    try:
-        refuse_quantized_weights(directory)
-    except ValueError as err:
-        raise ConversionError(directory, str(err).removeprefix(f"{directory}: ")) from None
+    _refuse_quantized_weights(directory)
     try:
         for filename in sorted(set(weight_files(directory).values())):
             check_weight_file(directory / filename)
@@ -698,15 +704,11 @@ def _add_serve(commands) -> None:
 
 
 def _run_serve(args) -> int:
-    from .deepseek_format import refuse_quantized_weights
     from .serve import serve
 
     if not Path(args.checkpoint, "config.json").is_file():
         raise ConversionError(args.checkpoint, "no config.json: not a checkpoint directory")
-    try:
-        refuse_quantized_weights(args.checkpoint)  # before the server's worker process loads it
-    except ValueError as err:
-        raise ConversionError(args.checkpoint, str(err).removeprefix(f"{args.checkpoint}: ")) from None
+    _refuse_quantized_weights(args.checkpoint)  # before the server's worker process loads it
     overrides = {"index_topk": args.index_topk, "use_sparse_attention": False if args.dense else None,
                  "attention_mode": args.attention_mode, "latent_cache_dtype": args.latent_cache_dtype,
                  "indexer_cache_dtype": args.indexer_cache_dtype}  # fmt: skip

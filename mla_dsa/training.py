@@ -73,7 +73,7 @@ def _is_dsa_model(model: torch.nn.Module) -> bool:
 def _dsa_model(model: torch.nn.Module) -> torch.nn.Module:
     """The MlaDsaPreTrainedModel inside `model` (a PeftModel, DDP wrapper, ... or the model itself)."""
     for module in model.modules():
-        if getattr(getattr(module, "config", None), "model_type", None) == "mla_dsa":
+        if _is_dsa_model(module):
             return module
     raise ValueError(f"{type(model).__name__} contains no mla_dsa model")
 
