@@ -25,14 +25,20 @@ FP8 (as DeepSeek-V3.2's inference code and FlashMLA store it):
 """
 
 import torch
-from transformers.cache_utils import Cache, DynamicIndexedLayer, StaticIndexedLayer, StaticLayer
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    Cache,
+    DynamicIndexedLayer,
+    StaticIndexedLayer,
+    StaticLayer,
+)
 
 from .configuration_mla_dsa import LAYER_TYPE
 
 # transformers keeps one cache layer class per layer type for the whole process, and every checkpoint's code is a module
 # of its own: each model names its own module's layers in its config (`OWN_LAYER_TYPE`), so two checkpoints loaded side
-# by side (a model and its assistant, two conversions) each build theirs. A config without a model names LAYER_TYPE,
-# the layers of the checkpoint code imported last.
+# by side (a model and its assistant, two conversions) each build theirs. A config without a model names LAYER_TYPE
+# (below).
 OWN_LAYER_TYPE = f"{LAYER_TYPE}:{__name__}"
 
 FP8_BLOCK = 128  # values per scale, as DeepSeek's inference code
@@ -325,12 +331,19 @@ class MlaDsaStaticCacheLayer(LatentRows, StaticIndexedLayer):
 CACHE_LAYERS = (MlaDsaCacheLayer, MlaDsaStaticCacheLayer)
 
 
-class _LastImportedCacheLayer(MlaDsaCacheLayer):
-    _layer_type = LAYER_TYPE  # DynamicCache(config) of a config no model has named its layers in
+# A config no model has named its layers in (`DynamicCache(config=AutoConfig.from_pretrained(...))`) names LAYER_TYPE:
+# the layers of the first checkpoint code that registered it in this process. Never taken over (`_layer_type` None
+# registers nothing): releases up to 0.7.5 name LAYER_TYPE in their models' configs too, and a model of theirs handed a
+# later release's layers refuses them.
+_LAYER_TYPE_FREE = LAYER_TYPE not in DYNAMIC_LAYER_TYPE_MAPPING
 
 
-class _LastImportedStaticCacheLayer(MlaDsaStaticCacheLayer):
-    _layer_type = LAYER_TYPE
+class _ConfigOnlyCacheLayer(MlaDsaCacheLayer):
+    _layer_type = LAYER_TYPE if _LAYER_TYPE_FREE else None
+
+
+class _ConfigOnlyStaticCacheLayer(MlaDsaStaticCacheLayer):
+    _layer_type = LAYER_TYPE if _LAYER_TYPE_FREE else None
 
 
 def cache_lengths(cache, seq_len: int) -> tuple[int | torch.Tensor, int]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers import AttentionInterface, GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
@@ -499,7 +499,7 @@ class MlaDsaIndexer(nn.Module):
         batch_size, seq_len, n_heads = weights.shape
         k = min(top_k, keys.shape[1])
         block = query_block(batch_size, n_heads, keys.shape[1], keys.device.type != "cpu")
-        score = ALL_ATTENTION_FUNCTIONS.get_interface(INDEX_SCORES, index_scores)
+        score = registered_or_own(INDEX_SCORES, index_scores)
         parts = []
         for start in range(0, seq_len, block):
             end = min(seq_len, start + block)
@@ -880,7 +880,7 @@ class MlaDsaAttention(nn.Module):
         else:
             mask = None
             indices = torch.where(selection.valid[:, start:end], selection.indices[:, start:end], -1)  # [B, s, k]
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(ABSORBED_ATTENTION, absorbed_attention_forward)
+        attention = registered_or_own(ABSORBED_ATTENTION, absorbed_attention_forward)
         dropout = self.config.attention_dropout if self.training else 0.0
         latent_out, _ = attention(self, query.transpose(1, 2), rows, rows, mask, self.scaling, dropout, indices=indices)
         # W_UV as stored ([H, dv, R]) times the outputs [H, R, B*s]: einsum would copy W_UV transposed at every call
@@ -935,14 +935,19 @@ def attend_to_rows(query: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor,
     return torch.einsum("bshk,bskr->bshr", probs, rows[..., :kv_lora_rank])
 
 
-def register_attention_functions() -> None:
-    """Puts `absorbed_attention_forward` and `index_scores` in transformers' attention registry (under
-    `ABSORBED_ATTENTION` and `INDEX_SCORES`) unless something already is there (the mla_dsa package's CPU-tuned
-    implementations, a kernel): a checkpoint's code never replaces what a user or a kernel package chose. Every model
-    calls it when it is built."""
-    for name, function in ((ABSORBED_ATTENTION, absorbed_attention_forward), (INDEX_SCORES, index_scores)):
-        if name not in ALL_ATTENTION_FUNCTIONS:
-            AttentionInterface.register(name, function)
+def registered_or_own(name: str, own):
+    """What transformers' attention registry holds under `name` (`ABSORBED_ATTENTION`, `INDEX_SCORES`): a kernel, or
+    the mla_dsa package's CPU-tuned function; else `own`, this file's plain one. A plain one is never taken from the
+    registry: every checkpoint's copy of this file defines them (releases up to 0.7.8 registered theirs when the name
+    was free), so the first checkpoint loaded in a process would otherwise run its code, however old, for every later
+    one. This file registers nothing."""
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        return own
+    registered = ALL_ATTENTION_FUNCTIONS.get_interface(name, own)
+    return own if (registered.__module__ or "").rpartition(".")[2] == _THIS_FILE else registered
+
+
+_THIS_FILE = "modeling_mla_dsa"  # this file's module name, in every checkpoint (its copy) and in the package
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -1026,7 +1031,6 @@ class MlaDsaPreTrainedModel(PreTrainedModel):
             self._keep_in_fp32_modules = [*type(self)._keep_in_fp32_modules, *LATENT_MODULES]
         config.layer_types = [OWN_LAYER_TYPE] * config.num_hidden_layers  # DynamicCache(config): this file's layers
         register_expert_layout()  # before transformers loads or saves weights: per-expert names <-> fused experts
-        register_attention_functions()  # unless the package's, or a kernel, is registered already
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

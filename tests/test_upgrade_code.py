@@ -53,31 +53,45 @@ GENERATE_SCRIPT = textwrap.dedent(
 )
 
 
-def generate_remotely(checkpoint: Path, ids: torch.Tensor, tmp_path: Path) -> list[list[int]]:
-    """Greedy tokens from `checkpoint`'s own code, in an interpreter that cannot import mla_dsa."""
+def run_remotely(script: str, args: list[str], tmp_path: Path) -> str:
+    """stdout of `script` run with `args` in an interpreter that cannot import mla_dsa."""
     blocker = tmp_path / "blocker"
     blocker.mkdir(exist_ok=True)
     (blocker / "mla_dsa.py").write_text("raise ImportError('mla_dsa is blocked here')\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(PYTHONPATH=str(blocker), HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [sys.executable, "-c", GENERATE_SCRIPT, str(checkpoint), json.dumps(ids.tolist()), str(NEW_TOKENS)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", script, *args], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(next(line for line in result.stdout.splitlines() if line.startswith("TOKENS "))[7:])
+    return result.stdout
 
 
-def make_0_1_0_checkpoint(directory: Path) -> Path:
-    """A checkpoint as mla-dsa 0.1.0 wrote it: its payload files, its config.json (no version stamp)."""
+def generate_remotely(checkpoint: Path, ids: torch.Tensor, tmp_path: Path) -> list[list[int]]:
+    """Greedy tokens from `checkpoint`'s own code, in an interpreter that cannot import mla_dsa."""
+    stdout = run_remotely(GENERATE_SCRIPT, [str(checkpoint), json.dumps(ids.tolist()), str(NEW_TOKENS)], tmp_path)
+    return json.loads(next(line for line in stdout.splitlines() if line.startswith("TOKENS "))[7:])
+
+
+def with_old_payload(directory: Path, payload: Path, version: str | None) -> Path:
+    """A checkpoint as an older release wrote it: that release's payload files (kept in tests/fixtures) in place of
+    the current ones, and its version stamp in config.json (0.1.0 wrote none: `version` None)."""
     for path in directory.glob("*.py"):
         path.unlink()
-    for path in OLD_PAYLOAD.glob("*.py"):
+    for path in payload.glob("*.py"):
         shutil.copyfile(path, directory / path.name)
     config = json.loads((directory / "config.json").read_text())
     config.pop(PAYLOAD_VERSION_KEY)
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    (directory / "config.json").write_text(json.dumps(config | ({PAYLOAD_VERSION_KEY: version} if version else {}),
+                                                      indent=2))  # fmt: skip
     return directory
+
+
+def make_0_1_0_checkpoint(directory: Path) -> Path:
+    return with_old_payload(directory, OLD_PAYLOAD, None)
+
+
+def make_0_5_0_checkpoint(directory: Path) -> Path:
+    return with_old_payload(directory, PAYLOAD_0_5_0, "0.5.0")
 
 
 def file_hashes(directory: Path) -> dict[str, str]:
@@ -163,12 +177,7 @@ def test_upgrade_code_moves_a_0_5_0_checkpoint_to_the_new_payload(tmp_path, caps
     peer = save_peer("deepseek_v32", tmp_path / "peer", index_topk=5)
     checkpoint = tmp_path / "ckpt"
     mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "peer").save_pretrained(checkpoint)
-    for path in checkpoint.glob("*.py"):
-        path.unlink()
-    for path in PAYLOAD_0_5_0.glob("*.py"):
-        shutil.copyfile(path, checkpoint / path.name)
-    config = json.loads((checkpoint / "config.json").read_text())
-    (checkpoint / "config.json").write_text(json.dumps({**config, PAYLOAD_VERSION_KEY: "0.5.0"}, indent=2))
+    make_0_5_0_checkpoint(checkpoint)
     ids = torch.randint(3, 97, (1, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = peer.generate(ids, use_cache=False, max_new_tokens=NEW_TOKENS, do_sample=False)[:, 12:].tolist()
@@ -182,3 +191,80 @@ def test_upgrade_code_moves_a_0_5_0_checkpoint_to_the_new_payload(tmp_path, caps
     assert file_hashes(checkpoint) == weights_before
     assert json.loads((checkpoint / "config.json").read_text())[PAYLOAD_VERSION_KEY] == PAYLOAD_VERSION
     assert generate_remotely(checkpoint, ids, tmp_path) == expected
+
+
+SIDE_BY_SIDE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    old_dir, other_dir, current_dir, ids, new_tokens = sys.argv[1:6]
+    ids = torch.tensor(json.loads(ids))
+
+
+    def greedy(model):
+        return model.generate(ids, max_new_tokens=int(new_tokens), do_sample=False)[:, ids.shape[1]:].tolist()
+
+
+    old = AutoModelForCausalLM.from_pretrained(old_dir, trust_remote_code=True).eval()
+    result = {"old_first": greedy(old)}
+    other = AutoModelForCausalLM.from_pretrained(other_dir, trust_remote_code=True).eval()
+    current = AutoModelForCausalLM.from_pretrained(current_dir, trust_remote_code=True).eval()
+    with torch.no_grad():
+        result["current_logits"] = current(ids, attention_mode="absorbed").logits.tolist()
+    result |= {"current": greedy(current), "old_again": greedy(old), "other": greedy(other)}
+    print("RESULT " + json.dumps(result))
+    """
+)
+
+# Appended to a copy of the payload: a release whose plain attention and index scoring differ from this one's, which
+# registers them under the shared names and runs whatever the registry holds, as releases up to 0.7.8 did.
+OTHER_RELEASE = """
+
+from transformers import AttentionInterface as _Registry
+
+
+def registered_or_own(name, own):
+    return ALL_ATTENTION_FUNCTIONS.get_interface(name, own)
+
+
+def _other_index_scores(queries, weights, keys, softmax_scale):
+    return -index_scores(queries, weights, keys, softmax_scale)
+
+
+def _other_absorbed_attention(module, query, *args, **kwargs):
+    return absorbed_attention_forward(module, query * 0.5, *args, **kwargs)
+
+
+_Registry.register(INDEX_SCORES, _other_index_scores)
+_Registry.register(ABSORBED_ATTENTION, _other_absorbed_attention)
+"""
+
+
+@pytest.mark.compat
+@pytest.mark.slow  # a fresh interpreter loads three checkpoints (about 11 s)
+def test_checkpoints_of_different_releases_in_one_process_each_run_their_own_code(tmp_path):
+    """A model and its assistant, a base beside its fine-tune: checkpoints written by different releases, loaded in
+    one process, each run their own code. Found by a probe: a 0.5.0 model loaded first stopped generating once a
+    0.7.8 checkpoint was loaded (the newer code took over the cache layer type its config names, and the old model
+    refused the newer layers), and the first checkpoint loaded supplied the absorbed attention and index scoring of
+    every later one (a 0.7.0 checkpoint's, without dropout, for 0.7.8 models)."""
+    peer = save_peer("deepseek_v32", tmp_path / "peer", index_topk=5)
+    ours = mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path / "peer").eval()
+    for name in ("old", "other", "current"):
+        ours.save_pretrained(tmp_path / name)
+    make_0_5_0_checkpoint(tmp_path / "old")
+    modeling = tmp_path / "other" / "modeling_mla_dsa.py"
+    modeling.write_text(modeling.read_text() + OTHER_RELEASE)
+    ids = torch.randint(3, 97, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = peer.generate(ids, use_cache=False, max_new_tokens=NEW_TOKENS, do_sample=False)[:, 12:].tolist()
+        expected_logits = ours(ids, attention_mode="absorbed").logits
+
+    args = [str(tmp_path / name) for name in ("old", "other", "current")] + [json.dumps(ids.tolist()), str(NEW_TOKENS)]
+    stdout = run_remotely(SIDE_BY_SIDE_SCRIPT, args, tmp_path)
+    result = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["old_first"] == result["old_again"] == result["current"] == expected, result
+    torch.testing.assert_close(torch.tensor(result["current_logits"]), expected_logits, rtol=0, atol=1e-5)
+    assert result["other"] != expected  # the other release does run its own (different) code
