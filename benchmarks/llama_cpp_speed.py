@@ -3,7 +3,7 @@
     python benchmarks/llama_cpp_speed.py --llama-cpp ~/llama.cpp --llama-bench ~/llama.cpp/build/bin/llama-bench \
         [--contexts 4096 16384 65536] [--prefill 4096] [--threads 1 2] [--dtypes float32 bfloat16] [--json out.json]
         [--checkpoint DIR --checkpoint-contexts 4096] [--repeats 1] [--onednn-linear [--onednn-min-weights N]]
-        [--cpp-wrapper]
+        [--cpp-wrapper] [--inductor-gemm]
 
 The `mla-dsa bench` small model (2 layers, hidden 1024, 16 heads, kv_lora_rank 512, 16 indexer heads x 128; top-k
 256 at contexts <= 8K, 2048 beyond) is built by transformers' DeepseekV32ForCausalLM, given a byte-level tokenizer,
@@ -75,7 +75,8 @@ def llama_bench(binary: str, gguf: Path, threads: int, dtype: str, *, depth: int
     return rows[0]["avg_ns"] / 1e9
 
 
-def ours_decode(model, context: int, k: int, steps: int, compiled: bool, cpp_wrapper: bool = False) -> float:
+def ours_decode(model, context: int, k: int, steps: int, compiled: bool, cpp_wrapper: bool = False,
+                inductor_gemm: bool = False) -> float:  # fmt: skip
     dtype = next(model.parameters()).dtype
     contents = bench.random_cache_contents(context, model.config.to_dict(), dtype=dtype)
     if not compiled:
@@ -86,7 +87,10 @@ def ours_decode(model, context: int, k: int, steps: int, compiled: bool, cpp_wra
     # cpp_wrapper: inductor calls the kernels from C++ instead of generated Python (docs/usage.md recommends it)
     forward = torch.compile(model.forward, fullgraph=True, options={"cpp_wrapper": True} if cpp_wrapper else None)
     # freezing: the weights become constants and inductor prepacks the linear layers for oneDNN (bf16 GEMVs 1.6x faster)
-    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+    # inductor_gemm: the float32 matrix products as inductor's own C++ GEMM kernels (its CPP template, chosen for
+    # every product by max_autotune), in place of MKL's or oneDNN's library calls
+    settings = {"max_autotune": True, "max_autotune_gemm_backends": "CPP"} if inductor_gemm else {}
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True, **settings):
         return bench.time_decode(model, cache, context, steps, forward=forward, warmup=2, index_topk=k)[0]
 
 
@@ -122,13 +126,15 @@ def decode_row(models: dict, model: str, dtype: str, threads: int, context: int,
             runs.setdefault("llama_cpp_ms", []).append(1000 * seconds / args.llama_tokens)
         runs.setdefault("ours_eager_ms", []).append(ours_decode(ours, context, k, args.steps, compiled=False))
         if not args.no_compile:
-            ms = ours_decode(ours, context, k, args.steps, compiled=True, cpp_wrapper=args.cpp_wrapper)
+            ms = ours_decode(ours, context, k, args.steps, compiled=True, cpp_wrapper=args.cpp_wrapper,
+                             inductor_gemm=args.inductor_gemm)  # fmt: skip
             runs.setdefault("ours_compiled_ms", []).append(ms)
         if theirs is not None and context <= args.theirs_max_context:
             bench.set_their_topk(theirs, k)
             runs.setdefault("transformers_ms", []).append(theirs_decode(theirs, context, steps=3))
     row = {"what": "decode", "model": model, "dtype": dtype, "threads": threads, "context": context, "index_topk": k}
     row |= linear_fields(args, dtype, layers) | ({"cpp_wrapper": True} if args.cpp_wrapper else {})
+    row |= {"inductor_gemm": True} if args.inductor_gemm else {}
     row |= {engine: statistics.median(figures) for engine, figures in runs.items()}
     if args.repeats > 1:
         row |= {f"{engine}_runs": figures for engine, figures in runs.items()}
@@ -171,6 +177,9 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--cpp-wrapper", action="store_true",
                         help="our compiled decode with inductor's C++ wrapper (cpp_wrapper=True)")  # fmt: skip
+    parser.add_argument("--inductor-gemm", action="store_true",
+                        help="our compiled decode with inductor's own C++ GEMM kernels for the matrix products "
+                        "(max_autotune, max_autotune_gemm_backends='CPP'; compiling takes minutes)")  # fmt: skip
     parser.add_argument("--onednn-linear", action="store_true",
                         help="float32 linear layers through oneDNN (mla_dsa.use_onednn_linear), ours and "
                         "transformers'")  # fmt: skip
