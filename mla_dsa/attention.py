@@ -51,6 +51,8 @@ def cpu_absorbed_attention(module, query, key, value, attention_mask, scaling: f
     if indices is None or query.device.type != "cpu" or torch.is_grad_enabled() or dropout:
         return absorbed_attention_forward(module, query, key, value, attention_mask, scaling, dropout, indices)
     rows = key[:, 0]  # [B, T, C]
+    if query.shape[2] > 1 and _traced(rows):  # no buffer kept from a trace (fake tensors) or reused by one
+        return absorbed_attention_forward(module, query, key, value, attention_mask, scaling, dropout, indices)
     if query.shape[2] > 1:  # a prefill: the checkpoints' computation, gathering into the reused buffer
         gathered = gather_rows_into(_gather_buffer(rows, indices), rows, indices.clamp(min=0))
         return attend_to_rows(query.transpose(1, 2), gathered, indices >= 0, scaling, module.kv_lora_rank), None
@@ -58,6 +60,12 @@ def cpu_absorbed_attention(module, query, key, value, attention_mask, scaling: f
     if gathered.dtype == torch.uint8:
         gathered = unpack_latent_rows(gathered, module.kv_lora_rank, query.dtype)
     return _decode_step(query.transpose(1, 2), gathered, indices >= 0, scaling, module.kv_lora_rank), None
+
+
+def _traced(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is not real data but a tracer's (torch.compile's, torch.export's fake tensors): a buffer made
+    from it holds no memory, and one kept for later eager calls would turn their outputs into fake tensors too."""
+    return torch.compiler.is_compiling() or type(tensor) is not torch.Tensor
 
 
 def gather_rows_into(out: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

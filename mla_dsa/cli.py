@@ -265,7 +265,8 @@ def _run_convert(args) -> int:
         kl = [(layer["kl_before"], layer["kl_after"]) for layer in calibrated["layers"].values()]
         print(
             f"calibrated {len(kl)} indexers on {calibrated['tokens']} tokens; "
-            f"KL to the attention {sum(b for b, _ in kl) / len(kl):.3f} -> {sum(a for _, a in kl) / len(kl):.3f}"
+            f"KL to the attention {sum(b for b, _ in kl) / len(kl):.3f} -> {sum(a for _, a in kl) / len(kl):.3f} "
+            "on that text (mla-dsa eval measures held-out text)"
         )
     print(f"wrote {dst}")
     if args.indexer_init != "calibrate" and not _has_indexer(args.src):

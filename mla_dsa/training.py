@@ -159,25 +159,24 @@ def evaluate_indexer(
     for m in models:
         m.eval()
     names = ("dense_loss", "sparse_loss", "kl", "kl_uniform", "recall") + (("source_dense_loss",) if source else ())
-    totals = dict.fromkeys(names, 0.0)
-    batches = 0
+    totals = dict.fromkeys(names, 0.0)  # each batch's means weighted by its windows (the last may be short)
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
         with IndexerLoss(model, "dense") as indexer_loss:
             dense = model(batch, labels=batch, index_topk=k, use_sparse_attention=False, use_cache=False)
         sparse = model(batch, labels=batch, index_topk=k, use_sparse_attention=True, use_cache=False)
-        totals["dense_loss"] += dense.loss.item()
-        totals["sparse_loss"] += sparse.loss.item()
-        totals["kl"] += indexer_loss.kl.item()
-        totals["kl_uniform"] += indexer_loss.kl_uniform.item()
-        totals["recall"] += indexer_loss.recall.item()
+        share = len(batch)
+        totals["dense_loss"] += share * dense.loss.item()
+        totals["sparse_loss"] += share * sparse.loss.item()
+        totals["kl"] += share * indexer_loss.kl.item()
+        totals["kl_uniform"] += share * indexer_loss.kl_uniform.item()
+        totals["recall"] += share * indexer_loss.recall.item()
         if source is not None:
             dense = {"use_sparse_attention": False} if _is_dsa_model(source) else {}  # a DSA source: its dense loss
-            totals["source_dense_loss"] += source(batch, labels=batch, use_cache=False, **dense).loss.item()
-        batches += 1
+            totals["source_dense_loss"] += share * source(batch, labels=batch, use_cache=False, **dense).loss.item()
     for m, training in zip(models, was_training, strict=True):
         m.train(training)
-    result = {name: value / max(1, batches) for name, value in totals.items()}
+    result = {name: value / max(1, len(windows)) for name, value in totals.items()}
     result["loss_ratio"] = result["sparse_loss"] / result["source_dense_loss" if source else "dense_loss"]
     result["captured_kl"] = 1 - result["kl"] / result["kl_uniform"]
     result.update(index_topk=k, seq_len=int(windows.shape[1]), windows=int(windows.shape[0]))

@@ -168,3 +168,25 @@ def test_the_cpu_prefill_gathers_every_chunk_and_layer_into_one_reused_buffer(mo
         model(_prompt(), attention_mode="absorbed")
     assert len(buffers) == 2 * 2 * 3  # two prefills, two layers, ceil(20 / 7) query chunks
     assert len(set(buffers)) == 1
+
+
+def test_a_traced_prefill_leaves_no_buffer_behind_for_eager_calls():
+    """A prefill traced with fake tensors (torch.export, as a user exporting the model does) neither keeps its buffer
+    nor reuses an eager one: a fake buffer kept by the trace made every later eager prefill of that shape return a
+    fake tensor (torch 2.14's export)."""
+    model = _model()
+    mla_dsa.attention._local.__dict__.clear()  # no buffer from an earlier test
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            return self.model(input_ids, attention_mode="absorbed", use_cache=False).logits
+
+    with torch.no_grad():
+        exported = torch.export.export(Logits(), (_prompt(),))
+        eager = model(_prompt(), attention_mode="absorbed", use_cache=False).logits
+        assert type(eager) is torch.Tensor
+        torch.testing.assert_close(exported.module()(_prompt()), eager, rtol=0, atol=1e-5)

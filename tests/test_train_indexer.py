@@ -172,6 +172,26 @@ def test_eval_prints_json(dsa_checkpoint, capsys):
     assert result["sparse_loss"] != result["dense_loss"]
 
 
+def test_eval_averages_over_tokens_whatever_the_batch_size(dsa_checkpoint):
+    """Six windows in batches of 4 (a short last batch), 1 and 6 give the same figures, and the losses are the mean
+    over every scored token: a single forward over all six windows. Each batch's mean used to count alike, so a
+    short last batch's windows weighed more (the default --batch-size 4: dense loss 1.313 against 1.331)."""
+    from mla_dsa.data import byte_tokenizer, fixed_windows, text_files_corpus
+    from mla_dsa.training import evaluate_indexer
+
+    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(dsa_checkpoint).eval()
+    windows = fixed_windows(text_files_corpus(DATA, byte_tokenizer()), 6, 48)
+    results = [evaluate_indexer(model, windows, index_topk=8, batch_size=size) for size in (4, 1, 6)]
+    with torch.no_grad():
+        dense = model(windows, labels=windows, use_sparse_attention=False, use_cache=False).loss.item()
+        sparse = model(windows, labels=windows, index_topk=8, use_cache=False).loss.item()
+    assert results[0]["dense_loss"] == pytest.approx(dense, rel=1e-5)
+    assert results[0]["sparse_loss"] == pytest.approx(sparse, rel=1e-5)
+    for other in results[1:]:
+        for name in ("dense_loss", "sparse_loss", "kl", "kl_uniform", "recall", "loss_ratio", "captured_kl"):
+            assert other[name] == pytest.approx(results[0][name], rel=1e-5, abs=2e-6), name
+
+
 def test_the_training_text_is_each_file_tokenized_on_its_own_then_eos(monkeypatch):
     """Files are tokenized a group per call: the ids are those of one call per file, each file followed by EOS, and
     `max_tokens` cuts across a group's boundary."""
