@@ -352,6 +352,8 @@ def train_indexer(
         if lora_rank is not None and lora_save == "merged":
             model = model.merge_and_unload()
         _dsa_model(model).config.use_cache = use_cache
+        if lora_rank is None or lora_save == "merged":
+            _cast_to_checkpoint_dtype(model, config.dtype)
         model.save_pretrained(out_dir)
         _save_tokenizer(tokenizer, Path(checkpoint), out_dir)
         if lora_rank is not None and lora_save == "adapter" and index_topk not in (None, config.index_topk):
@@ -361,6 +363,21 @@ def train_indexer(
                           f"index_topk={index_topk} is passed to the base model's from_pretrained", UserWarning,
                           stacklevel=2)  # fmt: skip
     return out_dir
+
+
+def _cast_to_checkpoint_dtype(model: torch.nn.Module, dtype: "torch.dtype | str | None") -> None:
+    """Puts the trained float32 weights back in the dtype the checkpoint was stored in (a float16 or bfloat16 one
+    stays so on disk and in `dtype="auto"` loads), leaving float32 what transformers keeps float32 when it loads a
+    model in that dtype (the router; in float16 also the indexer's head weights and a GQA conversion's latent
+    projections, whose values lie below float16's normal range)."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        return
+    kept = list(model._keep_in_fp32_modules_strict or ())
+    kept += list(model._keep_in_fp32_modules or ()) if dtype == torch.float16 else []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not any(module in name for module in kept):
+            tensor.data = tensor.data.to(dtype)
 
 
 # What a tokenizer reads besides the files its class names (vocab_files_names)

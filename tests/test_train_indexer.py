@@ -457,6 +457,34 @@ def test_a_run_of_one_step_trains(dsa_checkpoint, tmp_path):
     assert any(not torch.equal(before[name], after[name]) for name in before if ".indexer." in name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_output_keeps_the_checkpoints_dtype(dsa_checkpoint, tmp_path, dtype, lora):
+    """A float16 or bfloat16 checkpoint trains in float32 and is written back in its dtype (it came back float32:
+    twice the size, and `dtype="auto"` loaded float32), full or merged from LoRA. What transformers keeps float32
+    when it loads that dtype stays float32 (the router; the indexer's head weights in float16)."""
+    from mla_dsa.data import byte_tokenizer
+
+    low = tmp_path / "low"
+    mla_dsa.MlaDsaForCausalLM.from_pretrained(dsa_checkpoint, dtype=dtype).save_pretrained(low)
+    byte_tokenizer().save_pretrained(low)
+    out = tmp_path / "out"
+    assert cli(["train-indexer", str(low), "--stage", "sparse" if lora else "dense", "--data", *DATA, "--out",
+                str(out), "--steps", "1", "--seq-len", "32", "--batch-size", "1", "--no-progress",
+                *(["--lora", "2"] if lora else [])]) == 0  # fmt: skip
+    stored, written = weights(low), weights(out)
+    assert stored.keys() == written.keys()
+    assert {name: t.dtype for name, t in written.items()} == {name: t.dtype for name, t in stored.items()}
+    assert written["model.embed_tokens.weight"].dtype == dtype
+    assert (written["model.layers.0.self_attn.indexer.weights_proj.weight"].dtype == torch.float32) == (
+        dtype == torch.float16
+    )
+    assert json.loads((out / "config.json").read_text())["dtype"] == str(dtype).split(".")[1]
+    assert any(not torch.equal(stored[name], written[name]) for name in stored)  # trained
+    loaded = mla_dsa.MlaDsaForCausalLM.from_pretrained(out, dtype="auto")
+    assert loaded.dtype == dtype
+
+
 def test_lr_scheduler_is_the_trainers(dsa_checkpoint, tmp_path):
     """`--lr-scheduler cosine`: the learning rate decays after the warm-up (the default stays constant)."""
     rates = {}
