@@ -91,12 +91,12 @@ def _gather_buffer(rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 def _decode_step(query, rows, valid, scaling: float, kv_lora_rank: int) -> torch.Tensor:
     """query [B, 1, H, C] against its gathered rows [B, 1, k, C] -> [B, 1, H, R]."""
-    rows = rows.flatten(0, 1)  # [B, k, C]
-    if _heads_major_scores(query.shape[2]):
-        scores = torch.bmm(query.flatten(0, 1), rows.transpose(1, 2))  # [B, H, k]
+    rows, query = rows.flatten(0, 1), query.flatten(0, 1) * scaling  # [B, k, C], [B, H, C]: scaled first, as there
+    if _heads_major_scores(query.shape[1]):
+        scores = torch.bmm(query, rows.transpose(1, 2))  # [B, H, k]
     else:
-        scores = torch.bmm(rows, query.flatten(0, 1).transpose(1, 2)).transpose(1, 2)  # [B, H, k], keys-major
-    probs = masked_softmax(scores * scaling, valid)  # valid [B, 1, k]
+        scores = torch.bmm(rows, query.transpose(1, 2)).transpose(1, 2)  # [B, H, k], keys-major
+    probs = masked_softmax(scores, valid)  # valid [B, 1, k]
     values = rows[..., :kv_lora_rank]  # [B, k, R]
     if _HEADS_MAJOR_OUTPUT or torch.compiler.is_compiling():  # compiled: see the module's docstring
         return torch.bmm(probs, values).unsqueeze(1)  # [B, 1, H, R], contiguous for W_UV after it

@@ -915,8 +915,8 @@ def absorbed_attention_forward(
     if indices is None:
         if rows.dtype == torch.uint8:
             rows = unpack_latent_rows(rows, rank, query.dtype)
-        scores = torch.einsum("bshc,btc->bsht", query, rows)  # [B, s, H, T]
-        probs = masked_softmax(scores * scaling, attention_mask[:, 0].unsqueeze(2))
+        scores = torch.einsum("bshc,btc->bsht", query * scaling, rows)  # [B, s, H, T]; see attend_to_rows
+        probs = masked_softmax(scores, attention_mask[:, 0].unsqueeze(2))
         probs = F.dropout(probs, dropout) if dropout else probs
         return torch.einsum("bsht,btr->bshr", probs, rows[..., :rank]), None
     rows = gather_rows(rows, indices.clamp(min=0))  # [B, s, k, R + dr]: only the selected rows are read
@@ -929,8 +929,10 @@ def attend_to_rows(query: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor,
     after the gather), where valid [B, s, k] -> the latent output [B, s, H, R]; `dropout` on the probabilities."""
     if rows.dtype == torch.uint8:
         rows = unpack_latent_rows(rows, kv_lora_rank, query.dtype)
-    scores = torch.einsum("bshc,bskc->bshk", query, rows)
-    probs = masked_softmax(scores * scaling, valid.unsqueeze(2))
+    # scaled before the product, as SDPA does: an unscaled float16 score overflows 65504 first (an inf row would
+    # softmax to NaN, which masked_softmax zeroes), and the query is the smaller operand
+    scores = torch.einsum("bshc,bskc->bshk", query * scaling, rows)
+    probs = masked_softmax(scores, valid.unsqueeze(2))
     probs = F.dropout(probs, dropout) if dropout else probs
     return torch.einsum("bshk,bskr->bshr", probs, rows[..., :kv_lora_rank])
 

@@ -11,7 +11,13 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 import mla_dsa.attention
 from mla_dsa import MlaDsaConfig, MlaDsaForCausalLM
 from mla_dsa.attention import cpu_absorbed_attention, cpu_index_scores
-from mla_dsa.modeling.modeling_mla_dsa import ABSORBED_ATTENTION, INDEX_SCORES, absorbed_attention_forward, index_scores
+from mla_dsa.modeling.modeling_mla_dsa import (
+    ABSORBED_ATTENTION,
+    CACHE_NAME,
+    INDEX_SCORES,
+    absorbed_attention_forward,
+    index_scores,
+)
 
 from peers import VOCAB
 
@@ -190,3 +196,31 @@ def test_a_traced_prefill_leaves_no_buffer_behind_for_eager_calls():
         eager = model(_prompt(), attention_mode="absorbed", use_cache=False).logits
         assert type(eager) is torch.Tensor
         torch.testing.assert_close(exported.module()(_prompt()), eager, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["package", "checkpoint"])
+def test_float16_scores_past_its_range_before_scaling_still_attend(registered, implementation):
+    """float16 attention scores of 145,000 before the softmax scale (29,000 after: within float16's 65,504): the
+    absorbed attention scales the query first, as SDPA (the MHA mode) does. Scaling the product overflowed it to inf,
+    the softmax gave NaN and every such head's output was silently zero (0.70 off float32 in dense logits, 0.54 off
+    the MHA mode in a decode step)."""
+    if implementation == "checkpoint":
+        registered(absorbed_attention_forward)
+    models = {}
+    for dtype in (torch.float32, torch.float16):
+        models[dtype] = _model()
+        with torch.no_grad():
+            for layer in models[dtype].model.layers:  # queries and latents 600x larger: scores 360,000x
+                layer.self_attn.q_b_proj.weight.mul_(600)
+                layer.self_attn.kv_a_layernorm.weight.mul_(600)
+        models[dtype].to(dtype)
+    ids, half = _prompt(), models[torch.float16]
+    with torch.no_grad():
+        dense = half(ids, attention_mode="absorbed", use_sparse_attention=False).logits.float()
+        reference = models[torch.float32](ids, attention_mode="absorbed", use_sparse_attention=False).logits
+        torch.testing.assert_close(dense, reference, rtol=0, atol=5e-3)
+        prefill = half(ids[:, :-1], attention_mode="mha")
+        cache = getattr(prefill, CACHE_NAME)
+        step = half(ids[:, -1:], attention_mode="absorbed", **{CACHE_NAME: cache}).logits
+        mha = half(ids, attention_mode="mha").logits[:, -1:]
+        torch.testing.assert_close(step.float(), mha.float(), rtol=0, atol=5e-3)
