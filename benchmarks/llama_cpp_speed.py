@@ -3,7 +3,7 @@
     python benchmarks/llama_cpp_speed.py --llama-cpp ~/llama.cpp --llama-bench ~/llama.cpp/build/bin/llama-bench \
         [--contexts 4096 16384 65536] [--prefill 4096] [--threads 1 2] [--dtypes float32 bfloat16] [--json out.json]
         [--checkpoint DIR --checkpoint-contexts 4096] [--repeats 1] [--onednn-linear [--onednn-min-weights N]]
-        [--cpp-wrapper] [--inductor-gemm]
+        [--cpp-wrapper] [--inductor-gemm] [--concat-linear]
 
 The `mla-dsa bench` small model (2 layers, hidden 1024, 16 heads, kv_lora_rank 512, 16 indexer heads x 128; top-k
 256 at contexts <= 8K, 2048 beyond) is built by transformers' DeepseekV32ForCausalLM, given a byte-level tokenizer,
@@ -76,7 +76,7 @@ def llama_bench(binary: str, gguf: Path, threads: int, dtype: str, *, depth: int
 
 
 def ours_decode(model, context: int, k: int, steps: int, compiled: bool, cpp_wrapper: bool = False,
-                inductor_gemm: bool = False) -> float:  # fmt: skip
+                inductor_gemm: bool = False, concat_linear: bool = False) -> float:  # fmt: skip
     dtype = next(model.parameters()).dtype
     contents = bench.random_cache_contents(context, model.config.to_dict(), dtype=dtype)
     if not compiled:
@@ -90,6 +90,9 @@ def ours_decode(model, context: int, k: int, steps: int, compiled: bool, cpp_wra
     # inductor_gemm: the float32 matrix products as inductor's own C++ GEMM kernels (its CPP template, chosen for
     # every product by max_autotune), in place of MKL's or oneDNN's library calls
     settings = {"max_autotune": True, "max_autotune_gemm_backends": "CPP"} if inductor_gemm else {}
+    # concat_linear: the products that read one input (q_a, kv_a and the indexer's head weights; the MLP's gate and
+    # up) made one product with concatenated weights at freezing (fewer, larger calls)
+    settings |= {"cpp.enable_concat_linear": True} if concat_linear else {}
     with torch.no_grad(), torch._inductor.config.patch(freezing=True, **settings):
         return bench.time_decode(model, cache, context, steps, forward=forward, warmup=2, index_topk=k)[0]
 
@@ -129,6 +132,10 @@ def decode_row(models: dict, model: str, dtype: str, threads: int, context: int,
             ms = ours_decode(ours, context, k, args.steps, compiled=True, cpp_wrapper=args.cpp_wrapper,
                              inductor_gemm=args.inductor_gemm)  # fmt: skip
             runs.setdefault("ours_compiled_ms", []).append(ms)
+            if args.concat_linear:
+                ms = ours_decode(ours, context, k, args.steps, compiled=True, cpp_wrapper=args.cpp_wrapper,
+                                 inductor_gemm=args.inductor_gemm, concat_linear=True)  # fmt: skip
+                runs.setdefault("ours_compiled_concat_ms", []).append(ms)
         if theirs is not None and context <= args.theirs_max_context:
             bench.set_their_topk(theirs, k)
             runs.setdefault("transformers_ms", []).append(theirs_decode(theirs, context, steps=3))
@@ -139,7 +146,7 @@ def decode_row(models: dict, model: str, dtype: str, threads: int, context: int,
     if args.repeats > 1:
         row |= {f"{engine}_runs": figures for engine, figures in runs.items()}
     if "llama_cpp_ms" in row:
-        for variant in ("eager", "compiled"):
+        for variant in ("eager", "compiled", "compiled_concat"):
             if f"ours_{variant}_ms" in row:
                 row[f"ours_{variant}_vs_llama_cpp"] = row[f"ours_{variant}_ms"] / row["llama_cpp_ms"]
     return row
@@ -180,6 +187,9 @@ def main() -> None:
     parser.add_argument("--inductor-gemm", action="store_true",
                         help="our compiled decode with inductor's own C++ GEMM kernels for the matrix products "
                         "(max_autotune, max_autotune_gemm_backends='CPP'; compiling takes minutes)")  # fmt: skip
+    parser.add_argument("--concat-linear", action="store_true",
+                        help="also our compiled decode with inductor's concat_linear pass (cpp.enable_concat_linear): "
+                        "products of one input as one (a column of its own, alternating with the other)")  # fmt: skip
     parser.add_argument("--onednn-linear", action="store_true",
                         help="float32 linear layers through oneDNN (mla_dsa.use_onednn_linear), ours and "
                         "transformers'")  # fmt: skip

@@ -211,15 +211,21 @@ def test_generate_with_a_compiled_forward_compiles_once_per_shape():
 def test_inductor_compiled_decode_equals_eager(freezing, cpp_wrapper):
     """The real compiler (inductor, C++ on CPU): one graph for every decode step, logits equal to eager. Plain (the
     Python wrapper calling inductor's kernels), and with `torch._inductor.config.freezing` (the weights folded in as
-    constants and the linear layers prepacked for oneDNN, what the CPU speed table uses) and inductor's C++ wrapper
-    (docs/usage.md's recipe). Freezing with the Python wrapper, the corner between them, is left out for the suite's
-    time: the wrapper only calls the kernels either way."""
+    constants and the linear layers prepacked for oneDNN, what the CPU speed table uses), inductor's C++ wrapper and
+    its concat_linear pass (the products of one input made one: docs/usage.md's recipe). Freezing with the Python
+    wrapper, the corner between them, is left out for the suite's time: the wrapper only calls the kernels either
+    way."""
     model = _model()
     compiled = torch.compile(model.forward, fullgraph=True, options={"cpp_wrapper": cpp_wrapper})
     expected = _decode_steps(model.forward, model, steps=5)
-    with torch._inductor.config.patch(freezing=freezing):
+    with torch._inductor.config.patch(freezing=freezing, **{"cpp.enable_concat_linear": freezing}):
         actual = _decode_steps(compiled, model, steps=5)
-    assert bool(counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"]) == freezing  # frozen: prepacked
+    packed = counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"]  # frozen: prepacked
+    linear_layers = sum(type(module) is torch.nn.Linear for module in model.modules())
+    # concatenated: each layer's projections of its input (q_a, kv_a, the indexer's; gate and up) fewer products
+    # (22 of 23 layers packed without the pass, 14 with it)
+    merged = 2 * model.config.num_hidden_layers
+    assert 0 < packed <= linear_layers - merged if freezing else packed == 0
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-4)
 
