@@ -51,9 +51,9 @@ def cpu_absorbed_attention(module, query, key, value, attention_mask, scaling: f
     if indices is None or query.device.type != "cpu" or torch.is_grad_enabled() or dropout:
         return absorbed_attention_forward(module, query, key, value, attention_mask, scaling, dropout, indices)
     rows = key[:, 0]  # [B, T, C]
-    if query.shape[2] > 1 and _traced(rows):  # no buffer kept from a trace (fake tensors) or reused by one
-        return absorbed_attention_forward(module, query, key, value, attention_mask, scaling, dropout, indices)
     if query.shape[2] > 1:  # a prefill: the checkpoints' computation, gathering into the reused buffer
+        if _traced(rows):  # no buffer kept from a trace (fake tensors) or reused by one
+            return absorbed_attention_forward(module, query, key, value, attention_mask, scaling, dropout, indices)
         gathered = gather_rows_into(_gather_buffer(rows, indices), rows, indices.clamp(min=0))
         return attend_to_rows(query.transpose(1, 2), gathered, indices >= 0, scaling, module.kv_lora_rank), None
     gathered = gather_rows(rows, indices.clamp(min=0))  # [B, 1, k, C]
