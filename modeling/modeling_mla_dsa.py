@@ -814,7 +814,8 @@ class MlaDsaAttention(nn.Module):
         A plain Linear gives views of its weight (free, and differentiable; also while torch.export or torch.compile
         traces it), or its dequantized weight where the weight's class dequantizes its own (torchao's quantized
         tensors, `TorchAoConfig`). A wrapped one (LoRA) is evaluated on the identity, so its effective weight is used.
-        Outside autograd that result is reused while the module still maps a fixed probe row to the same output:
+        Outside autograd (and outside torch.compile's and torch.export's traces, which cannot follow a comparison of
+        values) that result is reused while the module still maps a fixed probe row to the same output:
         whatever changes what the module computes - a weight update, a merge, PEFT's disable_adapter() or
         set_adapter(), a new scale, another dtype or device - changes the probe's output too, where parameter versions
         alone miss adapter switches. The probe costs one row.
@@ -829,7 +830,7 @@ class MlaDsaAttention(nn.Module):
             weight = module.weight.dequantize()  # torchao's quantized weights: a pass over them, and it compiles
         elif plain_linear:
             weight = _local(module.weight)  # under tensor parallelism, this process's heads
-        elif torch.is_grad_enabled() or offloaded:
+        elif torch.is_grad_enabled() or offloaded or torch.compiler.is_compiling():  # a trace: no probe to compare
             weight = _effective_weight(module, self.kv_lora_rank, device)
         else:
             probe = module(_probe_row(module, self.kv_lora_rank))

@@ -169,6 +169,27 @@ def test_torch_export_reads_kv_b_proj_as_a_view_and_leaves_the_model_trainable()
     torch.optim.SGD(model.parameters(), lr=0.1).step()
 
 
+def test_a_lora_adapter_on_kv_b_proj_compiles_in_one_graph_and_exports():
+    """The absorbed mode under a PEFT LoRA on kv_b_proj (not merged) reads the adapted weight by evaluating the module;
+    outside a trace it reuses that while a probe row's output is unchanged, a comparison of values that no trace can
+    follow: fullgraph compile failed ("Data dependent operator aten.equal") and torch.export too, where transformers'
+    DeepseekV32 with the same adapter compiles and exports. Traced, the weight is evaluated every call."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, target_modules=["kv_b_proj", "q_b_proj"], init_lora_weights=False)
+    model = get_peft_model(_model(attention_mode="absorbed", first_k_dense_replace=2), lora).eval()
+    input_ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+        compiled = torch.compile(model.forward, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(input_ids=input_ids).logits, expected, rtol=0, atol=1e-5)
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+        exported = torch.export.export(_Logits(model), (input_ids,))
+        torch.testing.assert_close(exported.module()(input_ids), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(input_ids=input_ids).logits, expected, rtol=0, atol=0)  # eager after
+
+
 def test_compiled_decode_writes_the_cache_in_place():
     """The decode graph after functionalization (what inductor compiles) writes each new row into the cache buffers
     themselves: an in-place write into a view of a graph input (the latent rows as `keys[:, 0]`) becomes a scatter
