@@ -175,7 +175,8 @@ def test_eval_prints_json(dsa_checkpoint, capsys):
 def test_eval_averages_over_tokens_whatever_the_batch_size(dsa_checkpoint):
     """Six windows in batches of 4 (a short last batch), 1 and 6 give the same figures, and the losses are the mean
     over every scored token: a single forward over all six windows. Each batch's mean used to count alike, so a
-    short last batch's windows weighed more (the default --batch-size 4: dense loss 1.313 against 1.331)."""
+    short last batch's windows weighed more (a probe's 6 windows at the default --batch-size 4: dense loss 1.313
+    against the token mean 1.331)."""
     from mla_dsa.data import byte_tokenizer, fixed_windows, text_files_corpus
     from mla_dsa.training import evaluate_indexer
 
