@@ -573,9 +573,11 @@ _GATHER_BLOCK_ELEMENTS = 1 << 25
 _GPU_GATHER_BLOCK_ELEMENTS = 1 << 29  # on a GPU (1 GiB in bf16): few large kernels, not many small ones
 # The absorbed attention's name in transformers' attention registry (see the module docstring).
 ABSORBED_ATTENTION = "mla_dsa_absorbed"
-# Causal MHA attention up to this many scores [B, H, S, T] is SDPA called as transformers' DeepSeek classes call it
-# (values of their own head size: the math kernel, which builds the scores), so bf16 results are theirs bit for bit;
-# beyond it, values are padded to the keys' size for the flash kernel, which never builds them (training memory linear).
+# MHA attention in half precision up to this many scores [B, H, S, T] is SDPA called as transformers' DeepSeek classes
+# call it (values of their own head size: the math kernel, which builds the scores), so bf16 results are theirs bit for
+# bit. Beyond it, and in float32 at every size, values are padded to the keys' size for the flash kernel, which never
+# builds the scores (training memory linear) and on CPUs runs 2.5-4x faster than the math kernel at every size
+# (float32 results then differ from the peers' by float32 rounding, about 1e-7).
 _PEER_CALL_SCORE_ELEMENTS = 1 << 24
 # A GQA conversion (`linear_latent_norm` in its config) writes its latents scaled into their norms' linear regime
 # (mean square far below eps = 1e-6: values near 3e-6), below float16's normal range (6.1e-5), where float16 keeps
@@ -756,11 +758,13 @@ class MlaDsaAttention(nn.Module):
         query = torch.cat([q_nope, q_rope], dim=-1)
 
         value_dim, key_dim = value.shape[-1], query.shape[-1]
+        large = batch_size * num_heads * seq_len * visible.num_keys > _PEER_CALL_SCORE_ELEMENTS
+        pad_values = (large or query.dtype.itemsize >= 4) and value_dim < key_dim  # see _PEER_CALL_SCORE_ELEMENTS
         if selection is None and not return_weights and visible.causal_only(seq_len) and value_dim <= key_dim:
             # Causal attention with no mask tensor: SDPA's flash kernels (CPU and GPU) never build the [H, S, T]
             # scores, for training too. They want one head size: values are zero-padded to the keys' and cut after
-            # (bf16 rounds differently from the peer's call, which small inputs keep).
-            if batch_size * num_heads * seq_len * visible.num_keys > _PEER_CALL_SCORE_ELEMENTS:
+            # (bf16 rounds differently from the peer's call, which small half-precision inputs keep).
+            if pad_values:
                 value = F.pad(value, (0, key_dim - value_dim))
             out = F.scaled_dot_product_attention(
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
@@ -774,15 +778,14 @@ class MlaDsaAttention(nn.Module):
             dropped = F.dropout(probs, self.config.attention_dropout, self.training)
             return torch.einsum("bhst,bthv->bshv", dropped, value), probs
         # Large inputs run a block of queries at a time against the keys any of them may see (half the work of one call
-        # for a causal prefill) with values padded for the flash kernel, which takes the mask and never builds the
-        # [H, s, T] scores. Small ones are one call as the peers make it (see _PEER_CALL_SCORE_ELEMENTS).
-        blocks = batch_size * num_heads * seq_len * visible.num_keys > _PEER_CALL_SCORE_ELEMENTS
-        chunk = self.config.query_chunk_size if blocks else seq_len
-        value = F.pad(value, (0, key_dim - value_dim)) if blocks and value_dim < key_dim else value
+        # for a causal prefill); padded values take the flash kernel, which takes the mask and never builds the
+        # [H, s, T] scores. Small half-precision ones are one call as the peers make it (see _PEER_CALL_SCORE_ELEMENTS).
+        chunk = self.config.query_chunk_size if large else seq_len
+        value = F.pad(value, (0, key_dim - value_dim)) if pad_values else value
         outputs = []
         for start in range(0, seq_len, chunk):
             end = min(seq_len, start + chunk)
-            num_keys = visible.causal_prefix(end, 1) if blocks else visible.num_keys
+            num_keys = visible.causal_prefix(end, 1) if large else visible.num_keys
             mask, has_key = self._mha_mask(visible, selection, start, end, num_keys)
             out = F.scaled_dot_product_attention(
                 query[:, start:end].transpose(1, 2),
