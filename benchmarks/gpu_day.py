@@ -57,7 +57,7 @@ SIZES = {
                 theirs_max_tokens=262144, prefill=[4096, 8192, 16384, 32768], theirs_prefill_max=16384,
                 training=[8192, 16384, 32768], prompt_tokens=512, greedy_tokens=64, calibration_steps=30),
     "dry": dict(preset="toy", contexts=[96, 160], batches=[1, 2], steps=2, theirs_max_tokens=320, prefill=[96, 160],
-                theirs_prefill_max=160, training=[96], prompt_tokens=128, greedy_tokens=16, calibration_steps=10),
+                theirs_prefill_max=160, training=[96], prompt_tokens=96, greedy_tokens=8, calibration_steps=3),
 }  # fmt: skip
 TOY_CONFIG = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32,
