@@ -65,13 +65,15 @@ class IndexScorer(NamedTuple):
     keys: torch.Tensor
     softmax_scale: float
 
-    def scores(self, start: int, end: int) -> torch.Tensor:
-        """Index scores [B, end - start, T] of queries start..end-1, a bounded block at a time."""
+    def scores(self, start: int, end: int, num_keys: int | None = None) -> torch.Tensor:
+        """Index scores [B, end - start, T] of queries start..end-1 against the first `num_keys` keys (all: T), a
+        bounded block at a time."""
         batch_size, _, n_heads = self.weights.shape
-        block = query_block(batch_size, n_heads, self.keys.shape[1], self.keys.device.type != "cpu")
+        keys = self.keys[:, :num_keys]
+        block = query_block(batch_size, n_heads, keys.shape[1], keys.device.type != "cpu")
         parts = [
-            index_scores(self.queries[:, s : min(end, s + block)], self.weights[:, s : min(end, s + block)],
-                         self.keys, self.softmax_scale)
+            index_scores(self.queries[:, s : min(end, s + block)], self.weights[:, s : min(end, s + block)], keys,
+                         self.softmax_scale)
             for s in range(start, end, block)
         ]  # fmt: skip
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
@@ -239,12 +241,14 @@ def dense_stage_loss(
     totals = latent.new_zeros(5, dtype=torch.float32)
     for start in range(0, seq_len, chunk_size):
         end = min(seq_len, start + chunk_size)
-        # The chunk's mask is made inside it: kept as a checkpoint input for every chunk, the masks would add up to
-        # an S x T tensor.
+        # A chunk scores only the keys its queries may see (the causal prefix: about half the work of every key for a
+        # long sequence). Its mask is made inside it: kept as a checkpoint input for every chunk, the masks would add
+        # up to an S x T tensor.
+        num_keys = visible.causal_prefix(end, 1)
         chunk = _run(
-            checkpointed, _dense_chunk, scorer.queries[:, start:end], scorer.weights[:, start:end], scorer.keys,
-            main_queries.q_nope[:, start:end], main_queries.q_rope[:, start:end], main_queries.w_uk, latent, visible,
-            start, end, scorer.softmax_scale, scaling, top_k,
+            checkpointed, _dense_chunk, scorer.queries[:, start:end], scorer.weights[:, start:end],
+            scorer.keys[:, :num_keys], main_queries.q_nope[:, start:end], main_queries.q_rope[:, start:end],
+            main_queries.w_uk, latent[:, :num_keys], visible, start, end, scorer.softmax_scale, scaling, top_k,
         )  # fmt: skip
         totals = totals + chunk
     kl = totals[0] / totals[1].clamp(min=1)
@@ -255,8 +259,9 @@ def dense_stage_loss(
 def _dense_chunk(index_q, index_w, index_k, q_nope, q_rope, w_uk, latent, visible_keys: VisibleKeys, start: int,
                  end: int, softmax_scale, scaling, top_k):  # fmt: skip
     """[kl sum, queries, recall sum, recall queries, uniform kl sum] of queries start..end-1 (the index and main
-    queries given are theirs); only the kl sum carries gradients."""
-    visible = visible_keys.mask(start, end).expand(latent.shape[0], -1, -1)  # [B, s, T]
+    queries given are theirs, the keys and latent rows the first ones, every key they may see); only the kl sum
+    carries gradients."""
+    visible = visible_keys.mask(start, end)[..., : latent.shape[1]].expand(latent.shape[0], -1, -1)  # [B, s, T']
     with torch.no_grad():
         main_query = MainQueries(q_nope, q_rope, w_uk).absorbed(0, end - start)  # [B, s, H, R + dr]
         scores = torch.einsum("bshc,btc->bsht", main_query, latent) * scaling  # [B, s, H, T]

@@ -106,6 +106,37 @@ def test_fit_lowers_each_layers_kl_and_writes_the_fitted_tensors(byte_peers, dat
     assert not any(p.name.startswith(".mla-dsa") for p in out.iterdir())  # the kept fit is removed with the state
 
 
+def test_the_fit_scores_each_query_block_against_the_keys_before_its_end(byte_peers, data_files, tmp_path,
+                                                                         monkeypatch):  # fmt: skip
+    """The calibration windows are causal: the fit scores a block of queries against the keys before the block's end
+    (blocks of a quarter of the window: 5/8 of the products of scoring every key), with the KLs of scoring them all."""
+    import mla_dsa.conversion.calibrate as calibrate
+    from mla_dsa import indexer_loss
+
+    widths = []
+    original = indexer_loss.index_scores
+
+    def recording(queries, weights, keys, softmax_scale):
+        widths.append((queries.shape[1], keys.shape[1]))
+        return original(queries, weights, keys, softmax_scale)
+
+    monkeypatch.setattr(indexer_loss, "index_scores", recording)
+    _, directory = byte_peers["deepseek_v3"]
+    reports = []
+    for blocks in (calibrate._FIT_CAUSAL_BLOCKS, 1):
+        monkeypatch.setattr(calibrate, "_FIT_CAUSAL_BLOCKS", blocks)
+        widths.clear()
+        out = mla_dsa.convert_checkpoint(directory, tmp_path / f"blocks-{blocks}", indexer_init="calibrate",
+                                         calibration_data=data_files, progress=False, **CALIBRATION)  # fmt: skip
+        reports.append(json.loads((out / "indexer_calibration.json").read_text())["layers"])
+        block = SEQ_LEN // blocks
+        assert set(widths) == {(block, end) for end in range(block, SEQ_LEN + 1, block)}, (blocks, sorted(set(widths)))
+    assert reports[0].keys() == reports[1].keys()
+    for layer, report in reports[0].items():  # after 5 Adam steps on sums taken in another order: rounding, grown
+        assert report["kl_before"] == pytest.approx(reports[1][layer]["kl_before"], rel=1e-5), layer
+        assert report["kl_after"] == pytest.approx(reports[1][layer]["kl_after"], rel=1e-3), layer
+
+
 def test_shared_layers_fit_their_source_indexer_to_every_layer_it_serves(byte_peers, data_files, tmp_path):
     """With --index-share 2 (GLM's rule on 4 layers: F F S F), layer 1's indexer is fitted to layers 1 and 2's
     attention: it differs from the fit to layer 1 alone, and layer 2 has no indexer to write."""

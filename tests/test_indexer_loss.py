@@ -115,6 +115,31 @@ def test_loss_does_not_depend_on_chunk_size(checkpoint):
         torch.testing.assert_close(recall, results[0][1])
 
 
+def test_dense_stage_chunks_score_only_the_keys_their_queries_may_see(checkpoint, monkeypatch):
+    """Causal queries before a chunk's end see no later key: each chunk of the dense stage scores (index and main
+    attention) the keys up to its end, not all T (about half the work of a long sequence). Same loss as one chunk."""
+    widths = []
+    original = indexer_loss_module.index_scores
+
+    def recording(queries, weights, keys, softmax_scale):
+        widths.append(keys.shape[1])
+        return original(queries, weights, keys, softmax_scale)
+
+    monkeypatch.setattr(indexer_loss_module, "index_scores", recording)
+    input_ids, attention_mask = batch(2)
+    losses = []
+    for chunk in (4, SEQ):
+        model = load(checkpoint, query_chunk_size=chunk)
+        widths.clear()
+        with torch.no_grad(), IndexerLoss(model, "dense") as indexer_loss:
+            model(input_ids, attention_mask=attention_mask)
+        losses.append((indexer_loss.kl, indexer_loss.recall, indexer_loss.kl_uniform))
+        ends = [min(start + chunk, SEQ) for start in range(0, SEQ, chunk)]
+        assert widths == ends * model.config.num_hidden_layers, (chunk, widths)
+    for chunked, whole in zip(losses[0], losses[1], strict=True):
+        torch.testing.assert_close(chunked, whole)
+
+
 class _LargestTensor(TorchFunctionMode):
     def __init__(self):
         super().__init__()
@@ -170,8 +195,9 @@ def test_dense_stage_keeps_no_absorbed_query_for_backward(checkpoint, monkeypatc
             model(input_ids, attention_mask=attention_mask, use_sparse_attention=False)
         indexer_loss.kl.backward()
     projected = (config.num_attention_heads, config.qk_nope_head_dim)
-    assert any(shape[-2:] == projected for shape in saved_shapes)  # the main queries are kept, as projected
-    assert not [shape for shape in saved_shapes if shape[-2:] == absorbed_shape]
+    # queries are [B, S or s, H, *] (a chunk's latent rows [B, T', R + dr] can share the last two sizes: not queries)
+    assert any(len(shape) == 4 and shape[-2:] == projected for shape in saved_shapes)  # kept, as projected
+    assert not [shape for shape in saved_shapes if len(shape) == 4 and shape[-2:] == absorbed_shape]
     grads = [param.grad for param in model.parameters() if param.grad is not None]
     assert grads and all(torch.isfinite(grad).all() for grad in grads) and any(grad.abs().sum() > 0 for grad in grads)
 
