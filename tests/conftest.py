@@ -11,6 +11,14 @@ import transformers
 if importlib.util.find_spec("kernels") is None:
     os.environ.setdefault("USE_HUB_KERNELS", "0")
 
+# Under pytest-xdist (`pytest -n 2`, the README's command) each worker takes its share of the cores, and so do the
+# processes it starts: two workers each running torch's two threads on 2 cores wait on each other's descheduled
+# threads. (An explicit OMP_NUM_THREADS is kept.)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 @pytest.fixture(autouse=True)
 def _quiet_transformers():
