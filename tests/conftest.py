@@ -1,5 +1,13 @@
 import importlib.util
 import os
+import tempfile
+
+# Under pytest-xdist each worker copies remote code into a modules cache of its own: two workers loading checkpoints
+# of the same folder name (tmp_path_factory's) would otherwise write the same files in transformers' one cache at once.
+# Set before transformers is imported, which reads it then.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    _modules = os.path.join(tempfile.gettempdir(), f"mla-dsa-tests-hf-modules-{os.environ['PYTEST_XDIST_WORKER']}")
+    os.environ.setdefault("HF_MODULES_CACHE", _modules)
 
 import pytest
 import torch
