@@ -28,6 +28,9 @@ DROPPED_TENSORS = (re.compile(re.escape(SCALE_SUFFIX) + "$"), re.compile(r"rotar
 # transformers keeps both float32 in a model of any dtype (`_keep_in_fp32_modules_strict`), and a bf16-rounded router
 # weight sends tokens to other experts.
 FLOAT32_TENSORS = (re.compile(r"e_score_correction_bias$"), re.compile(r"\.mlp\.gate\.weight$"))
+# The indexer's head weights, written float32 in a float16 checkpoint: transformers keeps them float32 in a float16
+# model (`_keep_in_fp32_modules`, as DeepseekV32 and GlmMoeDsa), and its save_pretrained writes them so.
+FLOAT16_KEPT_TENSORS = re.compile(r"\.self_attn\.indexer\.weights_proj\.weight$")
 # A GQA conversion's latent down-projections and norms (`linear_latent_norm`): its latents sit below float16's normal
 # range, so a float16 checkpoint keeps these in float32, as `from_pretrained` keeps them in a float16 model.
 LATENT_TENSORS = re.compile(r"\.self_attn\.(" + "|".join(LATENT_MODULES) + r")\.")
@@ -239,7 +242,7 @@ def plan_output(source: SourceCheckpoint, config: MlaDsaConfig, opts: ConvertOpt
         group = groups[shard_pos[kept[anchor].shard]]
         for param in INDEXER_PARAMS:
             name = f"model.layers.{layer}.self_attn.indexer.{param}"
-            group.append(OutputTensor(name, dtype_of_model, expected[name], layer=layer))
+            group.append(OutputTensor(name, float16_kept_dtype(name, dtype_of_model), expected[name], layer=layer))
     return _split_into_shards(groups, opts.max_shard_size)
 
 
@@ -288,7 +291,13 @@ def output_dtype(info: TensorInfo, opts: ConvertOptions, model_dtype: torch.dtyp
         return info.dtype
     if any(rule.search(info.name) for rule in FLOAT32_TENSORS):
         return torch.float32
+    target = float16_kept_dtype(info.name, target)
     return latent_dtype(info.name, target) if linear_latent else target
+
+
+def float16_kept_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """float32 for what a float16 checkpoint keeps float32 (FLOAT16_KEPT_TENSORS), else `dtype`."""
+    return torch.float32 if dtype == torch.float16 and FLOAT16_KEPT_TENSORS.search(name) else dtype
 
 
 def latent_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
@@ -318,6 +327,7 @@ __all__ = [
     "OutputTensor",
     "default_indexer_shape",
     "expected_tensors",
+    "float16_kept_dtype",
     "latent_dtype",
     "model_dtype",
     "output_dtype",
