@@ -36,6 +36,7 @@ from .source import ConversionError, SourceCheckpoint
 # The fit's per-head index scores [windows, queries, index heads, L] are built a block of queries at a time, within
 # this many elements (256 MiB of float32); when there is more than one block, each runs under activation checkpointing.
 _FIT_BLOCK_ELEMENTS = 1 << 26
+# Blocks a window's queries are scored in at least, each against the keys before its end (the windows are causal).
 _FIT_CAUSAL_BLOCKS = 4
 
 

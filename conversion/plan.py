@@ -295,14 +295,14 @@ def output_dtype(info: TensorInfo, opts: ConvertOptions, model_dtype: torch.dtyp
     return latent_dtype(info.name, target) if linear_latent else target
 
 
-def float16_kept_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
-    """float32 for what a float16 checkpoint keeps float32 (FLOAT16_KEPT_TENSORS), else `dtype`."""
-    return torch.float32 if dtype == torch.float16 and FLOAT16_KEPT_TENSORS.search(name) else dtype
+def float16_kept_dtype(name: str, dtype: torch.dtype, kept: re.Pattern = FLOAT16_KEPT_TENSORS) -> torch.dtype:
+    """float32 for a tensor a float16 checkpoint keeps float32 (`kept`), else `dtype`."""
+    return torch.float32 if dtype == torch.float16 and kept.search(name) else dtype
 
 
 def latent_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype a `linear_latent_norm` checkpoint of `dtype` stores tensor `name` in (LATENT_TENSORS)."""
-    return torch.float32 if dtype == torch.float16 and LATENT_TENSORS.search(name) else dtype
+    return float16_kept_dtype(name, dtype, LATENT_TENSORS)
 
 
 def _split_into_shards(groups: list[list[OutputTensor]], max_shard_size) -> list[OutputShard]:
