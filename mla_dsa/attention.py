@@ -17,7 +17,10 @@ lives here, where a release can change it, not in the code frozen into checkpoin
   thread: W_UV 0.94 -> 0.23 ms a layer, a compiled step 13.1 -> 11.6 ms; 2 threads 11.1 -> 10.5; 16K 21.0 -> 19.7 and
   15.7 -> 15.6);
 - index scores are made a tile of keys at a time (below), a decode step's in the same form as its attention scores,
-  except over float32 cached keys, which come from memory: keys-major on every CPU (`_score_tile`).
+  except over float32 cached keys, which come from memory: keys-major on every CPU (`_score_tile`);
+- queries with no position-free part (`qk_nope_head_dim` 0: what a GQA conversion that keeps every key head's RoPE,
+  the default, writes) are scored by their RoPE columns alone, the latent columns of the absorbed query being zeros
+  (`_rope_only_queries`).
 
 On other devices it is the checkpoint's implementation. Shapes as there: B batch, s queries, H heads, T keys, k
 selected keys, C = R + dr the latent row, R `kv_lora_rank`.
@@ -55,11 +58,32 @@ def cpu_absorbed_attention(module, query, key, value, attention_mask, scaling: f
         if _traced(rows):  # no buffer kept from a trace (fake tensors) or reused by one
             return absorbed_attention_forward(module, query, key, value, attention_mask, scaling, dropout, indices)
         gathered = gather_rows_into(_gather_buffer(rows, indices), rows, indices.clamp(min=0))
-        return attend_to_rows(query.transpose(1, 2), gathered, indices >= 0, scaling, module.kv_lora_rank), None
+        query = query.transpose(1, 2)  # [B, s, H, C]
+        if not _rope_only_queries(module):
+            return attend_to_rows(query, gathered, indices >= 0, scaling, module.kv_lora_rank), None
+        return _attend_to_rows_by_rope(query, gathered, indices >= 0, scaling, module.kv_lora_rank), None
     gathered = gather_rows(rows, indices.clamp(min=0))  # [B, 1, k, C]
     if gathered.dtype == torch.uint8:
         gathered = unpack_latent_rows(gathered, module.kv_lora_rank, query.dtype)
-    return _decode_step(query.transpose(1, 2), gathered, indices >= 0, scaling, module.kv_lora_rank), None
+    scored_from = module.kv_lora_rank if _rope_only_queries(module) else 0
+    return _decode_step(query.transpose(1, 2), gathered, indices >= 0, scaling, module.kv_lora_rank, scored_from), None
+
+
+def _rope_only_queries(module) -> bool:
+    """Whether the model's queries have no position-free part (`qk_nope_head_dim` 0, as a GQA conversion that keeps
+    every key head's RoPE makes them): the absorbed query's first `kv_lora_rank` columns (q_nope W_UK) are then zeros,
+    and only its RoPE columns need scoring against the rows' (half the scores' work for such a conversion of
+    SmolLM2, R = 192 and 192 RoPE dims)."""
+    return getattr(module, "qk_nope_head_dim", None) == 0
+
+
+def _attend_to_rows_by_rope(query, rows, valid, scaling: float, kv_lora_rank: int) -> torch.Tensor:
+    """`attend_to_rows` for queries whose first `kv_lora_rank` columns are zeros: scores from the RoPE columns."""
+    if rows.dtype == torch.uint8:
+        rows = unpack_latent_rows(rows, kv_lora_rank, query.dtype)
+    scores = torch.einsum("bshc,bskc->bshk", query[..., kv_lora_rank:] * scaling, rows[..., kv_lora_rank:])
+    probs = masked_softmax(scores, valid.unsqueeze(2))
+    return torch.einsum("bshk,bskr->bshr", probs, rows[..., :kv_lora_rank])
 
 
 def _traced(tensor: torch.Tensor) -> bool:
@@ -89,13 +113,15 @@ def _gather_buffer(rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return buffer
 
 
-def _decode_step(query, rows, valid, scaling: float, kv_lora_rank: int) -> torch.Tensor:
-    """query [B, 1, H, C] against its gathered rows [B, 1, k, C] -> [B, 1, H, R]."""
+def _decode_step(query, rows, valid, scaling: float, kv_lora_rank: int, scored_from: int = 0) -> torch.Tensor:
+    """query [B, 1, H, C] against its gathered rows [B, 1, k, C] -> [B, 1, H, R]; the scores from columns
+    `scored_from` on (the others are zeros in the query: `_rope_only_queries`)."""
     rows, query = rows.flatten(0, 1), query.flatten(0, 1) * scaling  # [B, k, C], [B, H, C]: scaled first, as there
+    keys, query = rows[..., scored_from:], query[..., scored_from:]
     if _heads_major_scores(query.shape[1]):
-        scores = torch.bmm(query, rows.transpose(1, 2))  # [B, H, k]
+        scores = torch.bmm(query, keys.transpose(1, 2))  # [B, H, k]
     else:
-        scores = torch.bmm(rows, query.transpose(1, 2)).transpose(1, 2)  # [B, H, k], keys-major
+        scores = torch.bmm(keys, query.transpose(1, 2)).transpose(1, 2)  # [B, H, k], keys-major
     probs = masked_softmax(scores, valid)  # valid [B, 1, k]
     values = rows[..., :kv_lora_rank]  # [B, k, R]
     if _HEADS_MAJOR_OUTPUT or torch.compiler.is_compiling():  # compiled: see the module's docstring

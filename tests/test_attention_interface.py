@@ -36,10 +36,10 @@ def registered():
 
 def _model(**overrides) -> MlaDsaForCausalLM:
     torch.manual_seed(0)
+    shapes = dict(num_attention_heads=4, q_lora_rank=32, kv_lora_rank=128, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                  v_head_dim=16, index_n_heads=2, index_head_dim=16, index_topk=TOPK) | overrides  # fmt: skip
     config = MlaDsaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                          num_attention_heads=4, q_lora_rank=32, kv_lora_rank=128, qk_nope_head_dim=16,
-                          qk_rope_head_dim=8, v_head_dim=16, index_n_heads=2, index_head_dim=16, index_topk=TOPK,
-                          first_k_dense_replace=2, **overrides)  # fmt: skip
+                          first_k_dense_replace=2, **shapes)  # fmt: skip
     return MlaDsaForCausalLM(config).eval()
 
 
@@ -94,20 +94,49 @@ def test_a_registered_index_scoring_takes_its_place(registered):
     assert not torch.allclose(_run(model)[0], expected[0])
 
 
+@pytest.mark.parametrize("qk_nope_head_dim", [16, 0], ids=["deepseek-queries", "rope-only-queries"])
 @pytest.mark.parametrize("heads_major", [True, False], ids=["avx512-form", "avx2-form"])
 @pytest.mark.parametrize("latent_cache_dtype", ["auto", "fp8"])
 def test_the_cpu_attention_computes_what_the_checkpoints_own_does(registered, latent_cache_dtype, heads_major,
-                                                                   monkeypatch):  # fmt: skip
+                                                                   qk_nope_head_dim, monkeypatch):  # fmt: skip
     """Both forms of a decode step's score and output matmuls (chosen by the CPU's vector width), whichever this CPU
-    has."""
+    has; and queries with no position-free part (a full-width GQA conversion's), which the package scores by their
+    RoPE columns alone."""
     monkeypatch.setattr(mla_dsa.attention, "_HEADS_MAJOR_OUTPUT", heads_major)
     monkeypatch.setattr(mla_dsa.attention, "_HEADS_MAJOR_SCORES", heads_major)
-    model = _model(latent_cache_dtype=latent_cache_dtype, query_chunk_size=7)
+    model = _model(latent_cache_dtype=latent_cache_dtype, query_chunk_size=7, qk_nope_head_dim=qk_nope_head_dim)
     tuned = _run(model)
     registered(absorbed_attention_forward)
     plain = _run(model)
     for mine, theirs in zip(tuned, plain, strict=True):
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("qk_nope_head_dim", [16, 0], ids=["deepseek-queries", "rope-only-queries"])
+def test_rope_only_queries_are_scored_by_their_rope_columns_alone(registered, qk_nope_head_dim):
+    """With no position-free query part (`qk_nope_head_dim` 0: a GQA conversion that keeps every key head's RoPE, the
+    default), the absorbed query's first kv_lora_rank columns (q_nope W_UK) are zeros: the package's attention skips
+    them in the scores of a sparse prefill and of every decode step, exactly that product's multiply-adds fewer than
+    the checkpoint's own implementation; DeepSeek-shaped queries score every column in both."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _model(qk_nope_head_dim=qk_nope_head_dim)
+    config = model.config
+
+    def flops() -> int:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(_prompt(), attention_mode="absorbed")  # a sparse prefill: PROMPT queries, TOPK rows each
+            model.generate(_prompt(), max_new_tokens=NEW_TOKENS, do_sample=False)
+        return counter.get_total_flops()
+
+    tuned = flops()
+    registered(absorbed_attention_forward)
+    plain = flops()
+    # the decode steps after generate()'s prefill (which runs in MHA mode) attend to TOPK rows, one query each
+    queries = 2 * PROMPT + 2 * (NEW_TOKENS - 1)
+    latent_scores = config.num_hidden_layers * queries * config.num_attention_heads * TOPK * config.kv_lora_rank
+    assert plain - tuned == (2 * latent_scores if qk_nope_head_dim == 0 else 0)  # 2 flops per multiply-add
 
 
 def test_a_compiled_decode_step_hands_w_uv_its_rows_contiguous(monkeypatch):
