@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .modeling.modeling_mla_dsa import VisibleKeys, gather_rows, index_scores, masked_softmax, query_block, select_topk
+from .modeling.modeling_mla_dsa import VisibleKeys, gather_rows, masked_softmax, query_block, select_topk
 
 STAGES = ("dense", "sparse")
 # Largest block of gathered rows [B, queries, k, C] (latent rows for the sparse-stage target, index keys for its
@@ -72,11 +72,27 @@ class IndexScorer(NamedTuple):
         keys = self.keys[:, :num_keys]
         block = query_block(batch_size, n_heads, keys.shape[1], keys.device.type != "cpu")
         parts = [
-            index_scores(self.queries[:, s : min(end, s + block)], self.weights[:, s : min(end, s + block)], keys,
-                         self.softmax_scale)
+            differentiable_index_scores(self.queries[:, s : min(end, s + block)],
+                                        self.weights[:, s : min(end, s + block)], keys, self.softmax_scale)
             for s in range(start, end, block)
         ]  # fmt: skip
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def differentiable_index_scores(queries: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
+                                softmax_scale: float) -> torch.Tensor:  # fmt: skip
+    """`index_scores` (queries [B, s, h, D], head weights [B, s, h], keys [B, T, D] -> [B, s, T] float32), as two
+    batched products whose backward keeps one layout: the head-weighted sum as [h] @ [h, T] per query, so the gradient
+    of the per-head scores comes out [B, s, h, T] like the scores themselves. `index_scores`' einsum sums over the
+    heads keys-major, and its backward then handed ReLU's backward a transposed gradient: 4x the time of the same pass
+    over matching layouts, a fifth of a calibration fit step (SmolLM2's shapes, 2 CPU cores)."""
+    batch_size, seq_len, n_heads, head_dim = queries.shape
+    # softmax_scale > 0 commutes with ReLU: folded into the (smaller) query block, as index_scores does.
+    scaled = (queries.float() * softmax_scale).reshape(batch_size, seq_len * n_heads, head_dim)
+    per_head = F.relu(torch.bmm(scaled, keys.float().transpose(1, 2)))  # [B, s * h, T]
+    per_head = per_head.view(batch_size * seq_len, n_heads, -1)
+    head_weights = weights.float().reshape(batch_size * seq_len, 1, n_heads)
+    return torch.bmm(head_weights, per_head).view(batch_size, seq_len, -1)
 
 
 class MainQueries(NamedTuple):

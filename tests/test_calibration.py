@@ -114,13 +114,13 @@ def test_the_fit_scores_each_query_block_against_the_keys_before_its_end(byte_pe
     from mla_dsa import indexer_loss
 
     widths = []
-    original = indexer_loss.index_scores
+    original = indexer_loss.differentiable_index_scores
 
     def recording(queries, weights, keys, softmax_scale):
         widths.append((queries.shape[1], keys.shape[1]))
         return original(queries, weights, keys, softmax_scale)
 
-    monkeypatch.setattr(indexer_loss, "index_scores", recording)
+    monkeypatch.setattr(indexer_loss, "differentiable_index_scores", recording)
     _, directory = byte_peers["deepseek_v3"]
     reports = []
     for blocks in (calibrate._FIT_CAUSAL_BLOCKS, 1):
