@@ -116,8 +116,9 @@ def _gather_buffer(rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 def _decode_step(query, rows, valid, scaling: float, kv_lora_rank: int, scored_from: int = 0) -> torch.Tensor:
     """query [B, 1, H, C] against its gathered rows [B, 1, k, C] -> [B, 1, H, R]; the scores from columns
     `scored_from` on (the others are zeros in the query: `_rope_only_queries`)."""
-    rows, query = rows.flatten(0, 1), query.flatten(0, 1) * scaling  # [B, k, C], [B, H, C]: scaled first, as there
-    keys, query = rows[..., scored_from:], query[..., scored_from:]
+    rows = rows.flatten(0, 1)  # [B, k, C]
+    query = query.flatten(0, 1)[..., scored_from:] * scaling  # [B, H, C - scored_from]: scaled first, as there
+    keys = rows[..., scored_from:]
     if _heads_major_scores(query.shape[1]):
         scores = torch.bmm(query, keys.transpose(1, 2))  # [B, H, k]
     else:

@@ -66,8 +66,8 @@ class IndexScorer(NamedTuple):
     softmax_scale: float
 
     def scores(self, start: int, end: int, num_keys: int | None = None) -> torch.Tensor:
-        """Index scores [B, end - start, T] of queries start..end-1 against the first `num_keys` keys (all: T), a
-        bounded block at a time."""
+        """Index scores [B, end - start, num_keys] of queries start..end-1 against the first `num_keys` keys (None:
+        all T), a bounded block at a time."""
         batch_size, _, n_heads = self.weights.shape
         keys = self.keys[:, :num_keys]
         block = query_block(batch_size, n_heads, keys.shape[1], keys.device.type != "cpu")
