@@ -6,7 +6,11 @@ Every checkpoint's code looks both up in transformers' attention registry (under
 compute the same numbers faster on a CPU, and are registered over them when the package is imported, so the tuning
 lives here, where a release can change it, not in the code frozen into checkpoints:
 
-- a long prefill gathers every query chunk's selected latent rows into one reused buffer (a fresh large allocation
+- a long prefill's block of queries reads the union of their selections once, when that pays (`_union_pays`): the
+  queries of a block select mostly the same keys, and one [s*H, C] @ [C, U] product with each query's other rows
+  masked out runs faster than s gathers of k rows and s small products while the union is a small multiple of k
+  (SmolLM2's exact conversion at 8K, k = 1,024: 2-4x k);
+- otherwise it gathers every query chunk's selected latent rows into one reused buffer (a fresh large allocation
   per chunk costs more than the gather itself on CPU);
 - on AVX2 CPUs a decode step (one query per sequence) puts the rows on the long side of the scores, [k, C] @ [C, H]:
   the same numbers as the [H, C] @ [C, k] form, which MKL runs there at 0.6x the speed (an output of only H rows; a
@@ -54,12 +58,17 @@ def cpu_absorbed_attention(module, query, key, value, attention_mask, scaling: f
     if indices is None or query.device.type != "cpu" or torch.is_grad_enabled() or dropout:
         return absorbed_attention_forward(module, query, key, value, attention_mask, scaling, dropout, indices)
     rows = key[:, 0]  # [B, T, C]
-    if query.shape[2] > 1:  # a prefill: the checkpoints' computation, gathering into the reused buffer
-        if _traced(rows):  # no buffer kept from a trace (fake tensors) or reused by one
+    if query.shape[2] > 1:  # a prefill
+        if _traced(rows):  # no buffer kept from a trace (fake tensors) or reused by one; no data-dependent shapes
             return absorbed_attention_forward(module, query, key, value, attention_mask, scaling, dropout, indices)
-        gathered = gather_rows_into(_gather_buffer(rows, indices), rows, indices.clamp(min=0))
         query = query.transpose(1, 2)  # [B, s, H, C]
-        if not _rope_only_queries(module):
+        scored_from = module.kv_lora_rank if _rope_only_queries(module) else 0
+        unions = [selected_union(indices[b], rows.shape[1]) for b in range(rows.shape[0])]
+        if _union_pays(query, rows, indices, unions, scored_from, module.kv_lora_rank):
+            return _attend_to_union(query, rows, unions, scaling, module.kv_lora_rank, scored_from), None
+        # the checkpoints' computation, gathering into the reused buffer
+        gathered = gather_rows_into(_gather_buffer(rows, indices), rows, indices.clamp(min=0))
+        if not scored_from:
             return attend_to_rows(query, gathered, indices >= 0, scaling, module.kv_lora_rank), None
         return _attend_to_rows_by_rope(query, gathered, indices >= 0, scaling, module.kv_lora_rank), None
     gathered = gather_rows(rows, indices.clamp(min=0))  # [B, 1, k, C]
@@ -84,6 +93,58 @@ def _attend_to_rows_by_rope(query, rows, valid, scaling: float, kv_lora_rank: in
     scores = torch.einsum("bshc,bskc->bshk", query[..., kv_lora_rank:] * scaling, rows[..., kv_lora_rank:])
     probs = masked_softmax(scores, valid.unsqueeze(2))
     return torch.einsum("bshk,bskr->bshr", probs, rows[..., :kv_lora_rank])
+
+
+def selected_union(indices: torch.Tensor, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's selections [s, k] (-1: none) among `num_keys` keys -> the keys any of its queries selected [U]
+    (ascending) and which of them each query selected [s, U] (bool)."""
+    spare = num_keys  # where -1 points: a key of no one's, dropped below
+    spots = torch.where(indices >= 0, indices, spare)
+    chosen = torch.zeros(num_keys + 1, dtype=torch.bool, device=indices.device)
+    chosen[spots.reshape(-1)] = True
+    chosen[spare] = False
+    union = chosen.nonzero().squeeze(1)  # [U]
+    column = chosen.cumsum(0) - 1  # a chosen key's place in the union
+    column[spare] = union.numel()  # a spare column, dropped below
+    selected = torch.zeros(indices.shape[0], union.numel() + 1, dtype=torch.bool, device=indices.device)
+    return union, selected.scatter_(1, column[spots], True)[:, :-1]
+
+
+# When a block of queries reads the union of its selections instead of each query its own rows (`_union_pays`): per
+# query and row, the union's one [s*H, C] @ [C, U] product and masked softmax cost about what a gathered row's small
+# product and softmax do, and the gather and the small products' overhead add about _GATHERED_ROW_COST multiply-adds a
+# row. Fitted where the two forms cross on this project's 2-core AVX-512 CPU (float32, random rows, the prefill's
+# query blocks, k = 256 to 2,048; the union as a multiple of k there: 3.3 at 9 heads scoring 384 numbers a row, as
+# SmolLM2's exact conversion; 2.1 at 16 heads of 1,088 (the bench model); 1.35 at 64; 1.05 at 128, DeepSeek-V3.2's),
+# on the safe side: it takes the union up to 3.3, 1.46, 1.11 and 1.06 x k there.
+_GATHERED_ROW_COST = 8000
+
+
+def _union_pays(query, rows, indices, unions, scored_from: int, kv_lora_rank: int) -> bool:
+    """Whether reading the union of the block's selections once beats gathering each query's rows: by the cost model
+    above, and within the gather buffer's memory ([s, H, U] scores against [s, k, C] rows)."""
+    n_heads, k = query.shape[2], indices.shape[-1]
+    per_row = n_heads * (query.shape[-1] - scored_from + kv_lora_rank)  # multiply-adds of a query and one row
+    union = max(union.numel() for union, _ in unions)
+    return union * per_row <= k * (per_row + _GATHERED_ROW_COST) and n_heads * union <= k * rows.shape[-1]
+
+
+def _attend_to_union(query, rows, unions, scaling: float, kv_lora_rank: int, scored_from: int) -> torch.Tensor:
+    """query [B, s, H, C] over the rows [B, T, C] its block selected (`selected_union`: per sequence the union [U]
+    and each query's share [s, U]) -> [B, s, H, R]: the block's products against the union at once, each query's
+    unselected rows masked out of its softmax. The same numbers as over each query's gathered rows (top-k selects a
+    key once); the scores from columns `scored_from` on (`_rope_only_queries`)."""
+    batch_size, num_queries, n_heads, _ = query.shape
+    out = query.new_empty(batch_size, num_queries, n_heads, kv_lora_rank)
+    for b, (union, selected) in enumerate(unions):
+        keys = rows[b].index_select(0, union)  # [U, C]: each row read once
+        if keys.dtype == torch.uint8:
+            keys = unpack_latent_rows(keys, kv_lora_rank, query.dtype)
+        q = (query[b, ..., scored_from:] * scaling).flatten(0, 1)  # [s*H, C - scored_from]: scaled first, as there
+        scores = (q @ keys[:, scored_from:].T).view(num_queries, n_heads, -1)  # [s, H, U]
+        probs = masked_softmax(scores, selected.unsqueeze(1)).flatten(0, 1)
+        out[b] = (probs @ keys[:, :kv_lora_rank]).view(num_queries, n_heads, kv_lora_rank)
+    return out
 
 
 def _traced(tensor: torch.Tensor) -> bool:

@@ -3,6 +3,8 @@ implementations, the package's CPU-tuned ones registered over them (same numbers
 kernel package registers under `ABSORBED_ATTENTION` or `INDEX_SCORES` taking their place without an edit to the
 payload."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import AttentionInterface
@@ -94,16 +96,24 @@ def test_a_registered_index_scoring_takes_its_place(registered):
     assert not torch.allclose(_run(model)[0], expected[0])
 
 
+def _prefill_by(monkeypatch, prefill: str) -> None:
+    """Makes the package's sparse prefill read each block's union of selected rows, or gather each query's own."""
+    monkeypatch.setattr(mla_dsa.attention, "_union_pays", lambda *args: prefill == "union")
+
+
+@pytest.mark.parametrize("prefill", ["union", "gathered"])
 @pytest.mark.parametrize("qk_nope_head_dim", [16, 0], ids=["deepseek-queries", "rope-only-queries"])
 @pytest.mark.parametrize("heads_major", [True, False], ids=["avx512-form", "avx2-form"])
 @pytest.mark.parametrize("latent_cache_dtype", ["auto", "fp8"])
 def test_the_cpu_attention_computes_what_the_checkpoints_own_does(registered, latent_cache_dtype, heads_major,
-                                                                   qk_nope_head_dim, monkeypatch):  # fmt: skip
+                                                                   qk_nope_head_dim, prefill, monkeypatch):  # fmt: skip
     """Both forms of a decode step's score and output matmuls (chosen by the CPU's vector width), whichever this CPU
-    has; and queries with no position-free part (a full-width GQA conversion's), which the package scores by their
-    RoPE columns alone."""
+    has; both forms of a sparse prefill (a block of queries over the union of its selections, or each query over its
+    own gathered rows); and queries with no position-free part (a full-width GQA conversion's), which the package
+    scores by their RoPE columns alone."""
     monkeypatch.setattr(mla_dsa.attention, "_HEADS_MAJOR_OUTPUT", heads_major)
     monkeypatch.setattr(mla_dsa.attention, "_HEADS_MAJOR_SCORES", heads_major)
+    _prefill_by(monkeypatch, prefill)
     model = _model(latent_cache_dtype=latent_cache_dtype, query_chunk_size=7, qk_nope_head_dim=qk_nope_head_dim)
     tuned = _run(model)
     registered(absorbed_attention_forward)
@@ -113,7 +123,7 @@ def test_the_cpu_attention_computes_what_the_checkpoints_own_does(registered, la
 
 
 @pytest.mark.parametrize("qk_nope_head_dim", [16, 0], ids=["deepseek-queries", "rope-only-queries"])
-def test_rope_only_queries_are_scored_by_their_rope_columns_alone(registered, qk_nope_head_dim):
+def test_rope_only_queries_are_scored_by_their_rope_columns_alone(registered, qk_nope_head_dim, monkeypatch):
     """With no position-free query part (`qk_nope_head_dim` 0: a GQA conversion that keeps every key head's RoPE, the
     default), the absorbed query's first kv_lora_rank columns (q_nope W_UK) are zeros: the package's attention skips
     them in the scores of a sparse prefill and of every decode step, exactly that product's multiply-adds fewer than
@@ -122,6 +132,7 @@ def test_rope_only_queries_are_scored_by_their_rope_columns_alone(registered, qk
 
     model = _model(qk_nope_head_dim=qk_nope_head_dim)
     config = model.config
+    _prefill_by(monkeypatch, "gathered")  # the same rows as the checkpoint's (the union's: below)
 
     def flops() -> int:
         counter = FlopCounterMode(display=False)
@@ -190,6 +201,7 @@ def test_the_cpu_prefill_gathers_every_chunk_and_layer_into_one_reused_buffer(mo
     """The package's prefill (several query chunks, two layers, twice) gathers into one buffer it keeps: a fresh large
     allocation per chunk costs more than the gather on a CPU."""
     model = _model(query_chunk_size=7)
+    _prefill_by(monkeypatch, "gathered")
     buffers = []
     original = mla_dsa.attention.gather_rows_into
 
@@ -203,6 +215,78 @@ def test_the_cpu_prefill_gathers_every_chunk_and_layer_into_one_reused_buffer(mo
         model(_prompt(), attention_mode="absorbed")
     assert len(buffers) == 2 * 2 * 3  # two prefills, two layers, ceil(20 / 7) query chunks
     assert len(set(buffers)) == 1
+
+
+def _block(n_heads: int, kv_lora_rank: int, rope_dim: int, shared: bool, queries=8, k=64, num_keys=1024, seed=0):
+    """A prefill's block of queries [1, H, s, C] over latent rows [1, 1, T, C] as the registry passes them, with
+    selections [1, s, k] (the first query's last 10 none, -1) that every query shares, or that no two share."""
+    generator = torch.Generator().manual_seed(seed)
+    row = kv_lora_rank + rope_dim
+    query = torch.randn(1, n_heads, queries, row, generator=generator)
+    rows = torch.randn(1, 1, num_keys, row, generator=generator)
+    order = torch.randperm(num_keys, generator=generator)
+    indices = (order[:k].expand(queries, k) if shared else order[: queries * k].view(queries, k)).clone()
+    indices[0, -10:] = -1
+    module = SimpleNamespace(kv_lora_rank=kv_lora_rank, qk_nope_head_dim=16)
+    return module, query, rows, indices.unsqueeze(0)
+
+
+def _reads(monkeypatch, module, query, rows, indices) -> tuple[torch.Tensor, list[int]]:
+    """The package's attention of one block, and the number of rows each `index_select` of the latent rows read."""
+    reads = []
+    original = torch.Tensor.index_select
+
+    def recording(self, dim, index, *args, **kwargs):
+        reads.append(index.numel())
+        return original(self, dim, index, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "index_select", recording)
+    original_into = mla_dsa.attention.gather_rows_into
+    monkeypatch.setattr(
+        mla_dsa.attention,
+        "gather_rows_into",
+        lambda out, rows, indices: reads.append(indices.numel()) or original_into(out, rows, indices),
+    )
+    with torch.no_grad():
+        out, _ = cpu_absorbed_attention(module, query, rows, rows, None, 0.1, indices=indices)
+    monkeypatch.undo()
+    return out, reads
+
+
+def test_a_prefill_block_whose_queries_share_their_rows_reads_each_once(monkeypatch):
+    """Queries of a long prefill's block select mostly the same keys (SmolLM2's exact conversion at 8K, k = 1,024: the
+    85 queries of a block select 2-4x k distinct ones): the package's attention reads their union once and scores
+    the block against it in one product, each query's other rows masked out; DeepSeek-V3.2's heads (128) over rows no
+    two queries share still gather each query's own (there the union costs more than the gather it saves). The
+    same numbers as the checkpoint's own either way."""
+    for n_heads, kv_lora_rank, rope_dim, shared, expected_reads in ((4, 128, 8, True, [64]),
+                                                                    (128, 512, 64, False, [8 * 64])):  # fmt: skip
+        module, query, rows, indices = _block(n_heads, kv_lora_rank, rope_dim, shared)
+        out, reads = _reads(monkeypatch, module, query, rows, indices)
+        assert reads == expected_reads
+        with torch.no_grad():
+            theirs, _ = absorbed_attention_forward(module, query, rows, rows, None, 0.1, indices=indices)
+        torch.testing.assert_close(out, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "n_heads, kv_lora_rank, rope_dim, rope_only, largest_union",
+    [(9, 192, 192, True, 3), (16, 512, 64, False, 1), (128, 512, 64, False, 1)],
+    ids=["smollm2-exact-conversion", "bench-model", "deepseek-v32"],
+)
+def test_a_prefill_block_takes_the_union_only_while_it_pays(monkeypatch, n_heads, kv_lora_rank, rope_dim, rope_only,
+                                                            largest_union):  # fmt: skip
+    """The choice follows what each form costs (measured where they cross: a union of 3.3x k rows at SmolLM2's 9 heads
+    of rope-only queries, 2.1x at the bench model's 16 heads, 1.05x at DeepSeek-V3.2's 128): blocks whose queries
+    select a union of 1, 2, 4 or 8 x k rows read it once up to `largest_union` x k, and above it gather each query's
+    own."""
+    module, query, rows, _ = _block(n_heads, kv_lora_rank, rope_dim, shared=True)
+    module.qk_nope_head_dim = 0 if rope_only else 16
+    order = torch.randperm(1024, generator=torch.Generator().manual_seed(1))
+    for union in (1, 2, 4, 8):  # `union` groups of queries, each group sharing its own k = 64 rows
+        indices = order[: union * 64].view(union, 1, 64).expand(-1, 8 // union, -1).reshape(1, 8, 64)
+        reads = _reads(monkeypatch, module, query, rows, indices)[1]
+        assert reads == ([union * 64] if union <= largest_union else [8 * 64]), union
 
 
 def test_a_traced_prefill_leaves_no_buffer_behind_for_eager_calls():

@@ -13,10 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import DynamicCache, StaticCache
+from transformers import AttentionInterface, DynamicCache, StaticCache
 
 import mla_dsa
+import mla_dsa.attention
 from mla_dsa import MlaDsaConfig, MlaDsaForCausalLM
+from mla_dsa.modeling.modeling_mla_dsa import (
+    ABSORBED_ATTENTION,
+    INDEX_SCORES,
+    absorbed_attention_forward,
+    index_scores,
+)
 
 from peers import VOCAB
 
@@ -93,6 +100,17 @@ def test_the_recorder_sees_every_kind_of_sync():
     assert sum(recorder.syncs.values()) >= 5
 
 
+@pytest.fixture
+def gpu_implementations():
+    """The absorbed attention and index scoring a GPU runs: the checkpoints' own. The package's, registered over them,
+    hand every tensor off the CPU to them, and on the CPU read the size of a prefill block's union of selected rows
+    (`mla_dsa.attention.selected_union`), which waits for no device there."""
+    AttentionInterface.register(ABSORBED_ATTENTION, absorbed_attention_forward)
+    AttentionInterface.register(INDEX_SCORES, index_scores)
+    yield
+    mla_dsa.attention.register()
+
+
 @pytest.mark.parametrize(
     "settings, overrides",
     [
@@ -106,7 +124,7 @@ def test_the_recorder_sees_every_kind_of_sync():
     ],
     ids=["auto", "absorbed", "mha", "dense", "fp8-caches", "dense-layer-no-moe", "static-cache"],
 )
-def test_prefill_and_decode_never_wait_for_the_device(settings, overrides):
+def test_prefill_and_decode_never_wait_for_the_device(settings, overrides, gpu_implementations):
     recorder = SyncRecorder()
     _prefill_and_decode(_model(**overrides), recorder=recorder, **settings)
     assert recorder.ours() == []

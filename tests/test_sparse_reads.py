@@ -303,8 +303,10 @@ def test_dense_absorbed_shapes_do_grow_with_context(models, monkeypatch):
 @pytest.mark.parametrize("mode", ["absorbed", "auto"])
 def test_sparse_multi_token_step_scores_are_k_wide(models, monkeypatch, mode):
     """47 queries at once over 48 keys (beyond mha_max_length=16 in auto mode): each query scores k gathered rows,
-    never an S x T matrix."""
+    never an S x T matrix (the package's CPU attention made to gather each query's rows: its union of a block's
+    selections, below)."""
     model = models[mode]
+    monkeypatch.setattr(cpu_attention, "_union_pays", lambda *arguments: False)
     prompt = _tokens(1, 2 * CONTEXT, seed=6)
     shapes = _attention_shapes(monkeypatch, model, prompt[:, :1], prompt[:, 1:])
     num_layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
@@ -316,6 +318,39 @@ def test_sparse_multi_token_step_scores_are_k_wide(models, monkeypatch, mode):
     assert gathered == [(1, queries, TOPK, row)] * num_layers
     for _, _, shape in shapes:
         assert keys not in shape, shapes
+
+
+def test_a_prefill_blocks_union_of_rows_grows_with_k_not_with_the_context(models, monkeypatch):
+    """The package's CPU attention reads a query block's union of selected rows once where that is cheaper than
+    gathering each query's own, and within the gather's memory: at most min(1 + _GATHERED_ROW_COST / multiply-adds
+    per row, row width / heads) x k rows, whatever the context. Random tokens on this tiny model select keys all
+    over: 20-query blocks of a 48- and a 384-token prefill read unions within that bound, and the long prefill's
+    blocks whose union would exceed it gather each query's rows instead."""
+    model = models["absorbed"]
+    config = model.config
+    row = config.kv_lora_rank + config.qk_rope_head_dim
+    per_row = config.num_attention_heads * (row + config.kv_lora_rank)
+    bound = min(1 + cpu_attention._GATHERED_ROW_COST / per_row, row / config.num_attention_heads) * TOPK
+    unions, gathers = [], []
+    original_union, original_gather = cpu_attention._attend_to_union, cpu_attention.gather_rows_into
+
+    def union(query, rows, selections, *args):
+        unions.append(max(union.numel() for union, _ in selections))
+        return original_union(query, rows, selections, *args)
+
+    def gather(out, rows, indices):
+        gathers.append(indices.shape[1])
+        return original_gather(out, rows, indices)
+
+    monkeypatch.setattr(cpu_attention, "_attend_to_union", union)
+    monkeypatch.setattr(cpu_attention, "gather_rows_into", gather)
+    monkeypatch.setattr(config, "query_chunk_size", 20)
+    for context in (2 * CONTEXT, 16 * CONTEXT):
+        unions.clear(), gathers.clear()
+        with torch.no_grad():
+            model(_tokens(1, context, seed=7), use_cache=False)
+        assert unions and max(unions) <= bound < 2 * CONTEXT, (context, unions)
+    assert gathers  # the long prefill's later blocks
 
 
 def test_prefill_scores_only_the_causal_prefix_of_each_query_block(models, monkeypatch):
