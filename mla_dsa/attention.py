@@ -116,7 +116,8 @@ def selected_union(indices: torch.Tensor, num_keys: int) -> tuple[torch.Tensor, 
 # row. Fitted where the two forms cross on this project's 2-core AVX-512 CPU (float32, random rows, the prefill's
 # query blocks, k = 256 to 2,048; the union as a multiple of k there: 3.3 at 9 heads scoring 384 numbers a row, as
 # SmolLM2's exact conversion; 2.1 at 16 heads of 1,088 (the bench model); 1.35 at 64; 1.05 at 128, DeepSeek-V3.2's),
-# on the safe side: it takes the union up to 3.3, 1.46, 1.11 and 1.06 x k there.
+# on the safe side: it takes the union up to 3.3, 1.46, 1.11 and 1.06 x k there. In bfloat16 (AVX512-BF16) the union
+# pays further (5.5-8x k at 9 heads, 6x at 16, 1.4x at 128 with k = 1,024); the rule stays float32's.
 _GATHERED_ROW_COST = 8000
 
 
