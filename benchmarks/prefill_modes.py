@@ -1,6 +1,8 @@
 """One sparse prefill of SmolLM2's exact conversion in each attention mode, and dense, in one run.
 
-    python benchmarks/prefill_modes.py [--length 8192] [--topk 1024] [--json benchmarks/results_prefill_modes.json]
+    python benchmarks/prefill_modes.py [--length 8192 ...] [--topk K] [--json benchmarks/results_prefill_modes.json]
+
+Each length in turn (k = the length / 8 unless `--topk` says).
 
 Two more rows run absorbed mode as the package's CPU attention ran it before: each query over its own gathered rows
 (before a block of queries read the union of its selections once where that pays), and, further back, scoring the
@@ -41,13 +43,26 @@ def restored(module, name: str, value):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path.home() / ".cache" / "mla-dsa" / "long-context"))
-    parser.add_argument("--length", type=int, default=8192)
-    parser.add_argument("--topk", type=int, default=1024)
+    parser.add_argument("--length", type=int, nargs="+", default=[8192])
+    parser.add_argument("--topk", type=int, default=None, help="k (default: each length / 8)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     directory = model_dir(Path(args.out), "exact")
     model = mla_dsa.MlaDsaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    window = windows_of(AutoTokenizer.from_pretrained(directory), args.length, 1)
+    source = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), **loading_kwargs({"dtype": torch.float32}))
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    results = {"rows": [], "differences": []}
+    for length in args.length:
+        rows, differences = measure(model, source, windows_of(tokenizer, length, 1), args.topk or length // 8)
+        results["rows"] += rows
+        results["differences"].append(differences)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def measure(model, source, window: torch.Tensor, topk: int) -> tuple[list[dict], dict]:
+    """One prefill of `window` in each mode (the rows), and the largest logit differences between modes."""
+    length, keep = window.shape[1], min(512, window.shape[1])
     rows, logits = [], {}
     gathered, every_column = "absorbed, each query's rows gathered", "absorbed, gathered, every latent column scored"
     modes = (("mha", {"attention_mode": "mha"}), ("absorbed", {"attention_mode": "absorbed"}),
@@ -55,7 +70,7 @@ def main() -> None:
              ("dense", {"use_sparse_attention": False}))  # fmt: skip
     attention = mla_dsa.attention
     for name, settings in modes:
-        settings = {"index_topk": args.topk, **settings}
+        settings = {"index_topk": topk, **settings}
         # the earlier forms of the package's CPU attention: each query's rows gathered (no union read once), and the
         # rope-only queries' zero latent columns scored too (as the checkpoint's own code does)
         union_pays, rope_only = attention._union_pays, attention._rope_only_queries
@@ -67,27 +82,24 @@ def main() -> None:
               restored(attention, "_rope_only_queries", rope_only)):  # fmt: skip
             model(window[:, :64], use_cache=False, **settings)  # warm-up
             start = time.perf_counter()
-            logits[name] = model(window, use_cache=False, logits_to_keep=512, **settings).logits
-            rows.append({"mode": name, "length": args.length, "index_topk": args.topk,
+            logits[name] = model(window, use_cache=False, logits_to_keep=keep, **settings).logits
+            rows.append({"mode": name, "length": length, "index_topk": topk,
                          "seconds": round(time.perf_counter() - start, 2)})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
-    del model
-    source = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), **loading_kwargs({"dtype": torch.float32}))
     with torch.no_grad():
         source.eval()(window[:, :64], use_cache=False)  # warm-up
         start = time.perf_counter()
-        source(window, use_cache=False, logits_to_keep=512)
-        rows.append({"mode": "source (transformers' LlamaForCausalLM)", "length": args.length,
+        source(window, use_cache=False, logits_to_keep=keep)
+        rows.append({"mode": "source (transformers' LlamaForCausalLM)", "length": length,
                      "seconds": round(time.perf_counter() - start, 2)})  # fmt: skip
     print(json.dumps(rows[-1]), flush=True)
     differences = {
+        "length": length,
         "max_logit_difference_mha_absorbed": (logits["mha"] - logits["absorbed"]).abs().max().item(),
         "max_logit_difference_union_gathered": (logits[gathered] - logits["absorbed"]).abs().max().item(),
     }
-    print(json.dumps(differences))
-    if args.json:
-        results = {"rows": rows, **differences}
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    print(json.dumps(differences), flush=True)
+    return rows, differences
 
 
 if __name__ == "__main__":
