@@ -217,6 +217,22 @@ def test_the_cpu_prefill_gathers_every_chunk_and_layer_into_one_reused_buffer(mo
     assert len(set(buffers)) == 1
 
 
+@pytest.mark.parametrize("prefill", ["union", "gathered"])
+def test_a_left_padded_batch_prefills_as_the_checkpoints_own_does(registered, monkeypatch, prefill):
+    """A batch whose second prompt is left-padded: its padding selects nothing (-1), and its union of rows differs
+    from the first sequence's; every real position's logits equal the checkpoint's own, in both prefill forms."""
+    model = _model(query_chunk_size=7, qk_nope_head_dim=0)
+    mask = torch.ones(2, PROMPT, dtype=torch.long)
+    mask[1, :6] = 0
+    _prefill_by(monkeypatch, prefill)
+    with torch.no_grad():
+        tuned = model(_prompt(), attention_mask=mask, attention_mode="absorbed").logits
+        registered(absorbed_attention_forward)
+        plain = model(_prompt(), attention_mask=mask, attention_mode="absorbed").logits
+    real = mask.bool()
+    torch.testing.assert_close(tuned[real], plain[real], atol=1e-5, rtol=1e-5)
+
+
 def _block(n_heads: int, kv_lora_rank: int, rope_dim: int, shared: bool, queries=8, k=64, num_keys=1024, seed=0):
     """A prefill's block of queries [1, H, s, C] over latent rows [1, 1, T, C] as the registry passes them, with
     selections [1, s, k] (the first query's last 10 none, -1) that every query shares, or that no two share."""
