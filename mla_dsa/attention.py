@@ -58,11 +58,11 @@ def cpu_absorbed_attention(module, query, key, value, attention_mask, scaling: f
     if indices is None or query.device.type != "cpu" or torch.is_grad_enabled() or dropout:
         return absorbed_attention_forward(module, query, key, value, attention_mask, scaling, dropout, indices)
     rows = key[:, 0]  # [B, T, C]
+    scored_from = module.kv_lora_rank if _rope_only_queries(module) else 0  # the query's columns that can be nonzero
     if query.shape[2] > 1:  # a prefill
         if _traced(rows):  # no buffer kept from a trace (fake tensors) or reused by one; no data-dependent shapes
             return absorbed_attention_forward(module, query, key, value, attention_mask, scaling, dropout, indices)
         query = query.transpose(1, 2)  # [B, s, H, C]
-        scored_from = module.kv_lora_rank if _rope_only_queries(module) else 0
         unions = [selected_union(indices[b], rows.shape[1]) for b in range(rows.shape[0])]
         if _union_pays(query, rows, indices, unions, scored_from, module.kv_lora_rank):
             return _attend_to_union(query, rows, unions, scaling, module.kv_lora_rank, scored_from), None
@@ -74,7 +74,6 @@ def cpu_absorbed_attention(module, query, key, value, attention_mask, scaling: f
     gathered = gather_rows(rows, indices.clamp(min=0))  # [B, 1, k, C]
     if gathered.dtype == torch.uint8:
         gathered = unpack_latent_rows(gathered, module.kv_lora_rank, query.dtype)
-    scored_from = module.kv_lora_rank if _rope_only_queries(module) else 0
     return _decode_step(query.transpose(1, 2), gathered, indices >= 0, scaling, module.kv_lora_rank, scored_from), None
 
 
