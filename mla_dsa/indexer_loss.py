@@ -134,16 +134,21 @@ class IndexerLoss:
                 "older code? load it with mla_dsa's classes, or refresh it with `mla-dsa upgrade-code`)"
             )
         self.config = self.attentions[0].config
+        self.model = model
         self.layers: list[IndexerStats] = []
         self._signatures = {id(m): inspect.signature(m.forward) for m in self.attentions}
         self._scorers: dict[int, IndexScorer] = {}  # this forward's, by layer: shared layers read their source's
         self._selections: dict[int, object] = {}
         self._handles: list = []
+        self._sharding_checked = False
 
     # -------------------------------------------------------------------------------------------- lifecycle
     def install(self) -> "IndexerLoss":
         if not self._handles:
             self._handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in self.attentions]
+            # before any layer runs: the model may have been sharded since (accelerate prepares it after this)
+            self._handles.append(self.model.register_forward_pre_hook(self._before_forward))
+            self._sharding_checked = False
         return self
 
     @property
@@ -237,6 +242,52 @@ class IndexerLoss:
             stats = dense_stage_loss(scorer, visible, main_queries, latent, attention.scaling, top_k,
                                      self.config.query_chunk_size, checkpointed)  # fmt: skip
         self.layers.append(stats)
+
+    def _before_forward(self, model, args) -> None:
+        if not self._sharding_checked:
+            self._sharding_checked = True
+            self._prepare_sharded_indexers()
+
+    def _prepare_sharded_indexers(self) -> None:
+        """Under FSDP2 (`fully_shard`, as `accelerate launch` with an FSDP config applies it), an indexer sharded as a
+        unit of its own gets `queries` and `keys` (which the loss and the attention call besides `forward`) registered
+        as FSDP forward methods: FSDP then gathers its weights for them and again for their backward, and reduces
+        their gradients. The dense stage needs such units: inside its decoder layer's unit, backward would find the
+        indexer's weights freed (the frozen layer's output carries no gradient, so FSDP never gathers the layer
+        again, nor reduces what the indexer learnt). The sparse stage runs either way."""
+        try:
+            from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+        except ImportError:  # a torch without FSDP2
+            return
+        if not any(isinstance(module, FSDPModule) for module in self.model.modules()):
+            return
+        for attention in self.attentions:
+            indexer = attention.indexer
+            if indexer is None:
+                continue
+            if not isinstance(indexer, FSDPModule):
+                if self.stage == "dense":
+                    raise ValueError(
+                        "the dense stage under FSDP needs each indexer sharded as a unit of its own: wrap "
+                        "MlaDsaIndexer as well as MlaDsaDecoderLayer (accelerate: fsdp_transformer_layer_cls_to_wrap: "
+                        "MlaDsaDecoderLayer,MlaDsaIndexer, as examples/accelerate_fsdp.yaml does)"
+                    )
+                continue
+            for method in ("queries", "keys"):
+                if method not in vars(indexer):  # not registered yet (registering twice would gather twice)
+                    register_fsdp_forward_method(indexer, method)
+        # transformers' gradient checkpointing, or torch's checkpoint wrapper (accelerate's
+        # fsdp_activation_checkpointing; FSDP2 subclasses it)
+        checkpointed = any(getattr(module, "gradient_checkpointing", False)
+                           or any(cls.__name__ == "CheckpointWrapper" for cls in type(module).__mro__)
+                           for module in self.model.modules())  # fmt: skip
+        if self.stage == "dense" and checkpointed:
+            raise ValueError(
+                "the dense stage under FSDP cannot use activation checkpointing: backward would recompute the "
+                "frozen layers, whose weights FSDP gathers only for layers that train. Run it without (no "
+                "--gradient-checkpointing or fsdp_activation_checkpointing): the frozen layers keep no activations, "
+                "the loss keeps each layer's indexer inputs and attention target"
+            )
 
 
 def _is_zero(past_len) -> bool:
