@@ -187,7 +187,7 @@ class IndexerLoss:
         return torch.stack([s.kl_uniform for s in self.layers]).mean() if self.layers else None
 
     # ------------------------------------------------------------------------------------------------- hook
-    def _hook(self, attention, args, kwargs, output) -> None:
+    def _hook(self, attention, args, kwargs, output) -> tuple | None:
         """After one attention layer's forward: its indexer's loss against its attention, from the same inputs."""
         call = self._signatures[id(attention)].bind(*args, **kwargs).arguments
         layer_idx = attention.layer_idx
@@ -242,6 +242,13 @@ class IndexerLoss:
             stats = dense_stage_loss(scorer, visible, main_queries, latent, attention.scaling, top_k,
                                      self.config.query_chunk_size, checkpointed)  # fmt: skip
         self.layers.append(stats)
+        if self.stage == "sparse" and isinstance(output, tuple) and output[0].requires_grad:
+            # DDP with find_unused_parameters (the Trainer's default for transformers models) learns which parameters
+            # a forward used by walking back from its outputs, which the indexer's loss is not part of: it took the
+            # indexer's parameters for unused and failed when backward reached them ("marked as ready twice"). The
+            # layer's output carries the loss at zero weight (the same numbers), so the walk finds them.
+            return (output[0] + 0.0 * stats.kl.to(output[0].dtype), *output[1:])
+        return None
 
     def _before_forward(self, model, args) -> None:
         if not self._sharding_checked:

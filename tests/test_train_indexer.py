@@ -288,12 +288,13 @@ def test_a_checkpoint_without_its_tokenizer_is_one_line(dsa_checkpoint, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def _one_process_and_launched(checkpoint: Path, tmp_path: Path, config_file: str, port: int):
-    """The same dense-stage run as 1 process x batch 4 and under `accelerate launch` (2 processes x batch 2): the two
+def _one_process_and_launched(checkpoint: Path, tmp_path: Path, config_file: str, port: int, stage: str = "dense"):
+    """The same run of `stage` as 1 process x batch 4 and under `accelerate launch` (2 processes x batch 2): the two
     OUT directories and the launch's CompletedProcess. SGD: updates are linear in the gradient, so the two compare at
     float precision."""
-    common = ["--stage", "dense", "--data", *DATA, "--seq-len", "64", "--steps", "3", "--no-progress",
-              "--optim", "sgd", "--lr", "1.0"]  # fmt: skip
+    lr = "1.0" if stage == "dense" else "0.05"  # the sparse stage trains the whole model, on the LM loss too
+    common = ["--stage", stage, "--data", *DATA, "--seq-len", "64", "--steps", "3", "--no-progress",
+              "--optim", "sgd", "--lr", lr]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "-m", "mla_dsa", "train-indexer", str(checkpoint), *common,
@@ -308,9 +309,11 @@ def _one_process_and_launched(checkpoint: Path, tmp_path: Path, config_file: str
 
 
 @pytest.mark.slow  # a subprocess or a full script: over 6 s on 2 cores
-def test_two_process_data_parallel_equals_one_process(dsa_checkpoint, tmp_path):
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+def test_two_process_data_parallel_equals_one_process(dsa_checkpoint, tmp_path, stage):
     """`accelerate launch` with 2 processes x batch 2 == 1 process x batch 4."""
-    one, two, _ = _one_process_and_launched(dsa_checkpoint, tmp_path, "accelerate_ddp.yaml", 29517)
+    port = 29517 if stage == "dense" else 29521
+    one, two, _ = _one_process_and_launched(dsa_checkpoint, tmp_path, "accelerate_ddp.yaml", port, stage)
     start, a, b = weights(dsa_checkpoint), weights(one), weights(two)
     moved = max((a[n] - start[n]).abs().max().item() for n in a)
     assert moved > 1e-4  # the run trained something
