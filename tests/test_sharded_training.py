@@ -16,6 +16,8 @@ WORKER = Path(__file__).parent / "fsdp_worker.py"
 TRAINED = ["dense", "sparse", "dense+lora", "sparse+lora", "sparse+checkpointing", "sparse+checkpoint-wrapper",
            "sparse+layers-only"]  # fmt: skip
 REFUSED = ["dense+layers-only", "dense+checkpointing", "dense+checkpoint-wrapper"]
+# GLM-5's sharing: layer 1 has no indexer and attends with layer 0's selection, whose indexer learns from both
+SHARED_TRAINED = ["dense", "sparse", "dense+lora"]
 
 
 def free_port() -> int:
@@ -24,13 +26,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def sharded_runs(ours_v32_topk4, tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("fsdp") / "runs.json"
+def launch(checkpoint: Path, out: Path, scenarios: list[str]) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port = str(free_port())
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
-               str(WORKER), str(ours_v32_topk4), str(out), *TRAINED, *REFUSED]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), str(WORKER), str(checkpoint), str(out), *scenarios]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     runs = json.loads(out.read_text())
@@ -38,15 +37,32 @@ def sharded_runs(ours_v32_topk4, tmp_path_factory) -> dict:
     return runs["scenarios"]
 
 
+@pytest.fixture(scope="module")
+def sharded_runs(ours_v32_topk4, v32_topk4, tmp_path_factory) -> dict:
+    from mla_dsa.cli import main
+
+    root = tmp_path_factory.mktemp("fsdp")
+    shared = root / "shared"
+    assert main(["convert", str(v32_topk4), str(shared), "--indexer-types", "FSF", "--no-progress"]) == 0
+    runs = {("every-layer", name): run for name, run in launch(ours_v32_topk4, root / "v32.json",
+                                                                TRAINED + REFUSED).items()}  # fmt: skip
+    runs |= {("shared", name): run for name, run in launch(shared, root / "shared.json", SHARED_TRAINED).items()}
+    return runs
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario", TRAINED)
-def test_a_sharded_training_step_equals_one_process(sharded_runs, scenario):
-    run = sharded_runs[scenario]
+@pytest.mark.parametrize(
+    "indexers, scenario", [("every-layer", s) for s in TRAINED] + [("shared", s) for s in SHARED_TRAINED]
+)
+def test_a_sharded_training_step_equals_one_process(sharded_runs, indexers, scenario):
+    run = sharded_runs[indexers, scenario]
     assert "error" not in run, run.get("error")
     trainable, sharded = run["trainable"], set(run["sharded"])
     # Really sharded: every trainable parameter split over the two processes (the indexers' included).
     assert any(".indexer." in name for name in trainable)
     assert set(trainable) <= sharded
+    if indexers == "shared":
+        assert not any(".layers.1.self_attn.indexer." in name for name in sharded)
     if scenario.startswith("dense"):  # the warm-up trains the indexers (or their adapters) only
         assert all(".indexer." in name for name in trainable)
     # Each process's loss is the one process's loss on its share; every gradient reached its shard, averaged over the
@@ -63,7 +79,7 @@ def test_a_sharded_training_step_equals_one_process(sharded_runs, scenario):
 def test_a_dense_stage_fsdp_cannot_run_is_refused_with_the_fix(sharded_runs, scenario):
     """The dense stage's backward gathers the indexer alone (the frozen layers carry no gradient): without a unit of
     the indexer's own it failed in backward, and a layer's recompute under activation checkpointing still would."""
-    error = sharded_runs[scenario]["error"]
+    error = sharded_runs["every-layer", scenario]["error"]
     if scenario.endswith("layers-only"):
         assert "MlaDsaIndexer" in error and "fsdp_transformer_layer_cls_to_wrap" in error
     else:
