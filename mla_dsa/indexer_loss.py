@@ -252,8 +252,8 @@ class IndexerLoss:
 
     def _before_forward(self, model, args) -> None:
         if not self._sharding_checked:
+            self._prepare_sharded_indexers()  # raises until the model can train (checked again at the next forward)
             self._sharding_checked = True
-            self._prepare_sharded_indexers()
 
     def _prepare_sharded_indexers(self) -> None:
         """Under FSDP2 (`fully_shard`, as `accelerate launch` with an FSDP config applies it), an indexer sharded as a
