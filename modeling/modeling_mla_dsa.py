@@ -474,7 +474,7 @@ class MlaDsaIndexer(nn.Module):
         batch_size, seq_len, _ = hidden_states.shape
         queries = self.wq_b(query_latent).view(batch_size, seq_len, self.n_heads, self.head_dim)
         queries = _rotate_leading_dims(queries, cos.unsqueeze(2), sin.unsqueeze(2), self.rope_dim, self.rope_interleave)
-        weights = self.weights_proj(hidden_states.to(self.weights_proj.weight.dtype)).float() * self.n_heads**-0.5
+        weights = self.weights_proj(as_input_of(self.weights_proj, hidden_states)).float() * self.n_heads**-0.5
         return queries, weights
 
     @torch.no_grad()
@@ -636,7 +636,7 @@ class MlaDsaAttention(nn.Module):
         [B, S, R + dr]: [kv_a_layernorm(c_KV) ; rotated k_R], what the cache holds."""
         cos, sin = position_embeddings
         query_latent, q_nope, q_rope = self._project_queries(hidden_states)
-        kv = self.kv_a_proj_with_mqa(hidden_states.to(self.kv_a_proj_with_mqa.weight.dtype))  # see LATENT_MODULES
+        kv = self.kv_a_proj_with_mqa(as_input_of(self.kv_a_proj_with_mqa, hidden_states))  # see LATENT_MODULES
         c_kv, k_rope = torch.split(kv, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c_kv, k_rope = self.kv_a_layernorm(c_kv).to(hidden_states.dtype), k_rope.to(hidden_states.dtype)
         q_rope, k_rope = self._rotate(q_rope, cos.unsqueeze(2), sin.unsqueeze(2)), self._rotate(k_rope, cos, sin)
@@ -726,7 +726,7 @@ class MlaDsaAttention(nn.Module):
             query_latent = hidden_states
             q = self.q_proj(hidden_states)
         else:
-            latent = self.q_a_proj(hidden_states.to(self.q_a_proj.weight.dtype))  # see LATENT_MODULES
+            latent = self.q_a_proj(as_input_of(self.q_a_proj, hidden_states))  # see LATENT_MODULES
             query_latent = self.q_a_layernorm(latent).to(hidden_states.dtype)  # c_Q, also the indexer's input
             q = self.q_b_proj(query_latent)
         # -1: the heads this process holds (all of them, or its share under tensor parallelism)
@@ -962,20 +962,34 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return to_local() if to_local is not None else tensor
 
 
+def as_input_of(linear: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`hidden_states` in the dtype of `linear`'s weight (a float32 one in a float16 model: see LATENT_MODULES); as they
+    are where the weight is stored as integers the layer dequantizes itself (bitsandbytes' 4-bit and 8-bit layers,
+    which take any floating input: cast to their storage type, the activations would be garbage)."""
+    weight = linear.weight
+    return hidden_states.to(weight.dtype) if weight.is_floating_point() else hidden_states
+
+
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype to evaluate a (possibly wrapped) linear module in: its first floating-point parameter's; float32 where
+    every one is stored as integers (bitsandbytes' layers, which dequantize their weights themselves)."""
+    return next((param.dtype for param in module.parameters() if param.is_floating_point()), torch.float32)
+
+
 def _probe_row(module: nn.Module, in_features: int) -> torch.Tensor:
     """[1, in_features]: a fixed row with no structure a weight change could leave unseen (seeded, not the RNG's)."""
-    param = next(module.parameters())
-    row = torch.arange(1, in_features + 1, dtype=torch.float64, device=param.device)
-    return torch.sin(row * 12.9898).mul(43758.5453).frac().sub(0.5).to(param.dtype).unsqueeze(0)
+    device = next(module.parameters()).device
+    row = torch.arange(1, in_features + 1, dtype=torch.float64, device=device)
+    return torch.sin(row * 12.9898).mul(43758.5453).frac().sub(0.5).to(_compute_dtype(module)).unsqueeze(0)
 
 
 def _effective_weight(module: nn.Module, in_features: int, device: torch.device | None = None) -> torch.Tensor:
     """The weight [out, in] a (possibly wrapped) linear module applies, bias excluded; run on `device` where the
     module's weights are offloaded (on the meta device), else on theirs."""
-    param = next(module.parameters())
+    param, dtype = next(module.parameters()), _compute_dtype(module)
     device = device if param.device.type == "meta" else param.device
-    eye = torch.eye(in_features, dtype=param.dtype, device=device)
-    zero = torch.zeros(1, in_features, dtype=param.dtype, device=device)
+    eye = torch.eye(in_features, dtype=dtype, device=device)
+    zero = torch.zeros(1, in_features, dtype=dtype, device=device)
     return (module(eye) - module(zero)).T
 
 

@@ -115,6 +115,61 @@ def test_greedy_with_torchao_quantized_weights_matches_the_quantized_peer(saved,
     assert torch.equal(tokens, peer.generate(input_ids, attention_mask=attention_mask, **GREEDY))
 
 
+def _bitsandbytes_model(directory, bits: int, model_class=mla_dsa.MlaDsaForCausalLM, **settings):
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else BitsAndBytesConfig(load_in_4bit=True)
+    model = model_class.from_pretrained(directory, quantization_config=config, dtype=torch.float32, **settings).eval()
+    for module in model.modules():
+        # bitsandbytes 0.50's AVX512-BF16 4-bit kernel needs sizes in multiples of 64, which the tiny model's are not
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    assert not model.model.layers[0].self_attn.kv_b_proj.weight.is_floating_point()  # stored as integers
+    return model
+
+
+@pytest.mark.parametrize("mode", ["absorbed", "mha"])
+def test_bitsandbytes_4bit_weights_give_the_quantized_peers_logits_and_tokens(saved, prompt, mode):
+    """transformers' `BitsAndBytesConfig` (bitsandbytes' CPU backend): its layers store integer weights and dequantize
+    them themselves. The latent projections' inputs were cast to the weight's dtype (uint8) and W_UK/W_UV were read by
+    evaluating `kv_b_proj` on an identity of that dtype: the logits were garbage, with no error. Ours equals
+    transformers' DeepseekV32 quantized the same way, in both attention modes, and its greedy tokens with the cache."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import DeepseekV32ForCausalLM
+
+    input_ids, attention_mask = prompt
+    directory = saved["deepseek_v32"][1]
+    model = _bitsandbytes_model(directory, 4, attention_mode=mode)
+    peer = _bitsandbytes_model(directory, 4, DeepseekV32ForCausalLM)
+    with torch.no_grad():
+        ours_logits = model(input_ids, attention_mask=attention_mask).logits
+        peer_logits = peer(input_ids, attention_mask=attention_mask).logits
+    assert (ours_logits - peer_logits).abs().max() < 1e-4 * peer_logits.abs().max()
+    tokens = model.generate(input_ids, attention_mask=attention_mask, **GREEDY)
+    assert torch.equal(tokens, peer.generate(input_ids, attention_mask=attention_mask, **GREEDY))
+
+
+@pytest.mark.parametrize("mode", ["absorbed", "mha"])
+def test_bitsandbytes_8bit_weights_keep_the_models_predictions(saved, prompt, mode):
+    """bitsandbytes' 8-bit layers (LLM.int8: int8 weights, and activations quantized per row in float16): the peer
+    cannot run them on CPU (its kv_b_proj input is 4-D, which bitsandbytes 0.50's CPU int8 path refuses), so ours is
+    held to the float model: its next-token choices stay those of the float model on nearly every position (0.96 on
+    this tiny random model; 0.07 when the activations were cast to int8), and the cache decodes what a recomputation
+    gives."""
+    pytest.importorskip("bitsandbytes")
+    input_ids, attention_mask = prompt
+    directory = saved["deepseek_v32"][1]
+    model = _bitsandbytes_model(directory, 8, attention_mode=mode)
+    float_model = mla_dsa.MlaDsaForCausalLM.from_pretrained(directory, attention_mode=mode).eval()
+    with torch.no_grad():
+        quantized = model(input_ids, attention_mask=attention_mask).logits
+        reference = float_model(input_ids, attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    assert (quantized.argmax(-1) == reference.argmax(-1))[real].float().mean() >= 0.9
+    tokens = model.generate(input_ids, attention_mask=attention_mask, **GREEDY)
+    assert torch.equal(tokens, model.generate(input_ids, attention_mask=attention_mask, use_cache=False, **GREEDY))
+
+
 def test_greedy_with_cache_equals_recomputation(ours, prompt, ours_greedy):
     input_ids, attention_mask = prompt
     recomputed = ours.generate(input_ids, attention_mask=attention_mask, use_cache=False, **GREEDY)

@@ -87,3 +87,34 @@ def test_merge_and_unmerge_reach_absorbed_decoding(models):
     finally:
         lora_layer.unmerge()
     torch.testing.assert_close(logits(peft_model, input_ids, attention_mask, "absorbed"), active, atol=1e-5, rtol=0)
+
+
+def test_lora_on_bitsandbytes_4bit_weights_reaches_absorbed_attention_in_training_and_decoding(checkpoint):
+    """QLoRA: LoRA over bitsandbytes' 4-bit `kv_b_proj` (integer weights it dequantizes itself). The absorbed attention
+    evaluates the wrapped layer on an identity: of the base weight's storage dtype (uint8) it was garbage, and the
+    trained model's absorbed and MHA logits differed by 8 with no error. Both modes now give the same logits and
+    loss, and the adapter gets the same gradient through either."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True)
+    base = mla_dsa.MlaDsaForCausalLM.from_pretrained(checkpoint, quantization_config=config, dtype=torch.float32)
+    for module in base.modules():  # bitsandbytes 0.50's AVX512-BF16 4-bit kernel needs sizes in multiples of 64
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    model = peft.get_peft_model(base, lora(3))
+    input_ids, attention_mask = left_padded_batch()
+    real = attention_mask.bool()
+    torch.testing.assert_close(logits(model, input_ids, attention_mask, "absorbed")[real],
+                               logits(model, input_ids, attention_mask, "mha")[real], atol=1e-4, rtol=0)  # fmt: skip
+    losses, grads = {}, {}
+    for mode in ("absorbed", "mha"):
+        model.zero_grad()
+        labels = input_ids.masked_fill(~real, -100)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, attention_mode=mode).loss
+        loss.backward()
+        losses[mode] = loss.item()
+        grads[mode] = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "lora_" in n])
+    assert losses["absorbed"] == pytest.approx(losses["mha"], rel=1e-5)
+    assert grads["mha"].abs().max() > 0
+    torch.testing.assert_close(grads["absorbed"], grads["mha"], atol=1e-5 * grads["mha"].abs().max().item(), rtol=0)
