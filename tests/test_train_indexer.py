@@ -288,6 +288,35 @@ def test_a_checkpoint_without_its_tokenizer_is_one_line(dsa_checkpoint, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_quantized_checkpoint_trains_adapters_only_and_says_so_first(dsa_checkpoint, tmp_path, capsys):
+    """A checkpoint saved with torchao int8 weights: a full or merged run trained and then failed to save (transformers
+    cannot write quantized weights it loaded), leaving OUT half-written, or stopped in a Trainer traceback. It is now
+    one line before anything loads; --lora R --lora-save adapter trains and saves the adapter."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    from mla_dsa.data import byte_tokenizer
+
+    quantized = tmp_path / "int8"
+    int8 = TorchAoConfig(Int8WeightOnlyConfig())
+    model = mla_dsa.MlaDsaForCausalLM.from_pretrained(dsa_checkpoint, dtype=torch.float32, quantization_config=int8)
+    model.save_pretrained(quantized)
+    byte_tokenizer().save_pretrained(quantized)
+    common = ["--data", *DATA, "--seq-len", "64", "--steps", "1", "--batch-size", "2", "--no-progress"]
+    for stage, lora in (("dense", []), ("sparse", ["--lora", "4"])):  # the second would save merged weights
+        assert (
+            cli(["train-indexer", str(quantized), "--stage", stage, *lora, *common, "--out", str(tmp_path / "o")]) == 1
+        )
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert "torchao-quantized" in line and "--lora-save adapter" in line, line
+        assert not (tmp_path / "o").exists()
+    out = tmp_path / "adapter"
+    assert cli(["train-indexer", str(quantized), "--stage", "dense", "--lora", "4", "--lora-save", "adapter",
+                *common, "--out", str(out)]) == 0  # fmt: skip
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+
+
 def _one_process_and_launched(checkpoint: Path, tmp_path: Path, config_file: str, port: int, stage: str = "dense"):
     """The same run of `stage` as 1 process x batch 4 and under `accelerate launch` (2 processes x batch 2): the two
     OUT directories and the launch's CompletedProcess. SGD: updates are linear in the gradient, so the two compare at
