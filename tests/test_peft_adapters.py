@@ -118,3 +118,48 @@ def test_lora_on_bitsandbytes_4bit_weights_reaches_absorbed_attention_in_trainin
     assert losses["absorbed"] == pytest.approx(losses["mha"], rel=1e-5)
     assert grads["mha"].abs().max() > 0
     torch.testing.assert_close(grads["absorbed"], grads["mha"], atol=1e-5 * grads["mha"].abs().max().item(), rtol=0)
+
+
+PEFT_METHODS = {
+    "prompt-tuning": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    "p-tuning": lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16),
+    "dora": lambda: peft.LoraConfig(
+        task_type="CAUSAL_LM", target_modules=["kv_b_proj", "q_b_proj"], use_dora=True, init_lora_weights=False
+    ),  # fmt: skip
+    "ia3": lambda: peft.IA3Config(
+        task_type="CAUSAL_LM", target_modules=["kv_b_proj", "o_proj"], feedforward_modules=["o_proj"]
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("method", sorted(PEFT_METHODS))
+def test_peft_methods_besides_lora_train_and_decode_in_both_attention_modes(checkpoint, method):
+    """Virtual tokens (prompt tuning, P-tuning) and other adapters on the attention's projections (DoRA, IA3): a
+    training step reaches the adapter, the absorbed attention gives the MHA logits, and cached decoding gives what
+    recomputation does."""
+    model = peft.get_peft_model(mla_dsa.MlaDsaForCausalLM.from_pretrained(checkpoint), PEFT_METHODS[method]())
+    input_ids, attention_mask = left_padded_batch()
+    model.train()
+    model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids.masked_fill(attention_mask == 0, -100)
+          ).loss.backward()  # fmt: skip
+    trained = [param.grad for param in model.parameters() if param.requires_grad]
+    assert trained and all(grad is not None for grad in trained) and any(grad.abs().max() > 0 for grad in trained)
+    model.eval()
+    real = attention_mask.bool()
+    absorbed = logits(model, input_ids, attention_mask, "absorbed")[:, -1]
+    torch.testing.assert_close(absorbed, logits(model, input_ids, attention_mask, "mha")[:, -1], atol=1e-5, rtol=0)
+    assert real[:, -1].all()
+    tokens = generate(model, input_ids, attention_mask)
+    with torch.no_grad():
+        recomputed = model.generate(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **GREEDY)
+    assert torch.equal(tokens, recomputed)
+
+
+def test_prefix_tuning_is_refused_in_one_error(checkpoint):
+    """PEFT's prefix tuning hands the model a DynamicCache of per-head keys and values; ours caches latent rows and
+    indexer keys, which such a prefix does not have: one error naming the caches the model takes."""
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    model = peft.get_peft_model(mla_dsa.MlaDsaForCausalLM.from_pretrained(checkpoint), config)
+    input_ids, attention_mask = left_padded_batch()
+    with pytest.raises(ValueError, match="MlaDsaCache"):
+        model(input_ids=input_ids, attention_mask=attention_mask)
