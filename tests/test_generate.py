@@ -91,6 +91,17 @@ def test_greedy_with_layers_offloaded_to_disk_matches_peer(saved, prompt, peer_g
     assert torch.equal(tokens, peer_greedy["deepseek_v32"])
 
 
+def assert_quantized_like_the_peer(model, peer, prompt) -> None:
+    """Ours and the peer, quantized alike: the same logits (to float rounding) and greedy tokens."""
+    input_ids, attention_mask = prompt
+    with torch.no_grad():
+        ours_logits = model(input_ids, attention_mask=attention_mask).logits
+        peer_logits = peer(input_ids, attention_mask=attention_mask).logits
+    assert (ours_logits - peer_logits).abs().max() < 1e-4 * peer_logits.abs().max()
+    tokens = model.generate(input_ids, attention_mask=attention_mask, **GREEDY)
+    assert torch.equal(tokens, peer.generate(input_ids, attention_mask=attention_mask, **GREEDY))
+
+
 @pytest.mark.parametrize("mode", ["absorbed", "auto"])
 def test_greedy_with_torchao_quantized_weights_matches_the_quantized_peer(saved, prompt, mode):
     """transformers' `TorchAoConfig` (int8 weight-only: every Linear keeps its class, its weight becomes a torchao
@@ -101,18 +112,12 @@ def test_greedy_with_torchao_quantized_weights_matches_the_quantized_peer(saved,
     from torchao.quantization import Int8WeightOnlyConfig
     from transformers import DeepseekV32ForCausalLM, TorchAoConfig
 
-    input_ids, attention_mask = prompt
     directory = saved["deepseek_v32"][1]
     quantized = dict(quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), dtype=torch.float32)
     model = mla_dsa.MlaDsaForCausalLM.from_pretrained(directory, attention_mode=mode, **quantized).eval()
     assert type(model.model.layers[0].self_attn.kv_b_proj.weight).__module__.startswith("torchao")  # quantized
     peer = DeepseekV32ForCausalLM.from_pretrained(directory, **quantized).eval()
-    with torch.no_grad():
-        ours_logits = model(input_ids, attention_mask=attention_mask).logits
-        peer_logits = peer(input_ids, attention_mask=attention_mask).logits
-    assert (ours_logits - peer_logits).abs().max() < 1e-4 * peer_logits.abs().max()
-    tokens = model.generate(input_ids, attention_mask=attention_mask, **GREEDY)
-    assert torch.equal(tokens, peer.generate(input_ids, attention_mask=attention_mask, **GREEDY))
+    assert_quantized_like_the_peer(model, peer, prompt)
 
 
 def _bitsandbytes_model(directory, bits: int, model_class=mla_dsa.MlaDsaForCausalLM, **settings):
@@ -137,16 +142,10 @@ def test_bitsandbytes_4bit_weights_give_the_quantized_peers_logits_and_tokens(sa
     pytest.importorskip("bitsandbytes")
     from transformers import DeepseekV32ForCausalLM
 
-    input_ids, attention_mask = prompt
     directory = saved["deepseek_v32"][1]
     model = _bitsandbytes_model(directory, 4, attention_mode=mode)
     peer = _bitsandbytes_model(directory, 4, DeepseekV32ForCausalLM)
-    with torch.no_grad():
-        ours_logits = model(input_ids, attention_mask=attention_mask).logits
-        peer_logits = peer(input_ids, attention_mask=attention_mask).logits
-    assert (ours_logits - peer_logits).abs().max() < 1e-4 * peer_logits.abs().max()
-    tokens = model.generate(input_ids, attention_mask=attention_mask, **GREEDY)
-    assert torch.equal(tokens, peer.generate(input_ids, attention_mask=attention_mask, **GREEDY))
+    assert_quantized_like_the_peer(model, peer, prompt)
 
 
 @pytest.mark.parametrize("mode", ["absorbed", "mha"])
