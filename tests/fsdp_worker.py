@@ -89,7 +89,7 @@ def run(checkpoint: str, scenario: str) -> dict:
     stage, *flag_list = scenario.split("+")
     flags = set(flag_list)
     rank, world = dist.get_rank(), dist.get_world_size()
-    # 24 tokens a sequence against the checkpoint's index_topk = 5: the sparse stage really selects
+    # 24 tokens a sequence against the test checkpoints' index_topk = 4: the sparse stage really selects
     batch = torch.randint(3, 90, (2 * world, 24), generator=torch.Generator().manual_seed(1))
     shares = [batch[r::world] for r in range(world)]
 
