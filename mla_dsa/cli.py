@@ -381,7 +381,6 @@ def _run_train_indexer(args) -> int:
 
     _check_checkpoint(args.checkpoint)
     _check_files(args.data)
-    _refuse_training_quantized_weights(args)
     if args.dense_control and args.stage != "sparse":
         raise ConversionError(args.out, "--dense-control is the sparse stage's control run: pass --stage sparse")
     if args.lora_save != "merged" and args.lora is None:
@@ -403,19 +402,6 @@ def _run_train_indexer(args) -> int:
     if kept:
         print(f"kept {kept[-1]} for --resume (optimizer and RNG state; delete it when done)")
     return 0
-
-
-def _refuse_training_quantized_weights(args) -> None:
-    """A checkpoint saved quantized (torchao, bitsandbytes: a `quantization_config` of our model type) trains LoRA
-    adapters only, and only they can be saved: the Trainer refuses to train its weights, and transformers cannot
-    write its quantized weights again (a merged or full save failed after training, leaving OUT half-written)."""
-    config = json.loads((Path(args.checkpoint) / "config.json").read_text())
-    quantization = config.get("quantization_config") if isinstance(config, dict) else None
-    if quantization and (args.lora is None or args.lora_save != "adapter"):
-        method = quantization.get("quant_method", "quantized") if isinstance(quantization, dict) else "quantized"
-        raise ConversionError(Path(args.checkpoint) / "config.json", f"its weights are {method}-quantized: only "
-                              "LoRA adapters train on them and only they can be saved; pass --lora R --lora-save "
-                              "adapter (or train the unquantized checkpoint)")  # fmt: skip
 
 
 def _leave_process_group() -> None:

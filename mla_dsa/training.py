@@ -291,6 +291,7 @@ def train_indexer(
     out_dir = Path(out_dir)
     _check_output(Path(checkpoint), out_dir, resume, overwrite, data_files)
     config = MlaDsaConfig.from_pretrained(checkpoint)
+    _check_quantized_training(checkpoint, config, lora_rank, lora_save)
     lr = learning_rate if learning_rate is not None else default_learning_rate(stage, config.hidden_size)
     processes = max(1, int(os.environ.get("WORLD_SIZE", "1")))  # as launched (torchrun, accelerate launch)
     # An absolute path: a LoRA adapter saved alone records it as its base model, which `eval` then finds from any
@@ -485,6 +486,19 @@ def _warn_if_sharding_fell_back(trainer: Trainer) -> None:
                 "train-indexer: launched with an FSDP config, but accelerate shards only on GPUs: this run is "
                 f"data-parallel (DDP) over {trainer.args.world_size} processes, each holding the whole model"
             )
+
+
+def _check_quantized_training(checkpoint: str | Path, config, lora_rank: int | None, lora_save: str) -> None:
+    """A checkpoint saved quantized (torchao, bitsandbytes: a `quantization_config` in its config) trains LoRA adapters
+    only, and only they can be saved: the Trainer refuses to train its weights, and transformers cannot write its
+    quantized weights again (a merged or full save failed after training, leaving OUT half-written)."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization and (lora_rank is None or lora_save != "adapter"):
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        method = method or getattr(quantization, "quant_method", "quantized")
+        raise ConversionError(Path(checkpoint) / "config.json", f"its weights are {method}-quantized: only LoRA "
+                              "adapters train on them and only they can be saved; pass --lora R --lora-save adapter "
+                              "(or train the unquantized checkpoint)")  # fmt: skip
 
 
 def check_seq_len(checkpoint: str | Path, config, seq_len: int) -> None:
