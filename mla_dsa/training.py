@@ -278,9 +278,7 @@ def train_indexer(
     `out_dir/mla-dsa-training.json` records the run and its logged losses. Runs data-parallel unchanged under
     `accelerate launch`: `batch_size` is per process."""
     from .data import load_tokenizer, text_files_corpus
-    from .loading import load_checkpoint
     from .modeling.configuration_mla_dsa import MlaDsaConfig
-    from .modeling.modeling_mla_dsa import MlaDsaForCausalLM
 
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -317,17 +315,8 @@ def train_indexer(
     # --index-topk is the k the model is trained at, so it is the k its output runs at (config.json of a merged or
     # full checkpoint; the run record, which `load_trained` reads, for an adapter)
     overrides = {} if index_topk is None else {"index_topk": index_topk}
-    model = load_checkpoint(local, MlaDsaForCausalLM, dtype=torch.float32, **overrides)
-    use_cache = model.config.use_cache  # the Trainer sets it to its TrainingArguments' (False): restored for saving
-    if lora_rank is not None:
-        from peft import get_peft_model
-        from transformers import set_seed
-
-        set_seed(seed)  # the adapters' random init: the same seed, the same run
-        lora = indexer_lora_config(("attention", "mlp", "indexer"), r=lora_rank, lora_alpha=2 * lora_rank,
-                                   prescaled_latent=has_prescaled_latent(model),
-                                   routed_experts=has_routed_experts(model))  # fmt: skip
-        model = get_peft_model(model, lora)
+    model = _model_to_train(local, overrides, lora_rank, seed)
+    use_cache = _dsa_model(model).config.use_cache  # the Trainer sets it to its arguments' (False): restored for saving
     prepare_indexer_training(model, stage)
     args = _training_arguments(out_dir, stage, steps, batch_size, lr, save_steps, logging_steps, seed, progress, optim,
                                lr_scheduler, bf16, gradient_checkpointing, gradient_accumulation_steps)  # fmt: skip
@@ -337,15 +326,19 @@ def train_indexer(
     trainer = IndexerTrainer(model=model, args=args, train_dataset=dataset, stage=stage, index_topk=index_topk,
                              dense_attention=dense_control, callbacks=callbacks)  # fmt: skip
     _warn_if_sharding_fell_back(trainer)
+    _fetch_moe_blocks_whole_under_deepspeed(trainer, model)
     has_checkpoint = resume and any((out_dir / "checkpoints").glob("checkpoint-*"))
     if trainer.is_world_process_zero():
         out_dir.mkdir(parents=True, exist_ok=True)
-        run = {"stage": stage, "checkpoint": str(checkpoint), "processes": world, "sharded": trainer.is_fsdp_enabled,
+        run = {"stage": stage, "checkpoint": str(checkpoint), "processes": world, "sharded": _shards_weights(trainer),
                "lora_rank": lora_rank, "dense_control": dense_control,
                "index_topk": _dsa_model(model).config.index_topk, "steps": steps, "settings": settings}  # fmt: skip
         (out_dir / RUN_FILE).write_text(json.dumps(run) + "\n")
     trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
+    trained = _gather_trained_weights(model, trainer.is_deepspeed_enabled)  # every process takes part
     if trainer.is_world_process_zero():
+        if trained is not None:  # DeepSpeed or FSDP: the checkpoint again, whole, with the trained weights, to save
+            model = _model_with_trained_weights(trainer, local, overrides, lora_rank, seed, trained)
         (out_dir / RUN_FILE).write_text(json.dumps({**run, "log_history": trainer.state.log_history}) + "\n")
         checkpoints = out_dir / "checkpoints"
         if checkpoints.is_dir() and not any(checkpoints.iterdir()):  # Trainer makes it even when it saves nothing
@@ -364,6 +357,97 @@ def train_indexer(
                           f"index_topk={index_topk} is passed to the base model's from_pretrained", UserWarning,
                           stacklevel=2)  # fmt: skip
     return out_dir
+
+
+def _model_to_train(checkpoint: str | Path, overrides: dict, lora_rank: int | None, seed: int) -> torch.nn.Module:
+    """The checkpoint in float32, with the run's LoRA adapters (attention, MLP, indexer) where `lora_rank` is given."""
+    from .loading import load_checkpoint
+    from .modeling.modeling_mla_dsa import MlaDsaForCausalLM
+
+    model = load_checkpoint(checkpoint, MlaDsaForCausalLM, dtype=torch.float32, **overrides)
+    if lora_rank is None:
+        return model
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    set_seed(seed)  # the adapters' random init: the same seed, the same run
+    lora = indexer_lora_config(("attention", "mlp", "indexer"), r=lora_rank, lora_alpha=2 * lora_rank,
+                               prescaled_latent=has_prescaled_latent(model),
+                               routed_experts=has_routed_experts(model))  # fmt: skip
+    return get_peft_model(model, lora)
+
+
+def _shards_weights(trainer: Trainer) -> bool:
+    """Whether `trainer` splits the weights over the processes (FSDP, DeepSpeed ZeRO-3): known before it trains."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and is_deepspeed_zero3_enabled())
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    """Whether training holds `model`'s weights split over the processes: DeepSpeed ZeRO-3 (which marks the parameters
+    it partitions with a `ds_id`), or FSDP (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(hasattr(p, "ds_id") or isinstance(p, DTensor) for p in model.parameters())
+
+
+def _gather_trained_weights(model: torch.nn.Module, under_deepspeed: bool = False) -> dict[str, torch.Tensor] | None:
+    """Every process calls it after training. Under DeepSpeed (`under_deepspeed`: the Trainer ran it) or a sharded run
+    (FSDP), each trained parameter whole, in float32, gathered onto the main process one at a time (the others get an
+    empty dict); None where the main process's model holds its trained weights as they are (one process, DDP). The
+    main process alone would have saved ZeRO-3's empty shards (`save_pretrained` failed on them), and under
+    DeepSpeed's bf16 its bf16 copies of the weights, where the float32 masters are in its optimizer (a sparse-stage
+    update to a norm weight near 1 is far below bf16's step there: it was lost whole). Frozen weights are not
+    gathered: the checkpoint holds them."""
+    if not under_deepspeed and not _is_sharded(model):
+        return None
+    from torch.distributed.tensor import DTensor
+
+    main = torch.distributed.get_rank() == 0
+    whole = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        value = None
+        if under_deepspeed:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            value = safe_get_full_fp32_param(param)  # the optimizer's float32 master, whole (None where it keeps none)
+        if value is None and hasattr(param, "ds_id"):
+            from deepspeed.zero import GatheredParameters
+
+            with GatheredParameters([param]):
+                value = param.detach().clone()
+        elif value is None:
+            value = param.full_tensor() if isinstance(param, DTensor) else param
+        if main:  # named as the unwrapped model names it (torch's activation checkpointing wrapper adds a level)
+            whole[name.replace("._checkpoint_wrapped_module", "")] = value.detach().to("cpu", torch.float32, copy=True)
+    return whole
+
+
+def _model_with_trained_weights(trainer: Trainer, checkpoint: str | Path, overrides: dict, lora_rank: int | None,
+                                seed: int, weights: dict[str, torch.Tensor]) -> torch.nn.Module:  # fmt: skip
+    """The trained model whole on this process, to merge and save: the checkpoint loaded again as it was for training
+    (with the same adapters), then the gathered trained weights copied in. Under ZeRO-3, transformers would load it
+    partitioned (`deepspeed.zero.Init`, which every process must enter): its DeepSpeed setting is lifted meanwhile."""
+    from transformers.integrations import is_deepspeed_zero3_enabled, set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    zero3 = is_deepspeed_zero3_enabled()
+    if zero3:
+        unset_hf_deepspeed_config()
+    try:
+        model = _model_to_train(checkpoint, overrides, lora_rank, seed)
+    finally:
+        if zero3:
+            set_hf_deepspeed_config(trainer.accelerator.state.deepspeed_plugin.hf_ds_config)  # the one lifted
+    params = dict(model.named_parameters())
+    if not weights or weights.keys() - params.keys():  # nothing trained may be left out of the save
+        raise RuntimeError(f"the gathered weights do not name the model's parameters: {sorted(weights)[:5]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    return model
 
 
 def _cast_to_checkpoint_dtype(model: torch.nn.Module, dtype: "torch.dtype | str | None") -> None:
@@ -488,6 +572,20 @@ def _warn_if_sharding_fell_back(trainer: Trainer) -> None:
             )
 
 
+def _fetch_moe_blocks_whole_under_deepspeed(trainer: Trainer, model: torch.nn.Module) -> None:
+    """Under DeepSpeed, each MoE block is a ZeRO-3 "leaf": its weights are fetched together, as accelerate's
+    `--deepspeed_moe_layer_cls_names` does for the classes it names (named here for the user). With LoRA on the routed
+    experts (PEFT's parameter wrappers) the order ZeRO-3 fetched their weights in changed from step to step, and
+    ZeRO-3 stopped the second step ("tracing error")."""
+    moe = "MlaDsaMoE"
+    if not trainer.is_deepspeed_enabled or not any(type(module).__name__ == moe for module in model.modules()):
+        return
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    named = plugin.transformer_moe_cls_names or os.environ.get("ACCELERATE_DEEPSPEED_MOE_LAYER_CLS_NAMES", "")
+    names = [name for name in named.split(",") if name]
+    plugin.transformer_moe_cls_names = ",".join(names if moe in names else [*names, moe])
+
+
 def _check_quantized_training(checkpoint: str | Path, config, lora_rank: int | None, lora_save: str) -> None:
     """A checkpoint saved quantized (torchao, bitsandbytes: a `quantization_config` in its config) trains LoRA adapters
     only, and only they can be saved: the Trainer refuses to train its weights, and transformers cannot write its
@@ -590,13 +688,19 @@ def chunked_causal_lm_loss(lm_head: torch.nn.Module, hidden_states: torch.Tensor
     """transformers' causal LM loss (labels shifted by one, -100 ignored, the mean over the counted tokens) from the
     final hidden states [B, S, hidden], `block` tokens at a time under activation checkpointing: no [S, vocabulary]
     logits, log-probabilities or gradient exist at once (at 8K tokens of SmolLM2 those were ~5 GB of a training
-    step), and backward recomputes each block's logits."""
+    step), and backward recomputes each block's logits.
+
+    A frozen head (LoRA, or any stage that trains no head) is recomputed by the reentrant checkpoint: the other keeps
+    a frozen weight by reference, not its values, and DeepSpeed ZeRO-3 empties a partitioned weight again as soon as
+    the recomputing forward returns, before backward reads it. A trainable head takes the non-reentrant one, which
+    hands ZeRO-3 one gradient per step (the reentrant one, a gradient per block: ZeRO-3 refuses the second)."""
     targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].to(hidden_states.device)  # [B, S]
+    reentrant = not any(param.requires_grad for param in lm_head.parameters())
     total = hidden_states.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden_states.shape[1], block):
         end = min(hidden_states.shape[1], start + block)
         total = total + checkpoint(_lm_loss_sum, lm_head, hidden_states[:, start:end], targets[:, start:end],
-                                   use_reentrant=False)  # fmt: skip
+                                   use_reentrant=reentrant)  # fmt: skip
     return total / (targets != -100).sum().clamp(min=1)
 
 

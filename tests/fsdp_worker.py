@@ -28,7 +28,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM
 
 from mla_dsa.indexer_loss import IndexerLoss
-from mla_dsa.training import indexer_lora_config, prepare_indexer_training
+from mla_dsa.training import _gather_trained_weights, indexer_lora_config, prepare_indexer_training
 
 EXAMPLE_CONFIG = Path(__file__).parent.parent / "examples" / "accelerate_fsdp.yaml"
 
@@ -115,7 +115,11 @@ def run(checkpoint: str, scenario: str) -> dict:
     grads = {name: full(params[name].grad) for name in trainable if name not in missing_grads}
     optimizer.step()
     after = {name: full(params[name].detach()) for name in trainable}
+    # What train-indexer saves after a sharded run: every trained weight gathered whole on the main process
+    saved = _gather_trained_weights(sharded)
     return {
+        "saved": sorted(saved) if rank == 0 else sorted(trainable),
+        "saved_diff": max((saved[name] - single_after[name]).abs().max().item() for name in saved) if rank == 0 else 0,
         "trainable": sorted(trainable),
         "sharded": sorted(name for name, param in params.items() if hasattr(param, "full_tensor")),
         "missing_grads": missing_grads,

@@ -72,6 +72,9 @@ def test_a_sharded_training_step_equals_one_process(sharded_runs, indexers, scen
     assert run["grad_norm"] > 0
     assert run["grad_diff"] <= 1e-6 * max(1.0, run["grad_norm"])
     assert run["step_diff"] <= 1e-6
+    # What train-indexer saves: every trained weight, whole, as the one process's step left it
+    assert run["saved"] == trainable
+    assert run["saved_diff"] <= 1e-6
 
 
 @pytest.mark.slow
