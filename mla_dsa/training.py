@@ -297,7 +297,8 @@ def train_indexer(
     local = Path(checkpoint).resolve() if Path(checkpoint).is_dir() else checkpoint
     settings = {"checkpoint": str(local), "data": [str(Path(f).resolve()) for f in data_files],
                 "max_tokens": max_tokens, "seq_len": seq_len, "batch_size": batch_size,
-                "gradient_accumulation_steps": gradient_accumulation_steps, "processes": processes, "learning_rate": lr,
+                "gradient_accumulation_steps": gradient_accumulation_steps, "processes": processes,
+                "deepspeed": os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true", "learning_rate": lr,
                 "lr_scheduler": lr_scheduler, "optim": optim, "seed": seed, "lora_rank": lora_rank,
                 "dense_control": dense_control,
                 "index_topk": index_topk if index_topk is not None else config.index_topk}  # fmt: skip
@@ -327,6 +328,7 @@ def train_indexer(
                              dense_attention=dense_control, callbacks=callbacks)  # fmt: skip
     _warn_if_sharding_fell_back(trainer)
     _fetch_moe_blocks_whole_under_deepspeed(trainer, model)
+    _keep_the_chosen_optimizer_under_deepspeed(trainer)
     has_checkpoint = resume and any((out_dir / "checkpoints").glob("checkpoint-*"))
     if trainer.is_world_process_zero():
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -586,6 +588,24 @@ def _fetch_moe_blocks_whole_under_deepspeed(trainer: Trainer, model: torch.nn.Mo
     plugin.transformer_moe_cls_names = ",".join(names if moe in names else [*names, moe])
 
 
+# --optim choices that accelerate's swap (below) replaces by an equivalent DeepSpeed CPU optimizer
+DEEPSPEED_CPU_EQUIVALENTS = ("adamw_torch", "adamw_torch_fused", "adagrad")
+
+
+def _keep_the_chosen_optimizer_under_deepspeed(trainer: Trainer) -> None:
+    """Where DeepSpeed offloads the optimizer, accelerate replaces the Trainer's by DeepSpeed's CPU Adam (its
+    `zero_force_ds_cpu_optimizer`, on by default), keeping only the learning rate and weight decay: the same training
+    for AdamW, and for any other `--optim` (sgd, adafactor, ...) another optimizer, without a word. The switch is
+    turned off for those, so the optimizer chosen runs; a config that sets it is left as it says."""
+    if not trainer.is_deepspeed_enabled:
+        return
+    config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
+    offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    optim = getattr(trainer.args.optim, "value", trainer.args.optim)
+    if offload.get("device", "none") != "none" and optim not in DEEPSPEED_CPU_EQUIVALENTS:
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
+
+
 def _check_quantized_training(checkpoint: str | Path, config, lora_rank: int | None, lora_save: str) -> None:
     """A checkpoint saved quantized (torchao, bitsandbytes: a `quantization_config` in its config) trains LoRA adapters
     only, and only they can be saved: the Trainer refuses to train its weights, and transformers cannot write its
@@ -639,7 +659,8 @@ def _check_output(checkpoint: Path, out_dir: Path, resume: bool, overwrite: bool
 # finished run resumed with more steps trains on)
 RESUMED_SETTINGS = {"checkpoint": "CHECKPOINT", "data": "--data", "max_tokens": "max_tokens", "seq_len": "--seq-len",
                     "batch_size": "--batch-size", "gradient_accumulation_steps": "--gradient-accumulation-steps",
-                    "processes": "processes", "learning_rate": "--lr", "lr_scheduler": "--lr-scheduler",
+                    "processes": "processes", "deepspeed": "DeepSpeed", "learning_rate": "--lr",
+                    "lr_scheduler": "--lr-scheduler",
                     "optim": "--optim", "seed": "--seed", "lora_rank": "--lora", "dense_control": "--dense-control",
                     "index_topk": "--index-topk"}  # fmt: skip
 
@@ -666,7 +687,7 @@ def _check_resumed_run(out_dir: Path, stage: str, settings: dict) -> None:
 
 def _setting_words(key: str, value) -> str:
     flag = RESUMED_SETTINGS[key]
-    if key == "dense_control":
+    if key in ("dense_control", "deepspeed"):  # (a DeepSpeed checkpoint holds its optimizer state its own way)
         return flag if value else f"no {flag}"
     if key == "lora_rank" and value is None:
         return "full weights (no --lora)"
@@ -813,10 +834,16 @@ class IndexerTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        for name, values in self._indexer_logs.items():
-            if values:
-                logs[name] = sum(values) / len(values)
-                values.clear()
+        # The means over every process's batches since the last log (each process holds only its own; every process
+        # logs at the same steps, so each takes part in the one sum, whatever it holds)
+        sums = torch.tensor([[sum(values), len(values)] for values in self._indexer_logs.values()], dtype=torch.float64,
+                            device=self.args.device)  # fmt: skip
+        if self.args.world_size > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        for (name, values), (total, count) in zip(self._indexer_logs.items(), sums.tolist(), strict=True):
+            if count:
+                logs[name] = total / count
+            values.clear()
         super().log(logs, *args, **kwargs)
 
 

@@ -98,6 +98,15 @@ def test_resume_continues_from_the_last_checkpoint_with_the_same_settings_only(d
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert named in line and "--resume continues it only with the same settings" in line, line
     assert (resumed / "mla-dsa-training.json").read_text() == record
+    # A run launched under DeepSpeed continues under DeepSpeed only: its checkpoint keeps the optimizer state in
+    # DeepSpeed's files, which a data-parallel resume silently went without (an AdamW run then trained on from zero)
+    run = json.loads(record)
+    under_deepspeed = {**run, "settings": {**run["settings"], "deepspeed": True}}
+    (resumed / "mla-dsa-training.json").write_text(json.dumps(under_deepspeed))
+    assert cli(["train-indexer", str(dsa_checkpoint), *common, "--out", str(resumed), "--steps", "6", "--resume"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "holds a run with DeepSpeed" in line and "(this command: no DeepSpeed)" in line, line
+    (resumed / "mla-dsa-training.json").write_text(record)
     assert [path.name for path in (resumed / "checkpoints").iterdir()] == ["checkpoint-3"]
     cli(["train-indexer", str(dsa_checkpoint), *common, "--out", str(resumed), "--steps", "6", "--resume"])
     state = json.loads((resumed / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
@@ -351,6 +360,18 @@ def test_two_process_data_parallel_equals_one_process(dsa_checkpoint, tmp_path, 
     assert moved > 1e-4  # the run trained something
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+    assert_logged_alike(one, two)
+
+
+def assert_logged_alike(one: Path, two: Path) -> None:
+    """The indexer's KL and recall that a run logs are its batches' means over every process (they had been the main
+    process's own), so 2 processes x batch 2 log what 1 process x batch 4 does."""
+
+    def logged(out: Path) -> dict[str, float]:
+        history = json.loads((out / "mla-dsa-training.json").read_text())["log_history"]
+        return {name: entry[name] for entry in history for name in ("indexer_kl", "recall") if name in entry}
+
+    assert "indexer_kl" in logged(one) and logged(two) == pytest.approx(logged(one), rel=1e-5)
 
 
 @pytest.mark.slow
@@ -378,13 +399,15 @@ def test_deepspeed_zero3_training_equals_one_process(dsa_checkpoint, tmp_path, p
     stopping that run: the LM loss's checkpointed blocks kept the frozen head by reference, and ZeRO-3 had emptied
     it again before backward read it; ZeRO-3 refused the second step ("tracing error"): LoRA on the routed experts
     fetched their weights in a changing order, until each MoE block became a ZeRO-3 leaf; and the main process saved
-    its empty shards (the weights are gathered now)."""
+    its empty shards (the weights are gathered now). The optimizer is offloaded to the CPU there too: accelerate had
+    swapped --optim sgd for DeepSpeed's CPU Adam without a word."""
     pytest.importorskip("deepspeed")
     example = yaml.safe_load((REPO / "examples" / "accelerate_deepspeed.yaml").read_text())
     if partitioned:
         kept_gathered = ("stage3_param_persistence_threshold", "stage3_max_live_parameters",
                          "stage3_max_reuse_distance", "stage3_prefetch_bucket_size")  # fmt: skip
-        zero3 = {"stage": example["deepspeed_config"]["zero_stage"], **dict.fromkeys(kept_gathered, 0)}
+        zero3 = {"stage": example["deepspeed_config"]["zero_stage"], **dict.fromkeys(kept_gathered, 0),
+                 "offload_optimizer": {"device": "cpu"}}  # fmt: skip
         config = {"zero_optimization": zero3, "train_micro_batch_size_per_gpu": "auto",
                   "gradient_accumulation_steps": "auto", "zero_allow_untested_optimizer": True}  # fmt: skip
         (tmp_path / "zero3.json").write_text(json.dumps(config))
@@ -395,6 +418,7 @@ def test_deepspeed_zero3_training_equals_one_process(dsa_checkpoint, tmp_path, p
         launch_with, stage, extra, port = "accelerate_deepspeed.yaml", "dense", (), 29525
     one, two, _ = _one_process_and_launched(dsa_checkpoint, tmp_path, launch_with, port, stage, extra)
     assert json.loads((two / "mla-dsa-training.json").read_text())["sharded"] is True
+    assert_logged_alike(one, two)
     start, a, b = weights(dsa_checkpoint), weights(one), weights(two)
     assert a.keys() == b.keys()
     moved = max((a[n] - start[n]).abs().max().item() for n in a)
