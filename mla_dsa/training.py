@@ -287,6 +287,7 @@ def train_indexer(
     if dense_control and stage != "sparse":
         raise ValueError("dense_control is the sparse stage's control run: pass stage='sparse'")
     out_dir = Path(out_dir)
+    bf16 = _bf16_as_launched(bf16, out_dir)
     _check_output(Path(checkpoint), out_dir, resume, overwrite, data_files)
     config = MlaDsaConfig.from_pretrained(checkpoint)
     _check_quantized_training(checkpoint, config, lora_rank, lora_save)
@@ -333,7 +334,7 @@ def train_indexer(
     if trainer.is_world_process_zero():
         out_dir.mkdir(parents=True, exist_ok=True)
         run = {"stage": stage, "checkpoint": str(checkpoint), "processes": world, "sharded": _shards_weights(trainer),
-               "lora_rank": lora_rank, "dense_control": dense_control,
+               "lora_rank": lora_rank, "dense_control": dense_control, "bf16": bf16,
                "index_topk": _dsa_model(model).config.index_topk, "steps": steps, "settings": settings}  # fmt: skip
         (out_dir / RUN_FILE).write_text(json.dumps(run) + "\n")
     trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
@@ -554,6 +555,17 @@ def _training_arguments(out_dir: Path, stage: str, steps: int, batch_size: int, 
         bf16=bf16,
         **checkpointing,
     )
+
+
+def _bf16_as_launched(bf16: bool, out_dir: Path) -> bool:
+    """`bf16`, or bf16 as `accelerate launch --mixed_precision bf16` asks: the Trainer reads that setting too (the run
+    was bf16 while its arguments said float32), and under DeepSpeed transformers stopped the first step on the
+    mismatch. fp16, which no stage is made for, is refused before anything loads."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched == "fp16":
+        raise ConversionError(out_dir, "train-indexer trains in float32 or with --bf16, not in fp16: it was launched "
+                                       "with accelerate's --mixed_precision fp16; launch with bf16 or no")  # fmt: skip
+    return bf16 or launched == "bf16"
 
 
 def _warn_if_bf16_is_slow_here(args) -> None:

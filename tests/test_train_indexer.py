@@ -551,6 +551,26 @@ def test_dense_control_trains_the_model_with_dense_attention(tmp_path):
         mla_dsa.train_indexer(first, "dense", DATA, tmp_path / "x", steps=1, dense_control=True, progress=False)
 
 
+def test_accelerates_mixed_precision_is_the_runs(dsa_checkpoint, tmp_path, capsys, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` (ACCELERATE_MIXED_PRECISION) is --bf16: the Trainer read it while
+    train-indexer's arguments said float32 (under DeepSpeed transformers then stopped the first step on the
+    mismatch). fp16, which train-indexer has no mode for, is refused in one line before anything is written."""
+    common = ["--stage", "dense", "--data", *DATA, "--seq-len", "64", "--batch-size", "2", "--steps", "1",
+              "--no-progress"]  # fmt: skip
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert cli(["train-indexer", str(dsa_checkpoint), *common, "--out", str(tmp_path / "fp16")]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--mixed_precision fp16" in line and "--bf16" in line, line
+    assert not (tmp_path / "fp16").exists()
+    for launched, flags, expected in (("bf16", [], True), ("no", [], False), ("no", ["--bf16"], True)):
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
+        out = tmp_path / f"{launched}{len(flags)}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bf16 on a CPU without bf16 instructions warns that it is slow
+            assert cli(["train-indexer", str(dsa_checkpoint), *common, *flags, "--out", str(out)]) == 0
+        assert json.loads((out / "mla-dsa-training.json").read_text())["bf16"] is expected
+
+
 def test_resume_without_a_checkpoint_is_refused_where_it_would_start_over(dsa_checkpoint, tmp_path, capsys):
     """--resume where OUT holds a run but no Trainer checkpoint (no --save-steps) retrained from step 0 in silence, a
     finished run too; a new OUT still starts with --resume (a job script may always pass it)."""
