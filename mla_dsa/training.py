@@ -848,10 +848,9 @@ class IndexerTrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         # The means over every process's batches since the last log (each process holds only its own; every process
         # logs at the same steps, so each takes part in the one sum, whatever it holds)
-        sums = torch.tensor([[sum(values), len(values)] for values in self._indexer_logs.values()], dtype=torch.float64,
-                            device=self.args.device)  # fmt: skip
-        if self.args.world_size > 1:
-            sums = self.accelerator.reduce(sums, reduction="sum")
+        sums = torch.tensor([[sum(values), len(values)] for values in self._indexer_logs.values()], dtype=torch.float64)
+        if self.args.world_size > 1:  # (on the processes' device: NCCL reduces CUDA tensors only)
+            sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum").cpu()
         for (name, values), (total, count) in zip(self._indexer_logs.items(), sums.tolist(), strict=True):
             if count:
                 logs[name] = total / count
