@@ -1348,6 +1348,15 @@ class MlaDsaForCausalLM(MlaDsaPreTrainedModel, GenerationMixin):
             )
         return super().generate(*args, **kwargs)
 
+    def init_continuous_batching(self, *args, **kwargs):
+        """transformers' continuous batching (`generate_batch`, `transformers serve --continuous-batching`) runs a
+        model on its paged cache of per-head keys and values, which has no place for the latent rows and indexer keys
+        (transformers' DeepseekV32 cannot run it either): refused in one line rather than failing inside it."""
+        raise NotImplementedError(
+            "MlaDsaForCausalLM cannot generate with continuous batching (generate_batch): transformers' paged cache "
+            "holds per-head keys and values, not the latent rows and indexer keys; call generate() on a batch"
+        )
+
     def create_masks_for_generate(self, *args, attention_mask: torch.Tensor | None = None, **kwargs):
         """What `generate()` passes as the attention mask with a static cache (transformers' hook for models that
         mask their own way): our 2D key padding mask, padded to the cache's fixed size, so every compiled decode

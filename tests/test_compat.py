@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 import mla_dsa
@@ -247,6 +247,16 @@ def test_a_per_head_cache_implementation_is_one_clear_error(models, prompt, impl
     _, ours = models["deepseek_v32"]
     with pytest.raises(ValueError, match="cache_implementation"):
         ours.generate(prompt[0], attention_mask=prompt[1], cache_implementation=implementation, **GREEDY)
+
+
+def test_continuous_batching_is_one_clear_error(models):
+    """transformers' `generate_batch` (and `generate(cache_implementation="paged")`) would build its paged cache of
+    per-head keys and fail inside it on our layer type."""
+    _, ours = models["deepseek_v32"]
+    with pytest.raises(NotImplementedError, match="continuous batching"):
+        ours.generate_batch(inputs=[[5, 6, 7]], generation_config=GenerationConfig(max_new_tokens=2, do_sample=False))
+    with pytest.raises(ValueError, match="cache_implementation"):
+        ours.generate(torch.tensor([[5, 6, 7]]), cache_implementation="paged", max_new_tokens=2)
 
 
 def test_loading_asks_for_hub_kernels_only_where_the_package_is_there():
