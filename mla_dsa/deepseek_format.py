@@ -5,11 +5,14 @@ is imported, sets it as `MlaDsaConfig.foreign_config_reader`). The checkpoints' 
 """
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from .modeling.configuration_mla_dsa import MODEL_TYPE, PAYLOAD_VERSION_KEY, MlaDsaConfig
+
+logger = logging.getLogger(__name__)
 
 DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa")
 # What makes a config Multi-head Latent Attention: a compressed KV latent and a query/key split into a position-free
@@ -61,6 +64,16 @@ def config_from_deepseek(config_dict: dict[str, Any]) -> dict[str, Any]:
         PAYLOAD_VERSION_KEY,
     ):
         config.pop(name, None)
+    if source_type != "deepseek_v3" and config.get("rope_interleave", True) is not True:
+        # Only transformers' DeepseekV3 reads `rope_interleave`: DeepseekV2 (complex rotation), DeepseekV32 and
+        # GlmMoeDsa, as DeepSeek's and GLM's own code, always rotate the attention's RoPE dims in adjacent pairs, and
+        # their configs keep the field only as an unused extra.
+        logger.warning(
+            f"config.json of a {source_type} checkpoint sets rope_interleave={config['rope_interleave']!r}, which "
+            f"transformers' {source_type} model ignores (its attention rotates interleaved pairs): read as True"
+        )
+    if source_type != "deepseek_v3":
+        config["rope_interleave"] = True
     if source_type == "glm_moe_dsa":
         config.setdefault("indexer_rope_interleave", True)  # GLM's indexer rotates adjacent pairs (its peer code)
         config.setdefault("n_group", 1)
@@ -68,8 +81,6 @@ def config_from_deepseek(config_dict: dict[str, Any]) -> dict[str, Any]:
         config.setdefault("rms_norm_eps", 1e-5)
         config["indexer_types"] = glm_indexer_types(config)
     if source_type == "deepseek_v2":
-        # V2 rotates rope pairs as complex numbers: the same math as V3's interleaved layout.
-        config.setdefault("rope_interleave", True)
         config.setdefault("scoring_func", "softmax")
         config.setdefault("topk_method", "greedy")
         config.setdefault("norm_topk_prob", False)

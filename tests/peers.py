@@ -16,6 +16,8 @@ from transformers import (
     DeepseekV3ForCausalLM,
     DeepseekV32Config,
     DeepseekV32ForCausalLM,
+    GlmMoeDsaConfig,
+    GlmMoeDsaForCausalLM,
 )
 
 from mla_dsa.modeling.modeling_mla_dsa import CACHE_NAME
@@ -57,6 +59,13 @@ def v32_config(index_topk: int = 5, **overrides) -> DeepseekV32Config:
     )
 
 
+def glm_config(index_topk: int = 5, **overrides) -> GlmMoeDsaConfig:
+    """GLM-5: V3.2's shapes, its indexer rotating adjacent RoPE pairs; `indexer_types` for shared layers."""
+    return GlmMoeDsaConfig(
+        **{**_COMMON, **_V3_MOE, "q_lora_rank": 48, **INDEXER, "index_topk": index_topk, **overrides}
+    )
+
+
 def v2_config(**overrides) -> DeepseekV2Config:
     """DeepSeek-V2-Lite in miniature: no query compression (q_proj), softmax greedy routing, first layer dense."""
     moe = dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=1)
@@ -67,6 +76,7 @@ PEER_CLASSES = {
     "deepseek_v2": (v2_config, DeepseekV2ForCausalLM),
     "deepseek_v3": (v3_config, DeepseekV3ForCausalLM),
     "deepseek_v32": (v32_config, DeepseekV32ForCausalLM),
+    "glm_moe_dsa": (glm_config, GlmMoeDsaForCausalLM),
 }
 
 
@@ -83,7 +93,7 @@ def perturb_(model: torch.nn.Module, seed: int = 1, scale: float = 0.05) -> torc
 
 
 def build_peer(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A perturbed, eval-mode peer model of `model_type` (deepseek_v2 / deepseek_v3 / deepseek_v32)."""
+    """A perturbed, eval-mode peer model of `model_type` (a key of PEER_CLASSES)."""
     make_config, model_class = PEER_CLASSES[model_type]
     torch.manual_seed(seed)
     model = model_class(make_config(**overrides))

@@ -198,3 +198,20 @@ def test_only_the_package_reads_a_deepseek_config_as_ours(tmp_path, monkeypatch)
     monkeypatch.setattr(mla_dsa.MlaDsaConfig, "foreign_config_reader", None)
     with pytest.raises(ValueError, match=r"model_type 'deepseek_v3' is read as ours by the mla_dsa package"):
         mla_dsa.MlaDsaConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa"])
+def test_rope_interleave_is_read_as_the_family_reads_it(tmp_path, model_type, caplog):
+    """transformers' DeepseekV2/V32 and GlmMoeDsa configs keep a `rope_interleave: false` they are given, and their
+    models ignore it (their attention always rotates adjacent pairs); only DeepseekV3 reads it. Read otherwise, the
+    same weights gave logits 0.1-0.8 away from the peer's."""
+    peer = save_peer(model_type, tmp_path, rope_interleave=False).eval()
+    assert json.loads((tmp_path / "config.json").read_text())["rope_interleave"] is False
+    with caplog.at_level("WARNING", logger="mla_dsa.deepseek_format"):
+        ours = mla_dsa.MlaDsaForCausalLM.from_pretrained(tmp_path).eval()
+    assert ours.config.rope_interleave is (model_type != "deepseek_v3")
+    warned = [record.message for record in caplog.records if "rope_interleave" in record.message]
+    assert bool(warned) is (model_type != "deepseek_v3"), warned
+    input_ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids).logits, peer(input_ids).logits, rtol=1e-4, atol=1e-4)

@@ -13,14 +13,20 @@ import mla_dsa
 from mla_dsa import MlaDsaCache, MlaDsaConfig, MlaDsaForCausalLM
 
 from checkpoints import read_checkpoint
-from peers import _COMMON, _V3_MOE, INDEXER, VOCAB, left_padded_batch, peer_cache_kwarg, perturb_, positions_from_mask
+from peers import (
+    _COMMON,
+    _V3_MOE,
+    INDEXER,
+    VOCAB,
+    glm_config,
+    left_padded_batch,
+    peer_cache_kwarg,
+    perturb_,
+    positions_from_mask,
+)
 
 TOPK = 5
 SHARED = ["full", "shared", "full"]
-
-
-def glm_config(**overrides) -> GlmMoeDsaConfig:
-    return GlmMoeDsaConfig(**{**_COMMON, **_V3_MOE, "q_lora_rank": 48, **INDEXER, "index_topk": TOPK, **overrides})
 
 
 @pytest.fixture(scope="module", params=[None, SHARED], ids=["every-layer-full", "full-shared-full"])
