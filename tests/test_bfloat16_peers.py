@@ -5,11 +5,10 @@ moved logits by 1.6 on a DeepseekV32 checkpoint: another expert wins where two n
 
 import pytest
 import torch
-from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
 
 from mla_dsa import MlaDsaConfig, MlaDsaForCausalLM
 
-from peers import _COMMON, _V3_MOE, INDEXER, PEER_CLASSES, VOCAB, perturb_
+from peers import PEER_CLASSES, VOCAB, perturb_
 
 TOPK = 5
 FAMILIES = ["deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa"]
@@ -17,11 +16,8 @@ FAMILIES = ["deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa"]
 
 def _peer(model_type: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    if model_type == "glm_moe_dsa":
-        config = GlmMoeDsaConfig(**{**_COMMON, **_V3_MOE, "q_lora_rank": 48, **INDEXER, "index_topk": TOPK})
-        return perturb_(GlmMoeDsaForCausalLM(config), seed=1)
     make_config, model_class = PEER_CLASSES[model_type]
-    config = make_config(index_topk=TOPK) if model_type == "deepseek_v32" else make_config()
+    config = make_config(index_topk=TOPK) if model_type in ("deepseek_v32", "glm_moe_dsa") else make_config()
     return perturb_(model_class(config), seed=1)
 
 
