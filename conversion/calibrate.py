@@ -57,11 +57,15 @@ class CalibrationOptions:
 
 
 def calibrate_indexers(
-    source: SourceCheckpoint, config: MlaDsaConfig, opts: CalibrationOptions, seed: int, progress: bool = True
-) -> tuple[dict[int, dict[str, torch.Tensor]], dict]:
+    source: SourceCheckpoint, config: MlaDsaConfig, opts: CalibrationOptions, seed: int, progress: bool = True,
+    fitted_before: dict[int, tuple[dict[str, torch.Tensor], dict]] | None = None, on_fitted=None,
+) -> tuple[dict[int, dict[str, torch.Tensor]], dict]:  # fmt: skip
     """Float32 indexer tensors of every layer that has an indexer, by layer and suffix (as `init_indexer`), and a
     report (deterministic, kept in DST): tokens, windows, the fit's settings, and each fitted layer's KL before and
-    after the fit."""
+    after the fit. `fitted_before`: layers an interrupted run fitted, (tensors, report) by layer, not fitted again
+    (every layer still runs densely: the next one's inputs); `on_fitted(layer, tensors, report)` is called as each
+    fit ends."""
+    fitted_before = fitted_before or {}
     windows = calibration_windows(source, config, opts)  # [N, L]
     visible = VisibleKeys(0, windows.shape[1], None, windows.device, None)
     fitted = {}
@@ -75,8 +79,14 @@ def calibrate_indexers(
                disable=not progress)  # fmt: skip
 
     def fit(group: _Pending) -> None:
+        if group.layer in fitted_before:
+            fitted[group.layer], report["layers"][group.layer] = fitted_before[group.layer]
+            bar.update(opts.steps)
+            return
         bar.set_postfix_str(f"fitting layer {group.layer}'s indexer", refresh=False)
         fitted[group.layer], report["layers"][group.layer] = group.fit(opts, visible, on_step=lambda: bar.update(1))
+        if on_fitted is not None:
+            on_fitted(group.layer, fitted[group.layer], report["layers"][group.layer])
 
     for layer_pass in dense_layer_passes(source, config, windows, seed):
         if layer_pass.indexer is not None:

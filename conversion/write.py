@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -24,9 +25,10 @@ from .plan import ConvertOptions, OutputShard, OutputTensor
 from .source import INDEX_NAME, ConversionError, SourceCheckpoint, read_json
 
 STATE_NAME = ".mla-dsa-convert-state.json"
-# --indexer-init calibrate: the fitted indexers, kept in the partial directory so --resume does not fit them again,
-# and the fit's report, which stays in DST (how its indexers were made).
-CALIBRATED_NAME = ".mla-dsa-calibrated-indexers.safetensors"
+# --indexer-init calibrate: each layer's fitted indexer, a file each, kept in the partial directory as its fit ends
+# so that --resume fits no layer again (the fits are most of a conversion's time), and the fit's report, which stays
+# in DST (how its indexers were made).
+CALIBRATED_NAME = ".mla-dsa-calibrated-indexers"
 CALIBRATION_REPORT = "indexer_calibration.json"
 _FORMAT_VERSION = 1
 
@@ -73,16 +75,25 @@ def calibrated_indexers(source, config, todo: list[OutputShard], partial: Path, 
     if opts.indexer_init != "calibrate" or not any(t.source is None for shard in todo for t in shard.tensors):
         return None
     kept = partial / CALIBRATED_NAME
-    if not kept.exists():
-        fitted, report = calibrate_indexers(source, config, CalibrationOptions.of(opts), opts.seed, opts.progress)
+    kept.mkdir(exist_ok=True)
+    fitted_before = {}
+    for path in kept.glob("layer-*.safetensors"):  # an interrupted run's finished fits
+        with safe_open(path, "pt") as layer_file:
+            tensors = {name: layer_file.get_tensor(name) for name in layer_file.keys()}
+            fitted_before[int(path.stem.split("-")[1])] = (tensors, json.loads(layer_file.metadata()["report"]))
+
+    def keep(layer: int, tensors: dict[str, torch.Tensor], report: dict) -> None:
+        path = kept / f"layer-{layer}.safetensors"
+        save_file(tensors, str(path.with_suffix(".tmp")), metadata={"report": json.dumps(report)})
+        os.replace(path.with_suffix(".tmp"), path)
+
+    if not (partial / CALIBRATION_REPORT).exists():
+        _, report = calibrate_indexers(source, config, CalibrationOptions.of(opts), opts.seed, opts.progress,
+                                       fitted_before=fitted_before, on_fitted=keep)  # fmt: skip
         (partial / CALIBRATION_REPORT).write_text(json.dumps(report, indent=2) + "\n")
-        flat = {f"{layer}.{suffix}": tensor for layer, tensors in fitted.items() for suffix, tensor in tensors.items()}
-        save_file(flat, str(kept.with_suffix(".tmp")))
-        os.replace(kept.with_suffix(".tmp"), kept)
     indexers: dict[int, dict[str, torch.Tensor]] = {}
-    for name, tensor in load_file(str(kept)).items():
-        layer, suffix = name.split(".", 1)
-        indexers.setdefault(int(layer), {})[suffix] = tensor
+    for path in kept.glob("layer-*.safetensors"):
+        indexers[int(path.stem.split("-")[1])] = load_file(str(path))
     return indexers
 
 
@@ -197,7 +208,7 @@ def check_output(directory: Path, plan: list[OutputShard]) -> None:
 
 def move_into_place(partial: Path, dst: Path) -> None:
     (partial / STATE_NAME).unlink(missing_ok=True)
-    (partial / CALIBRATED_NAME).unlink(missing_ok=True)
+    shutil.rmtree(partial / CALIBRATED_NAME, ignore_errors=True)
     if dst.exists():
         old = dst.parent / f".{dst.name}.mla-dsa-old"
         if old.exists():

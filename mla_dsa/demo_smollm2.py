@@ -98,9 +98,11 @@ def run_smollm2_demo(
     dst = out / (f"dsa-r{kv_lora_rank}" if kv_lora_rank else "dsa-exact")  # exact: every key head keeps its RoPE
     if not (dst / "config.json").is_file():
         print(f"== mla-dsa convert {source_dir} {dst} (GQA -> MLA -> DSA)", flush=True)
+        # resume: a run stopped part-way goes on from the layers whose indexer fit had finished
         convert_checkpoint(source_dir, dst, kv_lora_rank=kv_lora_rank, indexer_init="calibrate",
                            calibration_data=calibration_files(), calibration_tokens=calibration_tokens,
-                           calibration_steps=calibration_steps, index_topk=SEQ_LEN // 8, progress=progress)  # fmt: skip
+                           calibration_steps=calibration_steps, index_topk=SEQ_LEN // 8, progress=progress,
+                           resume=True)  # fmt: skip
     source = AutoModelForCausalLM.from_pretrained(source_dir, **loading_kwargs({"dtype": torch.float32})).eval()
     results = {"source": {"ppl": perplexity(source, windows), "kv_bytes": GQA_KV_BYTES,
                           "chat": answer(source, tokenizer)}}  # fmt: skip

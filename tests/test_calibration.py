@@ -10,6 +10,7 @@ import torch
 from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 
 import mla_dsa
+import mla_dsa.conversion.calibrate as calibrate
 import mla_dsa.conversion.write as write
 from mla_dsa.cli import main
 from mla_dsa.conversion.calibrate import CalibrationOptions, calibration_windows, dense_layer_passes
@@ -163,7 +164,8 @@ def test_resume_reuses_the_fit_and_gives_the_same_bytes(byte_peers, data_files, 
     saved, calls = write.save_file, []
 
     def fail_on_second_shard(tensors, path, **kwargs):
-        calls.append(path)
+        if write.CALIBRATED_NAME not in path:  # each fitted layer's file is saved this way too
+            calls.append(path)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
         return saved(tensors, path, **kwargs)
@@ -178,6 +180,37 @@ def test_resume_reuses_the_fit_and_gives_the_same_bytes(byte_peers, data_files, 
 
     monkeypatch.setattr(write, "calibrate_indexers", no_second_fit)
     resumed = mla_dsa.convert_checkpoint(directory, tmp_path / "resumed", resume=True, **options)
+    assert file_bytes(resumed) == file_bytes(whole)
+
+
+def test_resume_fits_only_the_layers_an_interrupted_fit_had_not_finished(byte_peers, data_files, tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    """Each layer's fit is kept as it ends: a conversion stopped inside the fit (the most of its time) and resumed
+    fits the remaining layers only, and writes the bytes of an uninterrupted one."""
+    _, directory = byte_peers["deepseek_v3"]
+    options = dict(indexer_init="calibrate", calibration_data=data_files, progress=False, **CALIBRATION)
+    whole = mla_dsa.convert_checkpoint(directory, tmp_path / "whole", **options)
+    fit, fitted = calibrate._Pending.fit, []
+
+    def stopped_at_the_third_fit(self, *args, **kwargs):
+        fitted.append(self.layer)
+        if len(fitted) == 3:
+            raise KeyboardInterrupt
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(calibrate._Pending, "fit", stopped_at_the_third_fit)
+    with pytest.raises(KeyboardInterrupt):
+        mla_dsa.convert_checkpoint(directory, tmp_path / "resumed", **options)
+    assert fitted == [0, 1, 2]
+    fitted.clear()
+
+    def counted(self, *args, **kwargs):
+        fitted.append(self.layer)
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(calibrate._Pending, "fit", counted)
+    resumed = mla_dsa.convert_checkpoint(directory, tmp_path / "resumed", resume=True, **options)
+    assert fitted == [2, 3]
     assert file_bytes(resumed) == file_bytes(whole)
 
 
