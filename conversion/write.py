@@ -76,25 +76,24 @@ def calibrated_indexers(source, config, todo: list[OutputShard], partial: Path, 
         return None
     kept = partial / CALIBRATED_NAME
     kept.mkdir(exist_ok=True)
+    layer_files = {int(path.stem.split("-")[1]): path for path in kept.glob("layer-*.safetensors")}
+    if (partial / CALIBRATION_REPORT).exists():  # the interrupted run had finished its fit
+        return {layer: load_file(str(path)) for layer, path in layer_files.items()}
     fitted_before = {}
-    for path in kept.glob("layer-*.safetensors"):  # an interrupted run's finished fits
+    for layer, path in layer_files.items():  # the layers whose fit it had finished
         with safe_open(path, "pt") as layer_file:
             tensors = {name: layer_file.get_tensor(name) for name in layer_file.keys()}
-            fitted_before[int(path.stem.split("-")[1])] = (tensors, json.loads(layer_file.metadata()["report"]))
+            fitted_before[layer] = (tensors, json.loads(layer_file.metadata()["report"]))
 
     def keep(layer: int, tensors: dict[str, torch.Tensor], report: dict) -> None:
         path = kept / f"layer-{layer}.safetensors"
         save_file(tensors, str(path.with_suffix(".tmp")), metadata={"report": json.dumps(report)})
         os.replace(path.with_suffix(".tmp"), path)
 
-    if not (partial / CALIBRATION_REPORT).exists():
-        _, report = calibrate_indexers(source, config, CalibrationOptions.of(opts), opts.seed, opts.progress,
-                                       fitted_before=fitted_before, on_fitted=keep)  # fmt: skip
-        (partial / CALIBRATION_REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    indexers: dict[int, dict[str, torch.Tensor]] = {}
-    for path in kept.glob("layer-*.safetensors"):
-        indexers[int(path.stem.split("-")[1])] = load_file(str(path))
-    return indexers
+    fitted, report = calibrate_indexers(source, config, CalibrationOptions.of(opts), opts.seed, opts.progress,
+                                        fitted_before=fitted_before, on_fitted=keep)  # fmt: skip
+    (partial / CALIBRATION_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    return fitted
 
 
 class TensorMaker:
