@@ -154,18 +154,8 @@ MAPPED = {
         index_head_dim=32,
         index_topk=5,
     ),
-    "glm_moe_dsa": dict(
-        q_lora_rank=48,
-        scoring_func="sigmoid",
-        topk_method="noaux_tc",
-        n_group=2,
-        topk_group=1,
-        index_n_heads=8,
-        index_head_dim=32,
-        index_topk=5,
-        indexer_rope_interleave=True,
-    ),
 }
+MAPPED["glm_moe_dsa"] = {**MAPPED["deepseek_v32"], "indexer_rope_interleave": True}  # V3.2's fields, GLM's RoPE pairs
 
 
 @pytest.mark.parametrize("model_type", list(PEER_CLASSES))
