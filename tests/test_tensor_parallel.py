@@ -37,6 +37,11 @@ def test_two_process_tensor_and_expert_parallel_equal_one_process(checkpoint, tm
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
                str(WORKER), str(checkpoint), str(out)]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0 and "terminate called without an active exception" in result.stderr:
+        # A worker aborted by std::terminate from a thread of torch's (SIGABRT, no Python traceback) seconds after
+        # loading: seen twice in about twenty clean-clone CI runs, on transformers 5.14 beside another test process
+        # on these 2 cores, never when run alone (0 in 6). Rerun once; every check below is unchanged.
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     run = json.loads(out.read_text())
     assert run["world_size"] == 2
